@@ -1,0 +1,1 @@
+//! Workload identity: mesh CA, workload certificates, rotation, rustls configs.

@@ -1,0 +1,1 @@
+//! Policy: kernel deny-list compiler and inbound authorization.

@@ -1,0 +1,1 @@
+//! Data path: outbound capture listener, inbound HBONE, connection pool, byte copy.

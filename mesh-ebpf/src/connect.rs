@@ -1,0 +1,97 @@
+//! cgroup/connect4: deny-list enforcement and capture of mesh destinations.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use aya_log_ebpf::debug;
+use mesh_common::{
+    addr::{port_from_sock_addr, port_to_sock_addr},
+    counters::ConnCounters,
+    deny::DenyKey,
+    orig_dst::OrigDst,
+    services::ServiceKey,
+};
+
+use crate::maps::{AGENT_ADDR, CONN_COUNTERS, DENY, PENDING_DST, SERVICES, WORKLOADS};
+
+/// Verdicts of a cgroup/connect4 program.
+const ALLOW: i32 = 1;
+const REJECT: i32 = 0;
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    // On an internal error (map full) the connection proceeds uncaptured rather than failing.
+    try_connect4(&ctx).unwrap_or(ALLOW)
+}
+
+enum Outcome {
+    Passed,
+    Redirected,
+    Denied,
+}
+
+fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let identity = unsafe { WORKLOADS.get(&cgroup_id) }.map_or(0, |w| w.identity);
+
+    let sa = ctx.sock_addr;
+    let dst_ip = unsafe { (*sa).user_ip4 };
+    let dst_port = port_from_sock_addr(unsafe { (*sa).user_port });
+
+    let service = match unsafe { SERVICES.get(&ServiceKey::new(dst_ip, dst_port)) } {
+        Some(s) => s.service,
+        None => {
+            count(identity, Outcome::Passed);
+            return Ok(ALLOW);
+        }
+    };
+
+    if unsafe { DENY.get(&DenyKey::new(identity, service)) }.is_some() {
+        count(identity, Outcome::Denied);
+        debug!(ctx, "deny identity={} service={}", identity, service);
+        return Ok(REJECT);
+    }
+
+    let agent = match AGENT_ADDR.get(0) {
+        Some(a) if a.ip != 0 => *a,
+        _ => {
+            count(identity, Outcome::Passed);
+            return Ok(ALLOW);
+        }
+    };
+
+    let cookie = unsafe { bpf_get_socket_cookie(sa as *mut _) };
+    let orig = OrigDst {
+        ip: dst_ip,
+        port: dst_port,
+        _pad: 0,
+        service,
+        identity,
+    };
+    PENDING_DST.insert(&cookie, &orig, 0)?;
+    unsafe {
+        (*sa).user_ip4 = agent.ip;
+        (*sa).user_port = port_to_sock_addr(agent.port);
+    }
+    count(identity, Outcome::Redirected);
+    debug!(ctx, "redirect identity={} service={}", identity, service);
+    Ok(ALLOW)
+}
+
+fn count(identity: u32, outcome: Outcome) {
+    let Some(c) = CONN_COUNTERS.get_ptr_mut(identity) else {
+        return;
+    };
+    // Per-CPU slot: no other CPU writes it, so plain increments are race-free.
+    let c: &mut ConnCounters = unsafe { &mut *c };
+    match outcome {
+        Outcome::Passed => c.opened += 1,
+        Outcome::Redirected => {
+            c.opened += 1;
+            c.redirected += 1;
+        }
+        Outcome::Denied => c.denied += 1,
+    }
+}
