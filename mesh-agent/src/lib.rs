@@ -1,5 +1,12 @@
 //! nodemesh node agent library. See ../shared/DESIGN.md for the architecture.
 
+pub mod app;
+pub mod config;
+pub mod ebpf;
+pub mod http_server;
 pub mod identity;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod registry;
+pub mod state;

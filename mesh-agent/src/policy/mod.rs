@@ -1,1 +1,3 @@
 //! Policy: kernel deny-list compiler and inbound authorization.
+
+pub mod deny;

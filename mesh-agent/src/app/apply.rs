@@ -1,0 +1,117 @@
+//! Applies a validated config to the kernel: resolve cgroups, attach, sync maps. Either all of it
+//! takes effect or the previous state stays in force.
+
+use std::collections::HashMap;
+
+use mesh_common::addr::ip4_to_raw;
+use mesh_common::services::{AgentAddr, ServiceKey, ServiceValue};
+use mesh_common::workloads::WorkloadIdentity;
+use thiserror::Error;
+
+use crate::config::Config;
+use crate::ebpf::{DesiredMaps, EbpfError, SyncStats};
+use crate::policy::deny;
+use crate::registry::MeshModel;
+use crate::state::Kernel;
+
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    #[error("config field `workloads[{index}].cgroup`: {source}")]
+    Cgroup { index: usize, source: EbpfError },
+    #[error(transparent)]
+    Kernel(#[from] EbpfError),
+}
+
+pub fn desired_maps(config: &Config, model: &MeshModel, cgroup_ids: &[u64]) -> DesiredMaps {
+    let workloads = config
+        .workloads
+        .iter()
+        .zip(cgroup_ids)
+        .map(|(w, id)| (*id, WorkloadIdentity::new(model.identities[&w.identity()])))
+        .collect();
+    let services = model
+        .services
+        .values()
+        .map(|s| {
+            (
+                ServiceKey::new(ip4_to_raw(s.vip.ip().octets()), s.vip.port()),
+                ServiceValue::new(s.id),
+            )
+        })
+        .collect();
+    let deny: HashMap<_, _> = deny::compile(config, model)
+        .into_iter()
+        .map(|(k, v)| (deny::key(k), v))
+        .collect();
+    let agent = AgentAddr::new(
+        ip4_to_raw(config.node.agent_ip.octets()),
+        config.listen.outbound.port(),
+    );
+    DesiredMaps {
+        workloads,
+        services,
+        deny,
+        agent,
+    }
+}
+
+/// Resolves every workload cgroup, naming the first one that does not exist.
+fn resolve(kernel: &Kernel, config: &Config) -> Result<Vec<(std::path::PathBuf, u64)>, ApplyError> {
+    config
+        .workloads
+        .iter()
+        .enumerate()
+        .map(|(index, w)| {
+            kernel
+                .ebpf
+                .resolve_cgroups(std::slice::from_ref(&w.cgroup))
+                .map(|mut v| v.remove(0))
+                .map_err(|source| ApplyError::Cgroup { index, source })
+        })
+        .collect()
+}
+
+/// Applies `config`; on a failure after attaching, re-applies `previous` so nothing is half-done.
+pub fn apply(
+    kernel: &mut Kernel,
+    config: &Config,
+    model: &MeshModel,
+    previous: Option<(&Config, &MeshModel)>,
+) -> Result<SyncStats, ApplyError> {
+    let resolved = resolve(kernel, config)?;
+    let dirs: Vec<_> = resolved.iter().map(|(d, _)| d.clone()).collect();
+    let ids: Vec<u64> = resolved.iter().map(|(_, id)| *id).collect();
+    let desired = desired_maps(config, model, &ids);
+    // Maps first: a newly attached cgroup must find its identity the moment programs run.
+    match kernel.maps.sync(&desired) {
+        Ok(stats) => match kernel.ebpf.attach_to(&dirs) {
+            Ok(()) => Ok(stats),
+            Err(e) => {
+                rollback(kernel, previous);
+                Err(e.into())
+            }
+        },
+        Err(e) => {
+            rollback(kernel, previous);
+            Err(e.into())
+        }
+    }
+}
+
+fn rollback(kernel: &mut Kernel, previous: Option<(&Config, &MeshModel)>) {
+    let Some((config, model)) = previous else {
+        return;
+    };
+    let result = resolve(kernel, config)
+        .map_err(|e| e.to_string())
+        .and_then(|resolved| {
+            let ids: Vec<u64> = resolved.iter().map(|(_, id)| *id).collect();
+            kernel
+                .maps
+                .sync(&desired_maps(config, model, &ids))
+                .map_err(|e| e.to_string())
+        });
+    if let Err(e) = result {
+        tracing::error!(error = %e, "restoring the previous kernel state failed");
+    }
+}

@@ -1,0 +1,182 @@
+//! Handlers of the metrics (15020) and health (15021) ports.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use hyper::StatusCode;
+
+use crate::http_server::{Handler, Reply};
+use crate::metrics::{AgentMetrics, PromWriter};
+use crate::state::AgentState;
+
+pub fn metrics_handler(state: Arc<AgentState>) -> Handler {
+    Arc::new(move |path| match path {
+        "/metrics" => Reply {
+            status: StatusCode::OK,
+            content_type: "text/plain; version=0.0.4",
+            body: render_metrics(&state),
+        },
+        _ => Reply::text(StatusCode::NOT_FOUND, "not found; try /metrics\n"),
+    })
+}
+
+pub fn health_handler(state: Arc<AgentState>) -> Handler {
+    Arc::new(move |path| match path {
+        "/live" => Reply::text(StatusCode::OK, "live\n"),
+        "/ready" if state.ready.load(Ordering::Relaxed) => Reply::text(StatusCode::OK, "ready\n"),
+        "/ready" => Reply::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/health" => health_report(&state),
+        _ => Reply::text(
+            StatusCode::NOT_FOUND,
+            "not found; try /health, /ready or /live\n",
+        ),
+    })
+}
+
+fn health_report(state: &AgentState) -> Reply {
+    let config = state.config();
+    let attached = state.with_kernel(|k| k.ebpf.attached()).unwrap_or_default();
+    let body = serde_json::json!({
+        "node": config.node.name,
+        "instance": config.node.instance,
+        "ready": state.ready.load(Ordering::Relaxed),
+        "config_generation": AgentMetrics::get(&state.metrics.config_generation),
+        "attached_cgroups": attached.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "services": config.services.len(),
+        "workloads": config.workloads.len(),
+    });
+    Reply {
+        status: StatusCode::OK,
+        content_type: "application/json",
+        body: format!("{body}\n"),
+    }
+}
+
+fn render_metrics(state: &AgentState) -> String {
+    let model = state.model();
+    let config = state.config();
+    let mut w = PromWriter::default();
+    let node = config.node.name.as_str();
+
+    // Kernel counters per identity (id 0 collects processes in unknown child cgroups).
+    let mut identities: Vec<(String, u32)> = model
+        .identities
+        .iter()
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    identities.push(("unknown".to_owned(), 0));
+    let counters: Vec<_> = state
+        .with_kernel(|k| {
+            identities
+                .iter()
+                .map(|(name, id)| (name.clone(), k.maps.counters(*id).ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let families = [
+        (
+            "nodemesh_kernel_connections_opened_total",
+            "connect() calls the kernel allowed, by source identity.",
+        ),
+        (
+            "nodemesh_kernel_connections_redirected_total",
+            "connect() calls to mesh services redirected to the agent.",
+        ),
+        (
+            "nodemesh_kernel_connections_denied_total",
+            "connect() calls refused with EPERM by the kernel deny-list.",
+        ),
+    ];
+    for (index, (name, help)) in families.iter().enumerate() {
+        w.family(name, "counter", help);
+        for (identity, c) in &counters {
+            let Some(c) = c else { continue };
+            let value = [c.opened, c.redirected, c.denied][index];
+            w.sample(name, &[("node", node), ("identity", identity)], value);
+        }
+    }
+
+    let m = &state.metrics;
+    let singles = [
+        (
+            "nodemesh_outbound_accepted_total",
+            "counter",
+            "Connections accepted on the outbound listener.",
+            &m.outbound_accepted,
+        ),
+        (
+            "nodemesh_outbound_active_connections",
+            "gauge",
+            "Outbound connections being proxied now.",
+            &m.outbound_active,
+        ),
+        (
+            "nodemesh_outbound_unknown_destination_total",
+            "counter",
+            "Accepted connections without a recorded original destination.",
+            &m.outbound_unknown_destination,
+        ),
+        (
+            "nodemesh_outbound_no_endpoints_total",
+            "counter",
+            "Connections closed because the service had no endpoint.",
+            &m.outbound_no_endpoints,
+        ),
+        (
+            "nodemesh_config_generation",
+            "gauge",
+            "Number of configs applied since start (1 = the initial one).",
+            &m.config_generation,
+        ),
+    ];
+    for (name, kind, help, counter) in singles {
+        w.family(name, kind, help)
+            .sample(name, &[("node", node)], AgentMetrics::get(counter));
+    }
+    w.family(
+        "nodemesh_config_reloads_total",
+        "counter",
+        "Config reloads by result.",
+    );
+    w.sample(
+        "nodemesh_config_reloads_total",
+        &[("node", node), ("result", "ok")],
+        AgentMetrics::get(&m.config_reloads_ok),
+    );
+    w.sample(
+        "nodemesh_config_reloads_total",
+        &[("node", node), ("result", "error")],
+        AgentMetrics::get(&m.config_reloads_failed),
+    );
+
+    let services = m.services();
+    let per_service: [(&str, &str, fn(&crate::metrics::ServiceTraffic) -> u64); 4] = [
+        (
+            "nodemesh_outbound_connections_total",
+            "Proxied outbound connections by service.",
+            |s| s.connections,
+        ),
+        (
+            "nodemesh_outbound_connect_failures_total",
+            "Failed endpoint connects by service.",
+            |s| s.connect_failures,
+        ),
+        (
+            "nodemesh_outbound_bytes_sent_total",
+            "Bytes sent to endpoints by service.",
+            |s| s.bytes_to_endpoint,
+        ),
+        (
+            "nodemesh_outbound_bytes_received_total",
+            "Bytes received from endpoints by service.",
+            |s| s.bytes_from_endpoint,
+        ),
+    ];
+    for (name, help, get) in per_service {
+        w.family(name, "counter", help);
+        for (service, traffic) in &services {
+            w.sample(name, &[("node", node), ("service", service)], get(traffic));
+        }
+    }
+    w.finish()
+}

@@ -1,0 +1,166 @@
+//! Wiring: load config and eBPF, bind the ports, apply, serve, reload on change, drain on SIGTERM.
+
+mod apply;
+mod endpoints;
+mod reload;
+
+pub use apply::{apply, desired_maps, ApplyError};
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::config::{self, ConfigError};
+use crate::ebpf::{locate_object, EbpfError, MeshEbpf};
+use crate::metrics::AgentMetrics;
+use crate::registry::MeshModel;
+use crate::state::{AgentState, Kernel};
+use crate::{http_server, proxy};
+
+/// How long SIGTERM waits for proxied connections to finish before detaching.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Ebpf(#[from] EbpfError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("cannot listen on {addr} ({field}): {source}")]
+    Bind {
+        field: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("signal handling: {0}")]
+    Signal(std::io::Error),
+}
+
+async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind {
+            field,
+            addr,
+            source,
+        })
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
+    let config = config::load(&config_path)?;
+    tracing::info!(
+        path = %config_path.display(),
+        effective = %serde_json::to_string(&config).unwrap_or_default(),
+        "config loaded"
+    );
+    let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(AppError::Signal)?;
+
+    // Ports first: nothing is attached if one is taken, and redirected connects always find a listener.
+    let outbound = bind("listen.outbound", config.listen.outbound).await?;
+    let metrics = bind("listen.metrics", config.listen.metrics).await?;
+    let health = bind("listen.health", config.listen.health).await?;
+
+    let object = locate_object(config.node.ebpf_object.as_deref())?;
+    let (ebpf, maps, orig_dst) = MeshEbpf::load(&object, &config.node.instance)?;
+    tracing::info!(object = %object.display(), pins = %ebpf.pin_dir().display(), cgroup_root = %ebpf.cgroup_root().display(), "eBPF programs loaded");
+    let mut kernel = Kernel { ebpf, maps };
+    let model = MeshModel::build(&config, None);
+    if let Err(e) = apply(&mut kernel, &config, &model, None) {
+        kernel.ebpf.shutdown();
+        return Err(e.into());
+    }
+    tracing::info!(cgroups = ?kernel.ebpf.attached(), "capture attached");
+
+    let state = Arc::new(AgentState::new(config.clone(), model, kernel, orig_dst));
+    AgentMetrics::inc(&state.metrics.config_generation);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(proxy::outbound::run(
+        outbound,
+        state.clone(),
+        stop_rx.clone(),
+    ));
+    tasks.spawn(http_server::serve(
+        metrics,
+        endpoints::metrics_handler(state.clone()),
+        stop_rx.clone(),
+    ));
+    tasks.spawn(http_server::serve(
+        health,
+        endpoints::health_handler(state.clone()),
+        stop_rx.clone(),
+    ));
+    state.ready.store(true, Ordering::Relaxed);
+    tracing::info!(
+        node = %config.node.name,
+        outbound = %config.listen.outbound,
+        metrics = %config.listen.metrics,
+        health = %config.listen.health,
+        "agent ready"
+    );
+
+    let mut watcher = reload::Watcher::new(&config_path);
+    let poll = config.proxy.reload_poll;
+    let mut ticker = tokio::time::interval(if poll.is_zero() {
+        Duration::from_secs(3600)
+    } else {
+        poll
+    });
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = hangup.recv() => watcher.reload(&state, true),
+            _ = ticker.tick(), if !poll.is_zero() => watcher.reload(&state, false),
+        }
+    }
+
+    tracing::info!("shutting down: draining connections");
+    state.ready.store(false, Ordering::Relaxed);
+    // Stop capturing new connects first, so pods fall through to their original destinations.
+    state.with_kernel(|k| {
+        k.maps
+            .clear_agent_addr()
+            .map_err(|e| tracing::warn!(error = %e, "clearing redirect"))
+    });
+    let _ = stop_tx.send(true);
+    drain(&state).await;
+    if let Some(kernel) = state
+        .kernel
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        kernel.ebpf.shutdown();
+    }
+    tasks.abort_all();
+    tracing::info!("detached; bye");
+    Ok(())
+}
+
+async fn drain(state: &AgentState) {
+    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    while state.metrics.outbound_active.load(Ordering::Relaxed) > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Validates a config file without touching the kernel (`mesh-agent --check`).
+pub fn check(config_path: &Path) -> Result<String, AppError> {
+    let config = config::load(config_path)?;
+    Ok(serde_yaml::to_string(&config).unwrap_or_default())
+}

@@ -1,0 +1,104 @@
+//! Hot reload: on SIGHUP or when the file content changes. A bad config is reported and counted
+//! and the agent keeps running on the last good one.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::{self, Config, ConfigError};
+use crate::metrics::AgentMetrics;
+use crate::registry::MeshModel;
+use crate::state::AgentState;
+
+use super::{apply, AppError};
+
+pub struct Watcher {
+    path: PathBuf,
+    /// Content last tried, good or bad, so a bad file is reported once, not every poll.
+    last_seen: Option<String>,
+}
+
+impl Watcher {
+    pub fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_owned(),
+            last_seen: std::fs::read_to_string(path).ok(),
+        }
+    }
+
+    /// Reloads if the file changed (or always when `forced`, i.e. on SIGHUP).
+    pub fn reload(&mut self, state: &AgentState, forced: bool) {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(source) => {
+                if forced {
+                    let e = ConfigError::Read {
+                        path: self.path.display().to_string(),
+                        source,
+                    };
+                    self.fail(state, &e.into());
+                }
+                return;
+            }
+        };
+        if !forced && self.last_seen.as_deref() == Some(text.as_str()) {
+            return;
+        }
+        self.last_seen = Some(text.clone());
+        match self.apply_text(state, &text) {
+            Ok(()) => {
+                AgentMetrics::inc(&state.metrics.config_reloads_ok);
+                AgentMetrics::inc(&state.metrics.config_generation);
+                tracing::info!(
+                    path = %self.path.display(),
+                    effective = %serde_json::to_string(&*state.config()).unwrap_or_default(),
+                    "config reloaded"
+                );
+            }
+            Err(e) => self.fail(state, &e),
+        }
+    }
+
+    fn fail(&self, state: &AgentState, error: &AppError) {
+        AgentMetrics::inc(&state.metrics.config_reloads_failed);
+        tracing::error!(path = %self.path.display(), %error, "config reload rejected; keeping the previous config");
+    }
+
+    fn apply_text(&self, state: &AgentState, text: &str) -> Result<(), AppError> {
+        let new = config::parse(text, &self.path.display().to_string(), &|n| {
+            std::env::var(n).ok()
+        })?;
+        let old = state.config();
+        check_immutable(&old, &new)?;
+        let old_model = state.model();
+        let model = MeshModel::build(&new, Some(&old_model));
+        let applied = state.with_kernel(|k| apply(k, &new, &model, Some((&old, &old_model))));
+        if let Some(result) = applied {
+            result?;
+        }
+        state.publish(new, model);
+        Ok(())
+    }
+}
+
+/// Fields bound at start-up (sockets, pin paths) cannot change without a restart.
+fn check_immutable(old: &Config, new: &Config) -> Result<(), ConfigError> {
+    let fields = [
+        ("node.instance", old.node.instance != new.node.instance),
+        (
+            "node.ebpf_object",
+            old.node.ebpf_object != new.node.ebpf_object,
+        ),
+        (
+            "listen.outbound",
+            old.listen.outbound != new.listen.outbound,
+        ),
+        ("listen.metrics", old.listen.metrics != new.listen.metrics),
+        ("listen.health", old.listen.health != new.listen.health),
+    ];
+    match fields.iter().find(|(_, changed)| *changed) {
+        Some((field, _)) => Err(ConfigError::invalid(
+            *field,
+            "cannot change on reload; restart the agent",
+        )),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,197 @@
+//! Semantic checks the YAML parser cannot do. The whole config is checked before anything is
+//! applied, so a bad file never leaves the kernel maps half-written.
+
+use std::collections::HashSet;
+
+use mesh_common::limits;
+
+use super::{Config, ConfigError, WILDCARD};
+
+pub fn validate(config: &Config) -> Result<(), ConfigError> {
+    check_name("node.name", &config.node.name)?;
+    check_name("node.instance", &config.node.instance)?;
+    if config.node.agent_ip.is_unspecified() {
+        return Err(ConfigError::invalid(
+            "node.agent_ip",
+            "must be a concrete address pods can reach, not 0.0.0.0",
+        ));
+    }
+    check_name("node.trust_domain", &config.node.trust_domain)?;
+    if config.proxy.connect_timeout.is_zero() {
+        return Err(ConfigError::invalid(
+            "proxy.connect_timeout",
+            "must be greater than 0",
+        ));
+    }
+
+    let mut names = HashSet::new();
+    let mut vips = HashSet::new();
+    for (i, s) in config.services.iter().enumerate() {
+        let field = format!("services[{i}]");
+        check_name(&format!("{field}.name"), &s.name)?;
+        check_name(&format!("{field}.namespace"), &s.namespace)?;
+        if !names.insert(s.name.as_str()) {
+            return Err(ConfigError::invalid(
+                format!("{field}.name"),
+                format!("duplicate service name {:?}", s.name),
+            ));
+        }
+        if !vips.insert(s.vip) {
+            return Err(ConfigError::invalid(
+                format!("{field}.vip"),
+                format!("{} is already used by another service", s.vip),
+            ));
+        }
+        if s.vip.port() == 0 || s.vip.ip().is_unspecified() {
+            return Err(ConfigError::invalid(
+                format!("{field}.vip"),
+                format!("{} must have a non-zero address and port", s.vip),
+            ));
+        }
+        for (j, e) in s.endpoints.iter().enumerate() {
+            if e.port() == 0 || e.ip().is_unspecified() {
+                return Err(ConfigError::invalid(
+                    format!("{field}.endpoints[{j}]"),
+                    format!("{e} must have a non-zero address and port"),
+                ));
+            }
+        }
+    }
+    if config.services.len() > limits::MAX_SERVICES as usize {
+        return Err(ConfigError::invalid(
+            "services",
+            format!(
+                "{} services exceed the kernel map capacity {}",
+                config.services.len(),
+                limits::MAX_SERVICES
+            ),
+        ));
+    }
+
+    let mut workload_names = HashSet::new();
+    let mut cgroups = HashSet::new();
+    let mut identities = HashSet::new();
+    for (i, w) in config.workloads.iter().enumerate() {
+        let field = format!("workloads[{i}]");
+        check_name(&format!("{field}.name"), &w.name)?;
+        check_name(&format!("{field}.namespace"), &w.namespace)?;
+        check_name(&format!("{field}.service_account"), &w.service_account)?;
+        if !workload_names.insert((w.namespace.as_str(), w.name.as_str())) {
+            return Err(ConfigError::invalid(
+                format!("{field}.name"),
+                format!("duplicate workload {}/{}", w.namespace, w.name),
+            ));
+        }
+        if w.cgroup.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(
+                format!("{field}.cgroup"),
+                "must not be empty",
+            ));
+        }
+        if !cgroups.insert(&w.cgroup) {
+            return Err(ConfigError::invalid(
+                format!("{field}.cgroup"),
+                format!("{} is already used by another workload", w.cgroup.display()),
+            ));
+        }
+        identities.insert(w.identity());
+    }
+    if config.workloads.len() > limits::MAX_WORKLOADS as usize {
+        return Err(ConfigError::invalid(
+            "workloads",
+            format!(
+                "{} workloads exceed the kernel map capacity {}",
+                config.workloads.len(),
+                limits::MAX_WORKLOADS
+            ),
+        ));
+    }
+    // Identity ids index the per-CPU counter array; id 0 is reserved for unknown workloads.
+    if identities.len() >= limits::MAX_IDENTITIES as usize {
+        return Err(ConfigError::invalid(
+            "workloads",
+            format!(
+                "{} identities exceed the limit {}",
+                identities.len(),
+                limits::MAX_IDENTITIES - 1
+            ),
+        ));
+    }
+
+    let mut rule_names = HashSet::new();
+    for (i, r) in config.policy.deny.iter().enumerate() {
+        let field = format!("policy.deny[{i}]");
+        check_name(&format!("{field}.name"), &r.name)?;
+        if !rule_names.insert(r.name.as_str()) {
+            return Err(ConfigError::invalid(
+                format!("{field}.name"),
+                format!("duplicate rule name {:?}", r.name),
+            ));
+        }
+        if r.from != WILDCARD && !identities.contains(&r.from) {
+            let message = if r.from.contains('/') {
+                format!(
+                    "{:?} is not the identity of any workload on this node",
+                    r.from
+                )
+            } else {
+                format!(
+                    "{:?} must be <namespace>/<service-account> or \"*\"",
+                    r.from
+                )
+            };
+            return Err(ConfigError::invalid(format!("{field}.from"), message));
+        }
+        if r.to != WILDCARD && !names.contains(r.to.as_str()) {
+            return Err(ConfigError::invalid(
+                format!("{field}.to"),
+                format!("{:?} is not a configured service", r.to),
+            ));
+        }
+    }
+    let deny_entries: usize = config
+        .policy
+        .deny
+        .iter()
+        .map(|r| {
+            let from = if r.from == WILDCARD {
+                identities.len()
+            } else {
+                1
+            };
+            let to = if r.to == WILDCARD {
+                config.services.len()
+            } else {
+                1
+            };
+            from * to
+        })
+        .sum();
+    if deny_entries > limits::MAX_DENY_RULES as usize {
+        return Err(ConfigError::invalid(
+            "policy.deny",
+            format!(
+                "expands to {deny_entries} kernel entries, over the capacity {}",
+                limits::MAX_DENY_RULES
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Names end up in metric labels, pin paths and SPIFFE IDs: keep them to a safe alphabet.
+fn check_name(field: &str, value: &str) -> Result<(), ConfigError> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            field,
+            format!("{value:?} must be 1-63 characters of a-z, 0-9, '-', '.', '_'"),
+        ))
+    }
+}

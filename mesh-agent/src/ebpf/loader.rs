@@ -1,0 +1,165 @@
+//! Loads the eBPF object with maps pinned per agent instance and the programs ready to attach.
+
+use std::path::{Path, PathBuf};
+
+use aya::programs::{CgroupSockAddr, SockOps};
+use aya::EbpfLoader;
+use mesh_common::program_names;
+
+use super::attach::{cgroup_id, program_mut, resolve_cgroup};
+use super::{preflight, Attachments, EbpfError, KernelMaps, OrigDstTable};
+
+/// File name of the compiled object as xtask installs it next to the agent binary.
+pub const OBJECT_NAME: &str = "mesh-ebpf.o";
+
+/// Finds the eBPF object: configured path, next to the agent binary, then the build tree.
+pub fn locate_object(configured: Option<&Path>) -> Result<PathBuf, EbpfError> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(path) = configured {
+        candidates.push(path.to_owned());
+    } else {
+        if let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(Path::to_owned))
+        {
+            candidates.push(dir.join(OBJECT_NAME));
+        }
+        candidates.push(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../mesh-ebpf/target/bpfel-unknown-none/release/mesh-ebpf"),
+        );
+    }
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            EbpfError::ObjectMissing(
+                candidates
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )
+        })
+}
+
+/// The loaded programs plus the cgroups they are attached to.
+pub struct MeshEbpf {
+    bpf: aya::Ebpf,
+    attachments: Attachments,
+    cgroup_root: PathBuf,
+    pin_dir: PathBuf,
+}
+
+impl MeshEbpf {
+    /// Runs the preflight checks, then loads `object` with maps pinned in `<bpffs>/nodemesh/<instance>`.
+    pub fn load(
+        object: &Path,
+        instance: &str,
+    ) -> Result<(MeshEbpf, KernelMaps, OrigDstTable), EbpfError> {
+        preflight::check_root()?;
+        preflight::check_btf(Path::new(preflight::BTF_PATH))?;
+        let mounts = preflight::read_mounts()?;
+        let cgroup_root = preflight::cgroup2_root(&mounts)?;
+        let bpffs = Path::new(preflight::BPFFS_PATH);
+        preflight::ensure_bpffs(&mounts, bpffs)?;
+        let pin_dir = bpffs.join("nodemesh").join(instance);
+        std::fs::create_dir_all(&pin_dir).map_err(|source| EbpfError::Io {
+            path: pin_dir.clone(),
+            source,
+        })?;
+
+        let bytes = std::fs::read(object).map_err(|source| EbpfError::Io {
+            path: object.to_owned(),
+            source,
+        })?;
+        let mut bpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .load(&bytes)?;
+        start_kernel_logger(&mut bpf);
+        program_mut::<CgroupSockAddr>(&mut bpf, program_names::CONNECT4)?
+            .load()
+            .map_err(|source| EbpfError::Program {
+                name: program_names::CONNECT4,
+                source,
+            })?;
+        program_mut::<SockOps>(&mut bpf, program_names::SOCKOPS)?
+            .load()
+            .map_err(|source| EbpfError::Program {
+                name: program_names::SOCKOPS,
+                source,
+            })?;
+        let (maps, orig) = KernelMaps::take_from(&mut bpf)?;
+        let ebpf = MeshEbpf {
+            bpf,
+            attachments: Attachments::default(),
+            cgroup_root,
+            pin_dir,
+        };
+        Ok((ebpf, maps, orig))
+    }
+
+    pub fn cgroup_root(&self) -> &Path {
+        &self.cgroup_root
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Resolves configured cgroup paths to (directory, cgroup id); fails naming the first bad one.
+    pub fn resolve_cgroups(
+        &self,
+        configured: &[PathBuf],
+    ) -> Result<Vec<(PathBuf, u64)>, EbpfError> {
+        configured
+            .iter()
+            .map(|c| {
+                let dir = resolve_cgroup(&self.cgroup_root, c);
+                cgroup_id(&dir).map(|id| (dir, id))
+            })
+            .collect()
+    }
+
+    pub fn attach_to(&mut self, cgroups: &[PathBuf]) -> Result<(), EbpfError> {
+        self.attachments.reconcile(&mut self.bpf, cgroups)
+    }
+
+    pub fn attached(&self) -> Vec<PathBuf> {
+        self.attachments.attached().map(Path::to_owned).collect()
+    }
+
+    /// Detaches from every cgroup and removes the pinned maps: nothing of this agent stays in the kernel.
+    pub fn shutdown(mut self) {
+        self.attachments.detach_all(&mut self.bpf);
+        if let Err(e) = std::fs::remove_dir_all(&self.pin_dir) {
+            tracing::warn!(path = %self.pin_dir.display(), error = %e, "removing pinned maps");
+        }
+    }
+}
+
+/// Forwards aya-log records from the programs to our log (debug level) until the agent exits.
+fn start_kernel_logger(bpf: &mut aya::Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(bpf) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "kernel debug log not available");
+            return;
+        }
+    };
+    // SAFETY: the logger owns its perf/ring buffer fd for its whole life and never swaps it.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut logger) = registered else {
+        tracing::warn!("kernel debug log: cannot poll its buffer");
+        return;
+    };
+    tokio::spawn(async move {
+        while let Ok(mut guard) = logger.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}

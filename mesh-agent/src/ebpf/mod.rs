@@ -1,0 +1,12 @@
+//! Kernel side management: preflight checks, loading and pinning, cgroup attachment, map sync.
+
+mod attach;
+mod error;
+mod loader;
+mod maps;
+pub mod preflight;
+
+pub use attach::Attachments;
+pub use error::EbpfError;
+pub use loader::{locate_object, MeshEbpf};
+pub use maps::{DesiredMaps, KernelMaps, OrigDstTable, SyncStats};

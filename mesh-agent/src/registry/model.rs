@@ -1,0 +1,146 @@
+//! The mesh model compiled from config: ids the kernel maps use, kept stable across reloads so a
+//! counter or in-flight connection never changes meaning when the config changes.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddrV4;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::config::Config;
+
+/// A service as the data path needs it.
+#[derive(Debug)]
+pub struct ServiceEntry {
+    pub id: u32,
+    pub name: String,
+    pub namespace: String,
+    pub vip: SocketAddrV4,
+    pub endpoints: Vec<SocketAddrV4>,
+    /// Round-robin cursor over `endpoints`.
+    next: AtomicUsize,
+}
+
+impl ServiceEntry {
+    /// Picks the next endpoint round robin; None when the service has no endpoints.
+    pub fn pick_endpoint(&self) -> Option<SocketAddrV4> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+        Some(self.endpoints[i])
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct MeshModel {
+    /// identity key (`ns/sa`) -> id, 1-based.
+    pub identities: BTreeMap<String, u32>,
+    /// service name -> entry.
+    pub services: BTreeMap<String, ServiceEntry>,
+}
+
+impl MeshModel {
+    /// Builds the model for `config`, reusing the ids `previous` gave to names that still exist.
+    pub fn build(config: &Config, previous: Option<&MeshModel>) -> MeshModel {
+        let identity_names: Vec<String> = config.workloads.iter().map(|w| w.identity()).collect();
+        let identities = assign_ids(
+            identity_names,
+            previous.map(|p| p.identities.clone()).unwrap_or_default(),
+        );
+        let service_ids = assign_ids(
+            config.services.iter().map(|s| s.name.clone()).collect(),
+            previous
+                .map(|p| p.services.iter().map(|(n, s)| (n.clone(), s.id)).collect())
+                .unwrap_or_default(),
+        );
+        let services = config
+            .services
+            .iter()
+            .map(|s| {
+                let entry = ServiceEntry {
+                    id: service_ids[&s.name],
+                    name: s.name.clone(),
+                    namespace: s.namespace.clone(),
+                    vip: s.vip,
+                    endpoints: s.endpoints.clone(),
+                    next: AtomicUsize::new(0),
+                };
+                (s.name.clone(), entry)
+            })
+            .collect();
+        MeshModel {
+            identities,
+            services,
+        }
+    }
+
+    pub fn service_by_id(&self, id: u32) -> Option<&ServiceEntry> {
+        self.services.values().find(|s| s.id == id)
+    }
+
+    pub fn identity_name(&self, id: u32) -> Option<&str> {
+        self.identities
+            .iter()
+            .find(|(_, v)| **v == id)
+            .map(|(k, _)| k.as_str())
+    }
+}
+
+/// Gives every name an id: previous ids are kept, new names get the lowest free ids (from 1).
+fn assign_ids(names: Vec<String>, previous: BTreeMap<String, u32>) -> BTreeMap<String, u32> {
+    let mut result = BTreeMap::new();
+    for name in &names {
+        if let Some(id) = previous.get(name) {
+            result.insert(name.clone(), *id);
+        }
+    }
+    let mut used: std::collections::BTreeSet<u32> = result.values().copied().collect();
+    let mut candidate = 1u32;
+    for name in names {
+        if result.contains_key(&name) {
+            continue;
+        }
+        while used.contains(&candidate) {
+            candidate += 1;
+        }
+        used.insert(candidate);
+        result.insert(name, candidate);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_survive_reload_and_new_names_take_free_ids() {
+        let first = assign_ids(vec!["a".into(), "b".into(), "c".into()], BTreeMap::new());
+        assert_eq!(first["a"], 1);
+        assert_eq!(first["c"], 3);
+        let second = assign_ids(vec!["c".into(), "d".into(), "a".into()], first);
+        assert_eq!(second["a"], 1, "kept");
+        assert_eq!(second["c"], 3, "kept");
+        assert_eq!(second["d"], 2, "lowest free id");
+        assert!(!second.contains_key("b"));
+    }
+
+    #[test]
+    fn round_robin_cycles_endpoints() {
+        let e = ServiceEntry {
+            id: 1,
+            name: "s".into(),
+            namespace: "d".into(),
+            vip: "10.96.0.1:80".parse().expect("addr"),
+            endpoints: vec![
+                "10.0.0.1:1".parse().expect("addr"),
+                "10.0.0.2:1".parse().expect("addr"),
+            ],
+            next: AtomicUsize::new(0),
+        };
+        let picks: Vec<_> = (0..4)
+            .filter_map(|_| e.pick_endpoint())
+            .map(|a| a.ip().octets()[3])
+            .collect();
+        assert_eq!(picks, vec![1, 2, 1, 2]);
+    }
+}

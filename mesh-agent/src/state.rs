@@ -1,0 +1,59 @@
+//! State shared by the agent's tasks: current config and model, kernel handles, metrics.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::config::Config;
+use crate::ebpf::{KernelMaps, MeshEbpf, OrigDstTable};
+use crate::metrics::AgentMetrics;
+use crate::registry::MeshModel;
+
+/// The kernel objects, changed together under one lock by start-up, reload and shutdown.
+pub struct Kernel {
+    pub ebpf: MeshEbpf,
+    pub maps: KernelMaps,
+}
+
+pub struct AgentState {
+    config: RwLock<Arc<Config>>,
+    model: RwLock<Arc<MeshModel>>,
+    pub orig_dst: OrigDstTable,
+    pub metrics: AgentMetrics,
+    pub ready: AtomicBool,
+    pub kernel: Mutex<Option<Kernel>>,
+}
+
+impl AgentState {
+    pub fn new(config: Config, model: MeshModel, kernel: Kernel, orig_dst: OrigDstTable) -> Self {
+        Self {
+            config: RwLock::new(Arc::new(config)),
+            model: RwLock::new(Arc::new(model)),
+            orig_dst,
+            metrics: AgentMetrics::default(),
+            ready: AtomicBool::new(false),
+            kernel: Mutex::new(Some(kernel)),
+        }
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn model(&self) -> Arc<MeshModel> {
+        self.model.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Publishes a new config and model together (after the kernel already has them).
+    pub fn publish(&self, config: Config, model: MeshModel) {
+        *self.model.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(model);
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+    }
+
+    pub fn with_kernel<R>(&self, f: impl FnOnce(&mut Kernel) -> R) -> Option<R> {
+        let mut guard = self.kernel.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_mut().map(f)
+    }
+}
