@@ -1,5 +1,17 @@
 //! Workload identity: mesh CA, workload certificates, rotation, rustls configs.
 
+pub mod ca;
+pub mod certs;
+pub mod error;
+pub mod rotation;
 pub mod spiffe;
+pub mod store;
+pub mod tls;
 
+pub use ca::MeshCa;
+pub use certs::{WorkloadCert, WorkloadSpec};
+pub use error::IdentityError;
+pub use rotation::{spawn_rotation, Backoff, CertIssuer, RotationConfig};
 pub use spiffe::{SpiffeError, SpiffeId};
+pub use store::CertStore;
+pub use tls::{client_config, peer_spiffe_id, server_config};

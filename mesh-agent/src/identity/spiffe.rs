@@ -12,7 +12,11 @@ pub enum SpiffeError {
     #[error("SPIFFE ID {0:?} must have the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
     Shape(String),
     #[error("SPIFFE ID {id:?}: {part} {value:?} must be non-empty lowercase letters, digits, '-', '.' or '_'")]
-    Segment { id: String, part: &'static str, value: String },
+    Segment {
+        id: String,
+        part: &'static str,
+        value: String,
+    },
     #[error("certificate could not be parsed: {0}")]
     Certificate(String),
     #[error("certificate has no spiffe:// URI SAN")]
@@ -28,7 +32,11 @@ pub struct SpiffeId {
 }
 
 impl SpiffeId {
-    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, SpiffeError> {
+    pub fn new(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, SpiffeError> {
         let id = Self {
             trust_domain: trust_domain.to_owned(),
             namespace: namespace.to_owned(),
@@ -41,7 +49,11 @@ impl SpiffeId {
             ("service account", service_account),
         ] {
             if !valid_segment(value) {
-                return Err(SpiffeError::Segment { id: shown, part, value: value.to_owned() });
+                return Err(SpiffeError::Segment {
+                    id: shown,
+                    part,
+                    value: value.to_owned(),
+                });
             }
         }
         Ok(id)
@@ -69,13 +81,18 @@ impl SpiffeId {
 
 fn valid_segment(s: &str) -> bool {
     !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_'))
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_')
+        })
 }
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
     }
 }
 
@@ -83,7 +100,9 @@ impl FromStr for SpiffeId {
     type Err = SpiffeError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let rest = s.strip_prefix("spiffe://").ok_or_else(|| SpiffeError::Scheme(s.to_owned()))?;
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| SpiffeError::Scheme(s.to_owned()))?;
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
             [td, "ns", ns, "sa", sa] => SpiffeId::new(td, ns, sa),
@@ -98,7 +117,9 @@ mod tests {
 
     #[test]
     fn round_trips_through_text() {
-        let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().expect("valid id");
+        let id: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web"
+            .parse()
+            .expect("valid id");
         assert_eq!(id.namespace, "shop");
         assert_eq!(id.service_account, "web");
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
@@ -106,9 +127,17 @@ mod tests {
 
     #[test]
     fn rejects_malformed_ids_naming_the_problem() {
-        assert!(matches!("http://x/ns/a/sa/b".parse::<SpiffeId>(), Err(SpiffeError::Scheme(_))));
-        assert!(matches!("spiffe://x/ns/a".parse::<SpiffeId>(), Err(SpiffeError::Shape(_))));
-        let err = "spiffe://x/ns/A/sa/b".parse::<SpiffeId>().expect_err("uppercase namespace");
+        assert!(matches!(
+            "http://x/ns/a/sa/b".parse::<SpiffeId>(),
+            Err(SpiffeError::Scheme(_))
+        ));
+        assert!(matches!(
+            "spiffe://x/ns/a".parse::<SpiffeId>(),
+            Err(SpiffeError::Shape(_))
+        ));
+        let err = "spiffe://x/ns/A/sa/b"
+            .parse::<SpiffeId>()
+            .expect_err("uppercase namespace");
         assert!(err.to_string().contains("namespace \"A\""), "{err}");
     }
 }

@@ -1,0 +1,367 @@
+//! The mesh certificate authority: generated and persisted at first start (embedded mode) or
+//! loaded from PEM files (a mounted Kubernetes Secret), and used to issue workload certificates.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::OffsetDateTime;
+
+use super::certs::{WorkloadCert, WorkloadSpec};
+use super::error::IdentityError;
+use super::spiffe::SpiffeId;
+
+pub const CA_CERT_FILE: &str = "ca.crt";
+pub const CA_KEY_FILE: &str = "ca.key";
+/// Generated CAs outlive any deployment we expect; rotation of the CA itself is out of scope.
+pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Leaf certificates are backdated so a peer whose clock is slightly behind accepts them.
+pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(60);
+const CA_CN_PREFIX: &str = "nodemesh CA ";
+
+pub struct MeshCa {
+    trust_domain: String,
+    cert_der: CertificateDer<'static>,
+    cert_pem: String,
+    // Re-created from the CA certificate; rcgen only reads its subject and key identifier
+    // when signing, so it is equivalent to the original for issuance.
+    issuer: rcgen::Certificate,
+    key: KeyPair,
+    clock_skew: Duration,
+}
+
+impl MeshCa {
+    /// Loads `ca.crt`/`ca.key` from `state_dir`, or generates and persists a new CA there.
+    pub fn load_or_generate(state_dir: &Path, trust_domain: &str) -> Result<Self, IdentityError> {
+        check_trust_domain(trust_domain)?;
+        let cert_path = state_dir.join(CA_CERT_FILE);
+        let key_path = state_dir.join(CA_KEY_FILE);
+        // The certificate is written last, so its presence marks a complete CA.
+        if cert_path.exists() {
+            let ca = Self::from_pem_files(&cert_path, &key_path)?;
+            if ca.trust_domain != trust_domain {
+                return Err(IdentityError::TrustDomainMismatch {
+                    path: cert_path,
+                    expected: trust_domain.to_owned(),
+                    found: ca.trust_domain,
+                });
+            }
+            tracing::info!(path = %cert_path.display(), trust_domain, "loaded mesh CA");
+            return Ok(ca);
+        }
+        let ca = Self::generate(trust_domain)?;
+        fs::create_dir_all(state_dir).map_err(|source| IdentityError::Write {
+            path: state_dir.to_owned(),
+            source,
+        })?;
+        write_atomically(&key_path, ca.key.serialize_pem().as_bytes(), 0o600)?;
+        write_atomically(&cert_path, ca.cert_pem.as_bytes(), 0o644)?;
+        tracing::info!(path = %cert_path.display(), trust_domain, "generated mesh CA");
+        Ok(ca)
+    }
+
+    /// Generates a new in-memory CA (ECDSA P-256, CN "nodemesh CA <trust-domain>", 10 years).
+    pub fn generate(trust_domain: &str) -> Result<Self, IdentityError> {
+        check_trust_domain(trust_domain)?;
+        let err = |source| IdentityError::GenerateCa {
+            trust_domain: trust_domain.to_owned(),
+            source,
+        };
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("{CA_CN_PREFIX}{trust_domain}"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.serial_number = Some(random_serial());
+        let now = now_seconds();
+        params.not_before = now - DEFAULT_CLOCK_SKEW;
+        params.not_after = now + CA_VALIDITY;
+        let issuer = params.self_signed(&key).map_err(err)?;
+        Ok(Self {
+            trust_domain: trust_domain.to_owned(),
+            cert_der: issuer.der().clone(),
+            cert_pem: issuer.pem(),
+            issuer,
+            key,
+            clock_skew: DEFAULT_CLOCK_SKEW,
+        })
+    }
+
+    /// Loads a CA from a PEM certificate and a PKCS#8 PEM private key. The trust domain is taken
+    /// from the CN "nodemesh CA <trust-domain>" or a `spiffe://<trust-domain>` URI SAN.
+    pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Self, IdentityError> {
+        let cert_pem = read_to_string(cert)?;
+        let cert_der = parse_cert_pem(cert, &cert_pem)?;
+        let key_pem = read_to_string(key)?;
+        let key_der = parse_key_pem(key, &key_pem)?;
+        let key_pair = KeyPair::try_from(&key_der).map_err(|e| invalid(key, e))?;
+
+        let (trust_domain, spki) = inspect_ca_cert(cert, &cert_der)?;
+        if spki != key_pair.public_key_der() {
+            return Err(IdentityError::KeyMismatch {
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+            });
+        }
+        let params =
+            CertificateParams::from_ca_cert_der(&cert_der).map_err(|e| invalid(cert, e))?;
+        let issuer = params
+            .self_signed(&key_pair)
+            .map_err(|e| invalid(cert, e))?;
+        Ok(Self {
+            trust_domain,
+            cert_der,
+            cert_pem,
+            issuer,
+            key: key_pair,
+            clock_skew: DEFAULT_CLOCK_SKEW,
+        })
+    }
+
+    /// Changes how far leaf certificates are backdated (default 60 s).
+    pub fn with_clock_skew(mut self, skew: Duration) -> Self {
+        self.clock_skew = skew;
+        self
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Issues a leaf valid from now minus the clock skew until now plus `ttl`.
+    pub fn issue(&self, spec: &WorkloadSpec, ttl: Duration) -> Result<WorkloadCert, IdentityError> {
+        let now = SystemTime::now();
+        let not_before = now
+            .checked_sub(self.clock_skew)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        self.issue_with_validity(spec, not_before, now + ttl)
+    }
+
+    /// Issues a leaf with an explicit validity window (seconds precision, as in X.509). Meant for
+    /// tests and tooling, e.g. to produce an already expired certificate.
+    pub fn issue_with_validity(
+        &self,
+        spec: &WorkloadSpec,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<WorkloadCert, IdentityError> {
+        let id = spec.id.to_string();
+        if spec.id.trust_domain != self.trust_domain {
+            return Err(IdentityError::ForeignTrustDomain {
+                id,
+                expected: self.trust_domain.clone(),
+                found: spec.id.trust_domain.clone(),
+            });
+        }
+        if !valid_dns_label(&spec.service) {
+            return Err(IdentityError::InvalidService {
+                id,
+                service: spec.service.clone(),
+            });
+        }
+        let not_before = truncate_to_seconds(not_before);
+        let not_after = truncate_to_seconds(not_after);
+        if not_after <= not_before {
+            return Err(IdentityError::InvalidValidity {
+                id,
+                field: "not_after",
+                reason: "must be later than not_before".to_owned(),
+            });
+        }
+
+        let err = |source| IdentityError::Issue {
+            id: id.clone(),
+            source,
+        };
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, spec.service.clone());
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![
+            SanType::URI(id.clone().try_into().map_err(err)?),
+            SanType::DnsName(
+                format!("{}.{}.svc", spec.service, spec.id.namespace)
+                    .try_into()
+                    .map_err(err)?,
+            ),
+        ];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        params.not_before = OffsetDateTime::from(not_before);
+        params.not_after = OffsetDateTime::from(not_after);
+
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
+        let cert = params
+            .signed_by(&key, &self.issuer, &self.key)
+            .map_err(err)?;
+        Ok(WorkloadCert {
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            not_before,
+            not_after,
+            spiffe_id: spec.id.clone(),
+        })
+    }
+}
+
+fn check_trust_domain(trust_domain: &str) -> Result<(), IdentityError> {
+    // SpiffeId::new applies the segment rules; namespace and account are placeholders.
+    SpiffeId::new(trust_domain, "ns", "sa")
+        .map(|_| ())
+        .map_err(|_| IdentityError::InvalidTrustDomain(trust_domain.to_owned()))
+}
+
+fn valid_dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    // Keep the DER INTEGER positive and non-zero.
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+fn now_seconds() -> OffsetDateTime {
+    OffsetDateTime::from(truncate_to_seconds(SystemTime::now()))
+}
+
+// X.509 times have whole seconds; truncating first keeps WorkloadCert's times equal to the
+// certificate's.
+fn truncate_to_seconds(t: SystemTime) -> SystemTime {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => SystemTime::UNIX_EPOCH + Duration::from_secs(d.as_secs()),
+        Err(_) => SystemTime::UNIX_EPOCH,
+    }
+}
+
+fn invalid(path: &Path, reason: impl ToString) -> IdentityError {
+    IdentityError::InvalidPem {
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+fn read_to_string(path: &Path) -> Result<String, IdentityError> {
+    fs::read_to_string(path).map_err(|source| IdentityError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn parse_cert_pem(path: &Path, pem: &str) -> Result<CertificateDer<'static>, IdentityError> {
+    match rustls_pemfile::certs(&mut pem.as_bytes()).next() {
+        Some(Ok(der)) => Ok(der),
+        Some(Err(e)) => Err(invalid(path, e)),
+        None => Err(invalid(path, "no CERTIFICATE PEM block")),
+    }
+}
+
+fn parse_key_pem(path: &Path, pem: &str) -> Result<PrivateKeyDer<'static>, IdentityError> {
+    match rustls_pemfile::private_key(&mut pem.as_bytes()) {
+        Ok(Some(key)) => Ok(key),
+        Ok(None) => Err(invalid(path, "no PRIVATE KEY PEM block")),
+        Err(e) => Err(invalid(path, e)),
+    }
+}
+
+/// Returns the trust domain and the DER SubjectPublicKeyInfo of a CA certificate.
+fn inspect_ca_cert(path: &Path, der: &[u8]) -> Result<(String, Vec<u8>), IdentityError> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| invalid(path, e))?;
+    let is_ca = cert
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|bc| bc.value.ca);
+    if !is_ca {
+        return Err(invalid(
+            path,
+            "not a CA certificate (basicConstraints CA:TRUE missing)",
+        ));
+    }
+    let spki = cert.public_key().raw.to_vec();
+    let from_cn = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok())
+        .find_map(|cn| cn.strip_prefix(CA_CN_PREFIX).map(str::to_owned));
+    let from_san = || {
+        let san = cert.subject_alternative_name().ok().flatten()?;
+        san.value.general_names.iter().find_map(|name| match name {
+            GeneralName::URI(uri) => uri
+                .strip_prefix("spiffe://")
+                .map(|td| td.trim_end_matches('/'))
+                .filter(|td| !td.contains('/'))
+                .map(str::to_owned),
+            _ => None,
+        })
+    };
+    let trust_domain =
+        from_cn
+            .or_else(from_san)
+            .ok_or_else(|| IdentityError::UnknownTrustDomain {
+                path: path.to_owned(),
+            })?;
+    check_trust_domain(&trust_domain)?;
+    Ok((trust_domain, spki))
+}
+
+/// Writes via a temporary file in the same directory and a rename, so a crash leaves either the
+/// old file, no file, or the complete new one.
+fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), IdentityError> {
+    let werr = |path: &Path| {
+        let path = path.to_owned();
+        move |source| IdentityError::Write { path, source }
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp: PathBuf = dir.join(format!(".{file_name}.tmp"));
+    // A previous crash may have left the temporary file behind; create_new below needs it gone.
+    let _ = fs::remove_file(&tmp);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(werr(&tmp))?;
+    file.write_all(contents).map_err(werr(&tmp))?;
+    file.sync_all().map_err(werr(&tmp))?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(werr(path))?;
+    // Persist the rename itself.
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(werr(dir))?;
+    Ok(())
+}
