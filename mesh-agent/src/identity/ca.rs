@@ -37,6 +37,16 @@ pub struct MeshCa {
     clock_skew: Duration,
 }
 
+// Hand-written so the CA key never ends up in a log line.
+impl std::fmt::Debug for MeshCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshCa")
+            .field("trust_domain", &self.trust_domain)
+            .field("clock_skew", &self.clock_skew)
+            .finish_non_exhaustive()
+    }
+}
+
 impl MeshCa {
     /// Loads `ca.crt`/`ca.key` from `state_dir`, or generates and persists a new CA there.
     pub fn load_or_generate(state_dir: &Path, trust_domain: &str) -> Result<Self, IdentityError> {
@@ -364,4 +374,226 @@ fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), Ident
         .and_then(|d| d.sync_all())
         .map_err(werr(dir))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use x509_parser::prelude::*;
+
+    use super::*;
+
+    fn spec(ca: &MeshCa) -> WorkloadSpec {
+        let id = SpiffeId::new(ca.trust_domain(), "shop", "web-sa").expect("valid id");
+        WorkloadSpec {
+            id,
+            service: "web".to_owned(),
+        }
+    }
+
+    fn unix(t: SystemTime) -> i64 {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .expect("after 1970")
+    }
+
+    #[test]
+    fn generated_ca_is_persisted_and_reloaded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let first = MeshCa::load_or_generate(&state, "cluster.local").expect("generate");
+        let second = MeshCa::load_or_generate(&state, "cluster.local").expect("reload");
+        assert_eq!(first.cert_der(), second.cert_der());
+        assert_eq!(first.cert_pem(), second.cert_pem());
+        assert_eq!(second.trust_domain(), "cluster.local");
+
+        let mode = fs::metadata(state.join(CA_KEY_FILE))
+            .expect("key file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "ca.key must be private");
+        let names: Vec<_> = fs::read_dir(&state)
+            .expect("state dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names.len(),
+            2,
+            "only ca.crt and ca.key, no temporary files: {names:?}"
+        );
+
+        let (_, cert) = X509Certificate::from_der(first.cert_der()).expect("parse CA");
+        let cn: Vec<_> = cert
+            .subject()
+            .iter_common_name()
+            .map(|c| c.as_str().ok())
+            .collect();
+        assert_eq!(cn, [Some("nodemesh CA cluster.local")]);
+        assert!(cert.is_ca());
+        let years = (cert.validity().not_after.timestamp()
+            - cert.validity().not_before.timestamp())
+            / (365 * 24 * 3600);
+        assert_eq!(years, 10);
+
+        // The reloaded CA signs with the persisted key: its leaves verify against the first CA.
+        let leaf = second
+            .issue(&spec(&second), Duration::from_secs(3600))
+            .expect("issue");
+        let (_, leaf) = X509Certificate::from_der(&leaf.chain[0]).expect("parse leaf");
+        leaf.verify_signature(Some(cert.public_key()))
+            .expect("signed by the persisted CA key");
+    }
+
+    #[test]
+    fn reload_with_another_trust_domain_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        MeshCa::load_or_generate(dir.path(), "cluster.local").expect("generate");
+        let err = MeshCa::load_or_generate(dir.path(), "other.local").expect_err("mismatch");
+        assert!(
+            matches!(err, IdentityError::TrustDomainMismatch { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("ca.crt"), "{err}");
+    }
+
+    #[test]
+    fn from_pem_files_names_missing_and_garbage_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        MeshCa::load_or_generate(dir.path(), "cluster.local").expect("generate");
+        let cert = dir.path().join(CA_CERT_FILE);
+        let key = dir.path().join(CA_KEY_FILE);
+        let missing = dir.path().join("absent.crt");
+        let garbage = dir.path().join("garbage.pem");
+        fs::write(&garbage, "not a PEM file\n").expect("write");
+
+        let cases = [(&missing, &key, &missing), (&cert, &missing, &missing)];
+        for (c, k, named) in cases {
+            let err = MeshCa::from_pem_files(c, k).expect_err("missing file");
+            assert!(matches!(err, IdentityError::Read { .. }), "{err}");
+            assert!(
+                err.to_string().contains(&named.display().to_string()),
+                "{err}"
+            );
+        }
+        let cases = [(&garbage, &key), (&cert, &garbage)];
+        for (c, k) in cases {
+            let err = MeshCa::from_pem_files(c, k).expect_err("garbage file");
+            assert!(matches!(err, IdentityError::InvalidPem { .. }), "{err}");
+            assert!(err.to_string().contains("garbage.pem"), "{err}");
+        }
+        MeshCa::from_pem_files(&cert, &key).expect("the real files load");
+    }
+
+    #[test]
+    fn from_pem_files_refuses_a_key_of_another_ca() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let other = tempfile::tempdir().expect("tempdir");
+        MeshCa::load_or_generate(dir.path(), "cluster.local").expect("generate");
+        MeshCa::load_or_generate(other.path(), "cluster.local").expect("generate");
+        let err = MeshCa::from_pem_files(
+            &dir.path().join(CA_CERT_FILE),
+            &other.path().join(CA_KEY_FILE),
+        )
+        .expect_err("key mismatch");
+        assert!(matches!(err, IdentityError::KeyMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn issued_cert_has_exact_names_usages_and_validity() {
+        let ca = MeshCa::generate("cluster.local").expect("ca");
+        let ttl = Duration::from_secs(24 * 3600);
+        let before = unix(SystemTime::now());
+        let issued = ca.issue(&spec(&ca), ttl).expect("issue");
+        let after = unix(SystemTime::now());
+        assert_eq!(issued.chain.len(), 1);
+        assert_eq!(
+            issued.spiffe_id.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/web-sa"
+        );
+
+        let (_, cert) = X509Certificate::from_der(&issued.chain[0]).expect("parse leaf");
+        let cn: Vec<_> = cert
+            .subject()
+            .iter_common_name()
+            .map(|c| c.as_str().ok())
+            .collect();
+        assert_eq!(cn, [Some("web")]);
+        let san = cert
+            .subject_alternative_name()
+            .expect("san ok")
+            .expect("san present");
+        let names: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "URI(spiffe://cluster.local/ns/shop/sa/web-sa)",
+                "DNSName(web.shop.svc)"
+            ],
+            "exact SANs"
+        );
+        let ku = cert.key_usage().expect("ku ok").expect("ku present").value;
+        assert!(ku.digital_signature() && !ku.key_cert_sign() && !ku.key_encipherment());
+        let eku = cert
+            .extended_key_usage()
+            .expect("eku ok")
+            .expect("eku present")
+            .value;
+        assert!(eku.server_auth && eku.client_auth && !eku.code_signing);
+        assert!(!cert.is_ca());
+
+        let (_, ca_cert) = X509Certificate::from_der(ca.cert_der()).expect("parse CA");
+        assert_eq!(cert.issuer(), ca_cert.subject());
+        cert.verify_signature(Some(ca_cert.public_key()))
+            .expect("signed by the CA");
+
+        let nb = cert.validity().not_before.timestamp();
+        let na = cert.validity().not_after.timestamp();
+        assert!(
+            (before - 60..=after - 60).contains(&nb),
+            "not_before = now - 1 min: {nb}"
+        );
+        assert!(
+            (before + 86400..=after + 86400).contains(&na),
+            "not_after = now + ttl: {na}"
+        );
+        assert_eq!(unix(issued.not_before), nb);
+        assert_eq!(unix(issued.not_after), na);
+        assert_eq!(unix(issued.renew_at()), nb + (na - nb) / 2);
+
+        let second = ca.issue(&spec(&ca), ttl).expect("issue again");
+        assert_ne!(
+            second.chain[0], issued.chain[0],
+            "fresh key and serial per issuance"
+        );
+    }
+
+    #[test]
+    fn issue_refuses_foreign_trust_domain_bad_service_and_empty_validity() {
+        let ca = MeshCa::generate("cluster.local").expect("ca");
+        let mut foreign = spec(&ca);
+        foreign.id.trust_domain = "evil.local".to_owned();
+        let err = ca
+            .issue(&foreign, Duration::from_secs(60))
+            .expect_err("foreign");
+        assert!(err.to_string().contains("evil.local"), "{err}");
+
+        let mut bad = spec(&ca);
+        bad.service = "Web_1".to_owned();
+        let err = ca
+            .issue(&bad, Duration::from_secs(60))
+            .expect_err("bad service");
+        assert!(err.to_string().contains("\"Web_1\""), "{err}");
+
+        let now = SystemTime::now();
+        let err = ca
+            .issue_with_validity(&spec(&ca), now, now)
+            .expect_err("empty validity");
+        assert!(err.to_string().contains("not_after"), "{err}");
+    }
 }
