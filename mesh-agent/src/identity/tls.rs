@@ -50,6 +50,11 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(StoreResolver { store, id: local }));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No resumption: a resumed session reuses the identity of the original handshake without
+    // re-verifying it, so expiry and renewal would go unnoticed. Connections are pooled and
+    // long-lived, so full handshakes cost little.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -79,6 +84,8 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(StoreResolver { store, id: local }));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // See server_config: every connection authenticates with a full handshake.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
