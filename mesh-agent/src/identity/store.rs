@@ -103,3 +103,68 @@ impl CertStore {
         self.entries.write().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::identity::{MeshCa, WorkloadSpec};
+
+    #[test]
+    fn insert_swaps_get_and_remove_and_notify() {
+        let ca = MeshCa::generate("cluster.local").expect("ca");
+        let id = SpiffeId::new("cluster.local", "shop", "web").expect("id");
+        let spec = WorkloadSpec {
+            id: id.clone(),
+            service: "web".to_owned(),
+        };
+        let store = CertStore::new();
+        let changes = store.subscribe();
+
+        let first = ca.issue(&spec, Duration::from_secs(60)).expect("issue");
+        assert!(store.insert(first).expect("insert").is_none());
+        let held = store.get(&id).expect("present");
+        let second = ca.issue(&spec, Duration::from_secs(60)).expect("issue");
+        let previous = store
+            .insert(second)
+            .expect("insert")
+            .expect("previous returned");
+        assert!(Arc::ptr_eq(&previous, &held));
+        // The replaced certificate stays usable by whoever still holds it.
+        assert_eq!(held.spiffe_id, id);
+        assert_ne!(store.get(&id).expect("present").chain, held.chain);
+        assert_eq!(store.ids(), vec![id.clone()]);
+        assert_eq!(*changes.borrow(), 2);
+
+        assert!(store.remove(&id).is_some());
+        assert!(store.get(&id).is_none() && store.certified_key(&id).is_none());
+        assert_eq!(*changes.borrow(), 3);
+    }
+
+    #[test]
+    fn insert_refuses_a_key_that_does_not_match_the_cert() {
+        let ca = MeshCa::generate("cluster.local").expect("ca");
+        let id = SpiffeId::new("cluster.local", "shop", "web").expect("id");
+        let spec = WorkloadSpec {
+            id: id.clone(),
+            service: "web".to_owned(),
+        };
+        let mut cert = ca.issue(&spec, Duration::from_secs(60)).expect("issue");
+        let other = ca.issue(&spec, Duration::from_secs(60)).expect("issue");
+        cert.key = other.key;
+        let err = store_err(CertStore::new().insert(cert));
+        assert!(
+            err.to_string()
+                .contains("spiffe://cluster.local/ns/shop/sa/web"),
+            "{err}"
+        );
+    }
+
+    fn store_err(r: Result<Option<Arc<WorkloadCert>>, IdentityError>) -> IdentityError {
+        match r {
+            Ok(_) => panic!("mismatched key accepted"),
+            Err(e) => e,
+        }
+    }
+}
