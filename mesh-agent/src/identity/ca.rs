@@ -2,9 +2,7 @@
 //! loaded from PEM files (a mounted Kubernetes Secret), and used to issue workload certificates.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
@@ -16,6 +14,7 @@ use time::OffsetDateTime;
 
 use super::certs::{WorkloadCert, WorkloadSpec};
 use super::error::IdentityError;
+use super::files::{invalid, parse_cert_pem, parse_key_pem, read_to_string, write_atomically};
 use super::spiffe::SpiffeId;
 
 pub const CA_CERT_FILE: &str = "ca.crt";
@@ -55,14 +54,7 @@ impl MeshCa {
         let key_path = state_dir.join(CA_KEY_FILE);
         // The certificate is written last, so its presence marks a complete CA.
         if cert_path.exists() {
-            let ca = Self::from_pem_files(&cert_path, &key_path)?;
-            if ca.trust_domain != trust_domain {
-                return Err(IdentityError::TrustDomainMismatch {
-                    path: cert_path,
-                    expected: trust_domain.to_owned(),
-                    found: ca.trust_domain,
-                });
-            }
+            let ca = Self::from_pem_files_with_trust_domain(&cert_path, &key_path, trust_domain)?;
             tracing::info!(path = %cert_path.display(), trust_domain, "loaded mesh CA");
             return Ok(ca);
         }
@@ -106,22 +98,51 @@ impl MeshCa {
         })
     }
 
-    /// Loads a CA from a PEM certificate and a PKCS#8 PEM private key. The trust domain is taken
-    /// from the CN "nodemesh CA <trust-domain>" or a `spiffe://<trust-domain>` URI SAN.
+    /// Loads a CA from a PEM certificate and a PKCS#8 or SEC1 PEM private key. The trust domain
+    /// is taken from the CN "nodemesh CA <trust-domain>" or a `spiffe://<trust-domain>` URI SAN.
     pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Self, IdentityError> {
+        Self::load_pem(cert, key, None)
+    }
+
+    /// Like [`MeshCa::from_pem_files`] for a CA whose certificate need not name the trust
+    /// domain (e.g. one made by cert-manager); refused if it names a different one.
+    pub fn from_pem_files_with_trust_domain(
+        cert: &Path,
+        key: &Path,
+        trust_domain: &str,
+    ) -> Result<Self, IdentityError> {
+        check_trust_domain(trust_domain)?;
+        Self::load_pem(cert, key, Some(trust_domain))
+    }
+
+    fn load_pem(cert: &Path, key: &Path, configured: Option<&str>) -> Result<Self, IdentityError> {
         let cert_pem = read_to_string(cert)?;
         let cert_der = parse_cert_pem(cert, &cert_pem)?;
-        let key_pem = read_to_string(key)?;
-        let key_der = parse_key_pem(key, &key_pem)?;
-        let key_pair = KeyPair::try_from(&key_der).map_err(|e| invalid(key, e))?;
+        let key_pair = parse_key_pem(key, &read_to_string(key)?)?;
 
-        let (trust_domain, spki) = inspect_ca_cert(cert, &cert_der)?;
+        let (named, spki) = inspect_ca_cert(cert, &cert_der)?;
         if spki != key_pair.public_key_der() {
             return Err(IdentityError::KeyMismatch {
                 cert: cert.to_owned(),
                 key: key.to_owned(),
             });
         }
+        let trust_domain = match (named, configured) {
+            (Some(found), Some(expected)) if found != expected => {
+                return Err(IdentityError::TrustDomainMismatch {
+                    path: cert.to_owned(),
+                    expected: expected.to_owned(),
+                    found,
+                })
+            }
+            (_, Some(expected)) => expected.to_owned(),
+            (Some(found), None) => found,
+            (None, None) => {
+                return Err(IdentityError::UnknownTrustDomain {
+                    path: cert.to_owned(),
+                })
+            }
+        };
         let params =
             CertificateParams::from_ca_cert_der(&cert_der).map_err(|e| invalid(cert, e))?;
         let issuer = params
@@ -272,38 +293,8 @@ fn truncate_to_seconds(t: SystemTime) -> SystemTime {
     }
 }
 
-fn invalid(path: &Path, reason: impl ToString) -> IdentityError {
-    IdentityError::InvalidPem {
-        path: path.to_owned(),
-        reason: reason.to_string(),
-    }
-}
-
-fn read_to_string(path: &Path) -> Result<String, IdentityError> {
-    fs::read_to_string(path).map_err(|source| IdentityError::Read {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-fn parse_cert_pem(path: &Path, pem: &str) -> Result<CertificateDer<'static>, IdentityError> {
-    match rustls_pemfile::certs(&mut pem.as_bytes()).next() {
-        Some(Ok(der)) => Ok(der),
-        Some(Err(e)) => Err(invalid(path, e)),
-        None => Err(invalid(path, "no CERTIFICATE PEM block")),
-    }
-}
-
-fn parse_key_pem(path: &Path, pem: &str) -> Result<PrivateKeyDer<'static>, IdentityError> {
-    match rustls_pemfile::private_key(&mut pem.as_bytes()) {
-        Ok(Some(key)) => Ok(key),
-        Ok(None) => Err(invalid(path, "no PRIVATE KEY PEM block")),
-        Err(e) => Err(invalid(path, e)),
-    }
-}
-
-/// Returns the trust domain and the DER SubjectPublicKeyInfo of a CA certificate.
-fn inspect_ca_cert(path: &Path, der: &[u8]) -> Result<(String, Vec<u8>), IdentityError> {
+/// Returns the trust domain the CA certificate names, if any, and its DER SubjectPublicKeyInfo.
+fn inspect_ca_cert(path: &Path, der: &[u8]) -> Result<(Option<String>, Vec<u8>), IdentityError> {
     use x509_parser::prelude::*;
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| invalid(path, e))?;
     let is_ca = cert
@@ -334,46 +325,11 @@ fn inspect_ca_cert(path: &Path, der: &[u8]) -> Result<(String, Vec<u8>), Identit
             _ => None,
         })
     };
-    let trust_domain =
-        from_cn
-            .or_else(from_san)
-            .ok_or_else(|| IdentityError::UnknownTrustDomain {
-                path: path.to_owned(),
-            })?;
-    check_trust_domain(&trust_domain)?;
-    Ok((trust_domain, spki))
-}
-
-/// Writes via a temporary file in the same directory and a rename, so a crash leaves either the
-/// old file, no file, or the complete new one.
-fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), IdentityError> {
-    let werr = |path: &Path| {
-        let path = path.to_owned();
-        move |source| IdentityError::Write { path, source }
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp: PathBuf = dir.join(format!(".{file_name}.tmp"));
-    // A previous crash may have left the temporary file behind; create_new below needs it gone.
-    let _ = fs::remove_file(&tmp);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(werr(&tmp))?;
-    file.write_all(contents).map_err(werr(&tmp))?;
-    file.sync_all().map_err(werr(&tmp))?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(werr(path))?;
-    // Persist the rename itself.
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(werr(dir))?;
-    Ok(())
+    let named = from_cn.or_else(from_san);
+    if let Some(td) = &named {
+        check_trust_domain(td)?;
+    }
+    Ok((named, spki))
 }
 
 #[cfg(test)]
@@ -595,5 +551,64 @@ mod tests {
             .issue_with_validity(&spec(&ca), now, now)
             .expect_err("empty validity");
         assert!(err.to_string().contains("not_after"), "{err}");
+    }
+
+    // Made with `openssl ecparam -genkey -noout` (SEC1 "EC PRIVATE KEY") and `openssl req -x509`,
+    // as a Kubernetes Secret would hold them.
+    const OPENSSL_SEC1_KEY: &str = "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIKwJ8NOj0K2g/BTJ7uTKuiBqQuYWTl8bilHphpKXLpBqoAoGCCqGSM49\nAwEHoUQDQgAE/wtekJSkFPzKyanCaKnssAKnsy3n65OypY7/DP7eUh752jRmQrqo\nnHIp2ugAFRp4X6rGS1PtVSh98jiHRguTcA==\n-----END EC PRIVATE KEY-----\n";
+    const OPENSSL_CA_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIB0TCCAXegAwIBAgIUf7vMWwHehzhiYD0gBimpP3NJzGswCgYIKoZIzj0EAwIw\nNjEQMA4GA1UECgwHRXhhbXBsZTEiMCAGA1UEAwwZbm9kZW1lc2ggQ0EgY2x1c3Rl\nci5sb2NhbDAeFw0yNjExMjMxMzU2MzBaFw0zNjExMjAxMzU2MzBaMDYxEDAOBgNV\nBAoMB0V4YW1wbGUxIjAgBgNVBAMMGW5vZGVtZXNoIENBIGNsdXN0ZXIubG9jYWww\nWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAAT/C16QlKQU/MrJqcJoqeywAqezLefr\nk7Kljv8M/t5SHvnaNGZCuqiccina6AAVGnhfqsZLU+1VKH3yOIdGC5Nwo2MwYTAd\nBgNVHQ4EFgQUgBQ7kLjDqwulMzaPZLd3Y3S92V8wHwYDVR0jBBgwFoAUgBQ7kLjD\nqwulMzaPZLd3Y3S92V8wDwYDVR0TAQH/BAUwAwEB/zAOBgNVHQ8BAf8EBAMCAQYw\nCgYIKoZIzj0EAwIDSAAwRQIhALhteIb5iUOxhPBJC+07Tu+0ZPsaz4SYhPVV57aB\nA6q6AiBL6jdn/kCO9Q7rABr9taEojU/TLCRxnw9i1iONi1KrFQ==\n-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn loads_an_openssl_ca_with_a_sec1_key_and_issues_with_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        fs::write(&cert, OPENSSL_CA_CERT).expect("write");
+        fs::write(&key, OPENSSL_SEC1_KEY).expect("write");
+        let ca = MeshCa::from_pem_files(&cert, &key).expect("load openssl CA");
+        assert_eq!(ca.trust_domain(), "cluster.local");
+        let leaf = ca
+            .issue(&spec(&ca), Duration::from_secs(60))
+            .expect("issue");
+        let (_, leaf) = X509Certificate::from_der(&leaf.chain[0]).expect("parse leaf");
+        let (_, ca_cert) = X509Certificate::from_der(ca.cert_der()).expect("parse CA");
+        assert_eq!(
+            leaf.issuer(),
+            ca_cert.subject(),
+            "issuer DN copied exactly (O + CN)"
+        );
+        leaf.verify_signature(Some(ca_cert.public_key()))
+            .expect("signed by the SEC1 key");
+
+        let err = MeshCa::from_pem_files_with_trust_domain(&cert, &key, "other.local")
+            .expect_err("CN names cluster.local");
+        assert!(
+            matches!(err, IdentityError::TrustDomainMismatch { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_ca_that_names_no_trust_domain_needs_one_configured() {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Example Root");
+        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let root = params.self_signed(&key).expect("root");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert_path, key_path) = (dir.path().join("root.crt"), dir.path().join("root.key"));
+        fs::write(&cert_path, root.pem()).expect("write");
+        fs::write(&key_path, key.serialize_pem()).expect("write");
+
+        let err = MeshCa::from_pem_files(&cert_path, &key_path).expect_err("no trust domain");
+        assert!(
+            matches!(err, IdentityError::UnknownTrustDomain { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("root.crt"), "{err}");
+        let ca = MeshCa::from_pem_files_with_trust_domain(&cert_path, &key_path, "prod.example")
+            .expect("configured trust domain");
+        assert_eq!(ca.trust_domain(), "prod.example");
     }
 }

@@ -3,6 +3,7 @@
 pub mod ca;
 pub mod certs;
 pub mod error;
+mod files;
 pub mod rotation;
 pub mod spiffe;
 pub mod store;
