@@ -611,4 +611,26 @@ mod tests {
             .expect("configured trust domain");
         assert_eq!(ca.trust_domain(), "prod.example");
     }
+
+    #[test]
+    fn leftovers_of_an_interrupted_first_start_are_replaced() {
+        // A crash after the key rename but before the certificate's leaves a key, no ca.crt
+        // and maybe a temporary file: the CA counts as absent and is generated again.
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join(CA_KEY_FILE), "stale half-written key").expect("write");
+        fs::write(dir.path().join(".ca.crt.tmp"), "partial").expect("write");
+        let ca = MeshCa::load_or_generate(dir.path(), "cluster.local").expect("generate");
+        let mut names: Vec<_> = fs::read_dir(dir.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [CA_CERT_FILE, CA_KEY_FILE],
+            "temporary file renamed into place"
+        );
+        let again = MeshCa::load_or_generate(dir.path(), "cluster.local").expect("reload");
+        assert_eq!(again.cert_der(), ca.cert_der());
+    }
 }

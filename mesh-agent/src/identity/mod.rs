@@ -1,4 +1,8 @@
 //! Workload identity: mesh CA, workload certificates, rotation, rustls configs.
+//!
+//! Typical wiring: `MeshCa::load_or_generate` (or `from_pem_files*` for a mounted Secret), one
+//! shared `CertStore`, one `spawn_rotation` task per local workload, and `server_config` /
+//! `client_config` built over the store so every new handshake uses the current certificate.
 
 pub mod ca;
 pub mod certs;
