@@ -60,3 +60,6 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         std::env::var(name).ok()
     })
 }
+
+#[cfg(test)]
+mod tests;

@@ -49,3 +49,68 @@ macro_rules! user_pod {
         )*
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use crate::addr::*;
+    use crate::counters::ConnCounters;
+    use crate::deny::{DenyKey, DenyRule};
+    use crate::orig_dst::{ClientKey, OrigDst};
+    use crate::services::{AgentAddr, ServiceKey, ServiceValue};
+    use crate::workloads::WorkloadIdentity;
+
+    /// Sizes are the sum of the fields: no implicit padding the kernel could hash differently.
+    #[test]
+    fn map_types_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 4 + 2 + 2);
+        assert_eq!(size_of::<ServiceValue>(), 8);
+        assert_eq!(size_of::<AgentAddr>(), 8);
+        assert_eq!(size_of::<DenyKey>(), 8);
+        assert_eq!(size_of::<DenyRule>(), 8);
+        assert_eq!(size_of::<ClientKey>(), 8);
+        assert_eq!(size_of::<OrigDst>(), 16);
+        assert_eq!(size_of::<WorkloadIdentity>(), 8);
+        assert_eq!(size_of::<ConnCounters>() % 8, 0);
+    }
+
+    /// The kernel stores IPv4 addresses in network order and user_port as big-endian u16.
+    #[test]
+    fn address_encoding_matches_the_kernel_layout() {
+        let raw = ip4_to_raw([10, 96, 0, 10]);
+        assert_eq!(raw.to_ne_bytes(), [10, 96, 0, 10]);
+        assert_eq!(ip4_from_raw(raw), [10, 96, 0, 10]);
+        let user_port = port_to_sock_addr(15001);
+        assert_eq!((user_port as u16).to_ne_bytes(), 15001u16.to_be_bytes());
+        assert_eq!(port_from_sock_addr(user_port), 15001);
+    }
+
+    #[test]
+    fn service_key_bytes_are_ip_then_port() {
+        let key = ServiceKey::new(ip4_to_raw([10, 96, 0, 10]), 80);
+        // SAFETY: ServiceKey is repr(C) plain data of 8 bytes.
+        let bytes: [u8; 8] = unsafe { core::mem::transmute(key) };
+        assert_eq!(&bytes[..4], &[10, 96, 0, 10]);
+        assert_eq!(u16::from_ne_bytes([bytes[4], bytes[5]]), 80);
+        assert_eq!(&bytes[6..], &[0, 0]);
+    }
+
+    #[test]
+    fn counters_accumulate_per_cpu_values() {
+        let mut total = ConnCounters::default();
+        total.accumulate(&ConnCounters {
+            opened: 2,
+            redirected: 1,
+            denied: 3,
+            ..Default::default()
+        });
+        total.accumulate(&ConnCounters {
+            opened: 5,
+            redirected: 4,
+            denied: 0,
+            ..Default::default()
+        });
+        assert_eq!((total.opened, total.redirected, total.denied), (7, 5, 3));
+    }
+}

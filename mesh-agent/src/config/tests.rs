@@ -1,0 +1,152 @@
+use std::time::Duration;
+
+use super::*;
+
+const GOOD: &str = r#"
+node:
+  name: node-a
+  agent_ip: 10.1.255.1
+proxy:
+  connect_timeout: 500ms
+services:
+  - name: echo
+    namespace: demo
+    vip: 10.96.0.10:80
+    endpoints: ["10.1.2.2:8080", "10.1.3.2:8080"]
+  - name: wallet
+    vip: 10.96.0.20:80
+workloads:
+  - name: client
+    namespace: demo
+    service_account: client
+    cgroup: /kubepods/client
+policy:
+  deny:
+    - name: no-wallet
+      from: demo/client
+      to: wallet
+"#;
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn parse_ok(text: &str) -> Config {
+    parse(text, "test.yaml", &no_env).unwrap_or_else(|e| panic!("config should parse: {e}"))
+}
+
+fn parse_err(text: &str) -> String {
+    match parse(text, "test.yaml", &no_env) {
+        Ok(_) => panic!("config should be rejected"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn parses_a_full_config_with_defaults() {
+    let c = parse_ok(GOOD);
+    assert_eq!(c.node.instance, "default");
+    assert_eq!(c.node.trust_domain, "cluster.local");
+    assert_eq!(c.listen.outbound.port(), 15001);
+    assert_eq!(c.listen.metrics.port(), 15020);
+    assert_eq!(c.listen.health.port(), 15021);
+    assert_eq!(c.proxy.connect_timeout, Duration::from_millis(500));
+    assert_eq!(c.services[1].namespace, "default");
+    assert_eq!(c.services[0].endpoints.len(), 2);
+    assert_eq!(c.workloads[0].identity(), "demo/client");
+}
+
+#[test]
+fn unknown_field_is_named() {
+    let e = parse_err(&GOOD.replace("vip: 10.96.0.20:80", "vipp: 10.96.0.20:80"));
+    assert!(e.contains("vipp"), "{e}");
+}
+
+#[test]
+fn bad_values_name_their_field() {
+    let cases = [
+        (
+            GOOD.replace("10.96.0.20:80", "10.96.0.10:80"),
+            "services[1].vip",
+        ),
+        (
+            GOOD.replace("name: wallet", "name: echo"),
+            "services[1].name",
+        ),
+        (GOOD.replace("to: wallet", "to: bank"), "policy.deny[0].to"),
+        (
+            GOOD.replace("from: demo/client", "from: demo/ghost"),
+            "policy.deny[0].from",
+        ),
+        (
+            GOOD.replace("from: demo/client", "from: client"),
+            "policy.deny[0].from",
+        ),
+        (GOOD.replace("name: node-a", "name: Node_A!"), "node.name"),
+        (
+            GOOD.replace("agent_ip: 10.1.255.1", "agent_ip: 0.0.0.0"),
+            "node.agent_ip",
+        ),
+        (
+            GOOD.replace("\"10.1.3.2:8080\"", "\"10.1.3.2:0\""),
+            "services[0].endpoints[1]",
+        ),
+        (
+            GOOD.replace("cgroup: /kubepods/client", "cgroup: \"\""),
+            "workloads[0].cgroup",
+        ),
+    ];
+    for (text, field) in cases {
+        let e = parse_err(&text);
+        assert!(
+            e.contains(&format!("`{field}`")),
+            "expected field {field} in: {e}"
+        );
+    }
+}
+
+#[test]
+fn malformed_values_are_reported_with_position() {
+    let e = parse_err(&GOOD.replace("10.96.0.20:80", "10.96.0.300:80"));
+    assert!(e.contains("test.yaml") && e.contains("line"), "{e}");
+    let e = parse_err(&GOOD.replace("500ms", "5 parsecs"));
+    assert!(e.contains("5 parsecs"), "{e}");
+}
+
+#[test]
+fn env_overrides_apply_before_validation() {
+    let env = |name: &str| match name {
+        "NODEMESH_AGENT_IP" => Some("10.9.9.9".to_owned()),
+        "NODEMESH_INSTANCE" => Some("node-9".to_owned()),
+        "NODEMESH_CONNECT_TIMEOUT" => Some("2s".to_owned()),
+        _ => None,
+    };
+    let c = parse(GOOD, "test.yaml", &env).expect("valid");
+    assert_eq!(c.node.agent_ip.to_string(), "10.9.9.9");
+    assert_eq!(c.node.instance, "node-9");
+    assert_eq!(c.proxy.connect_timeout, Duration::from_secs(2));
+
+    let bad = |name: &str| (name == "NODEMESH_METRICS_ADDR").then(|| "nowhere".to_owned());
+    let e = parse(GOOD, "test.yaml", &bad)
+        .expect_err("bad override")
+        .to_string();
+    assert!(
+        e.contains("`listen.metrics`") && e.contains("NODEMESH_METRICS_ADDR"),
+        "{e}"
+    );
+}
+
+#[test]
+fn durations_round_trip_and_reject_bad_units() {
+    assert_eq!(duration_text::parse("3s"), Ok(Duration::from_secs(3)));
+    assert_eq!(duration_text::parse("2m"), Ok(Duration::from_secs(120)));
+    assert_eq!(duration_text::parse("1h"), Ok(Duration::from_secs(3600)));
+    assert!(duration_text::parse("3d").is_err());
+    assert!(duration_text::parse("s").is_err());
+    let c = parse_ok(GOOD);
+    let again = parse_ok(&serde_yaml::to_string(&c).expect("serializes"));
+    assert_eq!(
+        c, again,
+        "effective config dump parses back to the same config"
+    );
+}
