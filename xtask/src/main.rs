@@ -1,1 +1,56 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build-ebpf | test | e2e | demo | bench`.
+
+mod build;
+mod demo;
+mod setup;
+mod sh;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "nodemesh project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain pieces the eBPF build and tests need (idempotent).
+    Setup,
+    /// Build the eBPF object (mesh-ebpf) for bpfel-unknown-none with nightly + bpf-linker.
+    BuildEbpf,
+    /// Setup, build everything, run every test (unit + privileged end-to-end).
+    Test,
+    /// Setup, build, run only the end-to-end suites in network namespaces.
+    E2e,
+    /// Setup, build, and show allowed and denied traffic with kernel counters.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf => build::ebpf(),
+        Task::Test => {
+            prepare()?;
+            sh::cargo(&["test", "--workspace", "--all-targets"])
+        }
+        Task::E2e => {
+            prepare()?;
+            sh::cargo(&["test", "-p", "mesh-tests"])
+        }
+        Task::Demo => {
+            prepare()?;
+            demo::run()
+        }
+    }
+}
+
+/// What every test and demo run needs: tools, the eBPF object, the agent and probe binaries.
+fn prepare() -> Result<()> {
+    setup::run()?;
+    build::ebpf()?;
+    build::binaries()
+}

@@ -1,0 +1,68 @@
+//! Idempotent toolchain bootstrap for a fresh machine: nightly rust-src, LLVM 22 dev packages,
+//! bpf-linker built against LLVM 22, and the tools the tests call (bpftool, iproute2).
+
+use std::process::Command;
+
+use anyhow::{bail, Result};
+
+use crate::sh;
+
+/// Debian packages: LLVM for bpf-linker, bpftool and iproute2 for tests, wrk for benchmarks.
+const PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "bpftool", "iproute2", "wrk"];
+const BPF_LINKER_VERSION: &str = "0.13";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+pub fn run() -> Result<()> {
+    nightly_rust_src()?;
+    debian_packages()?;
+    bpf_linker()?;
+    eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+fn nightly_rust_src() -> Result<()> {
+    let installed = sh::output("rustup", &["component", "list", "--installed", "--toolchain", "nightly"]);
+    match installed {
+        Ok(list) if list.lines().any(|l| l.starts_with("rust-src")) => Ok(()),
+        Ok(_) => sh::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"])),
+        Err(_) => {
+            sh::run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+            sh::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+        }
+    }
+}
+
+fn is_installed(package: &str) -> bool {
+    sh::output("dpkg-query", &["-W", "-f=${Status}", package]).is_ok_and(|s| s.contains("install ok installed"))
+}
+
+fn debian_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !is_installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("missing Debian packages {missing:?}; run `cargo xtask setup` as root or install them with apt-get");
+    }
+    sh::run(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
+    sh::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn bpf_linker() -> Result<()> {
+    let current = sh::output("bpf-linker", &["--version"]).unwrap_or_default();
+    if current.contains(&format!("bpf-linker {BPF_LINKER_VERSION}")) {
+        return Ok(());
+    }
+    sh::run(
+        Command::new("cargo")
+            .args(["install", "bpf-linker", "--locked", "--version", &format!("~{BPF_LINKER_VERSION}")])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )
+}
