@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask setup | build-ebpf | test | e2e | demo | bench`.
 
+mod bench;
 mod build;
 mod demo;
 mod setup;
@@ -27,6 +28,8 @@ enum Task {
     E2e,
     /// Setup, build, and show allowed and denied traffic with kernel counters.
     Demo,
+    /// Setup, build (release), and measure connection rates through the data path.
+    Bench,
 }
 
 fn main() -> Result<()> {
@@ -44,6 +47,23 @@ fn main() -> Result<()> {
         Task::Demo => {
             prepare()?;
             demo::run()
+        }
+        Task::Bench => {
+            setup::run()?;
+            build::ebpf()?;
+            sh::cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "mesh-agent",
+                "-p",
+                "mesh-tests",
+                "--bins",
+            ])?;
+            let bins = sh::workspace_root().join("target/release");
+            std::env::set_var("NODEMESH_AGENT_BIN", bins.join("mesh-agent"));
+            std::env::set_var("NODEMESH_PROBE_BIN", bins.join("meshprobe"));
+            bench::run()
         }
     }
 }

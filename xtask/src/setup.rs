@@ -8,7 +8,14 @@ use anyhow::{bail, Result};
 use crate::sh;
 
 /// Debian packages: LLVM for bpf-linker, bpftool and iproute2 for tests, wrk for benchmarks.
-const PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "bpftool", "iproute2", "wrk"];
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "bpftool",
+    "iproute2",
+    "wrk",
+];
 const BPF_LINKER_VERSION: &str = "0.13";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
@@ -21,23 +28,49 @@ pub fn run() -> Result<()> {
 }
 
 fn nightly_rust_src() -> Result<()> {
-    let installed = sh::output("rustup", &["component", "list", "--installed", "--toolchain", "nightly"]);
+    let installed = sh::output(
+        "rustup",
+        &["component", "list", "--installed", "--toolchain", "nightly"],
+    );
     match installed {
         Ok(list) if list.lines().any(|l| l.starts_with("rust-src")) => Ok(()),
-        Ok(_) => sh::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"])),
+        Ok(_) => sh::run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ])),
         Err(_) => {
-            sh::run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
-            sh::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+            sh::run(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+            ]))?;
+            sh::run(Command::new("rustup").args([
+                "component",
+                "add",
+                "rust-src",
+                "--toolchain",
+                "nightly",
+            ]))
         }
     }
 }
 
 fn is_installed(package: &str) -> bool {
-    sh::output("dpkg-query", &["-W", "-f=${Status}", package]).is_ok_and(|s| s.contains("install ok installed"))
+    sh::output("dpkg-query", &["-W", "-f=${Status}", package])
+        .is_ok_and(|s| s.contains("install ok installed"))
 }
 
 fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !is_installed(p)).collect();
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !is_installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -45,7 +78,11 @@ fn debian_packages() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("missing Debian packages {missing:?}; run `cargo xtask setup` as root or install them with apt-get");
     }
-    sh::run(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
+    sh::run(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
     sh::run(
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
@@ -61,7 +98,13 @@ fn bpf_linker() -> Result<()> {
     }
     sh::run(
         Command::new("cargo")
-            .args(["install", "bpf-linker", "--locked", "--version", &format!("~{BPF_LINKER_VERSION}")])
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                &format!("~{BPF_LINKER_VERSION}"),
+            ])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", LLVM_PREFIX),
     )

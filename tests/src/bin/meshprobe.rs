@@ -5,6 +5,8 @@
 //!   meshprobe connect <ip:port> <text> [count]     connects `count` times, sends text, half-closes,
 //!                                                 prints one JSON line per attempt
 //!   meshprobe hold <ip:port> <text> <seconds>      one connection that exchanges text every 100 ms
+//!   meshprobe bench <ip:port> <seconds> <workers>  new connections per second (connect, 1 byte
+//!                                                 each way, close), printed as one JSON line
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -21,7 +23,8 @@ fn main() -> Result<()> {
             connect(addr.parse()?, text, count)
         }
         ["hold", addr, text, secs] => hold(addr.parse()?, text, secs.parse()?),
-        _ => bail!("usage: meshprobe serve <port> <name> [record] | connect <ip:port> <text> [count] | hold <ip:port> <text> <seconds>"),
+        ["bench", addr, secs, workers] => bench(addr.parse()?, secs.parse()?, workers.parse()?),
+        _ => bail!("usage: meshprobe serve <port> <name> [record] | connect <ip:port> <text> [count] | hold <ip:port> <text> <seconds> | bench <ip:port> <seconds> <workers>"),
     }
 }
 
@@ -124,5 +127,76 @@ fn hold(addr: SocketAddr, text: &str, secs: u64) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     println!("{{\"exchanges\":{exchanges}}}");
+    Ok(())
+}
+
+/// One benchmark connection: connect, send a byte, read the echo, close. Returns the latency.
+fn one_round_trip(addr: SocketAddr) -> std::io::Result<Duration> {
+    let start = Instant::now();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_nodelay(true)?;
+    s.write_all(b"x")?;
+    let mut buf = [0u8; 64];
+    if s.read(&mut buf)? == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed before reply",
+        ));
+    }
+    Ok(start.elapsed())
+}
+
+#[derive(serde::Serialize)]
+struct BenchResult {
+    connections: usize,
+    errors: usize,
+    seconds: f64,
+    connections_per_second: f64,
+    p50_us: u128,
+    p99_us: u128,
+}
+
+fn bench(addr: SocketAddr, secs: u64, workers: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let (mut latencies, mut errors) = (Vec::new(), 0usize);
+                while Instant::now() < deadline {
+                    match one_round_trip(addr) {
+                        Ok(l) => latencies.push(l),
+                        Err(_) => errors += 1,
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let (mut latencies, mut errors) = (Vec::new(), 0);
+    for h in handles {
+        let (l, e) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("bench worker panicked"))?;
+        latencies.extend(l);
+        errors += e;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    latencies.sort();
+    let pct = |p: usize| {
+        latencies
+            .get(latencies.len().saturating_sub(1) * p / 100)
+            .map_or(0, |d| d.as_micros())
+    };
+    let result = BenchResult {
+        connections: latencies.len(),
+        errors,
+        seconds,
+        connections_per_second: latencies.len() as f64 / seconds,
+        p50_us: pct(50),
+        p99_us: pct(99),
+    };
+    println!("{}", serde_json::to_string(&result)?);
     Ok(())
 }
