@@ -1,0 +1,63 @@
+//! The shipped example config (also embedded in deploy/configmap.yaml) must pass validation.
+
+use std::process::Command;
+
+use anyhow::{ensure, Result};
+use mesh_tests::topology::agent_binary;
+
+#[test]
+fn example_config_passes_agent_check() -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let example = root.join("deploy/example-config.yaml");
+    let out = Command::new(agent_binary()?)
+        .arg("--check")
+        .arg("--config")
+        .arg(&example)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success(),
+        "deploy/example-config.yaml rejected: {stderr}"
+    );
+    let effective = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        effective.contains("web-may-not-call-wallet"),
+        "effective config lost the deny rule:\n{effective}"
+    );
+
+    let configmap = std::fs::read_to_string(root.join("deploy/configmap.yaml"))?;
+    let example_text = std::fs::read_to_string(&example)?;
+    let embedded_lines = example_text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .all(|l| configmap.contains(l.trim_end()));
+    ensure!(
+        embedded_lines,
+        "deploy/configmap.yaml no longer embeds deploy/example-config.yaml"
+    );
+    Ok(())
+}
+
+#[test]
+fn check_rejects_a_bad_config_naming_the_field() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("nodemesh-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("bad.yaml");
+    std::fs::write(
+        &path,
+        "node:\n  name: n\n  agent_ip: 10.0.0.1\nservices:\n  - name: s\n    vip: 10.96.0.1:0\n",
+    )?;
+    let out = Command::new(agent_binary()?)
+        .arg("--check")
+        .arg("--config")
+        .arg(&path)
+        .output()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "bad config accepted");
+    ensure!(
+        stderr.contains("`services[0].vip`"),
+        "error does not name the field: {stderr}"
+    );
+    Ok(())
+}
