@@ -86,12 +86,16 @@ fn render_metrics(state: &AgentState) -> String {
             "nodemesh_kernel_connections_denied_total",
             "connect() calls refused with EPERM by the kernel deny-list.",
         ),
+        (
+            "nodemesh_kernel_inbound_dropped_total",
+            "Inbound TCP SYNs to strict workloads dropped for bypassing the agent, by destination identity.",
+        ),
     ];
     for (index, (name, help)) in families.iter().enumerate() {
         w.family(name, "counter", help);
         for (identity, c) in &counters {
             let Some(c) = c else { continue };
-            let value = [c.opened, c.redirected, c.denied][index];
+            let value = [c.opened, c.redirected, c.denied, c.inbound_dropped][index];
             w.sample(name, &[("node", node), ("identity", identity)], value);
         }
     }
