@@ -44,7 +44,7 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i64> {
 
     // The kernel runs this for the receiving socket (the listener for a SYN): its cgroup is the pod's.
     let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    let Some(workload) = (unsafe { WORKLOADS.get(&cgroup_id) }).copied() else {
+    let Some(workload) = (unsafe { WORKLOADS.get(cgroup_id) }).copied() else {
         return Ok(PASS);
     };
     if !workload.is_strict() {

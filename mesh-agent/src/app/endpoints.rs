@@ -52,6 +52,9 @@ fn health_report(state: &AgentState) -> Reply {
     }
 }
 
+/// Reads one counter of a service's traffic (for the per-service metric families).
+type TrafficField = fn(&crate::metrics::ServiceTraffic) -> u64;
+
 fn render_metrics(state: &AgentState) -> String {
     let model = state.model();
     let config = state.config();
@@ -154,7 +157,7 @@ fn render_metrics(state: &AgentState) -> String {
     );
 
     let services = m.services();
-    let per_service: [(&str, &str, fn(&crate::metrics::ServiceTraffic) -> u64); 4] = [
+    let per_service: [(&str, &str, TrafficField); 4] = [
         (
             "nodemesh_outbound_connections_total",
             "Proxied outbound connections by service.",
