@@ -135,7 +135,7 @@ mod tests {
         crate::config::parse(&yaml, "test", &|_| None).expect("valid config")
     }
 
-    /// (identity name, strict flag) per cgroup id as the WORKLOADS map would hold it.
+    /// (cgroup id, identity id, strict) as the WORKLOADS map would hold them, sorted.
     fn flags(config: &Config) -> Vec<(u64, u32, bool)> {
         let model = MeshModel::build(config, None);
         let desired = desired_maps(config, &model, &[11, 12, 13]);
