@@ -1,4 +1,5 @@
-//! CONN_COUNTERS: per-CPU array indexed by identity id, counting connect() outcomes in the kernel.
+//! CONN_COUNTERS: per-CPU array indexed by identity id, counting connect() outcomes and strict-mode
+//! inbound drops in the kernel.
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -10,6 +11,9 @@ pub struct ConnCounters {
     pub redirected: u64,
     /// connect() calls refused with EPERM by the deny-list.
     pub denied: u64,
+    /// New inbound TCP connections to this (strict) workload dropped because they bypassed the
+    /// agent; counted per SYN, so a client's retransmissions count again.
+    pub inbound_dropped: u64,
 }
 
 impl ConnCounters {
@@ -18,7 +22,40 @@ impl ConnCounters {
         self.opened = self.opened.wrapping_add(other.opened);
         self.redirected = self.redirected.wrapping_add(other.redirected);
         self.denied = self.denied.wrapping_add(other.denied);
+        self.inbound_dropped = self.inbound_dropped.wrapping_add(other.inbound_dropped);
     }
 }
 
 crate::user_pod!(ConnCounters);
+
+#[cfg(test)]
+mod tests {
+    use super::ConnCounters;
+
+    #[test]
+    fn layout_has_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<ConnCounters>(), 4 * 8);
+    }
+
+    #[test]
+    fn accumulate_sums_every_field() {
+        let one = ConnCounters {
+            opened: 1,
+            redirected: 2,
+            denied: 3,
+            inbound_dropped: 4,
+        };
+        let mut total = ConnCounters::default();
+        total.accumulate(&one);
+        total.accumulate(&one);
+        assert_eq!(
+            total,
+            ConnCounters {
+                opened: 2,
+                redirected: 4,
+                denied: 6,
+                inbound_dropped: 8,
+            }
+        );
+    }
+}

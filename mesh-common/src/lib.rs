@@ -26,6 +26,7 @@ pub mod map_names {
 pub mod program_names {
     pub const CONNECT4: &str = "mesh_connect4";
     pub const SOCKOPS: &str = "mesh_sockops";
+    pub const INGRESS: &str = "mesh_ingress";
 }
 
 /// Capacity of the maps; the agent validates config against these before writing anything.

@@ -35,7 +35,9 @@ impl ServiceValue {
 }
 
 /// Single entry of the AGENT_ADDR array: the agent's outbound listener as pods reach it.
-/// `ip == 0` means "no redirect configured" and mesh connects pass through unchanged.
+/// `ip == 0` or `port == 0` means "no redirect" and mesh connects pass through unchanged. Strict
+/// mode admits new inbound connections from `ip` whatever the port, so draining the agent (port
+/// cleared, ip kept) stops capture without cutting off its own in-flight upstream connects.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(serde::Serialize))]
@@ -49,6 +51,28 @@ impl AgentAddr {
     pub const fn new(ip: u32, port: u16) -> Self {
         Self { ip, port, _pad: 0 }
     }
+
+    /// Whether connects to mesh services are redirected to the agent.
+    #[inline(always)]
+    pub const fn redirects(&self) -> bool {
+        self.ip != 0 && self.port != 0
+    }
 }
 
 crate::user_pod!(ServiceKey, ServiceValue, AgentAddr);
+
+#[cfg(test)]
+mod tests {
+    use super::AgentAddr;
+
+    #[test]
+    fn redirect_needs_both_ip_and_port() {
+        assert!(AgentAddr::new(1, 15001).redirects());
+        assert!(
+            !AgentAddr::new(1, 0).redirects(),
+            "draining: ip kept, port cleared"
+        );
+        assert!(!AgentAddr::new(0, 15001).redirects());
+        assert!(!AgentAddr::default().redirects());
+    }
+}

@@ -55,7 +55,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
     }
 
     let agent = match AGENT_ADDR.get(0) {
-        Some(a) if a.ip != 0 => *a,
+        Some(a) if a.redirects() => *a,
         _ => {
             count(identity, Outcome::Passed);
             return Ok(ALLOW);

@@ -5,6 +5,7 @@
 mod connect;
 mod maps;
 mod sockops;
+mod strict;
 
 #[cfg(not(test))]
 #[panic_handler]

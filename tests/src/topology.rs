@@ -512,6 +512,19 @@ impl Pod {
             self.cgroup_rel.display()
         )
     }
+
+    /// A `workloads:` list entry that sets `strict` explicitly.
+    pub fn workload_yaml_strict(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        strict: bool,
+    ) -> String {
+        format!(
+            "{}    strict: {strict}\n",
+            self.workload_yaml(namespace, service_account)
+        )
+    }
 }
 
 impl Topology {
@@ -547,11 +560,30 @@ impl Topology {
         text: &str,
         count: u32,
     ) -> Result<Vec<Attempt>> {
+        self.connect_from_with_timeout(pod, target, text, count, Duration::from_secs(5))
+    }
+
+    /// Like [`Topology::connect_from`], giving up each connect and read after `timeout`
+    /// (for attempts expected to fail by timing out).
+    pub fn connect_from_with_timeout(
+        &self,
+        pod: &Pod,
+        target: &str,
+        text: &str,
+        count: u32,
+        timeout: Duration,
+    ) -> Result<Vec<Attempt>> {
         let probe = probe_binary()?;
         let out = self.run_in_pod(
             pod,
             &probe.to_string_lossy(),
-            &["connect", target, text, &count.to_string()],
+            &[
+                "connect",
+                target,
+                text,
+                &count.to_string(),
+                &timeout.as_millis().to_string(),
+            ],
         )?;
         out.lines()
             .map(|l| serde_json::from_str(l).with_context(|| format!("bad probe line {l:?}")))

@@ -27,7 +27,10 @@ pub fn desired_maps(config: &Config, model: &MeshModel, cgroup_ids: &[u64]) -> D
         .workloads
         .iter()
         .zip(cgroup_ids)
-        .map(|(w, id)| (*id, WorkloadIdentity::new(model.identities[&w.identity()])))
+        .map(|(w, id)| {
+            let identity = WorkloadIdentity::new(model.identities[&w.identity()]);
+            (*id, identity.with_strict(w.is_strict(&config.policy)))
+        })
         .collect();
     let services = model
         .services
@@ -113,5 +116,60 @@ fn rollback(kernel: &mut Kernel, previous: Option<(&Config, &MeshModel)>) {
         });
     if let Err(e) = result {
         tracing::error!(error = %e, "restoring the previous kernel state failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(strict_default: bool) -> Config {
+        let yaml = format!(
+            "node: {{name: n1, agent_ip: 10.1.255.1}}\n\
+             workloads:\n\
+             \x20 - {{name: a, service_account: a, cgroup: pods/a}}\n\
+             \x20 - {{name: b, service_account: b, cgroup: pods/b, strict: true}}\n\
+             \x20 - {{name: c, service_account: c, cgroup: pods/c, strict: false}}\n\
+             policy: {{strict_default: {strict_default}}}\n"
+        );
+        crate::config::parse(&yaml, "test", &|_| None).expect("valid config")
+    }
+
+    /// (cgroup id, identity id, strict) as the WORKLOADS map would hold them, sorted.
+    fn flags(config: &Config) -> Vec<(u64, u32, bool)> {
+        let model = MeshModel::build(config, None);
+        let desired = desired_maps(config, &model, &[11, 12, 13]);
+        let mut out: Vec<_> = desired
+            .workloads
+            .iter()
+            .map(|(cg, w)| (*cg, w.identity, w.is_strict()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn strict_flag_follows_workload_then_policy_default() {
+        let off = config(false);
+        let model = MeshModel::build(&off, None);
+        let id = |name: &str| model.identities[&format!("default/{name}")];
+        assert_eq!(
+            flags(&off),
+            vec![
+                (11, id("a"), false),
+                (12, id("b"), true),
+                (13, id("c"), false)
+            ]
+        );
+        assert_eq!(
+            flags(&config(true)),
+            vec![
+                (11, id("a"), true),
+                (12, id("b"), true),
+                (13, id("c"), false)
+            ]
+        );
+        let strict = desired_maps(&off, &model, &[11, 12, 13]).workloads[&12];
+        assert_eq!(strict.flags, WorkloadIdentity::STRICT);
     }
 }

@@ -52,6 +52,9 @@ fn health_report(state: &AgentState) -> Reply {
     }
 }
 
+/// Reads one counter of a service's traffic (for the per-service metric families).
+type TrafficField = fn(&crate::metrics::ServiceTraffic) -> u64;
+
 fn render_metrics(state: &AgentState) -> String {
     let model = state.model();
     let config = state.config();
@@ -86,12 +89,16 @@ fn render_metrics(state: &AgentState) -> String {
             "nodemesh_kernel_connections_denied_total",
             "connect() calls refused with EPERM by the kernel deny-list.",
         ),
+        (
+            "nodemesh_kernel_inbound_dropped_total",
+            "Inbound TCP SYNs to strict workloads dropped for bypassing the agent, by destination identity.",
+        ),
     ];
     for (index, (name, help)) in families.iter().enumerate() {
         w.family(name, "counter", help);
         for (identity, c) in &counters {
             let Some(c) = c else { continue };
-            let value = [c.opened, c.redirected, c.denied][index];
+            let value = [c.opened, c.redirected, c.denied, c.inbound_dropped][index];
             w.sample(name, &[("node", node), ("identity", identity)], value);
         }
     }
@@ -150,7 +157,7 @@ fn render_metrics(state: &AgentState) -> String {
     );
 
     let services = m.services();
-    let per_service: [(&str, &str, fn(&crate::metrics::ServiceTraffic) -> u64); 4] = [
+    let per_service: [(&str, &str, TrafficField); 4] = [
         (
             "nodemesh_outbound_connections_total",
             "Proxied outbound connections by service.",

@@ -103,12 +103,21 @@ pub struct Workload {
     pub service_account: String,
     /// cgroup v2 directory, absolute or relative to the cgroup v2 mount.
     pub cgroup: PathBuf,
+    /// Strict mode: new inbound TCP connections that did not come through the agent are dropped
+    /// in the kernel. Unset: `policy.strict_default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
 }
 
 impl Workload {
     /// The identity key used by policy: `<namespace>/<service-account>`.
     pub fn identity(&self) -> String {
         format!("{}/{}", self.namespace, self.service_account)
+    }
+
+    /// Whether strict mode applies: the workload's own setting, else the policy default.
+    pub fn is_strict(&self, policy: &PolicyConfig) -> bool {
+        self.strict.unwrap_or(policy.strict_default)
     }
 }
 
@@ -118,6 +127,9 @@ pub struct PolicyConfig {
     /// Pairs refused in the kernel: connect() fails with EPERM.
     #[serde(default)]
     pub deny: Vec<DenyRuleConfig>,
+    /// Strict mode for workloads that do not set `strict` themselves.
+    #[serde(default)]
+    pub strict_default: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

@@ -6,8 +6,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use aya::programs::{
-    cgroup_sock_addr::CgroupSockAddrLinkId, sock_ops::SockOpsLinkId, CgroupAttachMode,
-    CgroupSockAddr, SockOps,
+    cgroup_skb::CgroupSkbLinkId, cgroup_sock_addr::CgroupSockAddrLinkId, sock_ops::SockOpsLinkId,
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps,
 };
 use mesh_common::program_names;
 
@@ -16,6 +16,7 @@ use super::EbpfError;
 struct Link {
     connect: CgroupSockAddrLinkId,
     sockops: SockOpsLinkId,
+    ingress: CgroupSkbLinkId,
 }
 
 /// Which cgroups the programs are attached to.
@@ -118,6 +119,11 @@ fn sockops_prog(bpf: &mut aya::Ebpf) -> Result<&mut SockOps, EbpfError> {
     program_mut(bpf, program_names::SOCKOPS)
 }
 
+fn ingress_prog(bpf: &mut aya::Ebpf) -> Result<&mut CgroupSkb, EbpfError> {
+    program_mut(bpf, program_names::INGRESS)
+}
+
+/// Attaches all three programs to one cgroup, or none: a failure detaches what this call attached.
 fn attach_one(bpf: &mut aya::Ebpf, path: &Path) -> Result<Link, EbpfError> {
     let dir = File::open(path).map_err(|source| EbpfError::Cgroup {
         path: path.to_owned(),
@@ -132,32 +138,70 @@ fn attach_one(bpf: &mut aya::Ebpf, path: &Path) -> Result<Link, EbpfError> {
     let connect = connect_prog(bpf)?
         .attach(&dir, CgroupAttachMode::Single)
         .map_err(attach_err)?;
-    match sockops_prog(bpf)?.attach(&dir, CgroupAttachMode::Single) {
-        Ok(sockops) => Ok(Link { connect, sockops }),
-        Err(source) => {
-            if let Ok(p) = connect_prog(bpf) {
-                let _ = p.detach(connect);
-            }
-            Err(attach_err(source))
+    let sockops = match sockops_prog(bpf)
+        .and_then(|p| p.attach(&dir, CgroupAttachMode::Single).map_err(attach_err))
+    {
+        Ok(link) => link,
+        Err(e) => {
+            detach_connect(bpf, connect);
+            return Err(e);
+        }
+    };
+    match ingress_prog(bpf).and_then(|p| {
+        p.attach(&dir, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+            .map_err(attach_err)
+    }) {
+        Ok(ingress) => Ok(Link {
+            connect,
+            sockops,
+            ingress,
+        }),
+        Err(e) => {
+            detach_connect(bpf, connect);
+            detach_sockops(bpf, sockops);
+            Err(e)
         }
     }
 }
 
 fn detach_one(bpf: &mut aya::Ebpf, link: Link) {
-    if let Err(e) = connect_prog(bpf).and_then(|p| {
-        p.detach(link.connect).map_err(|source| EbpfError::Program {
+    detach_connect(bpf, link.connect);
+    detach_sockops(bpf, link.sockops);
+    detach_ingress(bpf, link.ingress);
+}
+
+fn detach_connect(bpf: &mut aya::Ebpf, link: CgroupSockAddrLinkId) {
+    let result = connect_prog(bpf).and_then(|p| {
+        p.detach(link).map_err(|source| EbpfError::Program {
             name: program_names::CONNECT4,
             source,
         })
-    }) {
+    });
+    if let Err(e) = result {
         tracing::warn!(error = %e, "detaching connect4");
     }
-    if let Err(e) = sockops_prog(bpf).and_then(|p| {
-        p.detach(link.sockops).map_err(|source| EbpfError::Program {
+}
+
+fn detach_sockops(bpf: &mut aya::Ebpf, link: SockOpsLinkId) {
+    let result = sockops_prog(bpf).and_then(|p| {
+        p.detach(link).map_err(|source| EbpfError::Program {
             name: program_names::SOCKOPS,
             source,
         })
-    }) {
+    });
+    if let Err(e) = result {
         tracing::warn!(error = %e, "detaching sock_ops");
+    }
+}
+
+fn detach_ingress(bpf: &mut aya::Ebpf, link: CgroupSkbLinkId) {
+    let result = ingress_prog(bpf).and_then(|p| {
+        p.detach(link).map_err(|source| EbpfError::Program {
+            name: program_names::INGRESS,
+            source,
+        })
+    });
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "detaching ingress");
     }
 }

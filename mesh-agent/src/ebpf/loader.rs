@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::programs::{CgroupSockAddr, SockOps};
+use aya::programs::{CgroupSkb, CgroupSockAddr, SockOps};
 use aya::EbpfLoader;
 use mesh_common::program_names;
 
@@ -88,6 +88,13 @@ impl MeshEbpf {
             .load()
             .map_err(|source| EbpfError::Program {
                 name: program_names::SOCKOPS,
+                source,
+            })?;
+        // Section cgroup_skb/ingress gives it the expected attach type the kernel checks on attach.
+        program_mut::<CgroupSkb>(&mut bpf, program_names::INGRESS)?
+            .load()
+            .map_err(|source| EbpfError::Program {
+                name: program_names::INGRESS,
                 source,
             })?;
         let (maps, orig) = KernelMaps::take_from(&mut bpf)?;

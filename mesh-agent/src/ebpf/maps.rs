@@ -99,14 +99,17 @@ impl KernelMaps {
         Ok(stats)
     }
 
-    /// Stops redirection (AGENT_ADDR cleared) so connects pass through unchanged.
+    /// Stops redirection so connects pass through unchanged. Only the port is cleared: strict
+    /// mode keeps admitting connections from the agent address while the agent drains.
     pub fn clear_agent_addr(&mut self) -> Result<(), EbpfError> {
+        let err = |source| EbpfError::Map {
+            name: map_names::AGENT_ADDR,
+            source,
+        };
+        let current = self.agent_addr.get(&0, 0).map_err(err)?;
         self.agent_addr
-            .set(0, AgentAddr::default(), 0)
-            .map_err(|source| EbpfError::Map {
-                name: map_names::AGENT_ADDR,
-                source,
-            })
+            .set(0, AgentAddr::new(current.ip, 0), 0)
+            .map_err(err)
     }
 
     /// Per-identity counters summed over CPUs.

@@ -2,8 +2,10 @@
 //!
 //!   meshprobe serve <port> <name> [record-file]   echo server: replies "<name>:<data>", appends
 //!                                                 "<peer> <data>" lines to record-file
-//!   meshprobe connect <ip:port> <text> [count]     connects `count` times, sends text, half-closes,
-//!                                                 prints one JSON line per attempt
+//!   meshprobe connect <ip:port> <text> [count] [timeout-ms]
+//!                                                 connects `count` times, sends text, half-closes,
+//!                                                 prints one JSON line per attempt; connect and
+//!                                                 read give up after timeout-ms (default 5000)
 //!   meshprobe hold <ip:port> <text> <seconds>      one connection that exchanges text every 100 ms
 //!   meshprobe bench <ip:port> <seconds> <workers>  new connections per second (connect, 1 byte
 //!                                                 each way, close), printed as one JSON line
@@ -14,17 +16,24 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["serve", port, name, rest @ ..] => serve(port.parse()?, name, rest.first().copied()),
         ["connect", addr, text, rest @ ..] => {
             let count = rest.first().map(|c| c.parse()).transpose()?.unwrap_or(1);
-            connect(addr.parse()?, text, count)
+            let timeout = rest
+                .get(1)
+                .map(|t| t.parse().map(Duration::from_millis))
+                .transpose()?
+                .unwrap_or(DEFAULT_TIMEOUT);
+            connect(addr.parse()?, text, count, timeout)
         }
         ["hold", addr, text, secs] => hold(addr.parse()?, text, secs.parse()?),
         ["bench", addr, secs, workers] => bench(addr.parse()?, secs.parse()?, workers.parse()?),
-        _ => bail!("usage: meshprobe serve <port> <name> [record] | connect <ip:port> <text> [count] | hold <ip:port> <text> <seconds> | bench <ip:port> <seconds> <workers>"),
+        _ => bail!("usage: meshprobe serve <port> <name> [record] | connect <ip:port> <text> [count] [timeout-ms] | hold <ip:port> <text> <seconds> | bench <ip:port> <seconds> <workers>"),
     }
 }
 
@@ -77,10 +86,10 @@ struct Attempt {
     error: Option<String>,
 }
 
-fn attempt(addr: SocketAddr, text: &str) -> Attempt {
+fn attempt(addr: SocketAddr, text: &str, timeout: Duration) -> Attempt {
     let result = (|| -> std::io::Result<String> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
         s.write_all(text.as_bytes())?;
         s.shutdown(Shutdown::Write)?;
         let mut reply = String::new();
@@ -103,9 +112,9 @@ fn attempt(addr: SocketAddr, text: &str) -> Attempt {
     }
 }
 
-fn connect(addr: SocketAddr, text: &str, count: u32) -> Result<()> {
+fn connect(addr: SocketAddr, text: &str, count: u32, timeout: Duration) -> Result<()> {
     for _ in 0..count {
-        println!("{}", serde_json::to_string(&attempt(addr, text))?);
+        println!("{}", serde_json::to_string(&attempt(addr, text, timeout))?);
     }
     Ok(())
 }
