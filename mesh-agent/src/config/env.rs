@@ -11,6 +11,8 @@ pub const OVERRIDES: &[(&str, &str)] = &[
     ("NODEMESH_OUTBOUND_ADDR", "listen.outbound"),
     ("NODEMESH_METRICS_ADDR", "listen.metrics"),
     ("NODEMESH_HEALTH_ADDR", "listen.health"),
+    ("NODEMESH_HBONE_ADDR", "listen.hbone"),
+    ("NODEMESH_STATE_DIR", "identity.state_dir"),
     ("NODEMESH_CONNECT_TIMEOUT", "proxy.connect_timeout"),
     ("NODEMESH_RELOAD_POLL", "proxy.reload_poll"),
 ];

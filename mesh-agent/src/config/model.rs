@@ -20,6 +20,11 @@ pub struct Config {
     pub workloads: Vec<Workload>,
     #[serde(default)]
     pub policy: PolicyConfig,
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    /// The other nodes' agents, reached over HBONE (mTLS HTTP/2 CONNECT) for remote endpoints.
+    #[serde(default)]
+    pub nodes: Vec<PeerNode>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -49,6 +54,9 @@ pub struct ListenConfig {
     pub metrics: SocketAddr,
     #[serde(default = "default_health")]
     pub health: SocketAddr,
+    /// Inbound HBONE (mTLS) from other nodes' agents.
+    #[serde(default = "default_hbone")]
+    pub hbone: SocketAddr,
 }
 
 impl Default for ListenConfig {
@@ -57,6 +65,7 @@ impl Default for ListenConfig {
             outbound: default_outbound(),
             metrics: default_metrics(),
             health: default_health(),
+            hbone: default_hbone(),
         }
     }
 }
@@ -90,7 +99,7 @@ pub struct Service {
     pub namespace: String,
     pub vip: SocketAddrV4,
     #[serde(default)]
-    pub endpoints: Vec<SocketAddrV4>,
+    pub endpoints: Vec<Endpoint>,
 }
 
 /// A workload on this node: the cgroup its processes run in and the identity they carry.
@@ -107,12 +116,19 @@ pub struct Workload {
     /// in the kernel. Unset: `policy.strict_default`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strict: Option<bool>,
+    /// Service this workload serves (certificate CN and DNS SAN); defaults to the workload name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 impl Workload {
     /// The identity key used by policy: `<namespace>/<service-account>`.
     pub fn identity(&self) -> String {
         format!("{}/{}", self.namespace, self.service_account)
+    }
+
+    pub fn service_name(&self) -> &str {
+        self.service.as_deref().unwrap_or(&self.name)
     }
 
     /// Whether strict mode applies: the workload's own setting, else the policy default.
@@ -161,6 +177,89 @@ fn default_metrics() -> SocketAddr {
 }
 fn default_health() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 15021))
+}
+fn default_hbone() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15008))
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/nodemesh")
+}
+fn default_cert_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+/// Workload identity settings: where the mesh CA comes from and how long certificates live.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Agent state; holds the generated mesh CA when no `ca_cert`/`ca_key` are given.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// CA certificate (PEM), e.g. from a mounted Kubernetes Secret. Set with `ca_key`.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    /// CA private key (PEM, PKCS#8 or SEC1). Set with `ca_cert`.
+    #[serde(default)]
+    pub ca_key: Option<PathBuf>,
+    /// Workload certificate lifetime, 12h to 48h; renewed at half of it.
+    #[serde(default = "default_cert_ttl", with = "duration_text")]
+    pub cert_ttl: Duration,
+    /// Lifts the 12h minimum of `cert_ttl` (for rotation tests only).
+    #[serde(default)]
+    pub allow_short_ttl: bool,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: default_state_dir(),
+            ca_cert: None,
+            ca_key: None,
+            cert_ttl: default_cert_ttl(),
+            allow_short_ttl: false,
+        }
+    }
+}
+
+/// Another node's agent.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerNode {
+    pub name: String,
+    /// Its HBONE listener, e.g. 10.0.0.2:15008.
+    pub hbone: SocketAddr,
+}
+
+/// A service endpoint: `ip:port` on this node, or `{address, node}` for a pod on another node.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Endpoint {
+    Local(SocketAddrV4),
+    Placed { address: SocketAddrV4, node: String },
+}
+
+impl Endpoint {
+    pub fn address(&self) -> SocketAddrV4 {
+        match self {
+            Endpoint::Local(a) | Endpoint::Placed { address: a, .. } => *a,
+        }
+    }
+
+    /// The node the endpoint runs on, when it names one.
+    pub fn node(&self) -> Option<&str> {
+        match self {
+            Endpoint::Local(_) => None,
+            Endpoint::Placed { node, .. } => Some(node),
+        }
+    }
+}
+
+/// Namespace of the agents' own identities: `spiffe://<td>/ns/nodemesh-system/sa/node.<name>`.
+pub const AGENT_NAMESPACE: &str = "nodemesh-system";
+
+/// Service account part of a node agent's SPIFFE ID.
+pub fn agent_service_account(node: &str) -> String {
+    format!("node.{node}")
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(3)

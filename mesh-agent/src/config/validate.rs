@@ -5,7 +5,9 @@ use std::collections::HashSet;
 
 use mesh_common::limits;
 
-use super::{Config, ConfigError, WILDCARD};
+use std::time::Duration;
+
+use super::{duration_text, Config, ConfigError, WILDCARD};
 
 pub fn validate(config: &Config) -> Result<(), ConfigError> {
     check_name("node.name", &config.node.name)?;
@@ -24,6 +26,8 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
         ));
     }
 
+    validate_identity(config)?;
+    validate_nodes(config)?;
     let mut names = HashSet::new();
     let mut vips = HashSet::new();
     for (i, s) in config.services.iter().enumerate() {
@@ -49,11 +53,20 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
             ));
         }
         for (j, e) in s.endpoints.iter().enumerate() {
-            if e.port() == 0 || e.ip().is_unspecified() {
+            let a = e.address();
+            if a.port() == 0 || a.ip().is_unspecified() {
                 return Err(ConfigError::invalid(
                     format!("{field}.endpoints[{j}]"),
-                    format!("{e} must have a non-zero address and port"),
+                    format!("{a} must have a non-zero address and port"),
                 ));
+            }
+            if let Some(node) = e.node() {
+                if node != config.node.name && !config.nodes.iter().any(|n| n.name == node) {
+                    return Err(ConfigError::invalid(
+                        format!("{field}.endpoints[{j}].node"),
+                        format!("{node:?} is neither this node nor listed in `nodes`"),
+                    ));
+                }
             }
         }
     }
@@ -87,6 +100,9 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
                 format!("{field}.cgroup"),
                 "must not be empty",
             ));
+        }
+        if let Some(service) = &w.service {
+            check_name(&format!("{field}.service"), service)?;
         }
         if !cgroups.insert(&w.cgroup) {
             return Err(ConfigError::invalid(
@@ -175,6 +191,66 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
                 limits::MAX_DENY_RULES
             ),
         ));
+    }
+    Ok(())
+}
+
+/// 12h-48h keeps a stolen certificate short-lived yet leaves a long window for CA outages.
+const MIN_CERT_TTL: Duration = Duration::from_secs(12 * 3600);
+const MAX_CERT_TTL: Duration = Duration::from_secs(48 * 3600);
+
+fn validate_identity(config: &Config) -> Result<(), ConfigError> {
+    let id = &config.identity;
+    match (&id.ca_cert, &id.ca_key) {
+        (Some(_), None) => {
+            return Err(ConfigError::invalid(
+                "identity.ca_key",
+                "must be set together with identity.ca_cert",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::invalid(
+                "identity.ca_cert",
+                "must be set together with identity.ca_key",
+            ))
+        }
+        _ => {}
+    }
+    let ttl = id.cert_ttl;
+    if ttl.is_zero() || ttl > MAX_CERT_TTL || (ttl < MIN_CERT_TTL && !id.allow_short_ttl) {
+        return Err(ConfigError::invalid(
+            "identity.cert_ttl",
+            format!(
+                "{} must be between 12h and 48h",
+                duration_text::format(&ttl)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_nodes(config: &Config) -> Result<(), ConfigError> {
+    let mut seen = HashSet::new();
+    for (i, n) in config.nodes.iter().enumerate() {
+        check_name(&format!("nodes[{i}].name"), &n.name)?;
+        if n.name == config.node.name {
+            return Err(ConfigError::invalid(
+                format!("nodes[{i}].name"),
+                format!("{:?} is this node; list only the others", n.name),
+            ));
+        }
+        if !seen.insert(n.name.as_str()) {
+            return Err(ConfigError::invalid(
+                format!("nodes[{i}].name"),
+                format!("duplicate node {:?}", n.name),
+            ));
+        }
+        if n.hbone.port() == 0 || n.hbone.ip().is_unspecified() {
+            return Err(ConfigError::invalid(
+                format!("nodes[{i}].hbone"),
+                format!("{} must have a non-zero address and port", n.hbone),
+            ));
+        }
     }
     Ok(())
 }

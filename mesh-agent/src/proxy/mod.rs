@@ -1,3 +1,4 @@
 //! Data path: outbound capture listener, inbound HBONE, connection pool, byte copy.
 
+pub mod connect;
 pub mod outbound;

@@ -1,17 +1,17 @@
 //! Outbound listener (15001): connections the kernel redirected from pods. The original
 //! destination and the caller's identity come from ORIG_DST, keyed by the peer address.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::AsRawFd;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_common::addr::ip4_from_raw;
 use mesh_common::orig_dst::OrigDst;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use super::connect::connect_from;
 use crate::metrics::AgentMetrics;
 use crate::state::AgentState;
 
@@ -52,36 +52,6 @@ async fn lookup_orig_dst(state: &AgentState, peer: SocketAddrV4) -> Option<OrigD
     None
 }
 
-/// Connects to `endpoint` from the agent address: strict workloads only accept new connections
-/// from it, so the source must not be whatever address the route would pick.
-async fn connect_from(agent_ip: Ipv4Addr, endpoint: SocketAddrV4) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    defer_port_choice(&socket)?;
-    socket.bind(SocketAddr::from((agent_ip, 0)))?;
-    socket.connect(endpoint.into()).await
-}
-
-/// IP_BIND_ADDRESS_NO_PORT: bind(ip, 0) then leaves the port to connect(), which may reuse it
-/// for other destinations; otherwise every upstream connection would hold a port of its own.
-fn defer_port_choice(socket: &TcpSocket) -> std::io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: valid socket fd, and the option value points to a live c_int of the given size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 async fn handle(mut client: TcpStream, peer: SocketAddr, state: Arc<AgentState>) {
     let metrics = &state.metrics;
     AgentMetrics::inc(&metrics.outbound_accepted);
@@ -116,7 +86,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, state: Arc<AgentState>)
     let config = state.config();
     let (timeout, agent_ip) = (config.proxy.connect_timeout, config.node.agent_ip);
     drop(config);
-    let connect = connect_from(agent_ip, endpoint);
+    let connect = connect_from(agent_ip, endpoint.addr);
     let upstream = match tokio::time::timeout(timeout, connect).await {
         Ok(Ok(s)) => s,
         outcome => {
@@ -125,13 +95,13 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, state: Arc<AgentState>)
                 _ => format!("timed out after {timeout:?}"),
             };
             metrics.record_service(&service_name, |s| s.connect_failures += 1);
-            tracing::warn!(service = %service_name, %endpoint, %reason, "endpoint connect failed");
+            tracing::warn!(service = %service_name, endpoint = %endpoint.addr, %reason, "endpoint connect failed");
             return;
         }
     };
     let _ = upstream.set_nodelay(true);
     let _ = client.set_nodelay(true);
-    tracing::debug!(%caller, %peer, %original, service = %service_name, %endpoint, "proxying");
+    tracing::debug!(%caller, %peer, %original, service = %service_name, endpoint = %endpoint.addr, "proxying");
     metrics.record_service(&service_name, |s| s.connections += 1);
     metrics.outbound_active.fetch_add(1, Ordering::Relaxed);
     let mut upstream = upstream;

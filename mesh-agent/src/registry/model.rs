@@ -7,6 +7,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::config::Config;
 
+/// One endpoint; `node` is None when it runs on this node (reached directly).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointEntry {
+    pub addr: SocketAddrV4,
+    pub node: Option<String>,
+}
+
 /// A service as the data path needs it.
 #[derive(Debug)]
 pub struct ServiceEntry {
@@ -14,19 +21,19 @@ pub struct ServiceEntry {
     pub name: String,
     pub namespace: String,
     pub vip: SocketAddrV4,
-    pub endpoints: Vec<SocketAddrV4>,
+    pub endpoints: Vec<EndpointEntry>,
     /// Round-robin cursor over `endpoints`.
     next: AtomicUsize,
 }
 
 impl ServiceEntry {
     /// Picks the next endpoint round robin; None when the service has no endpoints.
-    pub fn pick_endpoint(&self) -> Option<SocketAddrV4> {
+    pub fn pick_endpoint(&self) -> Option<EndpointEntry> {
         if self.endpoints.is_empty() {
             return None;
         }
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        Some(self.endpoints[i])
+        Some(self.endpoints[i].clone())
     }
 }
 
@@ -36,6 +43,8 @@ pub struct MeshModel {
     pub identities: BTreeMap<String, u32>,
     /// service name -> entry.
     pub services: BTreeMap<String, ServiceEntry>,
+    /// identity key -> the service its (first) workload serves, for authorization by service.
+    pub identity_services: BTreeMap<String, String>,
 }
 
 impl MeshModel {
@@ -61,15 +70,32 @@ impl MeshModel {
                     name: s.name.clone(),
                     namespace: s.namespace.clone(),
                     vip: s.vip,
-                    endpoints: s.endpoints.clone(),
+                    endpoints: s
+                        .endpoints
+                        .iter()
+                        .map(|e| EndpointEntry {
+                            addr: e.address(),
+                            node: e
+                                .node()
+                                .filter(|n| *n != config.node.name)
+                                .map(str::to_owned),
+                        })
+                        .collect(),
                     next: AtomicUsize::new(0),
                 };
                 (s.name.clone(), entry)
             })
             .collect();
+        let mut identity_services = BTreeMap::new();
+        for w in &config.workloads {
+            identity_services
+                .entry(w.identity())
+                .or_insert_with(|| w.service_name().to_owned());
+        }
         MeshModel {
             identities,
             services,
+            identity_services,
         }
     }
 
@@ -131,15 +157,18 @@ mod tests {
             name: "s".into(),
             namespace: "d".into(),
             vip: "10.96.0.1:80".parse().expect("addr"),
-            endpoints: vec![
-                "10.0.0.1:1".parse().expect("addr"),
-                "10.0.0.2:1".parse().expect("addr"),
-            ],
+            endpoints: ["10.0.0.1:1", "10.0.0.2:1"]
+                .iter()
+                .map(|a| EndpointEntry {
+                    addr: a.parse().expect("addr"),
+                    node: None,
+                })
+                .collect(),
             next: AtomicUsize::new(0),
         };
         let picks: Vec<_> = (0..4)
             .filter_map(|_| e.pick_endpoint())
-            .map(|a| a.ip().octets()[3])
+            .map(|e| e.addr.ip().octets()[3])
             .collect();
         assert_eq!(picks, vec![1, 2, 1, 2]);
     }
