@@ -1,1 +1,4 @@
 //! Policy: kernel deny-list compiler and inbound authorization.
+
+pub mod authz;
+pub mod authz_config;
