@@ -276,10 +276,16 @@ async fn idle_connection_is_released_but_busy_one_is_kept() {
         .await
         .expect("tunnel");
     tokio::time::sleep(idle * 3).await;
+    // A second stream now must reuse the busy connection, not dial a new one.
+    let second = pool
+        .connect(&client.id, tls.clone(), server.addr, echo, "echo")
+        .await
+        .expect("second tunnel");
+    assert_eq!(round_trip(second, b"second").await, b"second");
+    let stats = pool.stats();
     assert_eq!(
-        pool.stats().active_connections,
-        1,
-        "busy connection was released"
+        stats.connections_opened, 1,
+        "busy connection was released: {stats:?}"
     );
     held.write_all(b"still here")
         .await
@@ -493,4 +499,69 @@ async fn no_plaintext_on_the_wire() {
         !seen.windows(header.len()).any(|w| w == header),
         "headers visible in plaintext"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_outlives_the_pool_that_opened_it() {
+    let ca = TestCa::new("mesh ca");
+    let (echo, _) = echo_target().await;
+    let server = hbone_server(&ca).await;
+    let client = checkout(&ca);
+    let pool = HbonePool::new(PoolConfig::default());
+    let stream = pool
+        .connect(
+            &client.id,
+            client_tls(&ca, &client),
+            server.addr,
+            echo,
+            "echo",
+        )
+        .await
+        .expect("tunnel");
+    drop(pool);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        round_trip(stream, b"after pool drop").await,
+        b"after pool drop"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_accepting_and_drains_open_tunnels() {
+    let ca = TestCa::new("mesh ca");
+    let (echo, _) = echo_target().await;
+    let Server {
+        addr,
+        _shutdown: shutdown,
+        ..
+    } = hbone_server(&ca).await;
+    let client = checkout(&ca);
+    let tls = client_tls(&ca, &client);
+    let pool = HbonePool::new(PoolConfig::default());
+    let mut open = pool
+        .connect(&client.id, tls.clone(), addr, echo, "echo")
+        .await
+        .expect("tunnel");
+
+    shutdown.send(()).expect("server running");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The open tunnel keeps working through the GOAWAY drain...
+    open.write_all(b"drain").await.expect("write");
+    let mut buf = [0u8; 5];
+    timeout(TEST_TIMEOUT, open.read_exact(&mut buf))
+        .await
+        .expect("in time")
+        .expect("read");
+    assert_eq!(&buf, b"drain");
+    // ...while new streams are refused: the connection is draining and the listener is gone.
+    let err = timeout(
+        TEST_TIMEOUT,
+        pool.connect(&client.id, tls, addr, echo, "echo"),
+    )
+    .await
+    .expect("no hang")
+    .expect_err("server is shut down");
+    assert!(!matches!(err, HboneError::Denied { .. }), "{err}");
+    assert_eq!(round_trip(open, b"").await, b"");
 }

@@ -57,7 +57,7 @@ pub(crate) async fn dial(
 
 /// Sends one CONNECT for `target` and returns the tunnel once the server answers 200.
 pub(crate) async fn open_stream(
-    mut sender: Sender,
+    sender: &mut Sender,
     target: SocketAddr,
     service: &str,
 ) -> Result<Upgraded, HboneError> {

@@ -107,11 +107,11 @@ impl HbonePool {
         service: &str,
     ) -> Result<HboneStream, HboneError> {
         self.start_sweeper();
-        let (sender, usage) = self.checkout(source, client_tls, node_addr).await?;
+        let (mut sender, usage) = self.checkout(source, client_tls, node_addr).await?;
         // From here the guard releases the stream slot on every exit path.
         let guard = StreamGuard::new(usage, self.inner.counters.active_streams.clone());
         let after = self.inner.config.connect_timeout;
-        let upgraded = timeout(after, client::open_stream(sender, target, service))
+        let upgraded = timeout(after, client::open_stream(&mut sender, target, service))
             .await
             .map_err(|_| HboneError::Timeout {
                 what: "CONNECT",
@@ -121,7 +121,7 @@ impl HbonePool {
             .counters
             .streams_opened
             .fetch_add(1, Ordering::Relaxed);
-        Ok(HboneStream::new(upgraded, guard))
+        Ok(HboneStream::new(upgraded, guard, sender))
     }
 
     /// Returns a live connection for the key (dialing if needed) with one stream acquired.

@@ -11,6 +11,8 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::client::Sender;
+
 /// Streams in use on one pooled connection, and since when it has had none.
 #[derive(Debug)]
 pub(crate) struct Usage {
@@ -84,13 +86,17 @@ impl Drop for StreamGuard {
 pub struct HboneStream {
     io: TokioIo<Upgraded>,
     _guard: StreamGuard,
+    // hyper's connection future (whose end the pool counts as a closed connection) finishes
+    // once every sender is gone; holding one keeps the count true while this tunnel is open.
+    _connection: Sender,
 }
 
 impl HboneStream {
-    pub(crate) fn new(upgraded: Upgraded, guard: StreamGuard) -> Self {
+    pub(crate) fn new(upgraded: Upgraded, guard: StreamGuard, connection: Sender) -> Self {
         Self {
             io: TokioIo::new(upgraded),
             _guard: guard,
+            _connection: connection,
         }
     }
 }
