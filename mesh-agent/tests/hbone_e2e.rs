@@ -5,6 +5,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_agent::identity::SpiffeId;
 use mesh_agent::policy::authz::{Authorize, Authorizer};
 use mesh_agent::policy::authz_config::AuthzConfig;
@@ -13,13 +18,13 @@ use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::timeout;
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -150,10 +155,14 @@ struct Server {
 }
 
 async fn hbone_server(ca: &TestCa) -> Server {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind hbone");
+    hbone_server_on(ca, listener)
+}
+
+fn hbone_server_on(ca: &TestCa, listener: TcpListener) -> Server {
     let leaf = ca.leaf("nodemesh", "agent", "agent");
     let config = AuthzConfig::from_yaml(POLICY).expect("policy yaml");
     let authorizer = Arc::new(Authorizer::new(&config).expect("policy"));
-    let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind hbone");
     let addr = listener.local_addr().expect("hbone addr");
     let (tx, rx) = oneshot::channel::<()>();
     let server = HboneServer::new(
@@ -432,8 +441,15 @@ async fn unreachable_target_or_node_fails_fast() {
     assert!(matches!(err, HboneError::Connect { .. }), "{err}");
 }
 
-/// Forwards one TCP connection and records every byte in both directions.
-async fn recording_relay(upstream: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
+struct Relay {
+    addr: SocketAddr,
+    recording: Arc<Mutex<Vec<u8>>>,
+    /// `notify_waiters` drops every relayed connection abruptly (a crashed peer).
+    kill: Arc<Notify>,
+}
+
+/// Forwards TCP connections to `upstream` and records every byte in both directions.
+async fn recording_relay(upstream: SocketAddr) -> Relay {
     async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, seen: Arc<Mutex<Vec<u8>>>) {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
@@ -452,6 +468,8 @@ async fn recording_relay(upstream: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<u8>
     let addr = listener.local_addr().expect("relay addr");
     let seen = Arc::new(Mutex::new(Vec::new()));
     let recording = seen.clone();
+    let kill = Arc::new(Notify::new());
+    let killed = kill.clone();
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
             let Ok(server) = TcpStream::connect(upstream).await else {
@@ -459,11 +477,31 @@ async fn recording_relay(upstream: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<u8>
             };
             let (cr, cw) = client.into_split();
             let (sr, sw) = server.into_split();
-            tokio::spawn(pump(cr, sw, recording.clone()));
-            tokio::spawn(pump(sr, cw, recording.clone()));
+            let both = futures_join(
+                pump(cr, sw, recording.clone()),
+                pump(sr, cw, recording.clone()),
+            );
+            let killed = killed.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = both => {}
+                    () = killed.notified() => {}
+                }
+            });
         }
     });
-    (addr, seen)
+    Relay {
+        addr,
+        recording: seen,
+        kill,
+    }
+}
+
+async fn futures_join(
+    a: impl std::future::Future<Output = ()>,
+    b: impl std::future::Future<Output = ()>,
+) {
+    tokio::join!(a, b);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,7 +509,11 @@ async fn no_plaintext_on_the_wire() {
     let ca = TestCa::new("mesh ca");
     let (echo, _) = echo_target().await;
     let server = hbone_server(&ca).await;
-    let (relay, recording) = recording_relay(server.addr).await;
+    let Relay {
+        addr: relay,
+        recording,
+        ..
+    } = recording_relay(server.addr).await;
     let client = checkout(&ca);
     let pool = HbonePool::new(PoolConfig::default());
 
@@ -564,4 +606,86 @@ async fn shutdown_stops_accepting_and_drains_open_tunnels() {
     .expect_err("server is shut down");
     assert!(!matches!(err, HboneError::Denied { .. }), "{err}");
     assert_eq!(round_trip(open, b"").await, b"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_redials_after_the_connection_dies() {
+    let ca = TestCa::new("mesh ca");
+    let (echo, _) = echo_target().await;
+    let server = hbone_server(&ca).await;
+    let relay = recording_relay(server.addr).await;
+    let client = checkout(&ca);
+    let tls = client_tls(&ca, &client);
+    let pool = HbonePool::new(PoolConfig::default());
+    let stream = pool
+        .connect(&client.id, tls.clone(), relay.addr, echo, "echo")
+        .await
+        .expect("tunnel");
+    assert_eq!(round_trip(stream, b"before").await, b"before");
+
+    relay.kill.notify_waiters();
+    let stream = timeout(
+        TEST_TIMEOUT,
+        pool.connect(&client.id, tls, relay.addr, echo, "echo"),
+    )
+    .await
+    .expect("no hang")
+    .expect("redialed");
+    assert_eq!(round_trip(stream, b"after").await, b"after");
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.connections_opened, stats.streams_opened),
+        (2, 2),
+        "{stats:?}"
+    );
+}
+
+/// A bare HTTP/2-over-mTLS client, to send requests the pool never would.
+async fn raw_h2(ca: &TestCa, leaf: &Leaf, node: SocketAddr) -> SendRequest<Empty<Bytes>> {
+    let mut config = (*client_tls(ca, leaf)).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(node).await.expect("tcp");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::IpAddress(LOCALHOST.into()), tcp)
+        .await
+        .expect("tls");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_rejected() {
+    let ca = TestCa::new("mesh ca");
+    let (echo, accepted) = echo_target().await;
+    let server = hbone_server(&ca).await;
+    let mut h2 = raw_h2(&ca, &checkout(&ca), server.addr).await;
+
+    let get = Request::get(format!("https://{echo}/"))
+        .body(Empty::new())
+        .expect("GET");
+    let resp = h2.send_request(get).await.expect("GET answered");
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+
+    let no_service = Request::builder()
+        .method(Method::CONNECT)
+        .uri(echo.to_string())
+        .body(Empty::new())
+        .expect("CONNECT");
+    let resp = h2.send_request(no_service).await.expect("CONNECT answered");
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+
+    let by_name = Request::builder()
+        .method(Method::CONNECT)
+        .uri("echo.shop.svc:80")
+        .header("x-nodemesh-service", "echo")
+        .body(Empty::new())
+        .expect("CONNECT");
+    let resp = h2.send_request(by_name).await.expect("CONNECT answered");
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+
+    assert_eq!(accepted.load(Ordering::SeqCst), 0);
 }

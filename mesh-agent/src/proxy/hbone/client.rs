@@ -50,6 +50,8 @@ pub(crate) async fn dial(
     http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        // Grow flow-control windows with the measured bandwidth-delay product.
+        .adaptive_window(true)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|source| HboneError::Handshake { addr: node, source })

@@ -107,8 +107,31 @@ impl HbonePool {
         service: &str,
     ) -> Result<HboneStream, HboneError> {
         self.start_sweeper();
-        let (mut sender, usage) = self.checkout(source, client_tls, node_addr).await?;
-        // From here the guard releases the stream slot on every exit path.
+        let (sender, usage, reused) = self
+            .checkout(source, client_tls.clone(), node_addr, None)
+            .await?;
+        match self.open(sender, usage.clone(), target, service).await {
+            // A pooled connection can die (peer restart, GOAWAY) before we notice; no tunnel
+            // bytes were sent yet, so one retry on a fresh connection is safe.
+            Err(HboneError::Stream { source: e, .. }) if reused => {
+                tracing::debug!(node = %node_addr, error = %e, "pooled HBONE connection failed, redialing");
+                let (sender, usage, _) = self
+                    .checkout(source, client_tls, node_addr, Some(&usage))
+                    .await?;
+                self.open(sender, usage, target, service).await
+            }
+            result => result,
+        }
+    }
+
+    /// Sends the CONNECT on an acquired connection; releases the acquisition on failure.
+    async fn open(
+        &self,
+        mut sender: Sender,
+        usage: Arc<Usage>,
+        target: SocketAddr,
+        service: &str,
+    ) -> Result<HboneStream, HboneError> {
         let guard = StreamGuard::new(usage, self.inner.counters.active_streams.clone());
         let after = self.inner.config.connect_timeout;
         let upgraded = timeout(after, client::open_stream(&mut sender, target, service))
@@ -124,13 +147,15 @@ impl HbonePool {
         Ok(HboneStream::new(upgraded, guard, sender))
     }
 
-    /// Returns a live connection for the key (dialing if needed) with one stream acquired.
+    /// Returns a live connection for the key (dialing if needed) with one stream acquired,
+    /// and whether it was reused. A pooled connection identified by `stale` is replaced.
     async fn checkout(
         &self,
         source: &SpiffeId,
         client_tls: Arc<ClientConfig>,
         node: SocketAddr,
-    ) -> Result<(Sender, Arc<Usage>), HboneError> {
+        stale: Option<&Arc<Usage>>,
+    ) -> Result<(Sender, Arc<Usage>, bool), HboneError> {
         let slot = {
             let mut slots = self
                 .inner
@@ -140,9 +165,11 @@ impl HbonePool {
             slots.entry((source.clone(), node)).or_default().clone()
         };
         let mut slot = slot.lock().await;
-        if let Some(pooled) = slot.as_ref().filter(|p| p.sender.is_ready()) {
+        let usable =
+            |p: &&Pooled| p.sender.is_ready() && !stale.is_some_and(|s| Arc::ptr_eq(s, &p.usage));
+        if let Some(pooled) = slot.as_ref().filter(usable) {
             pooled.usage.acquire();
-            return Ok((pooled.sender.clone(), pooled.usage.clone()));
+            return Ok((pooled.sender.clone(), pooled.usage.clone(), true));
         }
         let after = self.inner.config.connect_timeout;
         let (sender, driver) = timeout(after, client::dial(client_tls, node))
@@ -168,7 +195,7 @@ impl HbonePool {
             sender: sender.clone(),
             usage: usage.clone(),
         });
-        Ok((sender, usage))
+        Ok((sender, usage, false))
     }
 
     fn start_sweeper(&self) {

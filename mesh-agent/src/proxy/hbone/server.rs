@@ -126,6 +126,8 @@ impl HboneServer {
         });
         let conn = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            // Grow flow-control windows with the measured bandwidth-delay product.
+            .adaptive_window(true)
             .serve_connection(TokioIo::new(tls), service);
         tokio::pin!(conn);
         let result = tokio::select! {
