@@ -689,3 +689,54 @@ async fn malformed_requests_are_rejected() {
 
     assert_eq!(accepted.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_queued_behind_a_hung_dial_fail_together() {
+    const CALLERS: usize = 8;
+    let connect_timeout = Duration::from_millis(300);
+    // Accepts TCP but never answers the TLS handshake.
+    let silent = TcpListener::bind((LOCALHOST, 0)).await.expect("bind");
+    let node = silent.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = silent.accept().await {
+            held.push(sock);
+        }
+    });
+    let ca = TestCa::new("mesh ca");
+    let client = checkout(&ca);
+    let tls = client_tls(&ca, &client);
+    let pool = HbonePool::new(PoolConfig {
+        connect_timeout,
+        ..PoolConfig::default()
+    });
+
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CALLERS {
+        let (pool, tls, id) = (pool.clone(), tls.clone(), client.id.clone());
+        tasks.push(tokio::spawn(async move {
+            pool.connect(&id, tls, node, node, "echo").await.map(|_| ())
+        }));
+    }
+    let mut timeouts = 0;
+    for task in tasks {
+        match timeout(TEST_TIMEOUT, task)
+            .await
+            .expect("in time")
+            .expect("task")
+        {
+            Err(HboneError::Timeout { .. }) => timeouts += 1,
+            Err(HboneError::NodeUnavailable { .. }) => {}
+            other => panic!("expected a dial failure, got {other:?}"),
+        }
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(
+        timeouts, 1,
+        "only the first caller should wait for the dial"
+    );
+    // Serial dials would take CALLERS * connect_timeout (2.4 s).
+    assert!(elapsed < connect_timeout * 3, "took {elapsed:?}");
+    assert_eq!(pool.stats().connections_opened, 0);
+}

@@ -20,6 +20,9 @@ pub enum HboneError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    /// A dial to the node failed while this call was queued behind it.
+    #[error("node {addr} unavailable: {reason}")]
+    NodeUnavailable { addr: SocketAddr, reason: String },
     #[error("invalid CONNECT request: {0}")]
     Request(#[from] hyper::http::Error),
     #[error("CONNECT stream to {target}: {source}")]

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::ClientConfig;
 use tokio::time::timeout;
@@ -58,8 +58,15 @@ struct Pooled {
     usage: Arc<Usage>,
 }
 
+#[derive(Default)]
+struct SlotState {
+    pooled: Option<Pooled>,
+    /// When and why the last dial failed; callers that queued behind it fail fast.
+    last_failure: Option<(Instant, String)>,
+}
+
 /// Async lock per key so concurrent callers to one node share a single dial.
-type Slot = Arc<tokio::sync::Mutex<Option<Pooled>>>;
+type Slot = Arc<tokio::sync::Mutex<SlotState>>;
 
 struct Inner {
     config: PoolConfig,
@@ -164,20 +171,42 @@ impl HbonePool {
                 .unwrap_or_else(PoisonError::into_inner);
             slots.entry((source.clone(), node)).or_default().clone()
         };
+        let queued_at = Instant::now();
         let mut slot = slot.lock().await;
+        // Without this, N callers queued behind a dead node would time out one after another.
+        if let Some((at, reason)) = slot
+            .last_failure
+            .as_ref()
+            .filter(|(at, _)| *at >= queued_at)
+        {
+            tracing::trace!(node = %node, failed_at = ?at, "sharing failed dial");
+            return Err(HboneError::NodeUnavailable {
+                addr: node,
+                reason: reason.clone(),
+            });
+        }
         let usable =
             |p: &&Pooled| p.sender.is_ready() && !stale.is_some_and(|s| Arc::ptr_eq(s, &p.usage));
-        if let Some(pooled) = slot.as_ref().filter(usable) {
+        if let Some(pooled) = slot.pooled.as_ref().filter(usable) {
             pooled.usage.acquire();
             return Ok((pooled.sender.clone(), pooled.usage.clone(), true));
         }
         let after = self.inner.config.connect_timeout;
-        let (sender, driver) = timeout(after, client::dial(client_tls, node))
-            .await
-            .map_err(|_| HboneError::Timeout {
+        let dialed = match timeout(after, client::dial(client_tls, node)).await {
+            Ok(dialed) => dialed,
+            Err(_) => Err(HboneError::Timeout {
                 what: "dial",
                 after,
-            })??;
+            }),
+        };
+        let (sender, driver) = match dialed {
+            Ok(dialed) => dialed,
+            Err(e) => {
+                slot.last_failure = Some((Instant::now(), e.to_string()));
+                return Err(e);
+            }
+        };
+        slot.last_failure = None;
         let counters = &self.inner.counters;
         counters.connections_opened.fetch_add(1, Ordering::Relaxed);
         let active = counters.active_connections.clone();
@@ -191,7 +220,7 @@ impl HbonePool {
         tracing::debug!(node = %node, source = %source, "HBONE connection opened");
         let usage = Arc::new(Usage::new());
         usage.acquire();
-        *slot = Some(Pooled {
+        slot.pooled = Some(Pooled {
             sender: sender.clone(),
             usage: usage.clone(),
         });
@@ -232,18 +261,18 @@ impl Inner {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         slots.retain(|key, slot| {
             // A locked slot is being used by a caller right now: not idle.
-            let Ok(mut pooled) = slot.try_lock() else {
+            let Ok(mut state) = slot.try_lock() else {
                 return true;
             };
-            let expired = pooled.as_ref().is_some_and(|p| {
+            let expired = state.pooled.as_ref().is_some_and(|p| {
                 !p.sender.is_ready() || p.usage.idle_for().is_some_and(|d| d >= idle_timeout)
             });
             if expired {
                 tracing::debug!(node = %key.1, source = %key.0, "releasing idle HBONE connection");
-                *pooled = None;
+                state.pooled = None;
             }
             // Keep an empty slot only while a caller still holds it (cloned under this lock).
-            pooled.is_some() || Arc::strong_count(slot) > 1
+            state.pooled.is_some() || Arc::strong_count(slot) > 1
         });
     }
 }
