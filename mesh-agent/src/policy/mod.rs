@@ -1,3 +1,5 @@
 //! Policy: kernel deny-list compiler and inbound authorization.
 
+pub mod authz;
+pub mod authz_config;
 pub mod deny;

@@ -1,4 +1,5 @@
-//! Data path: outbound capture listener, inbound HBONE, connection pool, byte copy.
+//! Data path: outbound capture listener, inbound HBONE, connection pool, upstream connects.
 
 pub mod connect;
+pub mod hbone;
 pub mod outbound;

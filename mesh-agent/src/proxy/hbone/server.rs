@@ -1,0 +1,237 @@
+//! Inbound HBONE: accepts mTLS HTTP/2 connections from other agents, authorizes each CONNECT
+//! stream and splices it to the target endpoint.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::timeout;
+use tokio_rustls::TlsAcceptor;
+
+use super::{PeerIdentity, ALPN_H2, SERVICE_HEADER};
+use crate::policy::authz::Authorize;
+
+/// A peer that cannot finish the handshake in this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Back-off after an accept error (e.g. out of file descriptors) instead of spinning.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+pub struct HboneServer {
+    acceptor: TlsAcceptor,
+    authorizer: Arc<dyn Authorize>,
+    target_connect_timeout: Duration,
+}
+
+impl HboneServer {
+    /// `tls` must verify client certificates against the mesh CA; ALPN is forced to "h2".
+    pub fn new(tls: Arc<ServerConfig>, authorizer: Arc<dyn Authorize>) -> Self {
+        let tls = if tls.alpn_protocols == [ALPN_H2] {
+            tls
+        } else {
+            let mut config = (*tls).clone();
+            config.alpn_protocols = vec![ALPN_H2.to_vec()];
+            Arc::new(config)
+        };
+        Self {
+            acceptor: TlsAcceptor::from(tls),
+            authorizer,
+            target_connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Bound on connecting to the target endpoint (default 5 s); on expiry the stream gets 503.
+    pub fn with_target_connect_timeout(mut self, after: Duration) -> Self {
+        self.target_connect_timeout = after;
+        self
+    }
+
+    /// Accepts until `shutdown` resolves, then asks open connections to drain (GOAWAY);
+    /// established tunnels keep running until they close.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let (drain_tx, drain_rx) = watch::channel(false);
+        let this = Arc::new(self);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, remote)) => {
+                        let this = this.clone();
+                        let drain = drain_rx.clone();
+                        tokio::spawn(async move { this.handle_connection(tcp, remote, drain).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "HBONE accept failed");
+                        tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    }
+                },
+            }
+        }
+        // Receivers see the change even if they subscribed later via clone.
+        let _ = drain_tx.send(true);
+    }
+
+    async fn handle_connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        mut drain: watch::Receiver<bool>,
+    ) {
+        let tls = match timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::info!(remote = %remote, error = %e, "HBONE TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(remote = %remote, "HBONE TLS handshake timed out");
+                return;
+            }
+        };
+        let session = tls.get_ref().1;
+        if session.alpn_protocol() != Some(ALPN_H2) {
+            tracing::info!(remote = %remote, "HBONE peer did not negotiate h2");
+            return;
+        }
+        // The TLS config should already require a client cert; never serve without one.
+        let Some(cert) = session.peer_certificates().and_then(|certs| certs.first()) else {
+            tracing::info!(remote = %remote, "HBONE peer presented no client certificate");
+            return;
+        };
+        let peer = match PeerIdentity::from_cert_der(cert.as_ref()) {
+            Ok(peer) => Arc::new(peer),
+            Err(e) => {
+                tracing::info!(remote = %remote, error = %e, "HBONE peer certificate has no SPIFFE ID");
+                return;
+            }
+        };
+        tracing::debug!(remote = %remote, peer = %peer.id, "HBONE connection accepted");
+
+        let this = self.clone();
+        let service = service_fn(move |req| {
+            let (this, peer) = (this.clone(), peer.clone());
+            async move { Ok::<_, Infallible>(this.handle_stream(&peer, req).await) }
+        });
+        let conn = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            // Grow flow-control windows with the measured bandwidth-delay product.
+            .adaptive_window(true)
+            .serve_connection(TokioIo::new(tls), service);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            result = conn.as_mut() => result,
+            () = draining(&mut drain) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(remote = %remote, error = %e, "HBONE connection ended with error");
+        }
+    }
+
+    async fn handle_stream(
+        &self,
+        peer: &PeerIdentity,
+        req: Request<Incoming>,
+    ) -> Response<Full<Bytes>> {
+        if req.method() != Method::CONNECT {
+            return respond(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "only CONNECT is supported".into(),
+            );
+        }
+        let Some(target) = req
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        else {
+            return respond(StatusCode::BAD_REQUEST, "authority must be ip:port".into());
+        };
+        let Some(service) = req
+            .headers()
+            .get(SERVICE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|s| !s.is_empty())
+        else {
+            return respond(
+                StatusCode::BAD_REQUEST,
+                format!("missing {SERVICE_HEADER} header"),
+            );
+        };
+
+        let decision = self
+            .authorizer
+            .authorize(&peer.id, peer.service.as_deref(), service);
+        if !decision.allowed {
+            tracing::warn!(source = %peer.id, service, target = %target, policy = %decision.policy,
+                reason = %decision.reason, "HBONE stream denied");
+            return respond(
+                StatusCode::FORBIDDEN,
+                format!("policy {}: {}", decision.policy, decision.reason),
+            );
+        }
+
+        let mut upstream = match timeout(self.target_connect_timeout, TcpStream::connect(target))
+            .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::info!(target = %target, service, error = %e, "HBONE target connect failed");
+                return respond(StatusCode::BAD_GATEWAY, format!("connect {target}: {e}"));
+            }
+            Err(_) => {
+                tracing::info!(target = %target, service, "HBONE target connect timed out");
+                return respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("connect {target}: timed out"),
+                );
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+
+        let on_upgrade = hyper::upgrade::on(req);
+        let source = peer.id.clone();
+        tokio::spawn(async move {
+            let mut tunnel = match on_upgrade.await {
+                Ok(upgraded) => TokioIo::new(upgraded),
+                Err(e) => {
+                    tracing::debug!(target = %target, error = %e, "HBONE upgrade failed");
+                    return;
+                }
+            };
+            // copy_bidirectional forwards EOF as a write shutdown on the other side.
+            match tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await {
+                Ok((to_target, from_target)) => tracing::debug!(source = %source, target = %target,
+                    to_target, from_target, "HBONE stream closed"),
+                Err(e) => tracing::debug!(source = %source, target = %target, error = %e,
+                    "HBONE stream ended with error"),
+            }
+        });
+        respond(StatusCode::OK, String::new())
+    }
+}
+
+/// Resolves when the server shuts down (or the serve future was dropped).
+async fn draining(drain: &mut watch::Receiver<bool>) {
+    // The guard returned by wait_for is not Send; drop it here, not across an await.
+    let _ = drain.wait_for(|draining| *draining).await.map(|_| ());
+}
+
+fn respond(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp
+}
