@@ -3,6 +3,7 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::app::security::Security;
 use crate::config::Config;
 use crate::ebpf::{KernelMaps, MeshEbpf, OrigDstTable};
 use crate::metrics::AgentMetrics;
@@ -21,10 +22,17 @@ pub struct AgentState {
     pub metrics: AgentMetrics,
     pub ready: AtomicBool,
     pub kernel: Mutex<Option<Kernel>>,
+    pub security: Security,
 }
 
 impl AgentState {
-    pub fn new(config: Config, model: MeshModel, kernel: Kernel, orig_dst: OrigDstTable) -> Self {
+    pub fn new(
+        config: Config,
+        model: MeshModel,
+        kernel: Kernel,
+        orig_dst: OrigDstTable,
+        security: Security,
+    ) -> Self {
         Self {
             config: RwLock::new(Arc::new(config)),
             model: RwLock::new(Arc::new(model)),
@@ -32,6 +40,7 @@ impl AgentState {
             metrics: AgentMetrics::default(),
             ready: AtomicBool::new(false),
             kernel: Mutex::new(Some(kernel)),
+            security,
         }
     }
 

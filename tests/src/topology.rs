@@ -381,6 +381,8 @@ impl Topology {
             )
             .stdout(Stdio::null())
             .stderr(File::create(&log)?);
+        // Each agent keeps its CA and state apart from the host's /var/lib/nodemesh.
+        command.env("NODEMESH_STATE_DIR", self.state_dir(node));
         for (k, v) in extra_env {
             command.env(k, v);
         }
@@ -392,6 +394,11 @@ impl Topology {
             health: SocketAddr::from((node.agent_ip, 15021)),
             netns: node.netns.clone(),
         })
+    }
+
+    /// The agent state directory of `node` (holds a generated mesh CA as ca.crt / ca.key).
+    pub fn state_dir(&self, node: &Node) -> PathBuf {
+        self.workdir.join(format!("{}-state", node.instance))
     }
 
     /// Waits until the agent answers /ready with 200, or fails with its log.

@@ -157,7 +157,17 @@ fn render_metrics(state: &AgentState) -> String {
     );
 
     let services = m.services();
-    let per_service: [(&str, &str, TrafficField); 4] = [
+    let per_service: [(&str, &str, TrafficField); 6] = [
+        (
+            "nodemesh_outbound_denied_total",
+            "Outbound connections refused by authorization, by service.",
+            |s| s.denied,
+        ),
+        (
+            "nodemesh_outbound_hbone_connections_total",
+            "Outbound connections carried to another node over HBONE (mTLS), by service.",
+            |s| s.hbone_connections,
+        ),
         (
             "nodemesh_outbound_connections_total",
             "Proxied outbound connections by service.",
@@ -185,5 +195,87 @@ fn render_metrics(state: &AgentState) -> String {
             w.sample(name, &[("node", node), ("service", service)], get(traffic));
         }
     }
+    render_security(state, node, &mut w);
     w.finish()
+}
+
+/// Authorization decisions, the HBONE pool and certificate freshness.
+fn render_security(state: &AgentState, node: &str, w: &mut PromWriter) {
+    let security = &state.security;
+    let name = "nodemesh_authz_decisions_total";
+    w.family(
+        name,
+        "counter",
+        "Authorization decisions by policy and result.",
+    );
+    for d in security.authz.counters().snapshot() {
+        let decision = if d.allowed { "allow" } else { "deny" };
+        w.sample(
+            name,
+            &[
+                ("node", node),
+                ("policy", &d.policy),
+                ("decision", decision),
+            ],
+            d.count,
+        );
+    }
+    let pool = security.pool.stats();
+    let pool_metrics = [
+        (
+            "nodemesh_hbone_connections_opened_total",
+            "counter",
+            "mTLS HTTP/2 connections opened to other agents.",
+            pool.connections_opened,
+        ),
+        (
+            "nodemesh_hbone_streams_opened_total",
+            "counter",
+            "HBONE tunnels (CONNECT streams) opened.",
+            pool.streams_opened,
+        ),
+        (
+            "nodemesh_hbone_active_connections",
+            "gauge",
+            "Open pooled HBONE connections.",
+            pool.active_connections,
+        ),
+        (
+            "nodemesh_hbone_active_streams",
+            "gauge",
+            "Open HBONE tunnels.",
+            pool.active_streams,
+        ),
+    ];
+    for (name, kind, help, value) in pool_metrics {
+        w.family(name, kind, help)
+            .sample(name, &[("node", node)], value);
+    }
+    let store = security.identities.store();
+    let name = "nodemesh_identity_cert_expiry_seconds";
+    w.family(
+        name,
+        "gauge",
+        "Seconds until the current certificate of each local identity expires.",
+    );
+    for id in store.ids() {
+        if let Some(cert) = store.get(&id) {
+            let left = cert
+                .not_after
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            w.sample(
+                name,
+                &[("node", node), ("identity", &id.to_string())],
+                left.as_secs(),
+            );
+        }
+    }
+    let name = "nodemesh_identity_cert_changes_total";
+    w.family(
+        name,
+        "counter",
+        "Certificate store changes: issues, renewals and removals.",
+    );
+    w.sample(name, &[("node", node)], *store.subscribe().borrow());
 }

@@ -2,7 +2,9 @@
 
 mod apply;
 mod endpoints;
+mod inbound;
 mod reload;
+pub mod security;
 
 pub use apply::{apply, desired_maps, ApplyError};
 
@@ -19,10 +21,13 @@ use tokio::sync::watch;
 
 use crate::config::{self, ConfigError};
 use crate::ebpf::{locate_object, EbpfError, MeshEbpf};
+use crate::identity::IdentityError;
 use crate::metrics::AgentMetrics;
+use crate::proxy::hbone::HboneServer;
 use crate::registry::MeshModel;
 use crate::state::{AgentState, Kernel};
 use crate::{http_server, proxy};
+use security::{Security, SecurityError};
 
 /// How long SIGTERM waits for proxied connections to finish before detaching.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,6 +48,10 @@ pub enum AppError {
     },
     #[error("signal handling: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Security(#[from] SecurityError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }
 
 async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
@@ -58,6 +67,8 @@ async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, AppE
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let config = config::load(&config_path)?;
+    // Before binding ports or writing the CA: an unprivileged start fails with the real reason.
+    crate::ebpf::preflight::check_root()?;
     tracing::info!(
         path = %config_path.display(),
         effective = %serde_json::to_string(&config).unwrap_or_default(),
@@ -71,6 +82,12 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let outbound = bind("listen.outbound", config.listen.outbound).await?;
     let metrics = bind("listen.metrics", config.listen.metrics).await?;
     let health = bind("listen.health", config.listen.health).await?;
+    let hbone = bind("listen.hbone", config.listen.hbone).await?;
+
+    let ca = security::load_ca(&config)?;
+    let security = Security::new(&config, ca)?;
+    let server_tls = security.server_tls(&config)?;
+    tracing::info!(trust_domain = %config.node.trust_domain, identities = ?security.identities.store().ids().iter().map(ToString::to_string).collect::<Vec<_>>(), "workload certificates issued");
 
     let object = locate_object(config.node.ebpf_object.as_deref())?;
     let (ebpf, maps, orig_dst) = MeshEbpf::load(&object, &config.node.instance)?;
@@ -83,7 +100,13 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     }
     tracing::info!(cgroups = ?kernel.ebpf.attached(), "capture attached");
 
-    let state = Arc::new(AgentState::new(config.clone(), model, kernel, orig_dst));
+    let state = Arc::new(AgentState::new(
+        config.clone(),
+        model,
+        kernel,
+        orig_dst,
+        security,
+    ));
     AgentMetrics::inc(&state.metrics.config_generation);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -92,6 +115,15 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         state.clone(),
         stop_rx.clone(),
     ));
+    let view = Arc::new(inbound::StateView(state.clone()));
+    let inbound_server = HboneServer::new(server_tls, view.clone())
+        .with_targets(view)
+        .with_source_ip(config.node.agent_ip)
+        .with_target_connect_timeout(config.proxy.connect_timeout);
+    let mut hbone_stop = stop_rx.clone();
+    tasks.spawn(inbound_server.serve(hbone, async move {
+        let _ = hbone_stop.wait_for(|stop| *stop).await;
+    }));
     tasks.spawn(http_server::serve(
         metrics,
         endpoints::metrics_handler(state.clone()),
@@ -145,6 +177,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     {
         kernel.ebpf.shutdown();
     }
+    state.security.shutdown();
     tasks.abort_all();
     tracing::info!("detached; bye");
     Ok(())

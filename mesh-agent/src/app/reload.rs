@@ -74,6 +74,11 @@ impl Watcher {
         if let Some(result) = applied {
             result?;
         }
+        if let Err(e) = state.security.reload(&new) {
+            // Put the kernel back so that nothing of the rejected config stays in force.
+            state.with_kernel(|k| apply(k, &old, &old_model, None));
+            return Err(e.into());
+        }
         state.publish(new, model);
         Ok(())
     }
@@ -93,6 +98,13 @@ fn check_immutable(old: &Config, new: &Config) -> Result<(), ConfigError> {
         ),
         ("listen.metrics", old.listen.metrics != new.listen.metrics),
         ("listen.health", old.listen.health != new.listen.health),
+        ("listen.hbone", old.listen.hbone != new.listen.hbone),
+        ("node.name", old.node.name != new.node.name),
+        (
+            "node.trust_domain",
+            old.node.trust_domain != new.node.trust_domain,
+        ),
+        ("identity", old.identity != new.identity),
     ];
     match fields.iter().find(|(_, changed)| *changed) {
         Some((field, _)) => Err(ConfigError::invalid(

@@ -25,6 +25,22 @@ pub struct Config {
     /// The other nodes' agents, reached over HBONE (mTLS HTTP/2 CONNECT) for remote endpoints.
     #[serde(default)]
     pub nodes: Vec<PeerNode>,
+    /// Inbound authorization per destination service (checked by the destination's agent).
+    #[serde(default)]
+    pub authorization: Vec<crate::policy::authz_config::PolicyConfig>,
+    /// Capabilities granted to identities, required by policies that name them.
+    #[serde(default)]
+    pub service_keys: Vec<crate::policy::authz_config::ServiceKeyConfig>,
+}
+
+impl Config {
+    /// The authorization part of the config, in the shape the authorizer compiles.
+    pub fn authz(&self) -> crate::policy::authz_config::AuthzConfig {
+        crate::policy::authz_config::AuthzConfig {
+            authorization: self.authorization.clone(),
+            service_keys: self.service_keys.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

@@ -28,6 +28,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
 
     validate_identity(config)?;
     validate_nodes(config)?;
+    validate_authorization(config)?;
     let mut names = HashSet::new();
     let mut vips = HashSet::new();
     for (i, s) in config.services.iter().enumerate() {
@@ -101,8 +102,24 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
                 "must not be empty",
             ));
         }
-        if let Some(service) = &w.service {
-            check_name(&format!("{field}.service"), service)?;
+        // The service name becomes the certificate CN and DNS SAN <service>.<namespace>.svc.
+        let service = w.service_name();
+        let dns_label = service.len() <= 63
+            && service
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !service.starts_with('-')
+            && !service.ends_with('-');
+        if !dns_label {
+            let which = if w.service.is_some() {
+                "service"
+            } else {
+                "name"
+            };
+            return Err(ConfigError::invalid(
+                format!("{field}.{which}"),
+                format!("{service:?} must be a DNS label (a-z, 0-9, '-') as it names the workload's service"),
+            ));
         }
         if !cgroups.insert(&w.cgroup) {
             return Err(ConfigError::invalid(
@@ -225,6 +242,23 @@ fn validate_identity(config: &Config) -> Result<(), ConfigError> {
                 duration_text::format(&ttl)
             ),
         ));
+    }
+    Ok(())
+}
+
+fn validate_authorization(config: &Config) -> Result<(), ConfigError> {
+    use crate::policy::authz_config::AuthzConfigError;
+    config.authz().compile().map_err(|e| match e {
+        AuthzConfigError::Invalid { field, message } => ConfigError::invalid(field, message),
+        other => ConfigError::invalid("authorization", other.to_string()),
+    })?;
+    for (i, p) in config.authorization.iter().enumerate() {
+        if !config.services.iter().any(|s| s.name == p.service) {
+            return Err(ConfigError::invalid(
+                format!("authorization[{i}].service"),
+                format!("{:?} is not a configured service", p.service),
+            ));
+        }
     }
     Ok(())
 }

@@ -15,6 +15,10 @@ pub struct ServiceTraffic {
     pub bytes_to_endpoint: u64,
     pub bytes_from_endpoint: u64,
     pub connect_failures: u64,
+    /// Connections refused by authorization (this node's or the destination agent's).
+    pub denied: u64,
+    /// Connections carried to another node over HBONE.
+    pub hbone_connections: u64,
 }
 
 #[derive(Debug, Default)]

@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,16 +22,25 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{PeerIdentity, ALPN_H2, SERVICE_HEADER};
 use crate::policy::authz::Authorize;
+use crate::proxy::connect::connect_from;
 
 /// A peer that cannot finish the handshake in this time is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Back-off after an accept error (e.g. out of file descriptors) instead of spinning.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Which targets a CONNECT may name: without this check, a caller allowed to reach one service
+/// could point its tunnel at any address the node can reach.
+pub trait InboundTargets: Send + Sync {
+    fn is_local_endpoint(&self, service: &str, target: SocketAddr) -> bool;
+}
+
 pub struct HboneServer {
     acceptor: TlsAcceptor,
     authorizer: Arc<dyn Authorize>,
     target_connect_timeout: Duration,
+    targets: Option<Arc<dyn InboundTargets>>,
+    source_ip: Option<Ipv4Addr>,
 }
 
 impl HboneServer {
@@ -48,7 +57,21 @@ impl HboneServer {
             acceptor: TlsAcceptor::from(tls),
             authorizer,
             target_connect_timeout: Duration::from_secs(5),
+            targets: None,
+            source_ip: None,
         }
+    }
+
+    /// Only CONNECTs to an endpoint of the named service on this node are served.
+    pub fn with_targets(mut self, targets: Arc<dyn InboundTargets>) -> Self {
+        self.targets = Some(targets);
+        self
+    }
+
+    /// Connect to targets from this address (strict workloads accept only the agent address).
+    pub fn with_source_ip(mut self, ip: Ipv4Addr) -> Self {
+        self.source_ip = Some(ip);
+        self
     }
 
     /// Bound on connecting to the target endpoint (default 5 s); on expiry the stream gets 503.
@@ -184,9 +207,23 @@ impl HboneServer {
             );
         }
 
-        let mut upstream = match timeout(self.target_connect_timeout, TcpStream::connect(target))
-            .await
-        {
+        if let Some(targets) = &self.targets {
+            if !targets.is_local_endpoint(service, target) {
+                tracing::warn!(source = %peer.id, service, target = %target, "HBONE target is not a local endpoint of the service");
+                return respond(
+                    StatusCode::FORBIDDEN,
+                    format!("{target} is not an endpoint of {service} on this node"),
+                );
+            }
+        }
+
+        let connect = async {
+            match (self.source_ip, target) {
+                (Some(ip), SocketAddr::V4(v4)) => connect_from(ip, v4).await,
+                _ => TcpStream::connect(target).await,
+            }
+        };
+        let mut upstream = match timeout(self.target_connect_timeout, connect).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::info!(target = %target, service, error = %e, "HBONE target connect failed");
