@@ -7,5 +7,6 @@
 pub mod cmd;
 pub mod http;
 pub mod topology;
+pub mod two_nodes;
 
 pub use topology::{AgentHandle, Attempt, Node, Pod, Topology};

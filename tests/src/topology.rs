@@ -197,7 +197,8 @@ impl Topology {
     }
 
     /// Connects two nodes with a veth "uplink" (10.0.0.a <-> 10.0.0.b) and routes between them.
-    pub fn link_nodes(&mut self, a: u8, b: u8) -> Result<()> {
+    /// Returns the name of node `a`'s uplink interface.
+    pub fn link_nodes(&mut self, a: u8, b: u8) -> Result<String> {
         self.uplinks += 1;
         let (ns_a, ns_b) = (self.node(a).netns.clone(), self.node(b).netns.clone());
         let (if_a, if_b) = (
@@ -235,7 +236,7 @@ impl Topology {
         }
         self.nodes[usize::from(a) - 1].uplink_ip = Some(ip_a);
         self.nodes[usize::from(b) - 1].uplink_ip = Some(ip_b);
-        Ok(())
+        Ok(if_a)
     }
 
     /// Starts a process inside a pod: its network namespace and its cgroup.

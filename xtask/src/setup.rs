@@ -7,8 +7,9 @@ use anyhow::{bail, Result};
 
 use crate::sh;
 
-/// Debian packages: LLVM for bpf-linker, bpftool and iproute2 for tests, wrk for benchmarks.
+/// Debian packages: LLVM for bpf-linker; bpftool, iproute2, tcpdump for tests; wrk for benchmarks.
 const PACKAGES: &[&str] = &[
+    "tcpdump",
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",

@@ -119,12 +119,19 @@ fn env_overrides_apply_before_validation() {
         "NODEMESH_AGENT_IP" => Some("10.9.9.9".to_owned()),
         "NODEMESH_INSTANCE" => Some("node-9".to_owned()),
         "NODEMESH_CONNECT_TIMEOUT" => Some("2s".to_owned()),
+        "NODEMESH_STATE_DIR" => Some("/run/nodemesh-test".to_owned()),
+        "NODEMESH_HBONE_ADDR" => Some("10.9.9.9:15008".to_owned()),
         _ => None,
     };
     let c = parse(GOOD, "test.yaml", &env).expect("valid");
     assert_eq!(c.node.agent_ip.to_string(), "10.9.9.9");
     assert_eq!(c.node.instance, "node-9");
     assert_eq!(c.proxy.connect_timeout, Duration::from_secs(2));
+    assert_eq!(
+        c.identity.state_dir,
+        std::path::Path::new("/run/nodemesh-test")
+    );
+    assert_eq!(c.listen.hbone.to_string(), "10.9.9.9:15008");
 
     let bad = |name: &str| (name == "NODEMESH_METRICS_ADDR").then(|| "nowhere".to_owned());
     let e = parse(GOOD, "test.yaml", &bad)
