@@ -1,16 +1,34 @@
 //! `cargo xtask bench`: new-connection rate and latency through the real data path, in network
-//! namespaces on this machine. Each scenario runs `meshprobe bench` inside a pod (connect, 1 byte
-//! each way, close) for a fixed time with a fixed number of workers.
+//! namespaces on this machine. Connection scenarios run `meshprobe bench` inside a pod (connect,
+//! 1 byte each way, close) for a fixed time with a fixed number of workers; the handshake
+//! scenario opens full mTLS (TLS 1.3, client certificate) connections to a live agent's 15008.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use mesh_agent::app::security::agent_identity;
+use mesh_agent::identity::{client_config, CertStore, MeshCa, SpiffeId, WorkloadSpec};
 use mesh_tests::topology::probe_binary;
-use mesh_tests::Topology;
+use mesh_tests::two_nodes::{Options, TwoNodes, ECHO_PORT, ECHO_VIP};
+use mesh_tests::{Pod, Topology};
 
-const SECONDS: &str = "5";
-const WORKERS: &str = "4";
+const SECONDS: u64 = 5;
+const WORKERS: u64 = 4;
 const VIP: &str = "10.96.0.10:80";
 
 pub fn run() -> Result<()> {
+    println!("Each row: {SECONDS} s, {WORKERS} concurrent workers, loopback-free veth paths between network namespaces.\n");
+    println!("| scenario | conn/s | p50 µs | p99 µs | errors |");
+    println!("| --- | --- | --- | --- | --- |");
+    same_node()?;
+    cross_node()?;
+    Ok(())
+}
+
+fn same_node() -> Result<()> {
     let mut topo =
         Topology::new().context("the benchmark creates network namespaces: run it as root")?;
     topo.add_node(&["client", "server"])?;
@@ -25,28 +43,121 @@ pub fn run() -> Result<()> {
     ));
     let agent = topo.start_agent(node, &config, &[("NODEMESH_LOG", "warn")])?;
     topo.wait_ready(&agent)?;
-
-    let probe = probe_binary()?;
-    let probe = probe.to_string_lossy();
     let direct = format!("{}:8080", server.ip);
-    let scenarios = [
-        (
-            "plain TCP, pod -> pod (connect4 pass-through)",
-            direct.as_str(),
-        ),
-        ("through the agent, pod -> VIP -> agent -> pod", VIP),
-    ];
-    println!("| scenario | conn/s | p50 µs | p99 µs | errors |");
-    println!("| --- | --- | --- | --- | --- |");
-    for (name, target) in scenarios {
-        let out = topo.run_in_pod(client, &probe, &["bench", target, SECONDS, WORKERS])?;
-        let v = parse(&out)?;
-        println!("| {name} | {:.0} | {} | {} | {} |", v.0, v.1, v.2, v.3);
-    }
+    row(
+        &topo,
+        client,
+        "same node, plain TCP pod -> pod (connect4 pass-through)",
+        &direct,
+    )?;
+    row(&topo, client, "same node, pod -> VIP -> agent -> pod", VIP)?;
     Ok(())
 }
 
-/// (conn/s, p50, p99, errors) from meshprobe's JSON line, without a JSON dependency in xtask.
+fn cross_node() -> Result<()> {
+    let mesh = TwoNodes::start(Options {
+        log: Some("warn".into()),
+        ..Default::default()
+    })?;
+    let client = mesh.topo.node(1).pod("client");
+    let direct = format!("{}:{ECHO_PORT}", mesh.topo.node(2).pod("server").ip);
+    row(
+        &mesh.topo,
+        client,
+        "cross node, plain TCP pod -> pod",
+        &direct,
+    )?;
+    row(
+        &mesh.topo,
+        client,
+        "cross node, pod -> VIP -> agent -> HBONE mTLS (pooled) -> agent -> pod",
+        ECHO_VIP,
+    )?;
+    let (rate, p50, p99, errors) = mtls_handshakes(&mesh)?;
+    println!("| cross node, new mTLS connections to the agent's 15008 (TCP + TLS 1.3 handshake with client cert) | {rate:.0} | {p50} | {p99} | {errors} |");
+    Ok(())
+}
+
+fn row(topo: &Topology, client: &Pod, name: &str, target: &str) -> Result<()> {
+    let probe = probe_binary()?;
+    let out = topo.run_in_pod(
+        client,
+        &probe.to_string_lossy(),
+        &["bench", target, &SECONDS.to_string(), &WORKERS.to_string()],
+    )?;
+    let (rate, p50, p99, errors) = parse(&out)?;
+    println!("| {name} | {rate:.0} | {p50} | {p99} | {errors} |");
+    Ok(())
+}
+
+/// Full handshakes per second from node 1 to node 2's agent, with a certificate of shop/client.
+fn mtls_handshakes(mesh: &TwoNodes) -> Result<(f64, u64, u64, u64)> {
+    let (ca_cert, ca_key) = mesh.ca_files();
+    let ca = MeshCa::from_pem_files(&ca_cert, &ca_key)?;
+    let id = SpiffeId::new("cluster.local", "shop", "client")?;
+    let store = Arc::new(CertStore::new());
+    store.insert(ca.issue(
+        &WorkloadSpec {
+            id: id.clone(),
+            service: "client".into(),
+        },
+        Duration::from_secs(3600),
+    )?)?;
+    let tls = client_config(
+        ca.cert_der(),
+        store,
+        id,
+        Some(agent_identity("cluster.local", "node-2")?),
+    )?;
+    let node2: SocketAddr = "10.0.0.2:15008".parse()?;
+    mesh.topo.in_netns(&mesh.topo.node(1).netns, || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let errors = Arc::new(AtomicU64::new(0));
+            let deadline = Instant::now() + Duration::from_secs(SECONDS);
+            let start = Instant::now();
+            let mut tasks = Vec::new();
+            for _ in 0..WORKERS {
+                let (tls, errors) = (tls.clone(), errors.clone());
+                tasks.push(tokio::spawn(async move {
+                    let connector = tokio_rustls::TlsConnector::from(tls);
+                    let mut latencies = Vec::new();
+                    while Instant::now() < deadline {
+                        let t = Instant::now();
+                        let done = async {
+                            let tcp = tokio::net::TcpStream::connect(node2).await?;
+                            let name = rustls::pki_types::ServerName::IpAddress(node2.ip().into());
+                            connector.connect(name, tcp).await
+                        };
+                        match done.await {
+                            Ok(_) => latencies.push(t.elapsed()),
+                            Err(_) => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    latencies
+                }));
+            }
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await?);
+            }
+            all.sort();
+            let pct = |p: usize| {
+                all.get(all.len().saturating_sub(1) * p / 100)
+                    .map_or(0, |d| d.as_micros() as u64)
+            };
+            let rate = all.len() as f64 / start.elapsed().as_secs_f64();
+            Ok((rate, pct(50), pct(99), errors.load(Ordering::Relaxed)))
+        })
+    })
+}
+
+/// (conn/s, p50, p99, errors) from meshprobe's JSON line.
 fn parse(line: &str) -> Result<(f64, u64, u64, u64)> {
     let field = |name: &str| -> Result<f64> {
         let start = line

@@ -112,6 +112,9 @@ impl HboneServer {
         remote: SocketAddr,
         mut drain: watch::Receiver<bool>,
     ) {
+        // Tunnels carry small interactive HTTP/2 frames; Nagle plus delayed ACKs would add
+        // tens of milliseconds to each exchange.
+        let _ = tcp.set_nodelay(true);
         let tls = match timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
