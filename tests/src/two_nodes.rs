@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
+use crate::capture::Capture;
 use crate::{AgentHandle, Topology};
 
 pub const ECHO_VIP: &str = "10.96.0.10:80";
@@ -109,5 +110,10 @@ impl TwoNodes {
 
     pub fn server_record(&self) -> String {
         std::fs::read_to_string(&self.server_record).unwrap_or_default()
+    }
+
+    /// Starts a packet capture on node 1's uplink (the link between the nodes).
+    pub fn capture_uplink(&self) -> Result<Capture<'_>> {
+        Capture::start(&self.topo, self.topo.node(1), &self.uplink1)
     }
 }

@@ -6,88 +6,17 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use mesh_tests::capture::{contains, packets_on_port};
 use mesh_tests::http::metric;
 use mesh_tests::topology::probe_binary;
 use mesh_tests::two_nodes::{Options, TwoNodes, ECHO_PORT, ECHO_VIP};
-
-/// Captures packets on node 1's uplink into a pcap until dropped.
-struct Capture<'a> {
-    mesh: &'a TwoNodes,
-    pid: u32,
-    pcap: std::path::PathBuf,
-}
-
-impl<'a> Capture<'a> {
-    fn start(mesh: &'a TwoNodes) -> Result<Capture<'a>> {
-        let pcap = mesh.topo.workdir.join("uplink.pcap");
-        let log = mesh.topo.workdir.join("tcpdump.log");
-        // `ip netns exec` also remounts /sys for the namespace, which tcpdump's capture needs.
-        let mut command = Command::new("ip");
-        command
-            .args([
-                "netns",
-                "exec",
-                &mesh.topo.node(1).netns,
-                "tcpdump",
-                "-Z",
-                "root",
-                "--immediate-mode",
-            ])
-            .args(["-i", &mesh.uplink1, "-nn", "-U", "-s", "0", "-w"])
-            .arg(&pcap)
-            .arg("tcp")
-            .stdout(Stdio::null())
-            .stderr(File::create(&log)?);
-        let pid = mesh.topo.spawn_in_node(mesh.topo.node(1), &mut command)?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("listening on")
-        {
-            ensure!(
-                Instant::now() < deadline,
-                "tcpdump did not start: {}",
-                std::fs::read_to_string(&log)?
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Capture { mesh, pid, pcap })
-    }
-
-    /// Stops the capture and returns the raw pcap bytes.
-    fn finish(self) -> Result<Vec<u8>> {
-        std::thread::sleep(Duration::from_millis(200));
-        self.mesh.topo.signal(self.pid, libc::SIGINT)?;
-        self.mesh.topo.wait(self.pid, Duration::from_secs(5))?;
-        Ok(std::fs::read(&self.pcap)?)
-    }
-}
-
-fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w == needle.as_bytes())
-}
-
-fn packets_on_port(pcap: &std::path::Path, port: u16) -> Result<usize> {
-    let out = mesh_tests::cmd::run(
-        "tcpdump",
-        &[
-            "-nn",
-            "-r",
-            &pcap.to_string_lossy(),
-            &format!("tcp port {port}"),
-        ],
-    )?;
-    Ok(out.lines().count())
-}
 
 #[test]
 fn cross_node_call_crosses_the_link_only_as_mtls() -> Result<()> {
     let mesh = TwoNodes::start(Options::default())?;
     let topo = &mesh.topo;
     let client = topo.node(1).pod("client");
-    let capture = Capture::start(&mesh)?;
+    let capture = mesh.capture_uplink()?;
 
     let secret = "CANARY-mesh-7f3a91";
     let reply = topo.connect_from(client, ECHO_VIP, secret, 1)?;
@@ -119,7 +48,7 @@ fn cross_node_call_crosses_the_link_only_as_mtls() -> Result<()> {
         "mesh payload crossed the link in plaintext"
     );
     ensure!(
-        packets_on_port(&pcap_path, 15008)? > 0,
+        !packets_on_port(&pcap_path, 15008)?.is_empty(),
         "no HBONE (15008) traffic between the nodes"
     );
 

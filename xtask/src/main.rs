@@ -26,7 +26,8 @@ enum Task {
     Test,
     /// Setup, build, run only the end-to-end suites in network namespaces.
     E2e,
-    /// Setup, build, and show allowed and denied traffic with kernel counters.
+    /// Setup, build, and show allowed and denied traffic with kernel counters, then a cross-node
+    /// call over HBONE mTLS and an identity the destination agent refuses.
     Demo,
     /// Setup, build (release), and measure connection rates through the data path.
     Bench,
