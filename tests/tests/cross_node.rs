@@ -227,5 +227,17 @@ fn certificate_rotation_under_continuous_traffic_drops_nothing() -> Result<()> {
         "certificates were not rotated: {before:?} -> {after:?}"
     );
     ensure!(fresh >= 20, "only {fresh} new connections were tried");
+    // Pooled connections are not reused past half the TTL (2 s): new tunnels were carried by
+    // fresh handshakes made with renewed certificates, while the long-lived one kept going.
+    let dialed = metric(
+        &topo.metrics(&mesh.agent1)?,
+        "nodemesh_hbone_connections_opened_total",
+        &[],
+    )
+    .unwrap_or(0);
+    ensure!(
+        dialed >= 3,
+        "HBONE connections were not re-established with renewed certificates: {dialed}"
+    );
     Ok(())
 }

@@ -79,8 +79,11 @@ impl Security {
         let identities = IdentityManager::new(ca, rotation);
         identities.reconcile(&wanted_identities(config)?)?;
         let authz = ReloadableAuthorizer::new(&config.authz())?;
+        // Half the certificate lifetime: a new tunnel never rides a connection whose handshake
+        // used a certificate that has since been renewed.
         let pool = HbonePool::new(PoolConfig {
             connect_timeout: config.proxy.connect_timeout,
+            max_reuse_age: config.identity.cert_ttl / 2,
             ..Default::default()
         });
         Ok(Security {

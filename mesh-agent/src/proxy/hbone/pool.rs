@@ -20,6 +20,9 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     /// Bound on dialing a node (TCP + TLS + HTTP/2) and, separately, on the CONNECT answer.
     pub connect_timeout: Duration,
+    /// New streams stop using a connection this old; a fresh one is dialed, so every new tunnel
+    /// rides a handshake made with a current certificate. Open tunnels are not affected.
+    pub max_reuse_age: Duration,
 }
 
 impl Default for PoolConfig {
@@ -27,6 +30,7 @@ impl Default for PoolConfig {
         Self {
             idle_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
+            max_reuse_age: Duration::from_secs(3600),
         }
     }
 }
@@ -56,6 +60,7 @@ type Key = (SpiffeId, SocketAddr);
 struct Pooled {
     sender: Sender,
     usage: Arc<Usage>,
+    opened_at: Instant,
 }
 
 #[derive(Default)]
@@ -185,8 +190,12 @@ impl HbonePool {
                 reason: reason.clone(),
             });
         }
-        let usable =
-            |p: &&Pooled| p.sender.is_ready() && !stale.is_some_and(|s| Arc::ptr_eq(s, &p.usage));
+        let max_age = self.inner.config.max_reuse_age;
+        let usable = |p: &&Pooled| {
+            p.sender.is_ready()
+                && p.opened_at.elapsed() < max_age
+                && !stale.is_some_and(|s| Arc::ptr_eq(s, &p.usage))
+        };
         if let Some(pooled) = slot.pooled.as_ref().filter(usable) {
             pooled.usage.acquire();
             return Ok((pooled.sender.clone(), pooled.usage.clone(), true));
@@ -223,6 +232,7 @@ impl HbonePool {
         slot.pooled = Some(Pooled {
             sender: sender.clone(),
             usage: usage.clone(),
+            opened_at: Instant::now(),
         });
         Ok((sender, usage, false))
     }
