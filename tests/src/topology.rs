@@ -369,7 +369,7 @@ impl Topology {
         config_yaml: &str,
         extra_env: &[(&str, &str)],
     ) -> Result<AgentHandle> {
-        let config = self.workdir.join(format!("{}.yaml", node.instance));
+        let config = self.config_path(node);
         std::fs::write(&config, config_yaml)?;
         let log = self.workdir.join(format!("{}.log", node.instance));
         let mut command = Command::new(agent_binary()?);
@@ -426,6 +426,35 @@ impl Topology {
             .iter_mut()
             .find(|c| c.id() == pid)
             .is_none_or(|c| !matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Polls `check` every 50 ms until it returns true, failing after `timeout`.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !check()? {
+            if Instant::now() > deadline {
+                bail!("timed out after {timeout:?} waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// The agent's count of config reloads with `result` ("ok" or "error").
+    pub fn reloads(&self, agent: &AgentHandle, result: &str) -> Result<u64> {
+        let m = self.metrics(agent)?;
+        crate::http::metric(&m, "nodemesh_config_reloads_total", &[("result", result)])
+            .context("nodemesh_config_reloads_total missing")
+    }
+
+    /// Path of the config file `start_agent` wrote for `node` (rewrite it to trigger a reload).
+    pub fn config_path(&self, node: &Node) -> PathBuf {
+        self.workdir.join(format!("{}.yaml", node.instance))
     }
 
     /// Scrapes the agent's /metrics from inside its node.

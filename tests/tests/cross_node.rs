@@ -241,3 +241,61 @@ fn certificate_rotation_under_continuous_traffic_drops_nothing() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn capability_requirement_and_service_key_grant_apply_on_reload() -> Result<()> {
+    let mesh = TwoNodes::start(Options::default())?;
+    let topo = &mesh.topo;
+    let (node2, client) = (topo.node(2), topo.node(1).pod("client"));
+    let path = topo.config_path(node2);
+    let original = std::fs::read_to_string(&path)?;
+    let allow_rule = "      - from: spiffe://cluster.local/ns/shop/sa/client\n";
+    ensure!(original.contains(allow_rule), "fixture changed: {original}");
+
+    // The policy now also requires a capability the client does not hold: refused.
+    let requiring = original.replace(
+        allow_rule,
+        &format!("{allow_rule}    capabilities:\n      required: [service.echo.call]\n"),
+    );
+    std::fs::write(&path, &requiring)?;
+    topo.wait_for("capability reload", Duration::from_secs(10), || {
+        Ok(topo.reloads(&mesh.agent2, "ok")? == 1)
+    })?;
+    let refused = topo.connect_from(client, ECHO_VIP, "no-key", 1)?;
+    ensure!(
+        refused[0].reply.is_empty(),
+        "caller without the capability got through: {:?}",
+        refused[0]
+    );
+    ensure!(
+        !mesh.server_record().contains("no-key"),
+        "server saw bytes of a refused caller"
+    );
+
+    // A service key grants it: the same caller is admitted.
+    let granted = format!("{requiring}service_keys:\n  - identity: spiffe://cluster.local/ns/shop/sa/client\n    capabilities: [service.echo.call]\n");
+    std::fs::write(&path, granted)?;
+    topo.wait_for("service key reload", Duration::from_secs(10), || {
+        Ok(topo.reloads(&mesh.agent2, "ok")? == 2)
+    })?;
+    let admitted = topo.connect_from(client, ECHO_VIP, "with-key", 1)?;
+    ensure!(
+        admitted[0].ok && admitted[0].reply == "srv:with-key",
+        "caller holding the capability refused: {:?}",
+        admitted[0]
+    );
+
+    let m2 = topo.metrics(&mesh.agent2)?;
+    let count = |d: &str| {
+        metric(
+            &m2,
+            "nodemesh_authz_decisions_total",
+            &[("policy", "echo-callers"), ("decision", d)],
+        )
+    };
+    ensure!(
+        count("deny") == Some(1) && count("allow") == Some(1),
+        "{m2}"
+    );
+    Ok(())
+}

@@ -3,10 +3,9 @@
 
 use std::os::unix::process::CommandExt;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
-use mesh_tests::http::metric;
+use anyhow::{ensure, Result};
 use mesh_tests::{cmd, topology, AgentHandle, Node, Topology};
 
 const ECHO_VIP: &str = "10.96.0.10:80";
@@ -31,21 +30,6 @@ fn setup() -> Result<(Topology, AgentHandle)> {
     let agent = topo.start_agent(node, &config(node, "    []\n"), &[])?;
     topo.wait_ready(&agent)?;
     Ok((topo, agent))
-}
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !check()? {
-        ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
-fn reloads(topo: &Topology, agent: &AgentHandle, result: &str) -> Result<u64> {
-    let m = topo.metrics(agent)?;
-    metric(&m, "nodemesh_config_reloads_total", &[("result", result)])
-        .context("reload metric missing")
 }
 
 #[test]
@@ -79,15 +63,15 @@ fn bad_reload_keeps_the_old_config_and_a_good_one_reaches_the_kernel() -> Result
     let (topo, agent) = setup()?;
     let node = topo.node(1);
     let client = node.pod("client");
-    let config_path = topo.workdir.join(format!("{}.yaml", node.instance));
+    let config_path = topo.config_path(node);
 
     // A typo'd field: rejected, counted, logged with the field; traffic keeps flowing.
     std::fs::write(
         &config_path,
         config(node, "    []\n").replace("endpoints:", "endpoint:"),
     )?;
-    wait_for("reload error", Duration::from_secs(10), || {
-        Ok(reloads(&topo, &agent, "error")? == 1)
+    topo.wait_for("reload error", Duration::from_secs(10), || {
+        Ok(topo.reloads(&agent, "error")? == 1)
     })?;
     ensure!(
         agent.log_text().contains("endpoint"),
@@ -110,8 +94,8 @@ fn bad_reload_keeps_the_old_config_and_a_good_one_reaches_the_kernel() -> Result
             "workloads:\n  - name: ghost\n    service_account: ghost\n    cgroup: /no/such/cgroup\n",
         ),
     )?;
-    wait_for("second reload error", Duration::from_secs(10), || {
-        Ok(reloads(&topo, &agent, "error")? == 2)
+    topo.wait_for("second reload error", Duration::from_secs(10), || {
+        Ok(topo.reloads(&agent, "error")? == 2)
     })?;
     let still = topo.connect_from(client, ECHO_VIP, "x", 1)?;
     ensure!(
@@ -121,8 +105,8 @@ fn bad_reload_keeps_the_old_config_and_a_good_one_reaches_the_kernel() -> Result
 
     // A good config adding a deny rule: the kernel refuses the pair from now on.
     std::fs::write(&config_path, config(node, DENY_ECHO))?;
-    wait_for("good reload", Duration::from_secs(10), || {
-        Ok(reloads(&topo, &agent, "ok")? == 1)
+    topo.wait_for("good reload", Duration::from_secs(10), || {
+        Ok(topo.reloads(&agent, "ok")? == 1)
     })?;
     let denied = topo.connect_from(client, ECHO_VIP, "y", 1)?;
     ensure!(
@@ -134,8 +118,8 @@ fn bad_reload_keeps_the_old_config_and_a_good_one_reaches_the_kernel() -> Result
     // SIGHUP reload back to no rule.
     std::fs::write(&config_path, config(node, "    []\n"))?;
     topo.signal(agent.pid, libc::SIGHUP)?;
-    wait_for("reload back", Duration::from_secs(10), || {
-        Ok(reloads(&topo, &agent, "ok")? >= 2)
+    topo.wait_for("reload back", Duration::from_secs(10), || {
+        Ok(topo.reloads(&agent, "ok")? >= 2)
     })?;
     let allowed = topo.connect_from(client, ECHO_VIP, "z", 1)?;
     ensure!(allowed[0].ok, "rule removal not applied: {:?}", allowed[0]);
