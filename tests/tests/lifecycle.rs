@@ -198,3 +198,48 @@ fn unprivileged_agent_refuses_with_a_clear_error() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn admin_port_serves_config_workloads_certs_and_policy() -> Result<()> {
+    let mut topo = Topology::new()?;
+    topo.add_node(&["client", "server"])?;
+    let node = topo.node(1);
+    let agent = topo.start_agent(node, &config(node, DENY_ECHO), &[])?;
+    topo.wait_ready(&agent)?;
+    let admin: std::net::SocketAddr = "127.0.0.1:15000".parse()?;
+    let get = |path: &str| -> Result<serde_json::Value> {
+        let (status, body) = topo.in_netns(&node.netns, || mesh_tests::http::get(admin, path))?;
+        ensure!(status == 200, "{path} answered {status}: {body}");
+        Ok(serde_json::from_str(&body)?)
+    };
+
+    let dump = get("/config_dump")?;
+    ensure!(
+        dump["node"]["name"] == "node-1" && dump["services"][0]["vip"] == ECHO_VIP,
+        "{dump:#}"
+    );
+    let workloads = get("/workloads")?;
+    let client = &workloads["workloads"][0];
+    ensure!(
+        client["identity"] == "spiffe://cluster.local/ns/demo/sa/client",
+        "{workloads:#}"
+    );
+    ensure!(
+        client["capture_attached"] == true,
+        "capture not reported attached: {workloads:#}"
+    );
+    let certs = get("/certs")?.to_string();
+    for id in [
+        "spiffe://cluster.local/ns/demo/sa/client",
+        "spiffe://cluster.local/ns/nodemesh-system/sa/node.node-1",
+    ] {
+        ensure!(certs.contains(id), "no certificate for {id}: {certs}");
+    }
+    let policy = get("/policy")?;
+    let rule = &policy["kernel_deny"][0];
+    ensure!(
+        rule["from"] == "demo/client" && rule["to"] == "echo" && rule["rule"] == "no-echo",
+        "{policy:#}"
+    );
+    Ok(())
+}

@@ -1,5 +1,6 @@
 //! Wiring: load config and eBPF, bind the ports, apply, serve, reload on change, drain on SIGTERM.
 
+mod admin;
 mod apply;
 mod endpoints;
 mod inbound;
@@ -83,6 +84,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let metrics = bind("listen.metrics", config.listen.metrics).await?;
     let health = bind("listen.health", config.listen.health).await?;
     let hbone = bind("listen.hbone", config.listen.hbone).await?;
+    let admin = bind("listen.admin", config.listen.admin).await?;
 
     let ca = security::load_ca(&config)?;
     let security = Security::new(&config, ca)?;
@@ -124,6 +126,11 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     tasks.spawn(inbound_server.serve(hbone, async move {
         let _ = hbone_stop.wait_for(|stop| *stop).await;
     }));
+    tasks.spawn(http_server::serve(
+        admin,
+        admin::admin_handler(state.clone()),
+        stop_rx.clone(),
+    ));
     tasks.spawn(http_server::serve(
         metrics,
         endpoints::metrics_handler(state.clone()),

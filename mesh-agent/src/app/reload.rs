@@ -99,6 +99,7 @@ fn check_immutable(old: &Config, new: &Config) -> Result<(), ConfigError> {
         ("listen.metrics", old.listen.metrics != new.listen.metrics),
         ("listen.health", old.listen.health != new.listen.health),
         ("listen.hbone", old.listen.hbone != new.listen.hbone),
+        ("listen.admin", old.listen.admin != new.listen.admin),
         ("node.name", old.node.name != new.node.name),
         (
             "node.trust_domain",

@@ -73,6 +73,9 @@ pub struct ListenConfig {
     /// Inbound HBONE (mTLS) from other nodes' agents.
     #[serde(default = "default_hbone")]
     pub hbone: SocketAddr,
+    /// Admin endpoints (config dump, workloads, certificates, policy); keep it on loopback.
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
 }
 
 impl Default for ListenConfig {
@@ -82,6 +85,7 @@ impl Default for ListenConfig {
             metrics: default_metrics(),
             health: default_health(),
             hbone: default_hbone(),
+            admin: default_admin(),
         }
     }
 }
@@ -193,6 +197,9 @@ fn default_metrics() -> SocketAddr {
 }
 fn default_health() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 15021))
+}
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15000))
 }
 fn default_hbone() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 15008))

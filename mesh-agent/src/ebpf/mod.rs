@@ -1,6 +1,6 @@
 //! Kernel side management: preflight checks, loading and pinning, cgroup attachment, map sync.
 
-mod attach;
+pub mod attach;
 mod error;
 mod loader;
 mod maps;

@@ -1,0 +1,109 @@
+//! Admin endpoints (15000, loopback by default): what the agent is doing right now, as JSON.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hyper::StatusCode;
+use serde_json::{json, Value};
+
+use crate::ebpf::attach::resolve_cgroup;
+use crate::http_server::{Handler, Reply};
+use crate::policy::deny;
+use crate::state::AgentState;
+
+const INDEX: &str = "nodemesh admin: /config_dump /workloads /certs /policy\n";
+
+pub fn admin_handler(state: Arc<AgentState>) -> Handler {
+    Arc::new(move |path| {
+        let body = match path {
+            "/config_dump" => serde_json::to_value(&*state.config()).unwrap_or(Value::Null),
+            "/workloads" => workloads(&state),
+            "/certs" => certs(&state),
+            "/policy" => policy(&state),
+            "/" => return Reply::text(StatusCode::OK, INDEX),
+            _ => return Reply::text(StatusCode::NOT_FOUND, INDEX),
+        };
+        Reply {
+            status: StatusCode::OK,
+            content_type: "application/json",
+            body: format!("{body:#}\n"),
+        }
+    })
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn workloads(state: &AgentState) -> Value {
+    let (config, model) = (state.config(), state.model());
+    let (root, attached) = state
+        .with_kernel(|k| (k.ebpf.cgroup_root().to_owned(), k.ebpf.attached()))
+        .unwrap_or_default();
+    let list: Vec<Value> = config
+        .workloads
+        .iter()
+        .map(|w| {
+            let cgroup = resolve_cgroup(&root, &w.cgroup);
+            json!({
+                "name": w.name,
+                "namespace": w.namespace,
+                "identity": format!("spiffe://{}/ns/{}/sa/{}", config.node.trust_domain, w.namespace, w.service_account),
+                "identity_id": model.identities.get(&w.identity()),
+                "service": w.service_name(),
+                "cgroup": cgroup.display().to_string(),
+                "capture_attached": attached.contains(&cgroup),
+                "strict": w.is_strict(&config.policy),
+            })
+        })
+        .collect();
+    json!({ "node": config.node.name, "workloads": list })
+}
+
+fn certs(state: &AgentState) -> Value {
+    let store = state.security.identities.store();
+    let mut ids = store.ids();
+    ids.sort();
+    let list: Vec<Value> = ids
+        .iter()
+        .filter_map(|id| store.get(id))
+        .map(|c| {
+            json!({
+                "spiffe_id": c.spiffe_id.to_string(),
+                "not_before": unix(c.not_before),
+                "not_after": unix(c.not_after),
+                "renew_at": unix(c.renew_at()),
+            })
+        })
+        .collect();
+    json!({ "trust_domain": state.config().node.trust_domain, "certificates": list })
+}
+
+fn policy(state: &AgentState) -> Value {
+    let (config, model) = (state.config(), state.model());
+    let service_name = |id: u32| model.service_by_id(id).map(|s| s.name.clone());
+    let kernel_deny: Vec<Value> = deny::compile(&config, &model)
+        .into_iter()
+        .map(|((identity, service), rule)| {
+            json!({
+                "from": model.identity_name(identity),
+                "to": service_name(service),
+                "rule": config.policy.deny.get(rule.rule as usize).map(|r| r.name.clone()),
+            })
+        })
+        .collect();
+    let decisions: Vec<Value> = state
+        .security
+        .authz
+        .counters()
+        .snapshot()
+        .into_iter()
+        .map(|d| json!({ "policy": d.policy, "allowed": d.allowed, "count": d.count }))
+        .collect();
+    json!({
+        "kernel_deny": kernel_deny,
+        "authorization": config.authorization,
+        "service_keys": config.service_keys,
+        "decisions": decisions,
+    })
+}
