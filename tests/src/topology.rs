@@ -378,7 +378,8 @@ impl Topology {
             .arg(&config)
             .env(
                 "NODEMESH_LOG",
-                std::env::var("NODEMESH_LOG").unwrap_or_else(|_| "info,mesh_agent=debug".into()),
+                std::env::var("NODEMESH_LOG")
+                    .unwrap_or_else(|_| "info,mesh_agent=debug,mesh_ebpf=debug".into()),
             )
             .stdout(Stdio::null())
             .stderr(File::create(&log)?);

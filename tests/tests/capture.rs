@@ -1,6 +1,8 @@
 //! End-to-end: kernel capture, redirect through the agent, kernel deny-list, kernel counters.
 //! Runs for real: network namespaces, cgroup v2, eBPF programs attached by the agent.
 
+use std::time::Duration;
+
 use anyhow::{ensure, Result};
 use mesh_tests::http::metric;
 use mesh_tests::{Node, Topology};
@@ -116,6 +118,12 @@ fn denied_pair_gets_eperm_and_the_agent_sees_nothing() -> Result<()> {
             .is_empty(),
         "wallet server saw bytes"
     );
+    // The connect4 program's aya-log record of the refusal reached the agent's log.
+    topo.wait_for(
+        "the kernel's debug log line",
+        Duration::from_secs(5),
+        || Ok(agent.log_text().contains("deny identity=")),
+    )?;
 
     // The same service stays reachable for an identity the rule does not name.
     let allowed = topo.connect_from(node.pod("other"), WALLET_VIP, "pay", 1)?;
