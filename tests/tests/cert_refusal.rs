@@ -205,6 +205,22 @@ fn live_agent_refuses_expired_foreign_and_wrong_san_certificates() -> Result<()>
             mesh.agent2.log_text()
         );
     }
+    let m2 = mesh.topo.metrics(&mesh.agent2)?;
+    let inbound = |result: &str| {
+        mesh_tests::http::metric(
+            &m2,
+            "nodemesh_hbone_inbound_connections_total",
+            &[("result", result)],
+        )
+    };
+    ensure!(
+        inbound("refused") == Some(3),
+        "refused handshakes not counted:\n{m2}"
+    );
+    ensure!(
+        inbound("accepted") == Some(1),
+        "only the valid certificate should be accepted:\n{m2}"
+    );
     let log = mesh.agent2.log_text();
     ensure!(
         log.contains("xpired"),

@@ -104,6 +104,11 @@ fn unauthorized_identity_is_refused_by_the_destination_agent() -> Result<()> {
         metric(&m2, "nodemesh_authz_decisions_total", &denied) == Some(1),
         "{m2}"
     );
+    let streams = [("result", "denied")];
+    ensure!(
+        metric(&m2, "nodemesh_hbone_inbound_streams_total", &streams) == Some(1),
+        "{m2}"
+    );
     ensure!(
         mesh.agent2.log_text().contains("shop/sa/intruder"),
         "decision not logged with the source"

@@ -251,6 +251,30 @@ fn render_security(state: &AgentState, node: &str, w: &mut PromWriter) {
         w.family(name, kind, help)
             .sample(name, &[("node", node)], value);
     }
+    let inbound = &security.inbound;
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let name = "nodemesh_hbone_inbound_connections_total";
+    w.family(
+        name,
+        "counter",
+        "Inbound HBONE connections by handshake outcome.",
+    );
+    for (result, counter) in [
+        ("accepted", &inbound.connections_accepted),
+        ("refused", &inbound.handshakes_refused),
+    ] {
+        w.sample(name, &[("node", node), ("result", result)], get(counter));
+    }
+    let name = "nodemesh_hbone_inbound_streams_total";
+    w.family(name, "counter", "Inbound HBONE CONNECT streams by answer.");
+    for (result, counter) in [
+        ("opened", &inbound.streams_opened),
+        ("denied", &inbound.streams_denied),
+        ("rejected", &inbound.streams_rejected),
+        ("target_failed", &inbound.streams_failed),
+    ] {
+        w.sample(name, &[("node", node), ("result", result)], get(counter));
+    }
     let store = security.identities.store();
     let name = "nodemesh_identity_cert_expiry_seconds";
     w.family(

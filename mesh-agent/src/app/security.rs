@@ -14,7 +14,7 @@ use crate::identity::{
 };
 use crate::policy::authz::ReloadableAuthorizer;
 use crate::policy::authz_config::AuthzConfigError;
-use crate::proxy::hbone::{HbonePool, PoolConfig};
+use crate::proxy::hbone::{HbonePool, InboundStats, PoolConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecurityError {
@@ -27,6 +27,8 @@ pub enum SecurityError {
 }
 
 pub struct Security {
+    /// Counters of this agent's HBONE listener.
+    pub inbound: Arc<InboundStats>,
     pub identities: IdentityManager,
     pub authz: ReloadableAuthorizer,
     pub pool: HbonePool,
@@ -87,6 +89,7 @@ impl Security {
             ..Default::default()
         });
         Ok(Security {
+            inbound: Arc::default(),
             identities,
             authz,
             pool,

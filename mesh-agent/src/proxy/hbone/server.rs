@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,7 +36,39 @@ pub trait InboundTargets: Send + Sync {
     fn is_local_endpoint(&self, service: &str, target: SocketAddr) -> bool;
 }
 
+/// Inbound counters for metrics: connections by handshake outcome, streams by answer.
+#[derive(Debug, Default)]
+pub struct InboundStats {
+    pub connections_accepted: AtomicU64,
+    /// TLS failed, or the peer had no certificate, no SPIFFE ID, or no h2.
+    pub handshakes_refused: AtomicU64,
+    pub streams_opened: AtomicU64,
+    /// Refused by authorization or because the target is not a local endpoint (403).
+    pub streams_denied: AtomicU64,
+    /// Malformed requests (400, 405).
+    pub streams_rejected: AtomicU64,
+    /// The target could not be reached (502, 503).
+    pub streams_failed: AtomicU64,
+}
+
+impl InboundStats {
+    fn count_answer(&self, status: StatusCode) {
+        let counter = match status {
+            StatusCode::OK => &self.streams_opened,
+            StatusCode::FORBIDDEN => &self.streams_denied,
+            s if s.is_client_error() => &self.streams_rejected,
+            _ => &self.streams_failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn refuse(&self) {
+        self.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 pub struct HboneServer {
+    stats: Arc<InboundStats>,
     acceptor: TlsAcceptor,
     authorizer: Arc<dyn Authorize>,
     target_connect_timeout: Duration,
@@ -54,12 +87,19 @@ impl HboneServer {
             Arc::new(config)
         };
         Self {
+            stats: Arc::default(),
             acceptor: TlsAcceptor::from(tls),
             authorizer,
             target_connect_timeout: Duration::from_secs(5),
             targets: None,
             source_ip: None,
         }
+    }
+
+    /// Counts into `stats` (shared with the metrics endpoint).
+    pub fn with_stats(mut self, stats: Arc<InboundStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     /// Only CONNECTs to an endpoint of the named service on this node are served.
@@ -118,37 +158,49 @@ impl HboneServer {
         let tls = match timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
+                self.stats.refuse();
                 tracing::info!(remote = %remote, error = %e, "HBONE TLS handshake failed");
                 return;
             }
             Err(_) => {
+                self.stats.refuse();
                 tracing::info!(remote = %remote, "HBONE TLS handshake timed out");
                 return;
             }
         };
         let session = tls.get_ref().1;
         if session.alpn_protocol() != Some(ALPN_H2) {
+            self.stats.refuse();
             tracing::info!(remote = %remote, "HBONE peer did not negotiate h2");
             return;
         }
         // The TLS config should already require a client cert; never serve without one.
         let Some(cert) = session.peer_certificates().and_then(|certs| certs.first()) else {
+            self.stats.refuse();
             tracing::info!(remote = %remote, "HBONE peer presented no client certificate");
             return;
         };
         let peer = match PeerIdentity::from_cert_der(cert.as_ref()) {
             Ok(peer) => Arc::new(peer),
             Err(e) => {
+                self.stats.refuse();
                 tracing::info!(remote = %remote, error = %e, "HBONE peer certificate has no SPIFFE ID");
                 return;
             }
         };
         tracing::debug!(remote = %remote, peer = %peer.id, "HBONE connection accepted");
+        self.stats
+            .connections_accepted
+            .fetch_add(1, Ordering::Relaxed);
 
         let this = self.clone();
         let service = service_fn(move |req| {
             let (this, peer) = (this.clone(), peer.clone());
-            async move { Ok::<_, Infallible>(this.handle_stream(&peer, req).await) }
+            async move {
+                let response = this.handle_stream(&peer, req).await;
+                this.stats.count_answer(response.status());
+                Ok::<_, Infallible>(response)
+            }
         });
         let conn = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
