@@ -67,8 +67,7 @@ fn resolve(kernel: &Kernel, config: &Config) -> Result<Vec<(std::path::PathBuf, 
         .map(|(index, w)| {
             kernel
                 .ebpf
-                .resolve_cgroups(std::slice::from_ref(&w.cgroup))
-                .map(|mut v| v.remove(0))
+                .resolve_cgroup(&w.cgroup)
                 .map_err(|source| ApplyError::Cgroup { index, source })
         })
         .collect()

@@ -115,18 +115,10 @@ impl MeshEbpf {
         &self.pin_dir
     }
 
-    /// Resolves configured cgroup paths to (directory, cgroup id); fails naming the first bad one.
-    pub fn resolve_cgroups(
-        &self,
-        configured: &[PathBuf],
-    ) -> Result<Vec<(PathBuf, u64)>, EbpfError> {
-        configured
-            .iter()
-            .map(|c| {
-                let dir = resolve_cgroup(&self.cgroup_root, c);
-                cgroup_id(&dir).map(|id| (dir, id))
-            })
-            .collect()
+    /// Resolves a configured cgroup path to its directory and cgroup id.
+    pub fn resolve_cgroup(&self, configured: &Path) -> Result<(PathBuf, u64), EbpfError> {
+        let dir = resolve_cgroup(&self.cgroup_root, configured);
+        cgroup_id(&dir).map(|id| (dir, id))
     }
 
     pub fn attach_to(&mut self, cgroups: &[PathBuf]) -> Result<(), EbpfError> {
