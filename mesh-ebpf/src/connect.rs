@@ -34,13 +34,13 @@ enum Outcome {
 
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let identity = unsafe { WORKLOADS.get(&cgroup_id) }.map_or(0, |w| w.identity);
+    let identity = unsafe { WORKLOADS.get(cgroup_id) }.map_or(0, |w| w.identity);
 
     let sa = ctx.sock_addr;
     let dst_ip = unsafe { (*sa).user_ip4 };
     let dst_port = port_from_sock_addr(unsafe { (*sa).user_port });
 
-    let service = match unsafe { SERVICES.get(&ServiceKey::new(dst_ip, dst_port)) } {
+    let service = match unsafe { SERVICES.get(ServiceKey::new(dst_ip, dst_port)) } {
         Some(s) => s.service,
         None => {
             count(identity, Outcome::Passed);
@@ -48,7 +48,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
         }
     };
 
-    if unsafe { DENY.get(&DenyKey::new(identity, service)) }.is_some() {
+    if unsafe { DENY.get(DenyKey::new(identity, service)) }.is_some() {
         count(identity, Outcome::Denied);
         debug!(ctx, "deny identity={} service={}", identity, service);
         return Ok(REJECT);
@@ -70,7 +70,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
         service,
         identity,
     };
-    PENDING_DST.insert(&cookie, &orig, 0)?;
+    PENDING_DST.insert(cookie, orig, 0)?;
     unsafe {
         (*sa).user_ip4 = agent.ip;
         (*sa).user_port = port_to_sock_addr(agent.port);

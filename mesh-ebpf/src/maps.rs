@@ -15,13 +15,11 @@ use mesh_common::{
 
 /// cgroup id -> identity of the workload running in that cgroup.
 #[map]
-pub static WORKLOADS: HashMap<u64, WorkloadIdentity> =
-    HashMap::pinned(limits::MAX_WORKLOADS, 0);
+pub static WORKLOADS: HashMap<u64, WorkloadIdentity> = HashMap::pinned(limits::MAX_WORKLOADS, 0);
 
 /// mesh service VIP:port -> service id.
 #[map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::pinned(limits::MAX_SERVICES, 0);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(limits::MAX_SERVICES, 0);
 
 /// (identity, service) pairs refused in the kernel.
 #[map]

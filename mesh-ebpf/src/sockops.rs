@@ -2,8 +2,8 @@
 //! the client's (ip, port), which is what the agent sees as the peer address on accept.
 
 use aya_ebpf::{
-    bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, helpers::bpf_get_socket_cookie,
-    macros::sock_ops, programs::SockOpsContext,
+    bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, helpers::bpf_get_socket_cookie, macros::sock_ops,
+    programs::SockOpsContext,
 };
 use mesh_common::orig_dst::ClientKey;
 
@@ -21,12 +21,12 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
         return Ok(());
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut _) };
-    let Some(orig) = (unsafe { PENDING_DST.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { PENDING_DST.get(cookie) }).copied() else {
         return Ok(());
     };
     // local_port is host byte order in bpf_sock_ops; local_ip4 is in network order like user_ip4.
     let key = ClientKey::new(ctx.local_ip4(), ctx.local_port() as u16);
-    ORIG_DST.insert(&key, &orig, 0)?;
-    PENDING_DST.remove(&cookie)?;
+    ORIG_DST.insert(key, orig, 0)?;
+    PENDING_DST.remove(cookie)?;
     Ok(())
 }
