@@ -60,6 +60,18 @@ pub const OVERRIDES: &[(&str, &str, Setter)] = &[
         c.identity.state_dir = v.into();
         Ok(())
     }),
+    ("NODEMESH_ADMIN_ADDR", "listen.admin", |c, v| {
+        c.listen.admin = addr(v)?;
+        Ok(())
+    }),
+    ("NODEMESH_CA_CERT", "identity.ca_cert", |c, v| {
+        c.identity.ca_cert = Some(v.into());
+        Ok(())
+    }),
+    ("NODEMESH_CA_KEY", "identity.ca_key", |c, v| {
+        c.identity.ca_key = Some(v.into());
+        Ok(())
+    }),
 ];
 
 pub fn apply_env_overrides(

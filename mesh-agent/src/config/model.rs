@@ -22,7 +22,8 @@ pub struct Config {
     pub policy: PolicyConfig,
     #[serde(default)]
     pub identity: IdentityConfig,
-    /// The other nodes' agents, reached over HBONE (mTLS HTTP/2 CONNECT) for remote endpoints.
+    /// The nodes' agents, reached over HBONE (mTLS HTTP/2 CONNECT) for remote endpoints. One list
+    /// can be shared by every node: the entry naming this node is not a peer and is skipped.
     #[serde(default)]
     pub nodes: Vec<PeerNode>,
     /// Inbound authorization per destination service (checked by the destination's agent).
@@ -34,6 +35,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// The other nodes' agents (the `nodes` entries except this node's own).
+    pub fn peers(&self) -> impl Iterator<Item = &PeerNode> {
+        self.nodes.iter().filter(|n| n.name != self.node.name)
+    }
+
     /// The authorization part of the config, in the shape the authorizer compiles.
     pub fn authz(&self) -> crate::policy::authz_config::AuthzConfig {
         crate::policy::authz_config::AuthzConfig {

@@ -157,3 +157,49 @@ fn durations_round_trip_and_reject_bad_units() {
         "effective config dump parses back to the same config"
     );
 }
+
+#[test]
+fn a_shared_nodes_list_may_name_this_node() {
+    let text = format!(
+        "{GOOD}nodes:\n  - {{name: node-a, hbone: \"10.0.0.1:15008\"}}\n  - {{name: node-b, hbone: \"10.0.0.2:15008\"}}\n"
+    );
+    let c = parse_ok(&text);
+    let peers: Vec<&str> = c.peers().map(|n| n.name.as_str()).collect();
+    assert_eq!(peers, vec!["node-b"]);
+    let dup = format!("{text}  - {{name: node-b, hbone: \"10.0.0.3:15008\"}}\n");
+    assert!(parse_err(&dup).contains("`nodes[2].name`"));
+}
+
+#[test]
+fn ca_files_come_in_pairs_and_from_the_environment() {
+    let e = parse_err(&format!("{GOOD}identity:\n  ca_cert: /etc/ca/tls.crt\n"));
+    assert!(e.contains("`identity.ca_key`"), "{e}");
+    let env = |name: &str| match name {
+        "NODEMESH_CA_CERT" => Some("/etc/ca/tls.crt".to_owned()),
+        "NODEMESH_CA_KEY" => Some("/etc/ca/tls.key".to_owned()),
+        "NODEMESH_ADMIN_ADDR" => Some("127.0.0.1:16000".to_owned()),
+        _ => None,
+    };
+    let c = parse(GOOD, "test.yaml", &env).expect("valid");
+    assert_eq!(
+        c.identity.ca_key.as_deref(),
+        Some(std::path::Path::new("/etc/ca/tls.key"))
+    );
+    assert_eq!(c.listen.admin.port(), 16000);
+}
+
+#[test]
+fn cert_ttl_is_bounded_unless_short_ttls_are_allowed() {
+    let e = parse_err(&format!("{GOOD}identity:\n  cert_ttl: 1h\n"));
+    assert!(
+        e.contains("`identity.cert_ttl`") && e.contains("between 12h and 48h"),
+        "{e}"
+    );
+    assert!(
+        parse_err(&format!("{GOOD}identity:\n  cert_ttl: 49h\n")).contains("`identity.cert_ttl`")
+    );
+    let c = parse_ok(&format!(
+        "{GOOD}identity:\n  cert_ttl: 4s\n  allow_short_ttl: true\n"
+    ));
+    assert_eq!(c.identity.cert_ttl, Duration::from_secs(4));
+}

@@ -267,12 +267,6 @@ fn validate_nodes(config: &Config) -> Result<(), ConfigError> {
     let mut seen = HashSet::new();
     for (i, n) in config.nodes.iter().enumerate() {
         check_name(&format!("nodes[{i}].name"), &n.name)?;
-        if n.name == config.node.name {
-            return Err(ConfigError::invalid(
-                format!("nodes[{i}].name"),
-                format!("{:?} is this node; list only the others", n.name),
-            ));
-        }
         if !seen.insert(n.name.as_str()) {
             return Err(ConfigError::invalid(
                 format!("nodes[{i}].name"),
