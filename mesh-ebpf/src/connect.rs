@@ -1,9 +1,7 @@
 //! cgroup/connect4: deny-list enforcement and capture of mesh destinations.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
@@ -14,7 +12,8 @@ use mesh_common::{
     services::ServiceKey,
 };
 
-use crate::maps::{AGENT_ADDR, CONN_COUNTERS, DENY, PENDING_DST, SERVICES, WORKLOADS};
+use crate::maps::{AGENT_ADDR, CONN_COUNTERS, DENY, PENDING_DST, SERVICES};
+use crate::workload::current_workload;
 
 /// Verdicts of a cgroup/connect4 program.
 const ALLOW: i32 = 1;
@@ -33,8 +32,7 @@ enum Outcome {
 }
 
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    let identity = unsafe { WORKLOADS.get(cgroup_id) }.map_or(0, |w| w.identity);
+    let identity = current_workload().map_or(0, |w| w.identity);
 
     let sa = ctx.sock_addr;
     let dst_ip = unsafe { (*sa).user_ip4 };

@@ -3,11 +3,12 @@
 //! destination workload's identity. Replies to the pod's own connections carry ACK and pass, and
 //! non-SYN packets pass because no connection exists without its SYN.
 
-use aya_ebpf::{helpers::bpf_skb_cgroup_id, macros::cgroup_skb, programs::SkBuffContext};
+use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
 use aya_log_ebpf::debug;
 use mesh_common::addr::ip4_from_raw;
 
-use crate::maps::{AGENT_ADDR, CONN_COUNTERS, WORKLOADS};
+use crate::maps::{AGENT_ADDR, CONN_COUNTERS};
+use crate::workload::skb_workload;
 
 /// Verdicts of a cgroup_skb program.
 const PASS: i32 = 1;
@@ -42,9 +43,9 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i64> {
         return Ok(PASS);
     }
 
-    // The kernel runs this for the receiving socket (the listener for a SYN): its cgroup is the pod's.
-    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-    let Some(workload) = (unsafe { WORKLOADS.get(cgroup_id) }).copied() else {
+    // The kernel runs this for the receiving socket (the listener for a SYN), in the pod's cgroup
+    // or one of its container cgroups.
+    let Some(workload) = skb_workload(ctx) else {
         return Ok(PASS);
     };
     if !workload.is_strict() {

@@ -48,6 +48,8 @@ pub struct Topology {
     nodes: Vec<Node>,
     uplinks: u8,
     children: Mutex<Vec<Child>>,
+    /// Container cgroups made below pod cgroups; removed before the pods'.
+    containers: Mutex<Vec<PathBuf>>,
 }
 
 pub struct Node {
@@ -60,6 +62,7 @@ pub struct Node {
     pub instance: String,
 }
 
+#[derive(Clone)]
 pub struct Pod {
     pub name: String,
     pub netns: String,
@@ -98,6 +101,7 @@ impl Topology {
             nodes: Vec::new(),
             uplinks: 0,
             children: Mutex::new(Vec::new()),
+            containers: Mutex::new(Vec::new()),
         })
     }
 
@@ -237,6 +241,23 @@ impl Topology {
         self.nodes[usize::from(a) - 1].uplink_ip = Some(ip_a);
         self.nodes[usize::from(b) - 1].uplink_ip = Some(ip_b);
         Ok(if_a)
+    }
+
+    /// A container of `pod`: the pod's network namespace with a child cgroup of the pod's cgroup,
+    /// as Kubernetes runs a pod's processes. The agent config still names only the pod cgroup.
+    pub fn container(&self, pod: &Pod, name: &str) -> Result<Pod> {
+        let cgroup_abs = pod.cgroup_abs.join(name);
+        std::fs::create_dir_all(&cgroup_abs)?;
+        self.containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(cgroup_abs.clone());
+        Ok(Pod {
+            name: format!("{}-{name}", pod.name),
+            cgroup_rel: pod.cgroup_rel.join(name),
+            cgroup_abs,
+            ..pod.clone()
+        })
     }
 
     /// Starts a process inside a pod: its network namespace and its cgroup.
@@ -514,6 +535,14 @@ impl Drop for Topology {
         for child in children.iter_mut() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        for dir in self
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = std::fs::remove_dir(dir);
         }
         for node in &self.nodes {
             for pod in &node.pods {

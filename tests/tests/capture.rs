@@ -196,3 +196,50 @@ fn kernel_counters_match_what_was_sent() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn processes_in_container_cgroups_below_the_pod_carry_the_pod_identity() -> Result<()> {
+    let topo = setup()?;
+    let node = topo.node(1);
+    topo.start_echo_server(node.pod("server"), 8080, "srv")?;
+    topo.start_echo_server(node.pod("server"), 9090, "wallet")?;
+    let agent = topo.start_agent(node, &config(node, DENY_CLIENT_WALLET), &[])?;
+    topo.wait_ready(&agent)?;
+    // The config names only the pod cgroup; the processes run one level below, as in Kubernetes.
+    let app = topo.container(node.pod("client"), "app")?;
+    let nested = topo.container(&app, "worker")?;
+
+    let allowed = topo.connect_from(&app, ECHO_VIP, "from-container", 2)?;
+    ensure!(
+        allowed
+            .iter()
+            .all(|a| a.ok && a.reply == "srv:from-container"),
+        "{allowed:?}"
+    );
+    let denied = topo.connect_from(&nested, WALLET_VIP, "deep", 1)?;
+    ensure!(
+        denied[0].errno == Some(EPERM),
+        "deny rule missed a nested cgroup: {:?}",
+        denied[0]
+    );
+
+    let m = topo.metrics(&agent)?;
+    let kernel = |name: &str| metric(&m, name, &[("identity", "demo/client")]);
+    ensure!(
+        kernel("nodemesh_kernel_connections_redirected_total") == Some(2),
+        "{m}"
+    );
+    ensure!(
+        kernel("nodemesh_kernel_connections_denied_total") == Some(1),
+        "{m}"
+    );
+    ensure!(
+        metric(
+            &m,
+            "nodemesh_kernel_connections_opened_total",
+            &[("identity", "unknown")]
+        ) == Some(0),
+        "container connections were not attributed to the pod:\n{m}"
+    );
+    Ok(())
+}
