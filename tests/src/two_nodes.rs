@@ -21,7 +21,12 @@ pub struct Options {
     pub strict_server: bool,
     /// Log filter for the agents.
     pub log: Option<String>,
+    /// Also route service `web` (VIP [`WEB_VIP`]) to this port of the server pod, for an HTTP
+    /// server the caller starts there (benchmarks).
+    pub web_port: Option<u16>,
 }
+
+pub const WEB_VIP: &str = "10.96.0.11:80";
 
 pub struct TwoNodes {
     pub topo: Topology,
@@ -62,10 +67,21 @@ impl TwoNodes {
             .map(|l| vec![("NODEMESH_LOG", l)])
             .unwrap_or_default();
 
+        let web = |remote: bool| {
+            match options.web_port {
+            Some(port) if remote => format!(
+                "  - name: web\n    namespace: shop\n    vip: {WEB_VIP}\n    endpoints:\n      - {{address: \"{}:{port}\", node: node-2}}\n",
+                server.ip
+            ),
+            Some(port) => format!("  - name: web\n    namespace: shop\n    vip: {WEB_VIP}\n    endpoints: [\"{}:{port}\"]\n", server.ip),
+            None => String::new(),
+        }
+        };
         let config1 = n1.agent_config(&format!(
-            "services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n    endpoints:\n      - {{address: \"{}:{ECHO_PORT}\", node: node-2}}\n\
+            "services:\n{}  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n    endpoints:\n      - {{address: \"{}:{ECHO_PORT}\", node: node-2}}\n\
              workloads:\n{}{}\
              nodes:\n  - {{name: node-2, hbone: \"10.0.0.2:15008\"}}\n{}",
+            web(true),
             server.ip,
             n1.pod("client").workload_yaml("shop", "client"),
             n1.pod("intruder").workload_yaml("shop", "intruder"),
@@ -84,10 +100,11 @@ impl TwoNodes {
             server.workload_yaml("shop", "server")
         };
         let config2 = n2.agent_config(&format!(
-            "services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n    endpoints: [\"{}:{ECHO_PORT}\"]\n\
+            "services:\n{}  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n    endpoints: [\"{}:{ECHO_PORT}\"]\n\
              workloads:\n{server_workload}\
              nodes:\n  - {{name: node-1, hbone: \"10.0.0.1:15008\"}}\n\
              authorization:\n  - name: echo-callers\n    service: echo\n    default: deny\n    allow:\n      - from: spiffe://cluster.local/ns/shop/sa/client\n{}",
+            web(false),
             server.ip,
             identity(Some(&ca_dir)),
         ));

@@ -12,7 +12,9 @@ use anyhow::{Context, Result};
 use mesh_agent::app::security::agent_identity;
 use mesh_agent::identity::{client_config, CertStore, MeshCa, SpiffeId, WorkloadSpec};
 use mesh_tests::topology::probe_binary;
-use mesh_tests::two_nodes::{Options, TwoNodes, ECHO_PORT, ECHO_VIP};
+use mesh_tests::two_nodes::{Options, TwoNodes, ECHO_PORT, ECHO_VIP, WEB_VIP};
+
+use crate::http_bench::{self, HTTP_PORT};
 use mesh_tests::{Pod, Topology};
 
 const SECONDS: u64 = 5;
@@ -20,15 +22,28 @@ const WORKERS: u64 = 4;
 const VIP: &str = "10.96.0.10:80";
 
 pub fn run() -> Result<()> {
-    println!("Each row: {SECONDS} s, {WORKERS} concurrent workers, loopback-free veth paths between network namespaces.\n");
+    crate::setup::debian_packages(&["nginx"])?;
+    println!("New connections: each row {SECONDS} s, {WORKERS} concurrent workers, veth paths between network namespaces.\n");
     println!("| scenario | conn/s | p50 µs | p99 µs | errors |");
     println!("| --- | --- | --- | --- | --- |");
-    same_node()?;
-    cross_node()?;
+    let mut http = Vec::new();
+    same_node(&mut http)?;
+    cross_node(&mut http)?;
+    println!("\nHTTP over keep-alive connections: wrk -t2 -c16 -d5s against nginx (return 200) in the server pod.\n");
+    println!("| scenario | req/s | p50 µs | p99 µs | errors |");
+    println!("| --- | --- | --- | --- | --- |");
+    for line in http {
+        println!("{line}");
+    }
     Ok(())
 }
 
-fn same_node() -> Result<()> {
+fn http_row(topo: &Topology, client: &Pod, name: &str, target: &str) -> Result<String> {
+    let (rate, p50, p99, errors) = http_bench::wrk(topo, client, target)?;
+    Ok(format!("| {name} | {rate:.0} | {p50} | {p99} | {errors} |"))
+}
+
+fn same_node(http: &mut Vec<String>) -> Result<()> {
     let mut topo =
         Topology::new().context("the benchmark creates network namespaces: run it as root")?;
     topo.add_node(&["client", "server"])?;
@@ -36,7 +51,9 @@ fn same_node() -> Result<()> {
     let (client, server) = (node.pod("client"), node.pod("server"));
     topo.start_echo_server(server, 8080, "s")?;
     let config = node.agent_config(&format!(
-        "services:\n  - name: echo\n    vip: {VIP}\n    endpoints: [\"{}:8080\"]\nworkloads:\n{}{}",
+        "services:\n  - name: echo\n    vip: {VIP}\n    endpoints: [\"{}:8080\"]\n\
+         \x20 - name: web\n    vip: {WEB_VIP}\n    endpoints: [\"{}:{HTTP_PORT}\"]\nworkloads:\n{}{}",
+        server.ip,
         server.ip,
         client.workload_yaml("bench", "client"),
         server.workload_yaml("bench", "server"),
@@ -51,12 +68,27 @@ fn same_node() -> Result<()> {
         &direct,
     )?;
     row(&topo, client, "same node, pod -> VIP -> agent -> pod", VIP)?;
+    http_bench::start_nginx(&topo, server)?;
+    let direct = format!("{}:{HTTP_PORT}", server.ip);
+    http.push(http_row(
+        &topo,
+        client,
+        "same node, plain pod -> pod",
+        &direct,
+    )?);
+    http.push(http_row(
+        &topo,
+        client,
+        "same node, pod -> VIP -> agent -> pod",
+        WEB_VIP,
+    )?);
     Ok(())
 }
 
-fn cross_node() -> Result<()> {
+fn cross_node(http: &mut Vec<String>) -> Result<()> {
     let mesh = TwoNodes::start(Options {
         log: Some("warn".into()),
+        web_port: Some(HTTP_PORT),
         ..Default::default()
     })?;
     let client = mesh.topo.node(1).pod("client");
@@ -75,6 +107,21 @@ fn cross_node() -> Result<()> {
     )?;
     let (rate, p50, p99, errors) = mtls_handshakes(&mesh)?;
     println!("| cross node, new mTLS connections to the agent's 15008 (TCP + TLS 1.3 handshake with client cert) | {rate:.0} | {p50} | {p99} | {errors} |");
+    let server = mesh.topo.node(2).pod("server");
+    http_bench::start_nginx(&mesh.topo, server)?;
+    let direct = format!("{}:{HTTP_PORT}", server.ip);
+    http.push(http_row(
+        &mesh.topo,
+        client,
+        "cross node, plain pod -> pod",
+        &direct,
+    )?);
+    http.push(http_row(
+        &mesh.topo,
+        client,
+        "cross node, pod -> VIP -> agent -> HBONE mTLS -> agent -> pod",
+        WEB_VIP,
+    )?);
     Ok(())
 }
 

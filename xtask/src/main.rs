@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod demo;
+mod http_bench;
 mod setup;
 mod sh;
 

@@ -22,7 +22,7 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 pub fn run() -> Result<()> {
     nightly_rust_src()?;
-    debian_packages()?;
+    debian_packages(PACKAGES)?;
     bpf_linker()?;
     eprintln!("xtask: setup complete");
     Ok(())
@@ -66,8 +66,9 @@ fn is_installed(package: &str) -> bool {
         .is_ok_and(|s| s.contains("install ok installed"))
 }
 
-fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+/// Installs the packages of `wanted` that are missing (apt-get update first, only if needed).
+pub fn debian_packages(wanted: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = wanted
         .iter()
         .copied()
         .filter(|p| !is_installed(p))
