@@ -81,9 +81,31 @@ pub struct AgentHandle {
     pub netns: String,
 }
 
+/// Mounts bpffs at /sys/fs/bpf once per test process when nothing is mounted there. Agents
+/// would do it themselves, but agents started in parallel on a fresh machine could each mount
+/// one, stacking mounts that hide each other's pinned maps.
+fn ensure_bpffs() -> Result<()> {
+    static MOUNTED: Mutex<bool> = Mutex::new(false);
+    let mut done = MOUNTED.lock().unwrap_or_else(|p| p.into_inner());
+    if *done {
+        return Ok(());
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    let mounted = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&"/sys/fs/bpf") && f.get(2) == Some(&"bpf")
+    });
+    if !mounted {
+        run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"])?;
+    }
+    *done = true;
+    Ok(())
+}
+
 impl Topology {
     pub fn new() -> Result<Topology> {
         require_root()?;
+        ensure_bpffs()?;
         let prefix = format!(
             "nm{}x{}",
             std::process::id() % 10000,

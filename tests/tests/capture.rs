@@ -65,29 +65,23 @@ fn pod_reaches_service_vip_through_the_agent() -> Result<()> {
         node.agent_ip
     );
 
+    // Bytes are recorded when the relay ends, which can be just after the client saw EOF.
+    let echo = [("service", "echo")];
+    topo.wait_for("the relay's byte counts", Duration::from_secs(5), || {
+        let m = topo.metrics(&agent)?;
+        Ok(metric(&m, "nodemesh_outbound_bytes_received_total", &echo).is_some_and(|b| b > 0))
+    })?;
     let m = topo.metrics(&agent)?;
     ensure!(
-        metric(
-            &m,
-            "nodemesh_outbound_connections_total",
-            &[("service", "echo")]
-        ) == Some(1),
+        metric(&m, "nodemesh_outbound_connections_total", &echo) == Some(1),
         "{m}"
     );
     ensure!(
-        metric(
-            &m,
-            "nodemesh_outbound_bytes_sent_total",
-            &[("service", "echo")]
-        ) == Some(10),
+        metric(&m, "nodemesh_outbound_bytes_sent_total", &echo) == Some(10),
         "{m}"
     );
     ensure!(
-        metric(
-            &m,
-            "nodemesh_outbound_bytes_received_total",
-            &[("service", "echo")]
-        ) == Some(14),
+        metric(&m, "nodemesh_outbound_bytes_received_total", &echo) == Some(14),
         "{m}"
     );
     Ok(())
