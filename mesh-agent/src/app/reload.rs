@@ -45,21 +45,22 @@ impl Watcher {
         self.last_seen = Some(text.clone());
         match self.apply_text(state, &text) {
             Ok(()) => {
-                AgentMetrics::inc(&state.metrics.config_reloads_ok);
-                AgentMetrics::inc(&state.metrics.config_generation);
                 tracing::info!(
                     path = %self.path.display(),
                     effective = %serde_json::to_string(&*state.config()).unwrap_or_default(),
                     "config reloaded"
                 );
+                AgentMetrics::inc(&state.metrics.config_generation);
+                AgentMetrics::inc(&state.metrics.config_reloads_ok);
             }
             Err(e) => self.fail(state, &e),
         }
     }
 
+    /// Logs, then counts: whoever sees the counter move can already read why.
     fn fail(&self, state: &AgentState, error: &AppError) {
-        AgentMetrics::inc(&state.metrics.config_reloads_failed);
         tracing::error!(path = %self.path.display(), %error, "config reload rejected; keeping the previous config");
+        AgentMetrics::inc(&state.metrics.config_reloads_failed);
     }
 
     fn apply_text(&self, state: &AgentState, text: &str) -> Result<(), AppError> {
