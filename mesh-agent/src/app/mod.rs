@@ -148,6 +148,8 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         outbound = %config.listen.outbound,
         metrics = %config.listen.metrics,
         health = %config.listen.health,
+        hbone = %config.listen.hbone,
+        admin = %config.listen.admin,
         "agent ready"
     );
 
