@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use mesh_tests::http::metric;
-use mesh_tests::{Node, Topology};
+use mesh_tests::{AgentHandle, Node, Topology};
 
 const ECHO_VIP: &str = "10.96.0.10:80";
 const WALLET_VIP: &str = "10.96.0.20:80";
@@ -33,6 +33,17 @@ fn setup() -> Result<Topology> {
     let mut topo = Topology::new()?;
     topo.add_node(&["client", "server", "other"])?;
     Ok(topo)
+}
+
+/// Echo (8080) and wallet (9090) served by `server`, the agent running with client -> wallet denied.
+fn both_services_running() -> Result<(Topology, AgentHandle)> {
+    let topo = setup()?;
+    let node = topo.node(1);
+    topo.start_echo_server(node.pod("server"), 8080, "srv")?;
+    topo.start_echo_server(node.pod("server"), 9090, "wallet")?;
+    let agent = topo.start_agent(node, &config(node, DENY_CLIENT_WALLET), &[])?;
+    topo.wait_ready(&agent)?;
+    Ok((topo, agent))
 }
 
 #[test]
@@ -131,12 +142,8 @@ fn denied_pair_gets_eperm_and_the_agent_sees_nothing() -> Result<()> {
 
 #[test]
 fn kernel_counters_match_what_was_sent() -> Result<()> {
-    let topo = setup()?;
+    let (topo, agent) = both_services_running()?;
     let node = topo.node(1);
-    topo.start_echo_server(node.pod("server"), 8080, "srv")?;
-    topo.start_echo_server(node.pod("server"), 9090, "wallet")?;
-    let agent = topo.start_agent(node, &config(node, DENY_CLIENT_WALLET), &[])?;
-    topo.wait_ready(&agent)?;
     let client = node.pod("client");
     let server_direct = format!("{}:8080", node.pod("server").ip);
 
@@ -193,12 +200,8 @@ fn kernel_counters_match_what_was_sent() -> Result<()> {
 
 #[test]
 fn processes_in_container_cgroups_below_the_pod_carry_the_pod_identity() -> Result<()> {
-    let topo = setup()?;
+    let (topo, agent) = both_services_running()?;
     let node = topo.node(1);
-    topo.start_echo_server(node.pod("server"), 8080, "srv")?;
-    topo.start_echo_server(node.pod("server"), 9090, "wallet")?;
-    let agent = topo.start_agent(node, &config(node, DENY_CLIENT_WALLET), &[])?;
-    topo.wait_ready(&agent)?;
     // The config names only the pod cgroup; the processes run one level below, as in Kubernetes.
     let app = topo.container(node.pod("client"), "app")?;
     let nested = topo.container(&app, "worker")?;

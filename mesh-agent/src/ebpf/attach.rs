@@ -60,9 +60,7 @@ where
         kind: "program",
         name,
     })?;
-    program
-        .try_into()
-        .map_err(|source| EbpfError::Program { name, source })
+    program.try_into().map_err(EbpfError::program(name))
 }
 
 impl Attachments {
@@ -171,37 +169,24 @@ fn detach_one(bpf: &mut aya::Ebpf, link: Link) {
 }
 
 fn detach_connect(bpf: &mut aya::Ebpf, link: CgroupSockAddrLinkId) {
-    let result = connect_prog(bpf).and_then(|p| {
-        p.detach(link).map_err(|source| EbpfError::Program {
-            name: program_names::CONNECT4,
-            source,
-        })
-    });
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "detaching connect4");
-    }
+    let name = program_names::CONNECT4;
+    report_detach(connect_prog(bpf).and_then(|p| p.detach(link).map_err(EbpfError::program(name))));
 }
 
 fn detach_sockops(bpf: &mut aya::Ebpf, link: SockOpsLinkId) {
-    let result = sockops_prog(bpf).and_then(|p| {
-        p.detach(link).map_err(|source| EbpfError::Program {
-            name: program_names::SOCKOPS,
-            source,
-        })
-    });
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "detaching sock_ops");
-    }
+    let name = program_names::SOCKOPS;
+    report_detach(sockops_prog(bpf).and_then(|p| p.detach(link).map_err(EbpfError::program(name))));
 }
 
 fn detach_ingress(bpf: &mut aya::Ebpf, link: CgroupSkbLinkId) {
-    let result = ingress_prog(bpf).and_then(|p| {
-        p.detach(link).map_err(|source| EbpfError::Program {
-            name: program_names::INGRESS,
-            source,
-        })
-    });
+    let name = program_names::INGRESS;
+    report_detach(ingress_prog(bpf).and_then(|p| p.detach(link).map_err(EbpfError::program(name))));
+}
+
+/// Detaching is best effort: a failure is logged (the error names the program) and the other
+/// links are still detached.
+fn report_detach(result: Result<(), EbpfError>) {
     if let Err(e) = result {
-        tracing::warn!(error = %e, "detaching ingress");
+        tracing::warn!(error = %e, "detaching");
     }
 }

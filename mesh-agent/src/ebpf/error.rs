@@ -50,3 +50,10 @@ pub enum EbpfError {
         source: aya::programs::ProgramError,
     },
 }
+
+impl EbpfError {
+    /// `map_err` adapter naming the program a [`aya::programs::ProgramError`] came from.
+    pub fn program(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> EbpfError {
+        move |source| EbpfError::Program { name, source }
+    }
+}

@@ -80,23 +80,14 @@ impl MeshEbpf {
         start_kernel_logger(&mut bpf);
         program_mut::<CgroupSockAddr>(&mut bpf, program_names::CONNECT4)?
             .load()
-            .map_err(|source| EbpfError::Program {
-                name: program_names::CONNECT4,
-                source,
-            })?;
+            .map_err(EbpfError::program(program_names::CONNECT4))?;
         program_mut::<SockOps>(&mut bpf, program_names::SOCKOPS)?
             .load()
-            .map_err(|source| EbpfError::Program {
-                name: program_names::SOCKOPS,
-                source,
-            })?;
+            .map_err(EbpfError::program(program_names::SOCKOPS))?;
         // Section cgroup_skb/ingress gives it the expected attach type the kernel checks on attach.
         program_mut::<CgroupSkb>(&mut bpf, program_names::INGRESS)?
             .load()
-            .map_err(|source| EbpfError::Program {
-                name: program_names::INGRESS,
-                source,
-            })?;
+            .map_err(EbpfError::program(program_names::INGRESS))?;
         let (maps, orig) = KernelMaps::take_from(&mut bpf)?;
         let ebpf = MeshEbpf {
             bpf,
