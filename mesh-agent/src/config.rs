@@ -2,11 +2,13 @@
 
 mod env;
 mod model;
+mod registry;
 mod validate;
 
 pub use env::apply_env_overrides;
 pub use model::*;
-pub use validate::validate;
+pub use registry::*;
+pub use validate::{is_dns_label, validate};
 
 use std::path::Path;
 

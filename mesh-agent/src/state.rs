@@ -1,7 +1,7 @@
 //! State shared by the agent's tasks: current config and model, kernel handles, metrics.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use crate::app::security::Security;
 use crate::config::Config;
@@ -23,6 +23,10 @@ pub struct AgentState {
     pub ready: AtomicBool,
     pub kernel: Mutex<Option<Kernel>>,
     pub security: Security,
+    /// Inputs of the one reconciler (config file + registry view).
+    pub mesh: crate::registry::reconcile::MeshSource,
+    /// The local registry agent (Consul API, health checks), set once at start.
+    pub registry: OnceLock<Arc<crate::registry::agent::LocalAgent>>,
 }
 
 impl AgentState {
@@ -41,6 +45,8 @@ impl AgentState {
             ready: AtomicBool::new(false),
             kernel: Mutex::new(Some(kernel)),
             security,
+            mesh: Default::default(),
+            registry: OnceLock::new(),
         }
     }
 

@@ -9,7 +9,7 @@ use mesh_common::{
     counters::ConnCounters,
     deny::DenyKey,
     orig_dst::OrigDst,
-    services::ServiceKey,
+    services::{ServiceKey, REGISTRY_SERVICE},
 };
 
 use crate::maps::{AGENT_ADDR, CONN_COUNTERS, DENY, PENDING_DST, SERVICES};
@@ -52,6 +52,21 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
         return Ok(REJECT);
     }
 
+    let cookie = unsafe { bpf_get_socket_cookie(sa as *mut _) };
+    if service == REGISTRY_SERVICE {
+        // Not redirected: only the caller's identity is recorded, re-keyed by sock_ops.
+        let orig = OrigDst {
+            ip: dst_ip,
+            port: dst_port,
+            _pad: 0,
+            service,
+            identity,
+        };
+        PENDING_DST.insert(cookie, orig, 0)?;
+        count(identity, Outcome::Passed);
+        return Ok(ALLOW);
+    }
+
     let agent = match AGENT_ADDR.get(0) {
         Some(a) if a.redirects() => *a,
         _ => {
@@ -60,7 +75,6 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
         }
     };
 
-    let cookie = unsafe { bpf_get_socket_cookie(sa as *mut _) };
     let orig = OrigDst {
         ip: dst_ip,
         port: dst_port,

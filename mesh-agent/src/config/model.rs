@@ -32,6 +32,9 @@ pub struct Config {
     /// Capabilities granted to identities, required by policies that name them.
     #[serde(default)]
     pub service_keys: Vec<crate::policy::authz_config::ServiceKeyConfig>,
+    /// Service registry: where dynamic mesh state (instances, nodes) comes from.
+    #[serde(default)]
+    pub registry: super::registry::RegistryConfig,
 }
 
 impl Config {
@@ -65,6 +68,9 @@ pub struct NodeConfig {
     /// Path of the compiled eBPF object (default: next to the agent binary, then the build tree).
     #[serde(default)]
     pub ebpf_object: Option<PathBuf>,
+    /// Zone of this node, announced in the registry for locality-aware load balancing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -82,6 +88,9 @@ pub struct ListenConfig {
     /// Admin endpoints (config dump, workloads, certificates, policy); keep it on loopback.
     #[serde(default = "default_admin")]
     pub admin: SocketAddr,
+    /// Consul-compatible registry API for pods; default `<node.agent_ip>:8500`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<SocketAddr>,
 }
 
 impl Default for ListenConfig {
@@ -92,6 +101,7 @@ impl Default for ListenConfig {
             health: default_health(),
             hbone: default_hbone(),
             admin: default_admin(),
+            registry: None,
         }
     }
 }

@@ -12,6 +12,10 @@ use crate::config::Config;
 pub struct EndpointEntry {
     pub addr: SocketAddrV4,
     pub node: Option<String>,
+    /// Zone of the endpoint (from the registry), for locality-aware balancing.
+    pub zone: Option<String>,
+    /// Load-balancing weight, default 1.
+    pub weight: u32,
 }
 
 /// A service as the data path needs it.
@@ -79,6 +83,8 @@ impl MeshModel {
                                 .node()
                                 .filter(|n| *n != config.node.name)
                                 .map(str::to_owned),
+                            zone: None,
+                            weight: 1,
                         })
                         .collect(),
                     next: AtomicUsize::new(0),
@@ -162,6 +168,8 @@ mod tests {
                 .map(|a| EndpointEntry {
                     addr: a.parse().expect("addr"),
                     node: None,
+                    zone: None,
+                    weight: 1,
                 })
                 .collect(),
             next: AtomicUsize::new(0),
