@@ -42,6 +42,14 @@ pub fn desired_maps(config: &Config, model: &MeshModel, cgroup_ids: &[u64]) -> D
             )
         })
         .collect();
+    let mut services: std::collections::HashMap<_, _> = services;
+    // The registry API port: connect4 records the caller's identity for it (not redirected).
+    if let std::net::SocketAddr::V4(registry) = config.registry_addr() {
+        services.insert(
+            ServiceKey::new(ip4_to_raw(registry.ip().octets()), registry.port()),
+            ServiceValue::new(mesh_common::services::REGISTRY_SERVICE),
+        );
+    }
     let deny: HashMap<_, _> = deny::compile(config, model)
         .into_iter()
         .map(|(k, v)| (deny::key(k), v))

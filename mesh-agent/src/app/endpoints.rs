@@ -44,6 +44,7 @@ fn health_report(state: &AgentState) -> Reply {
         "attached_cgroups": attached.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "services": config.services.len(),
         "workloads": config.workloads.len(),
+        "registry": registry_health(state),
     });
     Reply {
         status: StatusCode::OK,
@@ -196,7 +197,65 @@ fn render_metrics(state: &AgentState) -> String {
         }
     }
     render_security(state, node, &mut w);
+    render_registry(state, node, &mut w);
     w.finish()
+}
+
+/// The registry's part of /health: which backend, and whether lookups come from a cache the
+/// backend still confirms or from the last known view (extend-cache).
+fn registry_health(state: &AgentState) -> serde_json::Value {
+    let Some(agent) = state.registry.get() else {
+        return serde_json::Value::Null;
+    };
+    let catalog = state.mesh.catalog();
+    let connected = agent.backend.connected();
+    serde_json::json!({
+        "backend": agent.backend.kind(),
+        "connected": connected,
+        "cache": if connected { "fresh" } else { "extend-cache" },
+        "instances": catalog.instances.len(),
+        "nodes": catalog.nodes.len(),
+        "local_registrations": agent.locals().len(),
+    })
+}
+
+fn render_registry(state: &AgentState, node: &str, w: &mut PromWriter) {
+    let Some(agent) = state.registry.get() else {
+        return;
+    };
+    let catalog = state.mesh.catalog();
+    let name = "nodemesh_registry_backend_connected";
+    w.family(
+        name,
+        "gauge",
+        "1 when the registry cache is in sync with its backend, 0 while serving the last known view (extend-cache).",
+    )
+    .sample(
+        name,
+        &[("node", node), ("backend", agent.backend.kind())],
+        u64::from(agent.backend.connected()),
+    );
+    let name = "nodemesh_registry_instances";
+    w.family(name, "gauge", "Instances in the registry cache by health status.");
+    for status in ["passing", "warning", "critical"] {
+        let n = catalog
+            .instances
+            .values()
+            .filter(|i| i.status.as_str() == status)
+            .count();
+        w.sample(name, &[("node", node), ("status", status)], n as u64);
+    }
+    let name = "nodemesh_registry_updates_total";
+    w.family(
+        name,
+        "counter",
+        "Registry changes applied to the endpoint sets (no kernel, certificate or authz change).",
+    )
+    .sample(
+        name,
+        &[("node", node)],
+        state.mesh.updates.load(Ordering::Relaxed),
+    );
 }
 
 /// Authorization decisions, the HBONE pool and certificate freshness.

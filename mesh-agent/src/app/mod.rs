@@ -4,6 +4,7 @@ mod admin;
 mod apply;
 mod endpoints;
 mod inbound;
+mod registry_start;
 mod reload;
 pub mod security;
 
@@ -25,7 +26,6 @@ use crate::ebpf::{locate_object, EbpfError, MeshEbpf};
 use crate::identity::IdentityError;
 use crate::metrics::AgentMetrics;
 use crate::proxy::hbone::HboneServer;
-use crate::registry::MeshModel;
 use crate::state::{AgentState, Kernel};
 use crate::{http_server, proxy};
 use security::{Security, SecurityError};
@@ -85,6 +85,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let health = bind("listen.health", config.listen.health).await?;
     let hbone = bind("listen.hbone", config.listen.hbone).await?;
     let admin = bind("listen.admin", config.listen.admin).await?;
+    let registry_listener = bind("listen.registry", config.registry_addr()).await?;
 
     let ca = security::load_ca(&config)?;
     let security = Security::new(&config, ca)?;
@@ -95,7 +96,13 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let (ebpf, maps, orig_dst) = MeshEbpf::load(&object, &config.node.instance)?;
     tracing::info!(object = %object.display(), pins = %ebpf.pin_dir().display(), cgroup_root = %ebpf.cgroup_root().display(), "eBPF programs loaded");
     let mut kernel = Kernel { ebpf, maps };
-    let model = MeshModel::build(&config, None);
+    let registry = registry_start::start(&config).await;
+    let base_config = config.clone();
+    let (config, model) = crate::registry::reconcile::effective(
+        &base_config,
+        &registry.backend.subscribe().borrow(),
+        None,
+    );
     if let Err(e) = apply(&mut kernel, &config, &model, None) {
         kernel.ebpf.shutdown();
         return Err(e.into());
@@ -110,8 +117,19 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         security,
     ));
     AgentMetrics::inc(&state.metrics.config_generation);
+    let catalog = registry.backend.subscribe();
+    state.mesh.init(base_config, catalog.clone());
+    let _ = state.registry.set(registry.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(crate::registry::reconcile::run(state.clone(), catalog));
+    tasks.spawn(crate::registry::api::serve(
+        registry_listener,
+        state.clone(),
+        registry.clone(),
+        stop_rx.clone(),
+    ));
+    registry_start::announce(&registry, &config).await;
     tasks.spawn(proxy::outbound::run(
         outbound,
         state.clone(),
@@ -150,6 +168,8 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         health = %config.listen.health,
         hbone = %config.listen.hbone,
         admin = %config.listen.admin,
+        registry = %config.registry_addr(),
+        registry_backend = registry.backend.kind(),
         "agent ready"
     );
 
@@ -169,8 +189,10 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         }
     }
 
-    tracing::info!("shutting down: draining connections");
+    tracing::info!("shutting down: deregistering, then draining connections");
     state.ready.store(false, Ordering::Relaxed);
+    // Deregister first so other nodes stop routing here while this agent still serves.
+    registry.shutdown().await;
     // Stop capturing new connects first, so pods fall through to their original destinations.
     state.with_kernel(|k| {
         k.maps

@@ -41,6 +41,7 @@ struct Owned {
 
 pub struct EtcdBackend {
     settings: EtcdSettings,
+    resync: Duration,
     owned: Mutex<Owned>,
     catalog: watch::Sender<Arc<Catalog>>,
     connected: AtomicBool,
@@ -57,9 +58,11 @@ enum Key {
 
 impl EtcdBackend {
     /// Creates the backend and starts its session loop; does not wait for etcd.
-    pub fn start(settings: EtcdSettings) -> Arc<EtcdBackend> {
+    /// `resync`: how often the whole prefix is re-read between watch events (the cache TTL).
+    pub fn start(settings: EtcdSettings, resync: Duration) -> Arc<EtcdBackend> {
         let backend = Arc::new(EtcdBackend {
             settings,
+            resync,
             owned: Mutex::default(),
             catalog: watch::Sender::new(Arc::new(Catalog::default())),
             connected: AtomicBool::new(false),
@@ -137,8 +140,51 @@ impl EtcdBackend {
             put(&mut client, lease, self.key(&Key::Node(n.name.clone())), n).await?;
         }
         let prefix = format!("{}/", self.settings.prefix.trim_end_matches('/'));
+        let revision = self.full_sync(&mut client, &prefix).await?;
+        let (_watcher, mut stream) = client
+            .watch(
+                prefix.clone(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision + 1),
+                ),
+            )
+            .await?;
+        let (mut keeper, mut keepalive) = client.lease_keep_alive(lease).await?;
+        *self.session.lock().await = Some((client.clone(), lease));
+        self.connected.store(true, Ordering::Relaxed);
+        tracing::info!(endpoints = ?self.settings.endpoints, lease, revision, "etcd registry in sync");
+
+        let mut ticker = tokio::time::interval(self.settings.lease_ttl / 3);
+        let mut resync = tokio::time::interval(self.resync);
+        resync.tick().await;
+        loop {
+            tokio::select! {
+                _ = resync.tick() => {
+                    // Guards against a missed event; the watch stays the fast path.
+                    self.full_sync(&mut client, &prefix).await?;
+                }
+                _ = ticker.tick() => {
+                    keeper.keep_alive().await?;
+                    match tokio::time::timeout(REQUEST_TIMEOUT, keepalive.message()).await {
+                        Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                        Ok(Err(e)) => return Err(e),
+                        _ => return Err(etcd_client::Error::LeaseKeepAliveError("lease lost or keepalive timed out".into())),
+                    }
+                }
+                events = next_events(&mut stream) => self.on_events(events?)?,
+                _ = self.broken.notified() => {
+                    return Err(etcd_client::Error::InvalidArgs("a write failed".into()));
+                }
+            }
+        }
+    }
+
+    /// Replaces the cache with the prefix's current content; returns the revision read.
+    async fn full_sync(&self, client: &mut Client, prefix: &str) -> Result<i64, etcd_client::Error> {
         let snapshot = client
-            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .get(prefix, Some(GetOptions::new().with_prefix()))
             .await?;
         let revision = snapshot.header().map_or(0, |h| h.revision());
         let mut fresh = Catalog::default();
@@ -155,38 +201,7 @@ impl EtcdBackend {
             }
             changed
         });
-        let (_watcher, mut stream) = client
-            .watch(
-                prefix,
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(revision + 1),
-                ),
-            )
-            .await?;
-        let (mut keeper, mut keepalive) = client.lease_keep_alive(lease).await?;
-        *self.session.lock().await = Some((client.clone(), lease));
-        self.connected.store(true, Ordering::Relaxed);
-        tracing::info!(endpoints = ?self.settings.endpoints, lease, revision, "etcd registry in sync");
-
-        let mut ticker = tokio::time::interval(self.settings.lease_ttl / 3);
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {
-                    keeper.keep_alive().await?;
-                    match tokio::time::timeout(REQUEST_TIMEOUT, keepalive.message()).await {
-                        Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-                        Ok(Err(e)) => return Err(e),
-                        _ => return Err(etcd_client::Error::LeaseKeepAliveError("lease lost or keepalive timed out".into())),
-                    }
-                }
-                events = next_events(&mut stream) => self.on_events(events?)?,
-                _ = self.broken.notified() => {
-                    return Err(etcd_client::Error::InvalidArgs("a write failed".into()));
-                }
-            }
-        }
+        Ok(revision)
     }
 
     fn on_events(&self, events: Vec<(String, Option<Vec<u8>>)>) -> Result<(), etcd_client::Error> {
