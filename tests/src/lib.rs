@@ -6,6 +6,7 @@
 
 pub mod capture;
 pub mod cmd;
+pub mod etcd;
 pub mod http;
 pub mod topology;
 pub mod two_nodes;
