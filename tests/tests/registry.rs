@@ -178,6 +178,115 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
         let (_, body) = node_get(&topo, &n1.netns, reg1, "/v1/catalog/service/echo")?;
         Ok(body.trim() == "[]")
     })?;
+
+    // SIGTERM on node 2: its node record and hosted instances leave the registry at once.
+    let (status, _) = curl(&topo, server, "PUT", &format!("{reg2}/v1/agent/service/register"),
+        &echo_registration("30s", &server.ip.to_string()))?;
+    assert_eq!(status, 200);
+    topo.wait_for("re-registration on node 1", Duration::from_secs(1), || {
+        let (_, body) = node_get(&topo, &n1.netns, reg1, "/v1/catalog/service/echo")?;
+        Ok(body.contains("echo-1"))
+    })?;
+    topo.signal(agent2.pid, libc::SIGTERM)?;
+    topo.wait(agent2.pid, Duration::from_secs(10))?;
+    let (_, body) = node_get(&topo, &n1.netns, reg1, "/v1/catalog/service/echo")?;
+    assert_eq!(body.trim(), "[]", "deregistered on SIGTERM, not after the lease TTL");
+    let (_, health) = node_get(&topo, &n1.netns, agent1.health, "/health")?;
+    assert!(health.contains("\"nodes\":1"), "node-2 left the registry: {health}");
+    Ok(())
+}
+
+/// Starts `meshprobe serve` in a pod and returns its pid (to stop it later).
+fn serve(topo: &Topology, pod: &Pod, port: u16, name: &str) -> Result<u32> {
+    static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = topo.workdir.join(format!("probe-{}-{port}-{n}.out", pod.name));
+    let mut command = Command::new(mesh_tests::topology::probe_binary()?);
+    command
+        .args(["serve", &port.to_string(), name])
+        .stdout(std::fs::File::create(&out)?);
+    let pid = topo.spawn_in_pod(pod, &mut command)?;
+    topo.wait_for("probe server listening", Duration::from_secs(10), || {
+        Ok(std::fs::read_to_string(&out).unwrap_or_default().contains("listening"))
+    })?;
+    Ok(pid)
+}
+
+#[test]
+fn failing_active_check_moves_traffic_without_failed_requests() -> Result<()> {
+    let mut topo = Topology::new()?;
+    topo.add_node(&["client", "sa", "sb"])?;
+    let n1 = topo.node(1);
+    let (client, sa, sb) = (n1.pod("client"), n1.pod("sa"), n1.pod("sb"));
+    serve(&topo, sa, ECHO_PORT, "a")?;
+    serve(&topo, sb, ECHO_PORT, "b")?;
+    // A separate health port: failing it takes `a` out of routing while it still serves.
+    let health_a = serve(&topo, sa, 8081, "health")?;
+    serve(&topo, sb, 8081, "health")?;
+    let config = n1.agent_config(&format!(
+        "services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\nworkloads:\n{}{}    service: echo\n{}    service: echo\n\
+         authorization:\n  - name: echo-callers\n    service: echo\n    default: deny\n    allow:\n      - from_service: client\n",
+        client.workload_yaml("shop", "client"),
+        sa.workload_yaml("shop", "server"),
+        sb.workload_yaml("shop", "server"),
+    ));
+    let agent = topo.start_agent(n1, &config, &[])?;
+    topo.wait_ready(&agent)?;
+    let reg = format!("http://{}:8500", n1.agent_ip);
+    let registry = SocketAddr::from((n1.agent_ip, 8500));
+    for (pod, id) in [(sa, "echo-a"), (sb, "echo-b")] {
+        // No Address: the caller's own address is used.
+        let body = format!(
+            r#"{{"Name":"echo","ID":"{id}","Port":{ECHO_PORT},"Meta":{{"service_version":"1","service_type":"tcp","environment":"test"}},
+                "Check":{{"TCP":"{}:8081","Interval":"200ms","Timeout":"1s"}}}}"#,
+            pod.ip
+        );
+        let (status, text) = curl(&topo, pod, "PUT", &format!("{reg}/v1/agent/service/register"), &body)?;
+        assert_eq!(status, 200, "{text}");
+    }
+    topo.wait_for("both instances passing", Duration::from_secs(5), || {
+        Ok(passing_echo(&topo, &n1.netns, registry)? == 2)
+    })?;
+    let round = |seen: &mut Vec<String>| -> Result<()> {
+        for a in topo.connect_from(client, ECHO_VIP, "x", 4)? {
+            assert!(a.ok, "request failed: {a:?}");
+            seen.push(a.reply);
+        }
+        Ok(())
+    };
+    let mut seen = Vec::new();
+    round(&mut seen)?;
+    assert!(seen.contains(&"a:x".to_owned()) && seen.contains(&"b:x".to_owned()), "{seen:?}");
+
+    topo.signal(health_a, libc::SIGKILL)?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut seen = Vec::new();
+        round(&mut seen)?;
+        if seen.iter().all(|r| r == "b:x") && passing_echo(&topo, &n1.netns, registry)? == 1 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("traffic did not leave the failing instance: {seen:?}");
+        }
+    }
+    let mut seen = Vec::new();
+    round(&mut seen)?;
+    assert!(seen.iter().all(|r| r == "b:x"), "critical instance not routed: {seen:?}");
+
+    // Healthy again: it comes back.
+    serve(&topo, sa, 8081, "health")?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut seen = Vec::new();
+        round(&mut seen)?;
+        if seen.contains(&"a:x".to_owned()) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the recovered instance did not come back: {seen:?}");
+        }
+    }
     Ok(())
 }
 
