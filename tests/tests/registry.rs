@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use mesh_tests::etcd::Etcd;
 use mesh_tests::{Pod, Topology};
 
@@ -14,29 +14,12 @@ const ECHO_VIP: &str = "10.96.0.10:80";
 const ECHO_PORT: u16 = 8080;
 const ETCD_PORT: u16 = 23790;
 
-/// `curl` in a pod: returns (status, body).
 fn curl(topo: &Topology, pod: &Pod, method: &str, url: &str, body: &str) -> Result<(u16, String)> {
-    let mut args = vec![
-        "-s",
-        "-m",
-        "5",
-        "-X",
-        method,
-        "-w",
-        "\n%{http_code}",
-        url,
-    ];
-    if !body.is_empty() {
-        args.extend(["--data", body]);
-    }
-    let out = topo.run_in_pod(pod, "curl", &args)?;
-    let (body, code) = out.rsplit_once('\n').context("curl output")?;
-    Ok((code.trim().parse()?, body.to_owned()))
+    topo.curl_in_pod(pod, method, url, body)
 }
 
-/// GET from a node's namespace (an operator: no workload identity).
 fn node_get(topo: &Topology, netns: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    topo.in_netns(netns, || mesh_tests::http::get(addr, path))
+    topo.get_in_netns(netns, addr, path)
 }
 
 fn passing_echo(topo: &Topology, netns: &str, registry: SocketAddr) -> Result<usize> {
@@ -196,20 +179,8 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
     Ok(())
 }
 
-/// Starts `meshprobe serve` in a pod and returns its pid (to stop it later).
 fn serve(topo: &Topology, pod: &Pod, port: u16, name: &str) -> Result<u32> {
-    static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let out = topo.workdir.join(format!("probe-{}-{port}-{n}.out", pod.name));
-    let mut command = Command::new(mesh_tests::topology::probe_binary()?);
-    command
-        .args(["serve", &port.to_string(), name])
-        .stdout(std::fs::File::create(&out)?);
-    let pid = topo.spawn_in_pod(pod, &mut command)?;
-    topo.wait_for("probe server listening", Duration::from_secs(10), || {
-        Ok(std::fs::read_to_string(&out).unwrap_or_default().contains("listening"))
-    })?;
-    Ok(pid)
+    topo.serve_probe(pod, port, name)
 }
 
 #[test]

@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod demo;
+mod demo_registry;
 mod http_bench;
 mod setup;
 mod sh;
@@ -28,8 +29,12 @@ enum Task {
     /// Setup, build, run only the end-to-end suites in network namespaces.
     E2e,
     /// Setup, build, and show allowed and denied traffic with kernel counters, then a cross-node
-    /// call over HBONE mTLS and an identity the destination agent refuses.
-    Demo,
+    /// call over HBONE mTLS and an identity the destination agent refuses. With
+    /// `--registry etcd`: registration through the Consul API, a failing check, traffic moving.
+    Demo {
+        #[arg(long)]
+        registry: Option<String>,
+    },
     /// Setup, build (release), and measure connection rates through the data path.
     Bench,
 }
@@ -46,9 +51,12 @@ fn main() -> Result<()> {
             prepare()?;
             sh::cargo(&["test", "-p", "mesh-tests"])
         }
-        Task::Demo => {
+        Task::Demo { registry } => {
             prepare()?;
-            demo::run()
+            match registry {
+                Some(backend) => demo_registry::run(&backend),
+                None => demo::run(),
+            }
         }
         Task::Bench => {
             setup::run()?;
