@@ -180,3 +180,51 @@ impl super::Config {
             .unwrap_or_else(|| std::net::SocketAddr::from((self.node.agent_ip, 8500)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    fn parse(extra: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
+        let yaml = format!("node: {{name: n1, agent_ip: 10.1.255.1}}\n{extra}");
+        crate::config::parse(&yaml, "test", &|_| None)
+    }
+
+    fn field_of(extra: &str) -> String {
+        match parse(extra) {
+            Err(crate::config::ConfigError::Invalid { field, .. }) => field,
+            other => panic!("expected a field error for {extra:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_seeds() {
+        let c = parse("").expect("valid");
+        assert_eq!(c.registry.backend, super::RegistryBackendKind::Embedded);
+        assert_eq!(c.registry.cache_ttl.as_secs(), 30);
+        assert_eq!(c.registry.health.interval.as_secs(), 30);
+        assert_eq!(c.registry.health.timeout.as_secs(), 10);
+        assert_eq!(c.registry.health.deregister_critical_after.as_secs(), 60);
+        assert_eq!(c.registry.etcd.lease_ttl.as_secs(), 10);
+        assert_eq!(c.registry_addr().to_string(), "10.1.255.1:8500");
+    }
+
+    #[test]
+    fn bad_registry_fields_are_named() {
+        assert_eq!(field_of("registry: {backend: etcd}\n"), "registry.etcd.endpoints");
+        assert_eq!(
+            field_of("registry: {backend: etcd, etcd: {endpoints: [\"10.0.0.1:2379\"]}}\n"),
+            "registry.etcd.endpoints[0]"
+        );
+        assert_eq!(field_of("registry: {etcd: {prefix: nodemesh}}\n"), "registry.etcd.prefix");
+        assert_eq!(field_of("registry: {etcd: {lease_ttl: 1s}}\n"), "registry.etcd.lease_ttl");
+        assert_eq!(field_of("registry: {health: {interval: 0s}}\n"), "registry.health.interval");
+        let zone = crate::config::parse(
+            "node: {name: n1, agent_ip: 10.1.255.1, zone: Zone_A}\n",
+            "test",
+            &|_| None,
+        );
+        assert!(
+            matches!(zone, Err(crate::config::ConfigError::Invalid { ref field, .. }) if field == "node.zone"),
+            "{zone:?}"
+        );
+    }
+}

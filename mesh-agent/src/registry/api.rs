@@ -21,7 +21,7 @@ use super::caller::{self, Caller};
 use super::catalog::Catalog;
 use super::health::CheckKind;
 use super::instance::{HealthStatus, Instance, RecordError};
-use crate::config::duration_text;
+use crate::config::{duration_text, HealthDefaults};
 use crate::identity::SpiffeId;
 use crate::policy::authz::Authorize;
 use crate::state::AgentState;
@@ -479,7 +479,7 @@ async fn register(
         SocketAddr::V4(p) => *p.ip(),
         SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
     };
-    let mut registration = match parse_registration(&value, peer_ip, agent) {
+    let mut registration = match parse_registration(&value, peer_ip, &agent.defaults) {
         Ok(r) => r,
         Err(e) => return Reply::text(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
@@ -526,7 +526,7 @@ fn duration(
 pub fn parse_registration(
     body: &Value,
     peer_ip: Ipv4Addr,
-    agent: &LocalAgent,
+    defaults: &HealthDefaults,
 ) -> Result<Registration, RecordError> {
     let o = lower(body);
     let name = text(&o, "name").ok_or_else(|| RecordError::new("Name", "is required"))?;
@@ -585,7 +585,8 @@ pub fn parse_registration(
         tags,
         meta,
         weight,
-        node: agent.node.clone(),
+        // Set by the local agent on register.
+        node: String::new(),
         owner: String::new(),
         status: HealthStatus::Passing,
     };
@@ -619,7 +620,7 @@ pub fn parse_registration(
             } else {
                 format!("service:{id}:{}", n + 1)
             };
-            parse_check(&lower(c), field, default_id, agent)
+            parse_check(&lower(c), field, default_id, defaults)
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Registration { instance, checks })
@@ -629,9 +630,8 @@ fn parse_check(
     c: &Map<String, Value>,
     field: &str,
     default_id: String,
-    agent: &LocalAgent,
+    d: &HealthDefaults,
 ) -> Result<CheckSpec, RecordError> {
-    let d = &agent.defaults;
     let f = |k: &str| format!("{field}.{k}");
     let v4 = |s: &str, key: &str| -> Result<SocketAddrV4, RecordError> {
         s.parse()
@@ -701,4 +701,73 @@ fn parse_check(
         )?,
         initial,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<Registration, RecordError> {
+        let value: Value = serde_json::from_str(body).expect("json");
+        parse_registration(&value, "10.1.1.2".parse().expect("ip"), &HealthDefaults::default())
+    }
+
+    const META: &str = r#""Meta":{"version":"1.0","service_type":"http","environment":"prod","zone":"z1","capabilities":"pay, refund"}"#;
+
+    #[test]
+    fn consul_definition_maps_onto_the_model() {
+        // py-consul sends lowercase keys; Consul's docs use PascalCase: both are accepted.
+        let r = parse(&format!(
+            r#"{{"name":"wallet","port":9000,"tags":["a"],{META},"Weights":{{"Passing":5}},
+                "check":{{"ttl":"10s"}}}}"#
+        ))
+        .expect("valid");
+        let i = &r.instance;
+        assert_eq!(i.instance_id, "wallet", "ID defaults to Name");
+        assert_eq!(i.address.to_string(), "10.1.1.2", "Address defaults to the caller");
+        assert_eq!((i.service_version.as_str(), i.zone.as_deref()), ("1.0", Some("z1")));
+        assert_eq!(i.capabilities, vec!["pay", "refund"]);
+        assert_eq!(i.weight, 5);
+        assert_eq!(r.checks.len(), 1);
+        assert_eq!(r.checks[0].id, "service:wallet");
+        assert_eq!(r.checks[0].kind, CheckKind::Ttl(Duration::from_secs(10)));
+        assert_eq!(r.checks[0].initial, HealthStatus::Critical);
+        assert_eq!(r.checks[0].deregister_after, Duration::from_secs(60), "seed default");
+    }
+
+    #[test]
+    fn several_checks_get_numbered_ids_and_defaults() {
+        let r = parse(&format!(
+            r#"{{"Name":"wallet","ID":"w-1","Port":9000,{META},"Checks":[
+                {{"HTTP":"http://10.1.1.2:9000/health"}},
+                {{"TCP":"10.1.1.2:9000","Interval":"5s","Timeout":"1s"}},
+                {{"GRPC":"10.1.1.2:9001/wallet","CheckID":"grpc-1"}}]}}"#
+        ))
+        .expect("valid");
+        let ids: Vec<_> = r.checks.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, vec!["service:w-1:1", "service:w-1:2", "grpc-1"]);
+        assert_eq!(r.checks[0].interval, Duration::from_secs(30), "seed default interval");
+        assert_eq!(r.checks[0].timeout, Duration::from_secs(10), "seed default timeout");
+        assert_eq!(r.checks[1].interval, Duration::from_secs(5));
+        assert!(matches!(&r.checks[2].kind, CheckKind::Grpc { service, .. } if service == "wallet"));
+    }
+
+    #[test]
+    fn bad_definitions_name_the_field() {
+        let cases = [
+            (r#"{"Port":1}"#.to_owned(), "Name"),
+            (format!(r#"{{"Name":"wallet",{META}}}"#), "Port"),
+            (r#"{"Name":"wallet","Port":1,"Meta":{"service_type":"x","environment":"y"}}"#.to_owned(), "Meta.service_version"),
+            (format!(r#"{{"Name":"Wallet","Port":1,{META}}}"#), "Name"),
+            (format!(r#"{{"Name":"w","Address":"nope","Port":1,{META}}}"#), "Address"),
+            (format!(r#"{{"Name":"w","Port":1,{META},"Check":{{"TTL":"ten"}}}}"#), "Check.TTL"),
+            (format!(r#"{{"Name":"w","Port":1,{META},"Checks":[{{"TTL":"1s"}},{{"TCP":"x"}}]}}"#), "Checks[1].TCP"),
+            (format!(r#"{{"Name":"w","Port":1,{META},"Check":{{"Args":["/bin/true"]}}}}"#), "Check.Args"),
+            (format!(r#"{{"Name":"w","Port":1,{META},"Check":{{"Interval":"1s"}}}}"#), "Check"),
+        ];
+        for (body, field) in cases {
+            let e = parse(&body).expect_err(&body);
+            assert_eq!(e.field, field, "{body}: {e}");
+        }
+    }
 }
