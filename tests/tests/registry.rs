@@ -114,6 +114,15 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
     // Routed over HBONE to a node that only the registry announced.
     assert!(echo("hello")?, "client reaches the registered endpoint");
 
+    // Reads follow the allow-lists: the client may look echo up, the intruder may not.
+    let (status, body) = curl(&topo, client, "GET", &format!("http://{}:8500/v1/health/service/echo", n1.agent_ip), "")?;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("echo-1"), "{body}");
+    let (status, _) = curl(&topo, intruder, "GET", &format!("{reg2}/v1/health/service/echo"), "")?;
+    assert_eq!(status, 403, "the intruder is not on echo's allow-list");
+    let (_, body) = curl(&topo, intruder, "GET", &format!("{reg2}/v1/catalog/services"), "")?;
+    assert!(!body.contains("echo"), "catalog listing filtered by the allow-list: {body}");
+
     // The intruder can neither heartbeat nor deregister the server's instance.
     let (status, _) = curl(&topo, intruder, "PUT", &format!("{reg2}/v1/agent/check/fail/service:echo-1"), "")?;
     assert_eq!(status, 403);
