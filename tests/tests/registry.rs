@@ -77,31 +77,61 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
     let client = n1.pod("client");
     let intruder = n2.pod("intruder");
     let echo = |text: &str| -> Result<bool> {
-        let attempts = topo.connect_from_with_timeout(client, ECHO_VIP, text, 1, Duration::from_secs(3))?;
-        Ok(attempts.iter().all(|a| a.ok && a.reply == format!("srv:{text}")))
+        let attempts =
+            topo.connect_from_with_timeout(client, ECHO_VIP, text, 1, Duration::from_secs(3))?;
+        Ok(attempts
+            .iter()
+            .all(|a| a.ok && a.reply == format!("srv:{text}")))
     };
 
     // Bad records are refused with the field named; nothing is registered.
-    let (status, body) = curl(&topo, server, "PUT", &format!("{reg2}/v1/agent/service/register"),
-        &echo_registration("3s", &server.ip.to_string()).replace(r#""environment":"test","#, ""))?;
+    let (status, body) = curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg2}/v1/agent/service/register"),
+        &echo_registration("3s", &server.ip.to_string()).replace(r#""environment":"test","#, ""),
+    )?;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("Meta.environment"), "{body}");
-    let (status, body) = curl(&topo, server, "PUT", &format!("{reg2}/v1/agent/service/register"),
-        &echo_registration("3s", &server.ip.to_string()).replace(r#""ID":"echo-1""#, r#""ID":"Echo_1""#))?;
+    let (status, body) = curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg2}/v1/agent/service/register"),
+        &echo_registration("3s", &server.ip.to_string())
+            .replace(r#""ID":"echo-1""#, r#""ID":"Echo_1""#),
+    )?;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("`ID`"), "{body}");
 
     // A pod cannot register under another identity's service.
-    let (status, body) = curl(&topo, intruder, "PUT", &format!("{reg2}/v1/agent/service/register"),
-        &echo_registration("3s", &intruder.ip.to_string()))?;
+    let (status, body) = curl(
+        &topo,
+        intruder,
+        "PUT",
+        &format!("{reg2}/v1/agent/service/register"),
+        &echo_registration("3s", &intruder.ip.to_string()),
+    )?;
     assert_eq!(status, 403, "{body}");
     assert!(agent2.log_text().contains("registry request refused"));
 
     // The server registers itself with a TTL check and heartbeats: node 1 sees it within 1 s.
-    let (status, body) = curl(&topo, server, "PUT", &format!("{reg2}/v1/agent/service/register"),
-        &echo_registration("3s", &server.ip.to_string()))?;
+    let (status, body) = curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg2}/v1/agent/service/register"),
+        &echo_registration("3s", &server.ip.to_string()),
+    )?;
     assert_eq!(status, 200, "{body}");
-    let (status, body) = curl(&topo, server, "PUT", &format!("{reg2}/v1/agent/check/pass/service:echo-1"), "")?;
+    let (status, body) = curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg2}/v1/agent/check/pass/service:echo-1"),
+        "",
+    )?;
     assert_eq!(status, 200, "{body}");
     let started = Instant::now();
     while passing_echo(&topo, &n1.netns, reg1)? == 0 {
@@ -110,23 +140,59 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    eprintln!("registration visible on the other node after {:?}", started.elapsed());
+    eprintln!(
+        "registration visible on the other node after {:?}",
+        started.elapsed()
+    );
     // Routed over HBONE to a node that only the registry announced.
     assert!(echo("hello")?, "client reaches the registered endpoint");
 
     // Reads follow the allow-lists: the client may look echo up, the intruder may not.
-    let (status, body) = curl(&topo, client, "GET", &format!("http://{}:8500/v1/health/service/echo", n1.agent_ip), "")?;
+    let (status, body) = curl(
+        &topo,
+        client,
+        "GET",
+        &format!("http://{}:8500/v1/health/service/echo", n1.agent_ip),
+        "",
+    )?;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("echo-1"), "{body}");
-    let (status, _) = curl(&topo, intruder, "GET", &format!("{reg2}/v1/health/service/echo"), "")?;
+    let (status, _) = curl(
+        &topo,
+        intruder,
+        "GET",
+        &format!("{reg2}/v1/health/service/echo"),
+        "",
+    )?;
     assert_eq!(status, 403, "the intruder is not on echo's allow-list");
-    let (_, body) = curl(&topo, intruder, "GET", &format!("{reg2}/v1/catalog/services"), "")?;
-    assert!(!body.contains("echo"), "catalog listing filtered by the allow-list: {body}");
+    let (_, body) = curl(
+        &topo,
+        intruder,
+        "GET",
+        &format!("{reg2}/v1/catalog/services"),
+        "",
+    )?;
+    assert!(
+        !body.contains("echo"),
+        "catalog listing filtered by the allow-list: {body}"
+    );
 
     // The intruder can neither heartbeat nor deregister the server's instance.
-    let (status, _) = curl(&topo, intruder, "PUT", &format!("{reg2}/v1/agent/check/fail/service:echo-1"), "")?;
+    let (status, _) = curl(
+        &topo,
+        intruder,
+        "PUT",
+        &format!("{reg2}/v1/agent/check/fail/service:echo-1"),
+        "",
+    )?;
     assert_eq!(status, 403);
-    let (status, _) = curl(&topo, intruder, "PUT", &format!("{reg2}/v1/agent/service/deregister/echo-1"), "")?;
+    let (status, _) = curl(
+        &topo,
+        intruder,
+        "PUT",
+        &format!("{reg2}/v1/agent/service/deregister/echo-1"),
+        "",
+    )?;
     assert_eq!(status, 403);
 
     // etcd dies: routing continues from the cache, /health says extend-cache.
@@ -135,15 +201,34 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
         let (_, body) = node_get(&topo, &n1.netns, agent1.health, "/health")?;
         Ok(body.contains("extend-cache"))
     })?;
-    curl(&topo, server, "PUT", &format!("{reg2}/v1/agent/check/pass/service:echo-1"), "")?;
-    assert!(echo("cached")?, "routing continues from the cache while etcd is down");
+    curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg2}/v1/agent/check/pass/service:echo-1"),
+        "",
+    )?;
+    assert!(
+        echo("cached")?,
+        "routing continues from the cache while etcd is down"
+    );
     etcd.restart(&topo, n1)?;
     topo.wait_for("node 1 back in sync", Duration::from_secs(10), || {
         let (_, body) = node_get(&topo, &n1.netns, agent1.health, "/health")?;
         Ok(body.contains("\"cache\":\"fresh\""))
     })?;
-    curl(&topo, server, "PUT", &format!("{reg2}/v1/agent/check/pass/service:echo-1"), "")?;
-    assert_eq!(passing_echo(&topo, &n1.netns, reg1)?, 1, "no registration lost");
+    curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg2}/v1/agent/check/pass/service:echo-1"),
+        "",
+    )?;
+    assert_eq!(
+        passing_echo(&topo, &n1.netns, reg1)?,
+        1,
+        "no registration lost"
+    );
     assert!(echo("after-restart")?);
 
     // Heartbeats stop: after the TTL the instance is critical and out of routing.
@@ -152,7 +237,13 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
     })?;
     assert!(!echo("expired")?, "a critical instance is not routed");
     // A heartbeat brings it back.
-    curl(&topo, server, "PUT", &format!("{reg2}/v1/agent/check/pass/service:echo-1"), "")?;
+    curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg2}/v1/agent/check/pass/service:echo-1"),
+        "",
+    )?;
     topo.wait_for("instance passing again", Duration::from_secs(2), || {
         Ok(passing_echo(&topo, &n1.netns, reg1)? == 1)
     })?;
@@ -160,20 +251,38 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
 
     // Endpoint churn did not touch the kernel maps or certificates: one config generation.
     let m = topo.metrics(&agent1)?;
-    assert_eq!(mesh_tests::http::metric(&m, "nodemesh_config_generation", &[]), Some(1));
+    assert_eq!(
+        mesh_tests::http::metric(&m, "nodemesh_config_generation", &[]),
+        Some(1)
+    );
     assert!(mesh_tests::http::metric(&m, "nodemesh_registry_updates_total", &[]).unwrap_or(0) >= 3);
 
     // The owner deregisters: gone everywhere.
-    let (status, _) = curl(&topo, server, "PUT", &format!("{reg2}/v1/agent/service/deregister/echo-1"), "")?;
+    let (status, _) = curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg2}/v1/agent/service/deregister/echo-1"),
+        "",
+    )?;
     assert_eq!(status, 200);
-    topo.wait_for("deregistration seen on node 1", Duration::from_secs(1), || {
-        let (_, body) = node_get(&topo, &n1.netns, reg1, "/v1/catalog/service/echo")?;
-        Ok(body.trim() == "[]")
-    })?;
+    topo.wait_for(
+        "deregistration seen on node 1",
+        Duration::from_secs(1),
+        || {
+            let (_, body) = node_get(&topo, &n1.netns, reg1, "/v1/catalog/service/echo")?;
+            Ok(body.trim() == "[]")
+        },
+    )?;
 
     // SIGTERM on node 2: its node record and hosted instances leave the registry at once.
-    let (status, _) = curl(&topo, server, "PUT", &format!("{reg2}/v1/agent/service/register"),
-        &echo_registration("30s", &server.ip.to_string()))?;
+    let (status, _) = curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg2}/v1/agent/service/register"),
+        &echo_registration("30s", &server.ip.to_string()),
+    )?;
     assert_eq!(status, 200);
     topo.wait_for("re-registration on node 1", Duration::from_secs(1), || {
         let (_, body) = node_get(&topo, &n1.netns, reg1, "/v1/catalog/service/echo")?;
@@ -182,9 +291,16 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
     topo.signal(agent2.pid, libc::SIGTERM)?;
     topo.wait(agent2.pid, Duration::from_secs(10))?;
     let (_, body) = node_get(&topo, &n1.netns, reg1, "/v1/catalog/service/echo")?;
-    assert_eq!(body.trim(), "[]", "deregistered on SIGTERM, not after the lease TTL");
+    assert_eq!(
+        body.trim(),
+        "[]",
+        "deregistered on SIGTERM, not after the lease TTL"
+    );
     let (_, health) = node_get(&topo, &n1.netns, agent1.health, "/health")?;
-    assert!(health.contains("\"nodes\":1"), "node-2 left the registry: {health}");
+    assert!(
+        health.contains("\"nodes\":1"),
+        "node-2 left the registry: {health}"
+    );
     Ok(())
 }
 
@@ -221,7 +337,13 @@ fn failing_active_check_moves_traffic_without_failed_requests() -> Result<()> {
                 "Check":{{"TCP":"{}:8081","Interval":"200ms","Timeout":"1s"}}}}"#,
             pod.ip
         );
-        let (status, text) = curl(&topo, pod, "PUT", &format!("{reg}/v1/agent/service/register"), &body)?;
+        let (status, text) = curl(
+            &topo,
+            pod,
+            "PUT",
+            &format!("{reg}/v1/agent/service/register"),
+            &body,
+        )?;
         assert_eq!(status, 200, "{text}");
     }
     topo.wait_for("both instances passing", Duration::from_secs(5), || {
@@ -236,7 +358,10 @@ fn failing_active_check_moves_traffic_without_failed_requests() -> Result<()> {
     };
     let mut seen = Vec::new();
     round(&mut seen)?;
-    assert!(seen.contains(&"a:x".to_owned()) && seen.contains(&"b:x".to_owned()), "{seen:?}");
+    assert!(
+        seen.contains(&"a:x".to_owned()) && seen.contains(&"b:x".to_owned()),
+        "{seen:?}"
+    );
 
     topo.signal(health_a, libc::SIGKILL)?;
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -252,7 +377,10 @@ fn failing_active_check_moves_traffic_without_failed_requests() -> Result<()> {
     }
     let mut seen = Vec::new();
     round(&mut seen)?;
-    assert!(seen.iter().all(|r| r == "b:x"), "critical instance not routed: {seen:?}");
+    assert!(
+        seen.iter().all(|r| r == "b:x"),
+        "critical instance not routed: {seen:?}"
+    );
 
     // Healthy again: it comes back.
     serve(&topo, sa, 8081, "health")?;
@@ -272,7 +400,10 @@ fn failing_active_check_moves_traffic_without_failed_requests() -> Result<()> {
 
 /// py-consul from PyPI, installed here (idempotent) so a fresh machine and CI have it.
 fn ensure_py_consul() -> Result<()> {
-    let ok = Command::new("python3").args(["-c", "import consul"]).status()?.success();
+    let ok = Command::new("python3")
+        .args(["-c", "import consul"])
+        .status()?
+        .success();
     if !ok {
         let status = Command::new("python3")
             .args(["-m", "pip", "install", "--quiet", "py-consul"])
@@ -331,25 +462,55 @@ fn py_consul_seed_flow_on_embedded_registry() -> Result<()> {
     let out = topo.run_in_pod(
         app,
         "python3",
-        &["-c", SEED_FLOW, &n1.agent_ip.to_string(), &app.ip.to_string()],
+        &[
+            "-c",
+            SEED_FLOW,
+            &n1.agent_ip.to_string(),
+            &app.ip.to_string(),
+        ],
     )?;
     assert!(out.contains("seed flow ok"), "{out}");
 
     // Embedded backend: a registration survives an agent restart.
     let reg = format!("http://{}:8500", n1.agent_ip);
     let body = r#"{"Name":"wallet","ID":"wallet-2","Port":9000,"Meta":{"service_version":"1","service_type":"http","environment":"prod"}}"#;
-    let (status, text) = curl(&topo, app, "PUT", &format!("{reg}/v1/agent/service/register"), body)?;
+    let (status, text) = curl(
+        &topo,
+        app,
+        "PUT",
+        &format!("{reg}/v1/agent/service/register"),
+        body,
+    )?;
     assert_eq!(status, 200, "{text}");
     topo.signal(agent.pid, libc::SIGTERM)?;
     topo.wait(agent.pid, Duration::from_secs(10))?;
     let agent = topo.start_agent(n1, &config, &[])?;
     topo.wait_ready(&agent)?;
-    let (_, services) = node_get(&topo, &n1.netns, SocketAddr::from((n1.agent_ip, 8500)), "/v1/agent/services")?;
-    assert!(services.contains("wallet-2"), "restored after restart: {services}");
+    let (_, services) = node_get(
+        &topo,
+        &n1.netns,
+        SocketAddr::from((n1.agent_ip, 8500)),
+        "/v1/agent/services",
+    )?;
+    assert!(
+        services.contains("wallet-2"),
+        "restored after restart: {services}"
+    );
     // The served OpenAPI document is the file in docs/.
-    let (status, served) = node_get(&topo, &n1.netns, SocketAddr::from((n1.agent_ip, 8500)), "/v1/openapi.json")?;
+    let (status, served) = node_get(
+        &topo,
+        &n1.netns,
+        SocketAddr::from((n1.agent_ip, 8500)),
+        "/v1/openapi.json",
+    )?;
     assert_eq!(status, 200);
-    let file = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/registry-openapi.json"))?;
-    assert_eq!(served, file, "served OpenAPI equals docs/registry-openapi.json");
+    let file = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/registry-openapi.json"
+    ))?;
+    assert_eq!(
+        served, file,
+        "served OpenAPI equals docs/registry-openapi.json"
+    );
     Ok(())
 }

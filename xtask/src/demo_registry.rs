@@ -22,7 +22,10 @@ pub fn run(backend: &str) -> Result<()> {
     topo.link_nodes(1, 2)?;
     let (n1, n2) = (topo.node(1), topo.node(2));
     let etcd = Etcd::start(&topo, n1, n1.agent_ip, 23790)?;
-    println!("== etcd running at {} (inside node 1's namespace)", etcd.client_url);
+    println!(
+        "== etcd running at {} (inside node 1's namespace)",
+        etcd.client_url
+    );
     let (a, b) = (n2.pod("echo-a"), n2.pod("echo-b"));
     for (pod, name) in [(a, "a"), (b, "b")] {
         topo.serve_probe(pod, 8080, name)?;
@@ -60,8 +63,12 @@ pub fn run(backend: &str) -> Result<()> {
             r#"{{"Name":"echo","ID":"{id}","Port":8080,"Tags":["demo"],"Meta":{{"service_version":"1.0.0","service_type":"tcp","environment":"demo"}},"Check":{{"TCP":"{}:8081","Interval":"500ms","Timeout":"1s"}}}}"#,
             pod.ip
         );
-        let (status, text) =
-            topo.curl_in_pod(pod, "PUT", &format!("{reg2}/v1/agent/service/register"), &body)?;
+        let (status, text) = topo.curl_in_pod(
+            pod,
+            "PUT",
+            &format!("{reg2}/v1/agent/service/register"),
+            &body,
+        )?;
         println!("{id}: PUT /v1/agent/service/register -> {status} {text}");
     }
     let reg1 = SocketAddr::from((n1.agent_ip, 8500));

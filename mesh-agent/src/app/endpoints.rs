@@ -236,7 +236,11 @@ fn render_registry(state: &AgentState, node: &str, w: &mut PromWriter) {
         u64::from(agent.backend.connected()),
     );
     let name = "nodemesh_registry_instances";
-    w.family(name, "gauge", "Instances in the registry cache by health status.");
+    w.family(
+        name,
+        "gauge",
+        "Instances in the registry cache by health status.",
+    );
     for status in ["passing", "warning", "critical"] {
         let n = catalog
             .instances

@@ -110,7 +110,10 @@ fn check_immutable(old: &Config, new: &Config) -> Result<(), ConfigError> {
             old.node.trust_domain != new.node.trust_domain,
         ),
         ("identity", old.identity != new.identity),
-        ("listen.registry", old.listen.registry != new.listen.registry),
+        (
+            "listen.registry",
+            old.listen.registry != new.listen.registry,
+        ),
         ("registry", old.registry != new.registry),
     ];
     match fields.iter().find(|(_, changed)| *changed) {

@@ -81,10 +81,14 @@ pub const OVERRIDES: &[(&str, &str, Setter)] = &[
         };
         Ok(())
     }),
-    ("NODEMESH_ETCD_ENDPOINTS", "registry.etcd.endpoints", |c, v| {
-        c.registry.etcd.endpoints = v.split(',').map(|e| e.trim().to_owned()).collect();
-        Ok(())
-    }),
+    (
+        "NODEMESH_ETCD_ENDPOINTS",
+        "registry.etcd.endpoints",
+        |c, v| {
+            c.registry.etcd.endpoints = v.split(',').map(|e| e.trim().to_owned()).collect();
+            Ok(())
+        },
+    ),
     ("NODEMESH_CA_KEY", "identity.ca_key", |c, v| {
         c.identity.ca_key = Some(v.into());
         Ok(())

@@ -209,14 +209,26 @@ mod tests {
 
     #[test]
     fn bad_registry_fields_are_named() {
-        assert_eq!(field_of("registry: {backend: etcd}\n"), "registry.etcd.endpoints");
+        assert_eq!(
+            field_of("registry: {backend: etcd}\n"),
+            "registry.etcd.endpoints"
+        );
         assert_eq!(
             field_of("registry: {backend: etcd, etcd: {endpoints: [\"10.0.0.1:2379\"]}}\n"),
             "registry.etcd.endpoints[0]"
         );
-        assert_eq!(field_of("registry: {etcd: {prefix: nodemesh}}\n"), "registry.etcd.prefix");
-        assert_eq!(field_of("registry: {etcd: {lease_ttl: 1s}}\n"), "registry.etcd.lease_ttl");
-        assert_eq!(field_of("registry: {health: {interval: 0s}}\n"), "registry.health.interval");
+        assert_eq!(
+            field_of("registry: {etcd: {prefix: nodemesh}}\n"),
+            "registry.etcd.prefix"
+        );
+        assert_eq!(
+            field_of("registry: {etcd: {lease_ttl: 1s}}\n"),
+            "registry.etcd.lease_ttl"
+        );
+        assert_eq!(
+            field_of("registry: {health: {interval: 0s}}\n"),
+            "registry.health.interval"
+        );
         let zone = crate::config::parse(
             "node: {name: n1, agent_ip: 10.1.255.1, zone: Zone_A}\n",
             "test",

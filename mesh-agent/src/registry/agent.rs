@@ -143,7 +143,10 @@ impl LocalAgent {
     }
 
     /// Registers (or replaces) an instance owned by this node; checks start at once.
-    pub async fn register(self: &Arc<Self>, mut registration: Registration) -> Result<(), AgentError> {
+    pub async fn register(
+        self: &Arc<Self>,
+        mut registration: Registration,
+    ) -> Result<(), AgentError> {
         registration.instance.node = self.node.clone();
         registration.instance.validate()?;
         let id = registration.instance.instance_id.clone();
@@ -300,7 +303,11 @@ impl LocalAgent {
         let _ = self.backend.delete_node(&self.node).await;
     }
 
-    fn spawn_check(self: &Arc<Self>, service_id: String, spec: CheckSpec) -> tokio::task::AbortHandle {
+    fn spawn_check(
+        self: &Arc<Self>,
+        service_id: String,
+        spec: CheckSpec,
+    ) -> tokio::task::AbortHandle {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
@@ -351,12 +358,13 @@ impl LocalAgent {
             let mut locals = self.locals.lock().unwrap_or_else(|p| p.into_inner());
             for (id, local) in locals.iter_mut() {
                 for c in local.checks.iter_mut() {
-                    if c.ttl_deadline.is_some_and(|d| now >= d) && c.status != HealthStatus::Critical {
+                    if c.ttl_deadline.is_some_and(|d| now >= d)
+                        && c.status != HealthStatus::Critical
+                    {
                         tracing::info!(check = %c.spec.id, "TTL expired: critical");
                         set_status(c, HealthStatus::Critical, "TTL expired".into(), now);
                     }
-                    if c
-                        .critical_since
+                    if c.critical_since
                         .is_some_and(|since| now.duration_since(since) >= c.spec.deregister_after)
                     {
                         expired.push(id.clone());

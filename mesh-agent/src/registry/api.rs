@@ -141,16 +141,14 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
+            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                Ok(b) => {
+                    out.push(b);
+                    i += 3;
+                    continue;
                 }
-            }
+                Err(_) => out.push(b'%'),
+            },
             b'+' => out.push(b' '),
             b => out.push(b),
         }
@@ -191,7 +189,11 @@ async fn handle(
             let Some(identity) = writer(who, "deregister", id) else {
                 return forbidden(who, "deregister", id);
             };
-            result(agent.deregister(id, Some(identity)).await, who, "deregister")
+            result(
+                agent.deregister(id, Some(identity)).await,
+                who,
+                "deregister",
+            )
         }
         (&Method::PUT, ["v1", "agent", "check", verb @ ("pass" | "warn" | "fail"), id]) => {
             let status = match *verb {
@@ -316,7 +318,11 @@ fn result(r: Result<(), AgentError>, who: &Caller, action: &str) -> Reply {
 
 /// Reads follow the allow-lists: a workload sees a service it may call (or its own).
 fn may_read(state: &AgentState, who: &Caller, service: &str) -> bool {
-    let Caller::Workload { identity, service: own } = who else {
+    let Caller::Workload {
+        identity,
+        service: own,
+    } = who
+    else {
         return true;
     };
     if own == service {
@@ -379,11 +385,7 @@ fn agent_service(i: &Instance) -> Value {
 
 /// The model's fields as Consul Meta, so clients read them back where they wrote them.
 fn consul_meta(i: &Instance) -> Value {
-    let mut meta: Map<String, Value> = i
-        .meta
-        .iter()
-        .map(|(k, v)| (k.clone(), json!(v)))
-        .collect();
+    let mut meta: Map<String, Value> = i.meta.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
     meta.insert("service_version".into(), json!(i.service_version));
     meta.insert("service_type".into(), json!(i.service_type));
     meta.insert("environment".into(), json!(i.environment));
@@ -546,7 +548,11 @@ pub fn parse_registration(
     let tags: Vec<String> = o
         .get("tags")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     let meta: BTreeMap<String, String> = o
         .get("meta")
@@ -580,7 +586,12 @@ pub fn parse_registration(
         deployment_id: meta.get("deployment_id").cloned(),
         capabilities: meta
             .get("capabilities")
-            .map(|c| c.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
+            .map(|c| {
+                c.split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
             .unwrap_or_default(),
         tags,
         meta,
@@ -709,7 +720,11 @@ mod tests {
 
     fn parse(body: &str) -> Result<Registration, RecordError> {
         let value: Value = serde_json::from_str(body).expect("json");
-        parse_registration(&value, "10.1.1.2".parse().expect("ip"), &HealthDefaults::default())
+        parse_registration(
+            &value,
+            "10.1.1.2".parse().expect("ip"),
+            &HealthDefaults::default(),
+        )
     }
 
     const META: &str = r#""Meta":{"version":"1.0","service_type":"http","environment":"prod","zone":"z1","capabilities":"pay, refund"}"#;
@@ -724,15 +739,26 @@ mod tests {
         .expect("valid");
         let i = &r.instance;
         assert_eq!(i.instance_id, "wallet", "ID defaults to Name");
-        assert_eq!(i.address.to_string(), "10.1.1.2", "Address defaults to the caller");
-        assert_eq!((i.service_version.as_str(), i.zone.as_deref()), ("1.0", Some("z1")));
+        assert_eq!(
+            i.address.to_string(),
+            "10.1.1.2",
+            "Address defaults to the caller"
+        );
+        assert_eq!(
+            (i.service_version.as_str(), i.zone.as_deref()),
+            ("1.0", Some("z1"))
+        );
         assert_eq!(i.capabilities, vec!["pay", "refund"]);
         assert_eq!(i.weight, 5);
         assert_eq!(r.checks.len(), 1);
         assert_eq!(r.checks[0].id, "service:wallet");
         assert_eq!(r.checks[0].kind, CheckKind::Ttl(Duration::from_secs(10)));
         assert_eq!(r.checks[0].initial, HealthStatus::Critical);
-        assert_eq!(r.checks[0].deregister_after, Duration::from_secs(60), "seed default");
+        assert_eq!(
+            r.checks[0].deregister_after,
+            Duration::from_secs(60),
+            "seed default"
+        );
     }
 
     #[test]
@@ -746,10 +772,20 @@ mod tests {
         .expect("valid");
         let ids: Vec<_> = r.checks.iter().map(|c| c.id.as_str()).collect();
         assert_eq!(ids, vec!["service:w-1:1", "service:w-1:2", "grpc-1"]);
-        assert_eq!(r.checks[0].interval, Duration::from_secs(30), "seed default interval");
-        assert_eq!(r.checks[0].timeout, Duration::from_secs(10), "seed default timeout");
+        assert_eq!(
+            r.checks[0].interval,
+            Duration::from_secs(30),
+            "seed default interval"
+        );
+        assert_eq!(
+            r.checks[0].timeout,
+            Duration::from_secs(10),
+            "seed default timeout"
+        );
         assert_eq!(r.checks[1].interval, Duration::from_secs(5));
-        assert!(matches!(&r.checks[2].kind, CheckKind::Grpc { service, .. } if service == "wallet"));
+        assert!(
+            matches!(&r.checks[2].kind, CheckKind::Grpc { service, .. } if service == "wallet")
+        );
     }
 
     #[test]
@@ -757,13 +793,34 @@ mod tests {
         let cases = [
             (r#"{"Port":1}"#.to_owned(), "Name"),
             (format!(r#"{{"Name":"wallet",{META}}}"#), "Port"),
-            (r#"{"Name":"wallet","Port":1,"Meta":{"service_type":"x","environment":"y"}}"#.to_owned(), "Meta.service_version"),
+            (
+                r#"{"Name":"wallet","Port":1,"Meta":{"service_type":"x","environment":"y"}}"#
+                    .to_owned(),
+                "Meta.service_version",
+            ),
             (format!(r#"{{"Name":"Wallet","Port":1,{META}}}"#), "Name"),
-            (format!(r#"{{"Name":"w","Address":"nope","Port":1,{META}}}"#), "Address"),
-            (format!(r#"{{"Name":"w","Port":1,{META},"Check":{{"TTL":"ten"}}}}"#), "Check.TTL"),
-            (format!(r#"{{"Name":"w","Port":1,{META},"Checks":[{{"TTL":"1s"}},{{"TCP":"x"}}]}}"#), "Checks[1].TCP"),
-            (format!(r#"{{"Name":"w","Port":1,{META},"Check":{{"Args":["/bin/true"]}}}}"#), "Check.Args"),
-            (format!(r#"{{"Name":"w","Port":1,{META},"Check":{{"Interval":"1s"}}}}"#), "Check"),
+            (
+                format!(r#"{{"Name":"w","Address":"nope","Port":1,{META}}}"#),
+                "Address",
+            ),
+            (
+                format!(r#"{{"Name":"w","Port":1,{META},"Check":{{"TTL":"ten"}}}}"#),
+                "Check.TTL",
+            ),
+            (
+                format!(
+                    r#"{{"Name":"w","Port":1,{META},"Checks":[{{"TTL":"1s"}},{{"TCP":"x"}}]}}"#
+                ),
+                "Checks[1].TCP",
+            ),
+            (
+                format!(r#"{{"Name":"w","Port":1,{META},"Check":{{"Args":["/bin/true"]}}}}"#),
+                "Check.Args",
+            ),
+            (
+                format!(r#"{{"Name":"w","Port":1,{META},"Check":{{"Interval":"1s"}}}}"#),
+                "Check",
+            ),
         ];
         for (body, field) in cases {
             let e = parse(&body).expect_err(&body);

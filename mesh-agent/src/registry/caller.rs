@@ -43,7 +43,11 @@ pub async fn resolve(state: &AgentState, peer: SocketAddr) -> Caller {
             return match model.identity_name(orig.identity) {
                 Some(key) => Caller::Workload {
                     identity: key.to_owned(),
-                    service: model.identity_services.get(key).cloned().unwrap_or_default(),
+                    service: model
+                        .identity_services
+                        .get(key)
+                        .cloned()
+                        .unwrap_or_default(),
                 },
                 None => Caller::Unidentified,
             };

@@ -20,10 +20,7 @@ pub enum CheckKind {
     /// Connect: passing when the connection opens.
     Tcp(SocketAddrV4),
     /// grpc.health.v1 Check; `service` empty means the server as a whole.
-    Grpc {
-        addr: SocketAddrV4,
-        service: String,
-    },
+    Grpc { addr: SocketAddrV4, service: String },
     /// Run a program: exit 0 passing, 1 warning, else critical.
     Script(Vec<String>),
     /// Passing while heartbeats arrive within the TTL.
@@ -41,7 +38,10 @@ pub async fn run(
         match kind {
             CheckKind::Http(url) => http(url, agent_ip).await,
             CheckKind::Tcp(addr) => match connect_from(agent_ip, *addr).await {
-                Ok(_) => (HealthStatus::Passing, format!("TCP connect {addr}: Success")),
+                Ok(_) => (
+                    HealthStatus::Passing,
+                    format!("TCP connect {addr}: Success"),
+                ),
                 Err(e) => (HealthStatus::Critical, format!("TCP connect {addr}: {e}")),
             },
             CheckKind::Grpc { addr, service } => grpc(*addr, service, agent_ip).await,
@@ -158,7 +158,10 @@ async fn script(args: &[String], output_cap: usize) -> (HealthStatus, String) {
             };
             (status, note)
         }
-        Err(e) => (HealthStatus::Critical, format!("cannot run {program:?}: {e}")),
+        Err(e) => (
+            HealthStatus::Critical,
+            format!("cannot run {program:?}: {e}"),
+        ),
     }
 }
 
@@ -190,7 +193,10 @@ mod tests {
         let t = Duration::from_secs(5);
         assert_eq!(run(&sh("exit 0"), t, LO, 10).await.0, HealthStatus::Passing);
         assert_eq!(run(&sh("exit 1"), t, LO, 10).await.0, HealthStatus::Warning);
-        assert_eq!(run(&sh("exit 2"), t, LO, 10).await.0, HealthStatus::Critical);
+        assert_eq!(
+            run(&sh("exit 2"), t, LO, 10).await.0,
+            HealthStatus::Critical
+        );
         let (status, note) = run(&sh("yes | head -c 100000"), t, LO, 10).await;
         assert_eq!((status, note.len()), (HealthStatus::Passing, 10));
         let (status, note) = run(&sh("sleep 5"), Duration::from_millis(200), LO, 10).await;
@@ -220,11 +226,17 @@ mod tests {
             service: s.into(),
         };
         let t = Duration::from_secs(5);
-        assert_eq!(run(&kind("wallet"), t, LO, 10).await.0, HealthStatus::Passing);
+        assert_eq!(
+            run(&kind("wallet"), t, LO, 10).await.0,
+            HealthStatus::Passing
+        );
         reporter
             .set_service_status("wallet", tonic_health::ServingStatus::NotServing)
             .await;
-        assert_eq!(run(&kind("wallet"), t, LO, 10).await.0, HealthStatus::Critical);
+        assert_eq!(
+            run(&kind("wallet"), t, LO, 10).await.0,
+            HealthStatus::Critical
+        );
     }
 
     #[tokio::test]

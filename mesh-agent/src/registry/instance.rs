@@ -212,16 +212,26 @@ mod tests {
 
     #[test]
     fn bad_records_name_the_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Instance)>)> = vec![
-            ("service_name", Box::new(|i| i.service_name = "Wallet".into())),
+        type Mutation = Box<dyn Fn(&mut Instance)>;
+        let cases: Vec<(&str, Mutation)> = vec![
+            (
+                "service_name",
+                Box::new(|i| i.service_name = "Wallet".into()),
+            ),
             ("service_type", Box::new(|i| i.service_type = "".into())),
             ("environment", Box::new(|i| i.environment = "-prod".into())),
             ("instance_id", Box::new(|i| i.instance_id = "a_b".into())),
-            ("service_version", Box::new(|i| i.service_version = "1 2".into())),
+            (
+                "service_version",
+                Box::new(|i| i.service_version = "1 2".into()),
+            ),
             ("address", Box::new(|i| i.address = Ipv4Addr::UNSPECIFIED)),
             ("port", Box::new(|i| i.port = 0)),
             ("zone", Box::new(|i| i.zone = Some("Zone A".into()))),
-            ("capabilities[1]", Box::new(|i| i.capabilities = vec!["pay".into(), "X".into()])),
+            (
+                "capabilities[1]",
+                Box::new(|i| i.capabilities = vec!["pay".into(), "X".into()]),
+            ),
             ("weight", Box::new(|i| i.weight = 0)),
         ];
         for (field, mutate) in cases {

@@ -4,8 +4,8 @@
 pub mod agent;
 pub mod api;
 pub mod backend;
-pub mod catalog;
 pub mod caller;
+pub mod catalog;
 pub mod health;
 pub mod instance;
 pub mod model;

@@ -4,8 +4,8 @@
 
 /// The JSON Schema document as written to docs/ (pretty, trailing newline).
 pub fn instance_schema_text() -> String {
-    let mut text = serde_json::to_string_pretty(&super::instance::instance_schema())
-        .unwrap_or_default();
+    let mut text =
+        serde_json::to_string_pretty(&super::instance::instance_schema()).unwrap_or_default();
     text.push('\n');
     text
 }
@@ -16,8 +16,9 @@ pub fn components() -> serde_json::Value {
     let mut generator = schemars::generate::SchemaSettings::draft2020_12()
         .with(|s| s.definitions_path = "/components/schemas".into())
         .into_generator();
-    let mut instance = serde_json::to_value(generator.root_schema_for::<super::instance::Instance>())
-        .unwrap_or_default();
+    let mut instance =
+        serde_json::to_value(generator.root_schema_for::<super::instance::Instance>())
+            .unwrap_or_default();
     let mut node = serde_json::to_value(generator.root_schema_for::<super::instance::NodeRecord>())
         .unwrap_or_default();
     for s in [&mut instance, &mut node] {
@@ -43,7 +44,10 @@ mod tests {
     #[test]
     fn schema_file_matches_the_model() {
         if std::env::var_os("NODEMESH_BLESS").is_some() {
-            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/registry-instance.schema.json");
+            let path = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../docs/registry-instance.schema.json"
+            );
             std::fs::write(path, instance_schema_text()).expect("write schema");
             return;
         }

@@ -172,7 +172,10 @@ mod tests {
         let (config, model) = effective(&base(), &catalog, Some(&before));
         assert_eq!(config.nodes.len(), 1, "n2 joined from the registry");
         let wallet = &model.services["wallet"];
-        assert_eq!(wallet.id, before.services["wallet"].id, "kernel id unchanged");
+        assert_eq!(
+            wallet.id, before.services["wallet"].id,
+            "kernel id unchanged"
+        );
         let got: Vec<_> = wallet
             .endpoints
             .iter()
@@ -180,11 +183,7 @@ mod tests {
             .collect();
         assert_eq!(
             got,
-            vec![
-                (80, None, 1),
-                (8001, Some("n2".into()), 3),
-                (8004, None, 3),
-            ],
+            vec![(80, None, 1), (8001, Some("n2".into()), 3), (8004, None, 3),],
             "static endpoint kept; critical and unknown-node instances left out; own node local"
         );
     }

@@ -134,7 +134,13 @@ impl EtcdBackend {
             )
         };
         for i in &instances {
-            put(&mut client, lease, self.key(&Key::Instance(i.instance_id.clone())), i).await?;
+            put(
+                &mut client,
+                lease,
+                self.key(&Key::Instance(i.instance_id.clone())),
+                i,
+            )
+            .await?;
         }
         for n in &nodes {
             put(&mut client, lease, self.key(&Key::Node(n.name.clone())), n).await?;
@@ -182,7 +188,11 @@ impl EtcdBackend {
     }
 
     /// Replaces the cache with the prefix's current content; returns the revision read.
-    async fn full_sync(&self, client: &mut Client, prefix: &str) -> Result<i64, etcd_client::Error> {
+    async fn full_sync(
+        &self,
+        client: &mut Client,
+        prefix: &str,
+    ) -> Result<i64, etcd_client::Error> {
         let snapshot = client
             .get(prefix, Some(GetOptions::new().with_prefix()))
             .await?;
@@ -346,7 +356,8 @@ impl Backend for EtcdBackend {
             .unwrap_or_else(|p| p.into_inner())
             .instances
             .remove(instance_id);
-        self.write(Key::Instance(instance_id.to_owned()), None).await;
+        self.write(Key::Instance(instance_id.to_owned()), None)
+            .await;
         Ok(())
     }
 
@@ -356,8 +367,11 @@ impl Backend for EtcdBackend {
             .unwrap_or_else(|p| p.into_inner())
             .nodes
             .insert(node.name.clone(), node.clone());
-        self.write(Key::Node(node.name.clone()), serde_json::to_value(node).ok())
-            .await;
+        self.write(
+            Key::Node(node.name.clone()),
+            serde_json::to_value(node).ok(),
+        )
+        .await;
         Ok(())
     }
 

@@ -53,7 +53,9 @@ impl Backend for MemoryBackend {
 
     async fn put_instance(&self, instance: &Instance) -> Result<(), BackendError> {
         self.change(|c| {
-            c.instances.insert(instance.instance_id.clone(), instance.clone()) != Some(instance.clone())
+            c.instances
+                .insert(instance.instance_id.clone(), instance.clone())
+                != Some(instance.clone())
         });
         Ok(())
     }
