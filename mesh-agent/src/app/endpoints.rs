@@ -213,7 +213,7 @@ fn registry_health(state: &AgentState) -> serde_json::Value {
         "backend": agent.backend.kind(),
         "connected": connected,
         "cache": if connected { "fresh" } else { "extend-cache" },
-        "instances": catalog.instances.len(),
+        "instances": catalog.instances().count(),
         "nodes": catalog.nodes.len(),
         "local_registrations": agent.locals().len(),
     })
@@ -243,8 +243,7 @@ fn render_registry(state: &AgentState, node: &str, w: &mut PromWriter) {
     );
     for status in ["passing", "warning", "critical"] {
         let n = catalog
-            .instances
-            .values()
+            .instances()
             .filter(|i| i.status.as_str() == status)
             .count();
         w.sample(name, &[("node", node), ("status", status)], n as u64);

@@ -150,6 +150,21 @@ impl LocalAgent {
         registration.instance.node = self.node.clone();
         registration.instance.validate()?;
         let id = registration.instance.instance_id.clone();
+        // An instance id another identity (on any node) holds cannot be taken over.
+        if let Some(existing) = self
+            .backend
+            .subscribe()
+            .borrow()
+            .get(&registration.instance.service_name, &id)
+        {
+            if existing.owner != registration.instance.owner {
+                return Err(AgentError::Forbidden {
+                    id,
+                    owner: existing.owner.clone(),
+                    caller: registration.instance.owner.clone(),
+                });
+            }
+        }
         {
             let locals = self.locals.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(existing) = locals.get(&id) {
@@ -210,7 +225,7 @@ impl LocalAgent {
 
     /// Removes an instance; `caller` must own it (None: the agent itself).
     pub async fn deregister(&self, id: &str, caller: Option<&str>) -> Result<(), AgentError> {
-        {
+        let service = {
             let mut locals = self.locals.lock().unwrap_or_else(|p| p.into_inner());
             let Some(local) = locals.get(id) else {
                 return Err(AgentError::NotFound {
@@ -219,12 +234,14 @@ impl LocalAgent {
                 });
             };
             check_owner(id, &local.registration.instance.owner, caller)?;
+            let service = local.registration.instance.service_name.clone();
             if let Some(local) = locals.remove(id) {
                 local.tasks.iter().for_each(|t| t.abort());
             }
-        }
+            service
+        };
         self.save();
-        self.backend.delete_instance(id).await?;
+        self.backend.delete_instance(&service, id).await?;
         tracing::info!(instance = %id, "instance deregistered");
         Ok(())
     }
@@ -290,15 +307,18 @@ impl LocalAgent {
     /// Deregisters everything this agent hosts and its node (SIGTERM). The state file is kept,
     /// so the next start re-registers the same instances.
     pub async fn shutdown(&self) {
-        let ids: Vec<String> = {
+        let ids: Vec<(String, String)> = {
             let mut locals = self.locals.lock().unwrap_or_else(|p| p.into_inner());
-            for l in locals.values() {
-                l.tasks.iter().for_each(|t| t.abort());
-            }
-            std::mem::take(&mut *locals).into_keys().collect()
+            std::mem::take(&mut *locals)
+                .into_iter()
+                .map(|(id, l)| {
+                    l.tasks.iter().for_each(|t| t.abort());
+                    (l.registration.instance.service_name, id)
+                })
+                .collect()
         };
-        for id in ids {
-            let _ = self.backend.delete_instance(&id).await;
+        for (service, id) in ids {
+            let _ = self.backend.delete_instance(&service, &id).await;
         }
         let _ = self.backend.delete_node(&self.node).await;
     }

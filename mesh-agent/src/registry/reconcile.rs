@@ -166,7 +166,7 @@ mod tests {
             instance("ccc", "n3", HealthStatus::Passing),
             instance("dddd", "n1", HealthStatus::Passing),
         ] {
-            catalog.instances.insert(i.instance_id.clone(), i);
+            catalog.insert(i);
         }
         let before = MeshModel::build(&base(), None);
         let (config, model) = effective(&base(), &catalog, Some(&before));

@@ -1,4 +1,4 @@
-//! `etcd` backend (etcd v3): records as JSON under `<prefix>/instances/<id>` and
+//! `etcd` backend (etcd v3): records as JSON under `<prefix>/instances/<service>/<id>` and
 //! `<prefix>/nodes/<name>`, each attached to this agent's lease. The lease's keepalive is the
 //! agent's heartbeat: an agent that dies takes its records with it after `lease_ttl`. One watch
 //! on the prefix keeps every agent's cache current. When etcd is unreachable the cache keeps the
@@ -35,7 +35,8 @@ pub struct EtcdSettings {
 /// What this agent registered: re-put on every (re)connect.
 #[derive(Default)]
 struct Owned {
-    instances: BTreeMap<String, Instance>,
+    /// (service, instance_id) -> instance.
+    instances: BTreeMap<(String, String), Instance>,
     nodes: BTreeMap<String, NodeRecord>,
 }
 
@@ -52,7 +53,8 @@ pub struct EtcdBackend {
 }
 
 enum Key {
-    Instance(String),
+    /// (service, instance_id)
+    Instance(String, String),
     Node(String),
 }
 
@@ -101,7 +103,7 @@ impl EtcdBackend {
     fn key(&self, key: &Key) -> String {
         let prefix = self.settings.prefix.trim_end_matches('/');
         match key {
-            Key::Instance(id) => format!("{prefix}/instances/{id}"),
+            Key::Instance(service, id) => format!("{prefix}/instances/{service}/{id}"),
             Key::Node(name) => format!("{prefix}/nodes/{name}"),
         }
     }
@@ -109,8 +111,9 @@ impl EtcdBackend {
     fn parse_key(&self, key: &str) -> Option<Key> {
         let prefix = self.settings.prefix.trim_end_matches('/');
         let rest = key.strip_prefix(prefix)?.strip_prefix('/')?;
-        if let Some(id) = rest.strip_prefix("instances/") {
-            Some(Key::Instance(id.to_owned()))
+        if let Some(rest) = rest.strip_prefix("instances/") {
+            let (service, id) = rest.split_once('/')?;
+            Some(Key::Instance(service.to_owned(), id.to_owned()))
         } else {
             rest.strip_prefix("nodes/").map(|n| Key::Node(n.to_owned()))
         }
@@ -137,7 +140,10 @@ impl EtcdBackend {
             put(
                 &mut client,
                 lease,
-                self.key(&Key::Instance(i.instance_id.clone())),
+                self.key(&Key::Instance(
+                    i.service_name.clone(),
+                    i.instance_id.clone(),
+                )),
                 i,
             )
             .await?;
@@ -205,7 +211,7 @@ impl EtcdBackend {
         }
         self.catalog.send_if_modified(|current| {
             fresh.index = current.index + 1;
-            let changed = fresh.instances != current.instances || fresh.nodes != current.nodes;
+            let changed = !fresh.same_records(current);
             if changed {
                 *current = Arc::new(fresh);
             }
@@ -229,18 +235,24 @@ impl EtcdBackend {
     /// Applies one key's new value (None: deleted) to a catalog.
     fn apply(&self, catalog: &mut Catalog, key: &str, value: Option<&[u8]>) {
         match (self.parse_key(key), value) {
-            (Some(Key::Instance(id)), None) => {
-                catalog.instances.remove(&id);
+            (Some(Key::Instance(service, id)), None) => {
+                catalog.remove(&service, &id);
             }
             (Some(Key::Node(name)), None) => {
                 catalog.nodes.remove(&name);
             }
-            (Some(Key::Instance(id)), Some(v)) => match serde_json::from_slice::<Instance>(v) {
-                Ok(i) if i.validate().is_ok() => {
-                    catalog.instances.insert(id, i);
+            (Some(Key::Instance(service, id)), Some(v)) => {
+                match serde_json::from_slice::<Instance>(v) {
+                    Ok(i)
+                        if i.validate().is_ok()
+                            && i.service_name == service
+                            && i.instance_id == id =>
+                    {
+                        catalog.insert(i);
+                    }
+                    _ => tracing::warn!(key, "ignoring an invalid instance record in etcd"),
                 }
-                _ => tracing::warn!(key, "ignoring an invalid instance record in etcd"),
-            },
+            }
             (Some(Key::Node(name)), Some(v)) => match serde_json::from_slice::<NodeRecord>(v) {
                 Ok(n) => {
                     catalog.nodes.insert(name, n);
@@ -343,21 +355,24 @@ impl Backend for EtcdBackend {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .instances
-            .insert(instance.instance_id.clone(), instance.clone());
+            .insert(
+                (instance.service_name.clone(), instance.instance_id.clone()),
+                instance.clone(),
+            );
         let value = serde_json::to_value(instance).ok();
-        self.write(Key::Instance(instance.instance_id.clone()), value)
-            .await;
+        let key = Key::Instance(instance.service_name.clone(), instance.instance_id.clone());
+        self.write(key, value).await;
         Ok(())
     }
 
-    async fn delete_instance(&self, instance_id: &str) -> Result<(), BackendError> {
+    async fn delete_instance(&self, service: &str, instance_id: &str) -> Result<(), BackendError> {
         self.owned
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .instances
-            .remove(instance_id);
-        self.write(Key::Instance(instance_id.to_owned()), None)
-            .await;
+            .remove(&(service.to_owned(), instance_id.to_owned()));
+        let key = Key::Instance(service.to_owned(), instance_id.to_owned());
+        self.write(key, None).await;
         Ok(())
     }
 

@@ -52,16 +52,12 @@ impl Backend for MemoryBackend {
     }
 
     async fn put_instance(&self, instance: &Instance) -> Result<(), BackendError> {
-        self.change(|c| {
-            c.instances
-                .insert(instance.instance_id.clone(), instance.clone())
-                != Some(instance.clone())
-        });
+        self.change(|c| c.insert(instance.clone()));
         Ok(())
     }
 
-    async fn delete_instance(&self, instance_id: &str) -> Result<(), BackendError> {
-        self.change(|c| c.instances.remove(instance_id).is_some());
+    async fn delete_instance(&self, service: &str, instance_id: &str) -> Result<(), BackendError> {
+        self.change(|c| c.remove(service, instance_id));
         Ok(())
     }
 

@@ -19,13 +19,12 @@ use super::instance::{Instance, NodeRecord};
 
 #[derive(Debug, Error)]
 pub enum BackendError {
+    /// For backends that write through synchronously (today's keep the write and retry).
     #[error("registry backend {backend} unreachable: {message}")]
     Unreachable {
         backend: &'static str,
         message: String,
     },
-    #[error("registry state file {path}: {message}")]
-    State { path: String, message: String },
 }
 
 #[async_trait]
@@ -38,7 +37,7 @@ pub trait Backend: Send + Sync {
     fn connected(&self) -> bool;
     /// Stores an instance this agent owns (kept alive by this agent's heartbeat).
     async fn put_instance(&self, instance: &Instance) -> Result<(), BackendError>;
-    async fn delete_instance(&self, instance_id: &str) -> Result<(), BackendError>;
+    async fn delete_instance(&self, service: &str, instance_id: &str) -> Result<(), BackendError>;
     /// Announces a node (this agent's own).
     async fn put_node(&self, node: &NodeRecord) -> Result<(), BackendError>;
     async fn delete_node(&self, name: &str) -> Result<(), BackendError>;
