@@ -5,6 +5,7 @@ mod build;
 mod demo;
 mod demo_registry;
 mod http_bench;
+mod registry_bench;
 mod setup;
 mod sh;
 
@@ -35,8 +36,12 @@ enum Task {
         #[arg(long)]
         registry: Option<String>,
     },
-    /// Setup, build (release), and measure connection rates through the data path.
-    Bench,
+    /// Setup, build (release), and measure connection rates through the data path, then the
+    /// registry at scale (etcd with 100,000 instances). `--scale`: only the registry rows.
+    Bench {
+        #[arg(long)]
+        scale: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -58,7 +63,7 @@ fn main() -> Result<()> {
                 None => demo::run(),
             }
         }
-        Task::Bench => {
+        Task::Bench { scale } => {
             setup::run()?;
             build::ebpf()?;
             sh::cargo(&[
@@ -73,7 +78,10 @@ fn main() -> Result<()> {
             let bins = sh::workspace_root().join("target/release");
             std::env::set_var("NODEMESH_AGENT_BIN", bins.join("mesh-agent"));
             std::env::set_var("NODEMESH_PROBE_BIN", bins.join("meshprobe"));
-            bench::run()
+            if !scale {
+                bench::run()?;
+            }
+            registry_bench::run()
         }
     }
 }

@@ -11,7 +11,8 @@ use crate::http_server::{Handler, Reply};
 use crate::policy::deny;
 use crate::state::AgentState;
 
-const INDEX: &str = "nodemesh admin: /config_dump /workloads /certs /policy\n";
+const INDEX: &str =
+    "nodemesh admin: /config_dump /workloads /certs /policy /endpoints /endpoints/<service>\n";
 
 pub fn admin_handler(state: Arc<AgentState>) -> Handler {
     Arc::new(move |path| {
@@ -20,6 +21,8 @@ pub fn admin_handler(state: Arc<AgentState>) -> Handler {
             "/workloads" => workloads(&state),
             "/certs" => certs(&state),
             "/policy" => policy(&state),
+            "/endpoints" => endpoints(&state, None),
+            p if p.starts_with("/endpoints/") => endpoints(&state, p.strip_prefix("/endpoints/")),
             "/" => return Reply::text(StatusCode::OK, INDEX),
             _ => return Reply::text(StatusCode::NOT_FOUND, INDEX),
         };
@@ -106,4 +109,23 @@ fn policy(state: &AgentState) -> Value {
         "service_keys": config.service_keys,
         "decisions": decisions,
     })
+}
+
+/// The endpoint sets the proxy routes to now (static ones and passing registry instances).
+fn endpoints(state: &AgentState, only: Option<&str>) -> Value {
+    let model = state.model();
+    let out: serde_json::Map<String, Value> = model
+        .services
+        .values()
+        .filter(|s| only.is_none_or(|o| o == s.name))
+        .map(|s| {
+            let list: Vec<Value> = s
+                .endpoints
+                .iter()
+                .map(|e| json!({"address": e.addr.to_string(), "node": e.node, "zone": e.zone, "weight": e.weight}))
+                .collect();
+            (s.name.clone(), Value::Array(list))
+        })
+        .collect();
+    Value::Object(out)
 }

@@ -4,6 +4,7 @@
 //! model's endpoint sets and peer nodes, so endpoint churn never rewrites the kernel service map,
 //! re-issues certificates or recompiles authorization.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
@@ -65,8 +66,9 @@ pub fn effective(
     previous: Option<&MeshModel>,
 ) -> (Config, MeshModel) {
     let mut config = base.clone();
+    let mut known: HashSet<String> = config.nodes.iter().map(|n| n.name.clone()).collect();
     for node in catalog.nodes.values() {
-        if node.name != base.node.name && !config.nodes.iter().any(|n| n.name == node.name) {
+        if node.name != base.node.name && known.insert(node.name.clone()) {
             config.nodes.push(PeerNode {
                 name: node.name.clone(),
                 hbone: node.hbone,
@@ -80,7 +82,7 @@ pub fn effective(
             let addr = std::net::SocketAddrV4::new(i.address, i.port);
             let node = if i.node == base.node.name || i.node.is_empty() {
                 None
-            } else if config.nodes.iter().any(|n| n.name == i.node) {
+            } else if known.contains(&i.node) {
                 Some(i.node.clone())
             } else {
                 // No route to an unknown node's agent: not offered to the load balancer.

@@ -22,6 +22,8 @@ use crate::registry::instance::{Instance, NodeRecord};
 
 /// Pause between reconnect attempts while etcd is down.
 const RETRY: Duration = Duration::from_millis(500);
+/// Keys per page of a full sync.
+const PAGE: i64 = 5000;
 /// Per-request and connect timeouts: every network wait is bounded.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -193,20 +195,37 @@ impl EtcdBackend {
         }
     }
 
-    /// Replaces the cache with the prefix's current content; returns the revision read.
-    async fn full_sync(
-        &self,
-        client: &mut Client,
-        prefix: &str,
-    ) -> Result<i64, etcd_client::Error> {
-        let snapshot = client
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await?;
-        let revision = snapshot.header().map_or(0, |h| h.revision());
+    /// Replaces the cache with the prefix's current content, read in pages at one revision
+    /// (a single response would exceed gRPC's message limit at 100,000 instances); returns the
+    /// revision read.
+    async fn full_sync(&self, client: &mut Client, prefix: &str) -> Result<i64, etcd_client::Error> {
+        let mut end = prefix.as_bytes().to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
         let mut fresh = Catalog::default();
-        for kv in snapshot.kvs() {
-            if let Ok(key) = kv.key_str() {
-                self.apply(&mut fresh, key, Some(kv.value()));
+        let mut start = prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let page = client.get(start.clone(), Some(options)).await?;
+            if revision == 0 {
+                revision = page.header().map_or(0, |h| h.revision());
+            }
+            for kv in page.kvs() {
+                if let Ok(key) = kv.key_str() {
+                    self.apply(&mut fresh, key, Some(kv.value()));
+                }
+            }
+            match page.kvs().last() {
+                Some(last) if page.more() => {
+                    start = last.key().to_vec();
+                    start.push(0);
+                }
+                _ => break,
             }
         }
         self.catalog.send_if_modified(|current| {
