@@ -164,18 +164,23 @@ pub fn run() -> Result<()> {
         let churn = scope.spawn(|| {
             topo.in_netns(&node.netns, || {
                 runtime()?.block_on(async {
-                    let mut client = Client::connect([url.as_str()], None).await?;
+                    let client = Client::connect([url.as_str()], None).await?;
                     let mut tick = tokio::time::interval(Duration::from_millis(10));
                     let mut generation = 0u64;
                     while !stop.load(Ordering::Relaxed) {
                         tick.tick().await;
+                        // One tick's puts in flight together, so etcd latency does not cap the rate.
+                        let mut puts = tokio::task::JoinSet::new();
                         for _ in 0..CHURN_PER_SECOND / 100 {
                             generation += 1;
                             let s = 1 + (generation as usize * 7919) % (SERVICES - 1);
                             let i = generation as usize % PER_SERVICE;
-                            client
-                                .put(key(s, i), instance(s, i, 8080, generation).to_string(), None)
-                                .await?;
+                            let mut client = client.clone();
+                            let value = instance(s, i, 8080, generation).to_string();
+                            puts.spawn(async move { client.put(key(s, i), value, None).await });
+                        }
+                        while let Some(r) = puts.join_next().await {
+                            r??;
                             churned.fetch_add(1, Ordering::Relaxed);
                         }
                     }
