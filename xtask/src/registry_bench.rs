@@ -110,12 +110,29 @@ fn kernel_map_bytes(instance: &str) -> Result<u64> {
         .into_iter()
         .flatten()
         .filter(|m| {
-            m["pinned"]
-                .as_array()
-                .is_some_and(|p| p.iter().any(|p| p.as_str().is_some_and(|p| p.starts_with(&dir))))
+            m["pinned"].as_array().is_some_and(|p| {
+                p.iter()
+                    .any(|p| p.as_str().is_some_and(|p| p.starts_with(&dir)))
+            })
         })
         .filter_map(|m| m["bytes_memlock"].as_u64())
         .sum())
+}
+
+/// CPU time (user + system) the process used so far.
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    // After the command name: utime and stime are fields 14 and 15 of the whole line.
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(Duration::from_millis(ticks * 1000 / hz))
 }
 
 fn registry_instances(topo: &Topology, netns: &str, health: SocketAddr) -> u64 {
@@ -160,7 +177,8 @@ pub fn run() -> Result<()> {
     let stop = AtomicBool::new(false);
     let churned = AtomicU64::new(0);
     let admin = SocketAddr::from(([127, 0, 0, 1], 15000));
-    let (latencies, failures) = std::thread::scope(|scope| {
+    let cpu_before = cpu_time(agent.pid)?;
+    let (latencies, acks, failures) = std::thread::scope(|scope| {
         let churn = scope.spawn(|| {
             topo.in_netns(&node.netns, || {
                 runtime()?.block_on(async {
@@ -192,6 +210,7 @@ pub fn run() -> Result<()> {
             let rt = runtime()?;
             let mut client = rt.block_on(Client::connect([url.as_str()], None))?;
             let mut latencies = Vec::new();
+            let mut acks = Vec::new();
             let mut failures = 0u32;
             let end = Instant::now() + PROBE_FOR;
             let mut port = 20_000u16;
@@ -199,23 +218,25 @@ pub fn run() -> Result<()> {
                 port += 1;
                 let written = Instant::now();
                 rt.block_on(client.put(key(0, 0), instance(0, 0, port, 0).to_string(), None))?;
+                let acked = written.elapsed();
                 let needle = format!(":{port}\"");
                 let deadline = written + Duration::from_secs(5);
                 loop {
                     let (_, body) = mesh_tests::http::get(admin, "/endpoints/svc-0")?;
                     if body.contains(&needle) {
                         latencies.push(written.elapsed());
+                        acks.push(acked);
                         break;
                     }
                     if Instant::now() > deadline {
                         failures += 1;
                         break;
                     }
-                    std::thread::sleep(Duration::from_micros(500));
+                    std::thread::sleep(Duration::from_millis(2));
                 }
                 std::thread::sleep(PROBE_EVERY.saturating_sub(written.elapsed()));
             }
-            Ok((latencies, failures))
+            Ok((latencies, acks, failures))
         });
         stop.store(true, Ordering::Relaxed);
         let churn = churn.join();
@@ -226,27 +247,67 @@ pub fn run() -> Result<()> {
         }
     })?;
     let rss_churned = rss_kib(agent.pid)?;
+    let agent_cpu = (cpu_time(agent.pid)? - cpu_before).as_secs_f64() / PROBE_FOR.as_secs_f64();
+    let mut after_ack: Vec<f64> = latencies
+        .iter()
+        .zip(&acks)
+        .map(|(l, a)| l.saturating_sub(*a).as_secs_f64() * 1e3)
+        .collect();
+    after_ack.sort_by(f64::total_cmp);
+    let mut ack_ms: Vec<f64> = acks.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    ack_ms.sort_by(f64::total_cmp);
     let mut ms: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1e3).collect();
     ms.sort_by(f64::total_cmp);
-    let pct = |p: f64| ms.get(((ms.len() as f64 * p) as usize).min(ms.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
+    let pct = |v: &[f64], p: f64| {
+        v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     let churn_rate = churned.load(Ordering::Relaxed) as f64 / PROBE_FOR.as_secs_f64();
 
     println!("\nRegistry scale: etcd with {SERVICES} services x {PER_SERVICE} instances ({total}) and {NODES} nodes; one agent on the etcd backend with {ROUTED} routed services.\n");
     println!("| measure | value |");
     println!("| --- | --- |");
-    println!("| etcd load of {} records (txn of 128, 8 in flight) | {:.1} s |", total + NODES as u64, populated.as_secs_f64());
-    println!("| agent start to full registry sync ({total} instances in the cache) | {:.2} s |", sync.as_secs_f64());
+    println!(
+        "| etcd load of {} records (txn of 128, 8 in flight) | {:.1} s |",
+        total + NODES as u64,
+        populated.as_secs_f64()
+    );
+    println!(
+        "| agent start to full registry sync ({total} instances in the cache) | {:.2} s |",
+        sync.as_secs_f64()
+    );
     println!("| agent RSS after sync | {} MiB |", rss_synced / 1024);
-    println!("| agent RSS after {}s of churn | {} MiB |", PROBE_FOR.as_secs(), rss_churned / 1024);
-    println!("| kernel map memory (maps pinned for this agent) | {} KiB |", map_bytes / 1024);
+    println!(
+        "| agent RSS after {}s of churn | {} MiB |",
+        PROBE_FOR.as_secs(),
+        rss_churned / 1024
+    );
+    println!(
+        "| kernel map memory (maps pinned for this agent) | {} KiB |",
+        map_bytes / 1024
+    );
     println!("| background churn achieved | {churn_rate:.0} changes/s |");
     println!(
-        "| change in etcd -> routed endpoint set, {} probes: p50 / p99 / max | {:.1} / {:.1} / {:.1} ms |",
-        ms.len(),
-        pct(0.5),
-        pct(0.99),
-        ms.last().copied().unwrap_or(f64::NAN)
+        "| agent CPU during churn | {:.0}% of one core |",
+        agent_cpu * 100.0
     );
+    for (what, v) in [
+        ("put sent -> routed endpoint set (end to end)", &ms),
+        ("etcd put acknowledged (part of the above)", &ack_ms),
+        (
+            "put acknowledged -> routed (watch, cache, reconciler)",
+            &after_ack,
+        ),
+    ] {
+        println!(
+            "| {what}, {} probes: p50 / p99 / max | {:.1} / {:.1} / {:.1} ms |",
+            v.len(),
+            pct(v, 0.5),
+            pct(v, 0.99),
+            v.last().copied().unwrap_or(f64::NAN)
+        );
+    }
     println!("| probes not routed within 5 s | {failures} |");
     drop(etcd);
     Ok(())

@@ -212,7 +212,11 @@ impl EtcdBackend {
     /// Replaces the cache with the prefix's current content, read in pages at one revision
     /// (a single response would exceed gRPC's message limit at 100,000 instances); returns the
     /// revision read.
-    async fn full_sync(&self, client: &mut Client, prefix: &str) -> Result<i64, etcd_client::Error> {
+    async fn full_sync(
+        &self,
+        client: &mut Client,
+        prefix: &str,
+    ) -> Result<i64, etcd_client::Error> {
         let mut end = prefix.as_bytes().to_vec();
         if let Some(last) = end.last_mut() {
             *last += 1;
