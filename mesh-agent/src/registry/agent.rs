@@ -509,3 +509,148 @@ mod kind_text {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::backend::MemoryBackend;
+
+    fn registration(id: &str, owner: &str, checks: Vec<CheckSpec>) -> Registration {
+        Registration {
+            instance: Instance {
+                service_name: "wallet".into(),
+                service_version: "1".into(),
+                service_type: "http".into(),
+                environment: "prod".into(),
+                instance_id: id.into(),
+                address: Ipv4Addr::new(127, 0, 0, 1),
+                port: 9,
+                region: None,
+                zone: None,
+                deployment_id: None,
+                capabilities: vec![],
+                tags: vec![],
+                meta: BTreeMap::new(),
+                weight: 1,
+                node: String::new(),
+                owner: owner.into(),
+                status: HealthStatus::Passing,
+            },
+            checks,
+        }
+    }
+
+    fn ttl(ms: u64, deregister_ms: u64) -> CheckSpec {
+        CheckSpec {
+            id: "service:w1".into(),
+            name: "ttl".into(),
+            kind: CheckKind::Ttl(Duration::from_millis(ms)),
+            interval: Duration::from_secs(30),
+            timeout: Duration::from_secs(10),
+            deregister_after: Duration::from_millis(deregister_ms),
+            initial: HealthStatus::Critical,
+        }
+    }
+
+    fn status(backend: &MemoryBackend, id: &str) -> Option<HealthStatus> {
+        backend
+            .subscribe()
+            .borrow()
+            .get("wallet", id)
+            .map(|i| i.status)
+    }
+
+    async fn agent(state_file: Option<PathBuf>) -> (Arc<MemoryBackend>, Arc<LocalAgent>) {
+        let backend = Arc::new(MemoryBackend::new("embedded"));
+        let agent = LocalAgent::new(
+            backend.clone(),
+            "n1".into(),
+            Ipv4Addr::LOCALHOST,
+            HealthDefaults::default(),
+            state_file,
+        );
+        (backend, agent)
+    }
+
+    #[tokio::test]
+    async fn ttl_heartbeats_expiry_and_deregistration_after_critical() {
+        let (backend, agent) = agent(None).await;
+        agent
+            .register(registration("w1", "shop/wallet", vec![ttl(300, 900)]))
+            .await
+            .expect("register");
+        assert_eq!(
+            status(&backend, "w1"),
+            Some(HealthStatus::Critical),
+            "TTL checks start critical"
+        );
+        agent
+            .update_ttl(
+                "service:w1",
+                HealthStatus::Passing,
+                "ok".into(),
+                Some("shop/wallet"),
+            )
+            .await
+            .expect("heartbeat");
+        assert_eq!(status(&backend, "w1"), Some(HealthStatus::Passing));
+        // Another identity may neither heartbeat nor deregister it.
+        assert!(matches!(
+            agent
+                .update_ttl(
+                    "service:w1",
+                    HealthStatus::Critical,
+                    String::new(),
+                    Some("shop/other")
+                )
+                .await,
+            Err(AgentError::Forbidden { .. })
+        ));
+        assert!(matches!(
+            agent.deregister("w1", Some("shop/other")).await,
+            Err(AgentError::Forbidden { .. })
+        ));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            status(&backend, "w1"),
+            Some(HealthStatus::Critical),
+            "missed TTL"
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            status(&backend, "w1"),
+            None,
+            "deregistered after the critical limit"
+        );
+        assert!(agent.locals().is_empty());
+    }
+
+    #[tokio::test]
+    async fn registrations_survive_a_restart_through_the_state_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("registrations.json");
+        {
+            let (_, agent) = agent(Some(file.clone())).await;
+            agent
+                .register(registration("w1", "shop/wallet", vec![]))
+                .await
+                .expect("register");
+            agent.shutdown().await;
+        }
+        let (backend, agent) = agent(Some(file)).await;
+        assert_eq!(agent.restore().await, 1);
+        assert_eq!(
+            status(&backend, "w1"),
+            Some(HealthStatus::Passing),
+            "no checks: passing"
+        );
+        assert_eq!(agent.locals()[0].0.owner, "shop/wallet");
+        // Taking over the id under another identity is refused.
+        assert!(matches!(
+            agent
+                .register(registration("w1", "shop/other", vec![]))
+                .await,
+            Err(AgentError::Forbidden { .. })
+        ));
+    }
+}

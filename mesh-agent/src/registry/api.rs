@@ -183,10 +183,10 @@ async fn handle(
                 Ok(b) => b,
                 Err(r) => return r,
             };
-            register(state, agent, who, peer, &body).await
+            register(agent, who, peer, &body).await
         }
         (&Method::PUT, ["v1", "agent", "service", "deregister", id]) => {
-            let Some(identity) = writer(who, "deregister", id) else {
+            let Some(identity) = who.identity() else {
                 return forbidden(who, "deregister", id);
             };
             result(
@@ -201,7 +201,7 @@ async fn handle(
                 "warn" => HealthStatus::Warning,
                 _ => HealthStatus::Critical,
             };
-            let Some(identity) = writer(who, "heartbeat", id) else {
+            let Some(identity) = who.identity() else {
                 return forbidden(who, "heartbeat", id);
             };
             let note = q.get("note").cloned().unwrap_or_default();
@@ -284,11 +284,6 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Reply> {
             "request body not received in time\n",
         )),
     }
-}
-
-/// The caller's identity when it may write; None (-> 403) for callers that are no workload.
-fn writer<'a>(who: &'a Caller, _action: &str, _id: &str) -> Option<&'a str> {
-    who.identity()
 }
 
 fn forbidden(who: &Caller, action: &str, target: &str) -> Reply {
@@ -463,13 +458,7 @@ fn health_entry(catalog: &Catalog, agent: &LocalAgent, i: &Instance) -> Value {
     })
 }
 
-async fn register(
-    state: &AgentState,
-    agent: &Arc<LocalAgent>,
-    who: &Caller,
-    peer: SocketAddr,
-    body: &[u8],
-) -> Reply {
+async fn register(agent: &Arc<LocalAgent>, who: &Caller, peer: SocketAddr, body: &[u8]) -> Reply {
     let Caller::Workload { identity, service } = who else {
         return forbidden(who, "register", "a service");
     };
@@ -489,7 +478,6 @@ async fn register(
         return forbidden(who, "register", &registration.instance.service_name);
     }
     registration.instance.owner = identity.clone();
-    let _ = state;
     result(agent.register(registration).await, who, "register")
 }
 
