@@ -111,11 +111,27 @@ pub async fn run(state: Arc<AgentState>, mut catalog: watch::Receiver<Arc<Catalo
         };
         let previous = state.model();
         let (config, model) = effective(&base, &catalog.borrow_and_update(), Some(&previous));
+        // Churn in services this node does not route changes nothing here: keep the published
+        // model (and the balancers' cursors) as they are.
+        if unchanged(&state.config(), &previous, &config, &model) {
+            continue;
+        }
         let endpoints: usize = model.services.values().map(|s| s.endpoints.len()).sum();
         state.publish(config, model);
         state.mesh.updates.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(endpoints, "registry change applied to the endpoint sets");
     }
+}
+
+/// Whether the routed view (peers and every service's endpoint set) is the same.
+fn unchanged(old_config: &Config, old: &MeshModel, config: &Config, model: &MeshModel) -> bool {
+    old_config.nodes == config.nodes
+        && old.services.len() == model.services.len()
+        && model.services.iter().all(|(name, s)| {
+            old.services
+                .get(name)
+                .is_some_and(|o| o.endpoints == s.endpoints)
+        })
 }
 
 #[cfg(test)]
