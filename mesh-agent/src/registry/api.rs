@@ -137,18 +137,19 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
 
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
+    let hex = |b: u8| char::from(b).to_digit(16);
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                Ok(b) => {
-                    out.push(b);
+            b'%' if i + 2 < bytes.len() => {
+                if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    out.push((h * 16 + l) as u8);
                     i += 3;
                     continue;
                 }
-                Err(_) => out.push(b'%'),
-            },
+                out.push(b'%');
+            }
             b'+' => out.push(b' '),
             b => out.push(b),
         }
@@ -716,6 +717,13 @@ mod tests {
     }
 
     const META: &str = r#""Meta":{"version":"1.0","service_type":"http","environment":"prod","zone":"z1","capabilities":"pay, refund"}"#;
+
+    #[test]
+    fn query_values_are_percent_decoded_without_panicking() {
+        assert_eq!(percent_decode("a%20b+c"), "a b c");
+        assert_eq!(percent_decode("%e9%"), "\u{fffd}%");
+        assert_eq!(percent_decode("é%zz"), "é%zz");
+    }
 
     #[test]
     fn consul_definition_maps_onto_the_model() {
