@@ -80,13 +80,14 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
             }
         }
     }
-    if config.services.len() > limits::MAX_SERVICES as usize {
+    // One SERVICES entry is the registry API's (caller identity for registrations).
+    if config.services.len() >= limits::MAX_SERVICES as usize {
         return Err(ConfigError::invalid(
             "services",
             format!(
-                "{} services exceed the kernel map capacity {}",
+                "{} services exceed the kernel map capacity {} (one entry is the registry API's)",
                 config.services.len(),
-                limits::MAX_SERVICES
+                limits::MAX_SERVICES - 1
             ),
         ));
     }
