@@ -94,7 +94,11 @@ pub fn effective(
             service.endpoints.push(EndpointEntry {
                 addr,
                 node,
-                zone: i.zone.clone(),
+                // An instance without a zone is in its node's zone.
+                zone: i
+                    .zone
+                    .clone()
+                    .or_else(|| catalog.nodes.get(&i.node).and_then(|n| n.zone.clone())),
                 weight: i.weight,
             });
         }
@@ -175,11 +179,13 @@ mod tests {
             NodeRecord {
                 name: "n2".into(),
                 hbone: "10.2.255.1:15008".parse().expect("addr"),
-                zone: None,
+                zone: Some("z2".into()),
             },
         );
+        let mut zoneless = instance("a", "n2", HealthStatus::Passing);
+        zoneless.zone = None;
         for i in [
-            instance("a", "n2", HealthStatus::Passing),
+            zoneless,
             instance("bb", "n2", HealthStatus::Critical),
             instance("ccc", "n3", HealthStatus::Passing),
             instance("dddd", "n1", HealthStatus::Passing),
@@ -197,11 +203,16 @@ mod tests {
         let got: Vec<_> = wallet
             .endpoints
             .iter()
-            .map(|e| (e.addr.port(), e.node.clone(), e.weight))
+            .map(|e| (e.addr.port(), e.node.clone(), e.weight, e.zone.clone()))
             .collect();
+        let z = |s: &str| Some(s.to_owned());
         assert_eq!(
             got,
-            vec![(80, None, 1), (8001, Some("n2".into()), 3), (8004, None, 3),],
+            vec![
+                (80, None, 1, None),
+                (8001, z("n2"), 3, z("z2")),
+                (8004, None, 3, z("z1"))
+            ],
             "static endpoint kept; critical and unknown-node instances left out; own node local"
         );
     }
