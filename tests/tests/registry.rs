@@ -395,6 +395,29 @@ fn failing_active_check_moves_traffic_without_failed_requests() -> Result<()> {
             bail!("the recovered instance did not come back: {seen:?}");
         }
     }
+
+    // A config reload goes through the same reconciler: registered endpoints survive it.
+    let reloaded = config.replace(
+        "workloads:",
+        "  - name: other\n    namespace: shop\n    vip: 10.96.0.99:80\nworkloads:",
+    );
+    std::fs::write(topo.config_path(n1), reloaded)?;
+    topo.wait_for("reload applied", Duration::from_secs(5), || {
+        Ok(topo.reloads(&agent, "ok")? == 1)
+    })?;
+    let admin = SocketAddr::from(([127, 0, 0, 1], 15000));
+    let (_, endpoints) = node_get(&topo, &n1.netns, admin, "/endpoints/echo")?;
+    for pod in [sa, sb] {
+        assert!(
+            endpoints.contains(&format!("{}:{ECHO_PORT}", pod.ip)),
+            "{endpoints}"
+        );
+    }
+    let (_, all) = node_get(&topo, &n1.netns, admin, "/endpoints")?;
+    assert!(
+        all.contains("\"other\""),
+        "the new service is there too: {all}"
+    );
     Ok(())
 }
 
