@@ -72,6 +72,16 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
     ));
     let agent2 = topo.start_agent(n2, &config2, &[])?;
     topo.wait_ready(&agent2)?;
+    let cert_changes = |agent: &mesh_tests::AgentHandle| -> Result<Option<u64>> {
+        let m = topo.metrics(agent)?;
+        Ok(mesh_tests::http::metric(
+            &m,
+            "nodemesh_identity_cert_changes_total",
+            &[],
+        ))
+    };
+    let certs_before = cert_changes(&agent1)?;
+    assert!(certs_before.is_some());
     let reg1 = SocketAddr::from((n1.agent_ip, 8500));
     let reg2 = format!("http://{}:8500", n2.agent_ip);
     let client = n1.pod("client");
@@ -254,6 +264,11 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
     assert_eq!(
         mesh_tests::http::metric(&m, "nodemesh_config_generation", &[]),
         Some(1)
+    );
+    assert_eq!(
+        cert_changes(&agent1)?,
+        certs_before,
+        "no certificate re-issued"
     );
     assert!(mesh_tests::http::metric(&m, "nodemesh_registry_updates_total", &[]).unwrap_or(0) >= 3);
 
