@@ -18,6 +18,10 @@ use crate::config::HealthDefaults;
 
 /// How often TTL deadlines and deregister-after-critical are checked.
 const SUPERVISE_EVERY: Duration = Duration::from_millis(200);
+/// Bounds on what one workload can make this agent hold and run.
+pub const MAX_INSTANCES_PER_IDENTITY: usize = 256;
+pub const MAX_CHECKS_PER_INSTANCE: usize = 8;
+pub const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A check as registered (durations already parsed), persisted with its instance.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -67,6 +71,8 @@ pub enum AgentError {
     NotFound { what: &'static str, id: String },
     #[error("check {id:?} is not a TTL check")]
     NotTtl { id: String },
+    #[error("{owner} already holds {MAX_INSTANCES_PER_IDENTITY} instances on this node")]
+    TooMany { owner: String },
     #[error("instance {id:?} belongs to {owner}, not to the caller {caller}")]
     Forbidden {
         id: String,
@@ -149,6 +155,24 @@ impl LocalAgent {
     ) -> Result<(), AgentError> {
         registration.instance.node = self.node.clone();
         registration.instance.validate()?;
+        if registration.checks.len() > MAX_CHECKS_PER_INSTANCE {
+            return Err(RecordError::new(
+                "Checks",
+                format!("at most {MAX_CHECKS_PER_INSTANCE} checks per instance"),
+            )
+            .into());
+        }
+        if let Some(c) = registration
+            .checks
+            .iter()
+            .find(|c| c.interval < MIN_CHECK_INTERVAL)
+        {
+            return Err(RecordError::new(
+                format!("Check {}: Interval", c.id),
+                format!("must be at least {MIN_CHECK_INTERVAL:?}"),
+            )
+            .into());
+        }
         let id = registration.instance.instance_id.clone();
         // An instance id another identity (on any node) holds cannot be taken over.
         if let Some(existing) = self
@@ -167,6 +191,16 @@ impl LocalAgent {
         }
         {
             let locals = self.locals.lock().unwrap_or_else(|p| p.into_inner());
+            let owner = &registration.instance.owner;
+            let held = locals
+                .values()
+                .filter(|l| &l.registration.instance.owner == owner)
+                .count();
+            if !locals.contains_key(&id) && held >= MAX_INSTANCES_PER_IDENTITY {
+                return Err(AgentError::TooMany {
+                    owner: owner.clone(),
+                });
+            }
             if let Some(existing) = locals.get(&id) {
                 let owner = &existing.registration.instance.owner;
                 if owner != &registration.instance.owner {
@@ -623,6 +657,42 @@ mod tests {
             "deregistered after the critical limit"
         );
         assert!(agent.locals().is_empty());
+    }
+
+    #[tokio::test]
+    async fn one_identity_cannot_make_the_agent_hold_or_run_unbounded_work() {
+        let (_, agent) = agent(None).await;
+        for n in 0..MAX_INSTANCES_PER_IDENTITY {
+            agent
+                .register(registration(&format!("w{n}"), "shop/wallet", vec![]))
+                .await
+                .expect("within the bound");
+        }
+        assert!(matches!(
+            agent
+                .register(registration("w-extra", "shop/wallet", vec![]))
+                .await,
+            Err(AgentError::TooMany { .. })
+        ));
+        // Replacing an existing one is still fine, and another identity has its own budget.
+        agent
+            .register(registration("w0", "shop/wallet", vec![]))
+            .await
+            .expect("replace");
+        let mut busy = ttl(1000, 1000);
+        busy.kind = CheckKind::Tcp("127.0.0.1:9".parse().expect("addr"));
+        busy.interval = Duration::from_millis(10);
+        let e = agent
+            .register(registration("o1", "shop/other", vec![busy]))
+            .await
+            .expect_err("interval too short");
+        assert!(e.to_string().contains("Interval"), "{e}");
+        let many = vec![ttl(1000, 1000); MAX_CHECKS_PER_INSTANCE + 1];
+        let e = agent
+            .register(registration("o1", "shop/other", many))
+            .await
+            .expect_err("too many checks");
+        assert!(e.to_string().contains("Checks"), "{e}");
     }
 
     #[tokio::test]

@@ -303,6 +303,9 @@ fn result(r: Result<(), AgentError>, who: &Caller, action: &str) -> Reply {
         Err(e @ AgentError::NotFound { .. }) => {
             Reply::text(StatusCode::NOT_FOUND, format!("{e}\n"))
         }
+        Err(e @ AgentError::TooMany { .. }) => {
+            Reply::text(StatusCode::TOO_MANY_REQUESTS, format!("{e}\n"))
+        }
         Err(e @ (AgentError::Record(_) | AgentError::NotTtl { .. })) => {
             Reply::text(StatusCode::BAD_REQUEST, format!("{e}\n"))
         }
