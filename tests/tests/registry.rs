@@ -246,14 +246,15 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
         Ok(passing_echo(&topo, &n1.netns, reg1)? == 0)
     })?;
     assert!(!echo("expired")?, "a critical instance is not routed");
-    // A heartbeat brings it back.
-    curl(
+    // A heartbeat (the newer update form, with output) brings it back.
+    let (status, body) = curl(
         &topo,
         server,
         "PUT",
-        &format!("{reg2}/v1/agent/check/pass/service:echo-1"),
-        "",
+        &format!("{reg2}/v1/agent/check/update/service:echo-1"),
+        r#"{"Status":"passing","Output":"back"}"#,
     )?;
+    assert_eq!(status, 200, "{body}");
     topo.wait_for("instance passing again", Duration::from_secs(2), || {
         Ok(passing_echo(&topo, &n1.netns, reg1)? == 1)
     })?;

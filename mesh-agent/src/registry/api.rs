@@ -212,6 +212,35 @@ async fn handle(
                 "heartbeat",
             )
         }
+        (&Method::PUT, ["v1", "agent", "check", "update", id]) => {
+            let Some(identity) = who.identity() else {
+                return forbidden(who, "heartbeat", id);
+            };
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let update = serde_json::from_slice::<Value>(&body)
+                .map(|v| lower(&v))
+                .unwrap_or_default();
+            let status = match text(&update, "status").as_deref() {
+                Some("passing") => HealthStatus::Passing,
+                Some("warning") => HealthStatus::Warning,
+                Some("critical") => HealthStatus::Critical,
+                other => {
+                    return Reply::text(
+                        StatusCode::BAD_REQUEST,
+                        format!("field `Status`: {other:?} is not passing, warning or critical\n"),
+                    )
+                }
+            };
+            let note = text(&update, "output").unwrap_or_default();
+            result(
+                agent.update_ttl(id, status, note, Some(identity)).await,
+                who,
+                "heartbeat",
+            )
+        }
         (&Method::GET, ["v1", "agent", "services"]) => {
             let out: Map<String, Value> = agent
                 .locals()
