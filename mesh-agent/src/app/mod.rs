@@ -21,7 +21,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::config::{self, ConfigError};
-use crate::ebpf::{locate_object, EbpfError, MeshEbpf};
+use crate::ebpf::{object::object_bytes, EbpfError, MeshEbpf};
 use crate::identity::IdentityError;
 use crate::metrics::AgentMetrics;
 use crate::proxy::hbone::HboneServer;
@@ -91,9 +91,9 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let server_tls = security.server_tls(&config)?;
     tracing::info!(trust_domain = %config.node.trust_domain, identities = ?security.identities.store().ids().iter().map(ToString::to_string).collect::<Vec<_>>(), "workload certificates issued");
 
-    let object = locate_object(config.node.ebpf_object.as_deref())?;
-    let (ebpf, maps, orig_dst) = MeshEbpf::load(&object, &config.node.instance)?;
-    tracing::info!(object = %object.display(), pins = %ebpf.pin_dir().display(), cgroup_root = %ebpf.cgroup_root().display(), "eBPF programs loaded");
+    let object = object_bytes(config.node.ebpf_object.as_deref())?;
+    let (ebpf, maps, orig_dst) = MeshEbpf::load(&object.bytes, &config.node.instance)?;
+    tracing::info!(object = %object.source, pins = %ebpf.pin_dir().display(), cgroup_root = %ebpf.cgroup_root().display(), "eBPF programs loaded");
     let mut kernel = Kernel { ebpf, maps };
     let model = MeshModel::build(&config, None);
     if let Err(e) = apply(&mut kernel, &config, &model, None) {

@@ -62,7 +62,7 @@ pub struct NodeConfig {
     /// SPIFFE trust domain of the mesh.
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
-    /// Path of the compiled eBPF object (default: next to the agent binary, then the build tree).
+    /// Override for the eBPF object (default: the object embedded in the agent binary at build time).
     #[serde(default)]
     pub ebpf_object: Option<PathBuf>,
 }
