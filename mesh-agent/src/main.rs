@@ -14,7 +14,7 @@ struct Args {
     #[arg(
         long,
         short,
-        env = "NODEMESH_CONFIG",
+        env = mesh_agent::config::ENV_CONFIG,
         default_value = "/etc/nodemesh/config.yaml"
     )]
     config: PathBuf,
@@ -22,7 +22,7 @@ struct Args {
     #[arg(long)]
     check: bool,
     /// Log format: `text` (colour only when stderr is a terminal) or `json` (one object per line).
-    #[arg(long, env = "NODEMESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, env = mesh_agent::config::ENV_LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
 
@@ -34,7 +34,8 @@ enum LogFormat {
 
 /// Logs go to stderr; ANSI colour codes only when a person is watching (not a file, pipe or journald).
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("NODEMESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env(mesh_agent::config::ENV_LOG)
+        .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -7,7 +7,9 @@ mod inbound;
 mod reload;
 pub mod security;
 
+pub use admin::ADMIN_ROUTES;
 pub use apply::{apply, desired_maps, ApplyError};
+pub use endpoints::{HEALTH_ROUTES, METRICS_ROUTES};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
