@@ -118,10 +118,31 @@ fn quickstart_up_curl_and_down() {
         "metrics without a row in docs/REFERENCE.md: {missing:?}"
     );
 
-    let log = std::fs::read_to_string(format!("/tmp/{NAME}/agent.log")).expect("agent log");
+    let log = log_text();
     assert!(
         !log.contains('\u{1b}'),
         "ANSI escape codes in a log written to a file:\n{log}"
+    );
+
+    // A live edit: the reload says what triggered it and what changed, in one line.
+    let config = format!("/tmp/{NAME}/config.yaml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let edited = text.replace(
+        "    - { name: no-blocked-to-echo, from: default/blocked, to: echo }\n",
+        "",
+    );
+    assert_ne!(text, edited, "the deny rule is in the written config");
+    std::fs::write(&config, edited.replace("deny:\n", "deny: []\n")).expect("edit config");
+    let line = wait_for_log_line("config reloaded")
+        .unwrap_or_else(|| panic!("no reload logged:\n{}", log_text()));
+    assert!(
+        line.contains("trigger=file change") || line.contains("trigger=\"file change\""),
+        "{line}"
+    );
+    assert!(line.contains("deny rules -no-blocked-to-echo"), "{line}");
+    assert!(
+        line.len() < 300,
+        "reload line is not a one-line summary: {line}"
     );
 
     drop(down);
@@ -139,4 +160,18 @@ fn quickstart_up_curl_and_down() {
         !Path::new("/sys/fs/bpf/nodemesh").join(NAME).exists(),
         "pinned maps left behind"
     );
+}
+
+fn log_text() -> String {
+    std::fs::read_to_string(format!("/tmp/{NAME}/agent.log")).unwrap_or_default()
+}
+
+fn wait_for_log_line(needle: &str) -> Option<String> {
+    for _ in 0..100 {
+        if let Some(line) = log_text().lines().find(|l| l.contains(needle)) {
+            return Some(line.to_owned());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    None
 }

@@ -2,6 +2,7 @@
 
 mod admin;
 mod apply;
+mod changes;
 mod endpoints;
 mod inbound;
 mod reload;
@@ -72,11 +73,8 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let config = config::load(&config_path)?;
     // Before binding ports or writing the CA: an unprivileged start fails with the real reason.
     crate::ebpf::preflight::check_root()?;
-    tracing::info!(
-        path = %config_path.display(),
-        effective = %serde_json::to_string(&config).unwrap_or_default(),
-        "config loaded"
-    );
+    tracing::info!(path = %config_path.display(), contents = %changes::counts(&config), "config loaded");
+    tracing::debug!(effective = %serde_json::to_string(&config).unwrap_or_default(), "effective config");
     let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(AppError::Signal)?;
