@@ -109,7 +109,8 @@ authorization:
       - from_service: client
 YAML
 
-  "$agent" --config "$DIR/config.yaml" --check >/dev/null
+  # Validated where it will run: cgroups exist, agent_ip is local to the node namespace.
+  nsenter --net="/run/netns/$NODE_NS" "$agent" --config "$DIR/config.yaml" --check >/dev/null
   # Background processes get no fd of ours, so whoever reads our output sees it end.
   nsenter --net="/run/netns/$NAME-echo" sh -c 'echo $$ > "$0/cgroup.procs" && cd "$1" && shift && exec "$@"' \
     "$cg2/$NAME/echo" "$DIR/www" python3 -m http.server "$ECHO_PORT" --bind "$echo_ip" \

@@ -21,6 +21,10 @@ struct Args {
     /// Validate the config (with environment overrides), print the effective config and exit.
     #[arg(long)]
     check: bool,
+    /// With --check: skip the checks that need the node itself (cgroups exist, addresses are
+    /// local, CA files readable, kernel BTF), e.g. when validating in CI.
+    #[arg(long, requires = "check")]
+    off_node: bool,
     /// Log format: `text` (colour only when stderr is a terminal) or `json` (one object per line).
     #[arg(long, env = mesh_agent::config::ENV_LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -50,7 +54,7 @@ fn main() -> ExitCode {
     init_logging(args.log_format);
 
     if args.check {
-        return match mesh_agent::app::check(&args.config) {
+        return match mesh_agent::app::check(&args.config, args.off_node) {
             Ok(effective) => {
                 print!("{effective}");
                 ExitCode::SUCCESS

@@ -82,3 +82,75 @@ fn env_selects_the_format_and_text_logs_have_no_colour_in_a_pipe() {
         "the error lists the accepted formats"
     );
 }
+
+fn write_config(dir: &std::path::Path, cgroup: &str) -> std::path::PathBuf {
+    let path = dir.join("config.yaml");
+    let text = format!(
+        "node: {{name: n1, instance: agentcli-{pid}, agent_ip: 127.0.0.1}}\n\
+         listen: {{outbound: '127.0.0.1:0', hbone: '127.0.0.1:0', metrics: '127.0.0.1:0', health: '127.0.0.1:0', admin: '127.0.0.1:0'}}\n\
+         identity: {{state_dir: {state}}}\n\
+         workloads:\n  - {{name: w, service_account: w, cgroup: {cgroup}}}\n",
+        pid = std::process::id(),
+        state = dir.join("state").display(),
+    );
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+#[test]
+fn check_validates_cgroups_on_the_node_and_says_what_it_skipped() {
+    let dir = tempfile_dir("check");
+    let cgroup = format!("nodemesh-agentcli-{}", std::process::id());
+    let config = write_config(&dir, &cgroup);
+    let config_arg = config.to_str().expect("utf-8 path");
+
+    let missing = agent(&["--check", "--config", config_arg], &[]);
+    assert!(!missing.status.success(), "a missing cgroup passed --check");
+    assert!(
+        stderr(&missing).contains("workloads[0].cgroup:"),
+        "{}",
+        stderr(&missing)
+    );
+    let off = agent(&["--check", "--off-node", "--config", config_arg], &[]);
+    assert!(off.status.success(), "{}", stderr(&off));
+    assert!(String::from_utf8_lossy(&off.stdout).contains("# check skipped: cgroups"));
+
+    // Start-up: refused before any side effect (no CA generated), error printed once.
+    let start = agent(&["--config", config_arg], &[]);
+    assert!(!start.status.success());
+    assert_eq!(
+        stderr(&start).matches("workloads[0].cgroup").count(),
+        1,
+        "{}",
+        stderr(&start)
+    );
+    assert!(
+        !dir.join("state").exists(),
+        "the CA was generated before the config was known good"
+    );
+
+    let created = mesh_tests::topology::cgroup2_mount()
+        .expect("cgroup2")
+        .join(&cgroup);
+    std::fs::create_dir_all(&created).expect("create cgroup");
+    let ok = agent(&["--check", "--config", config_arg], &[]);
+    let _ = std::fs::remove_dir(&created);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        stdout.contains("# check ok: workloads[0].cgroup:"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("# check ok: node.agent_ip: 127.0.0.1 is local"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("# check skipped: kernel:"), "{stdout}");
+}
+
+fn tempfile_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("nodemesh-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}

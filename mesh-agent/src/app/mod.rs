@@ -5,6 +5,7 @@ mod apply;
 mod changes;
 mod endpoints;
 mod inbound;
+pub mod node_checks;
 mod reload;
 pub mod security;
 
@@ -56,6 +57,8 @@ pub enum AppError {
     Security(#[from] SecurityError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error("the config does not fit this node:\n  - {}", .0.join("\n  - "))]
+    NodeChecks(Vec<String>),
 }
 
 async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
@@ -73,6 +76,12 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let config = config::load(&config_path)?;
     // Before binding ports or writing the CA: an unprivileged start fails with the real reason.
     crate::ebpf::preflight::check_root()?;
+    // Everything checkable without the kernel, before any side effect (ports, CA, eBPF).
+    let report = node_checks::node_checks(&config, true);
+    if !report.failed.is_empty() {
+        return Err(AppError::NodeChecks(report.failed));
+    }
+    let object = object_bytes(config.node.ebpf_object.as_deref())?;
     tracing::info!(path = %config_path.display(), contents = %changes::counts(&config), "config loaded");
     tracing::debug!(effective = %serde_json::to_string(&config).unwrap_or_default(), "effective config");
     let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
@@ -91,7 +100,6 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let server_tls = security.server_tls(&config)?;
     tracing::info!(trust_domain = %config.node.trust_domain, identities = ?security.identities.store().ids().iter().map(ToString::to_string).collect::<Vec<_>>(), "workload certificates issued");
 
-    let object = object_bytes(config.node.ebpf_object.as_deref())?;
     let (ebpf, maps, orig_dst) = MeshEbpf::load(&object.bytes, &config.node.instance)?;
     tracing::info!(object = %object.source, pins = %ebpf.pin_dir().display(), cgroup_root = %ebpf.cgroup_root().display(), "eBPF programs loaded");
     let mut kernel = Kernel { ebpf, maps };
@@ -202,8 +210,18 @@ async fn drain(state: &AgentState) {
     }
 }
 
-/// Validates a config file without touching the kernel (`mesh-agent --check`).
-pub fn check(config_path: &Path) -> Result<String, AppError> {
+/// Validates a config file without touching the kernel (`mesh-agent --check`): the effective
+/// config followed by what was checked and skipped, as YAML comments. `off_node` skips the checks
+/// that need the node itself (cgroups, local addresses, CA files).
+pub fn check(config_path: &Path, off_node: bool) -> Result<String, AppError> {
     let config = config::load(config_path)?;
-    Ok(serde_yaml::to_string(&config).unwrap_or_default())
+    let report = node_checks::node_checks(&config, !off_node);
+    if !report.failed.is_empty() {
+        return Err(AppError::NodeChecks(report.failed));
+    }
+    Ok(format!(
+        "{}{}",
+        serde_yaml::to_string(&config).unwrap_or_default(),
+        report.as_comments()
+    ))
 }
