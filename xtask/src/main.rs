@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | e2e | demo | bench | quickstart`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | e2e | demo | bench | quickstart | image`.
 
 mod bench;
 mod build;
 mod demo;
 mod http_bench;
+mod image;
 mod setup;
 mod sh;
 
@@ -34,6 +35,9 @@ enum Task {
     Bench,
     /// Setup, build the release agent, and run scripts/quickstart.sh: example pods (netns + cgroup
     /// v2) on this machine, a config for them, the agent, and the curl commands to try.
+    /// Setup, build the release agent (eBPF embedded) into target/image/ for deploy/Dockerfile,
+    /// and build the image when docker is available.
+    Image,
     Quickstart {
         /// Stop the agent and remove everything the quickstart created.
         #[arg(long)]
@@ -43,6 +47,7 @@ enum Task {
 
 fn main() -> Result<()> {
     match Cli::parse().task {
+        Task::Image => image::run(),
         Task::Quickstart { down: true } => quickstart("down"),
         Task::Quickstart { down: false } => {
             setup::run()?;
