@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{duration_text, ConfigError};
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(
+    Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum RegistryBackendKind {
     /// Only this agent's memory; mesh state comes from the YAML file.
@@ -30,7 +32,7 @@ impl RegistryBackendKind {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
     #[serde(default)]
@@ -40,6 +42,7 @@ pub struct RegistryConfig {
     /// Lookups are answered from the local cache; it is fully re-read from the backend this
     /// often (between pushes from the watch) and reported stale when a re-read fails for longer.
     #[serde(default = "default_cache_ttl", with = "duration_text")]
+    #[schemars(with = "String")]
     pub cache_ttl: Duration,
     #[serde(default)]
     pub health: HealthDefaults,
@@ -56,7 +59,7 @@ impl Default for RegistryConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EtcdConfig {
     /// etcd client URLs, e.g. `http://10.0.0.10:2379`.
@@ -67,6 +70,7 @@ pub struct EtcdConfig {
     pub prefix: String,
     /// TTL of this agent's lease; its records vanish that long after the agent stops heartbeating.
     #[serde(default = "default_lease_ttl", with = "duration_text")]
+    #[schemars(with = "String")]
     pub lease_ttl: Duration,
 }
 
@@ -81,14 +85,17 @@ impl Default for EtcdConfig {
 }
 
 /// Defaults for checks that do not set their own values.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthDefaults {
     #[serde(default = "default_interval", with = "duration_text")]
+    #[schemars(with = "String")]
     pub interval: Duration,
     #[serde(default = "default_timeout", with = "duration_text")]
+    #[schemars(with = "String")]
     pub timeout: Duration,
     #[serde(default = "default_deregister_after", with = "duration_text")]
+    #[schemars(with = "String")]
     pub deregister_critical_after: Duration,
     /// Bytes of a script check's output kept as its note.
     #[serde(default = "default_output_cap")]
