@@ -90,6 +90,8 @@ pub struct LocalAgent {
     pub defaults: HealthDefaults,
     state_file: Option<PathBuf>,
     locals: Mutex<BTreeMap<String, Local>>,
+    /// Orders backend writes (see `push`).
+    writes: tokio::sync::Mutex<()>,
 }
 
 impl LocalAgent {
@@ -107,6 +109,7 @@ impl LocalAgent {
             defaults,
             state_file,
             locals: Mutex::new(BTreeMap::new()),
+            writes: tokio::sync::Mutex::new(()),
         });
         let weak = Arc::downgrade(&agent);
         tokio::spawn(async move {
@@ -252,8 +255,8 @@ impl LocalAgent {
             old.tasks.iter().for_each(|t| t.abort());
         }
         self.save();
-        self.backend.put_instance(&instance).await?;
-        tracing::info!(instance = %id, service = %instance.service_name, owner = %instance.owner, status = instance.status.as_str(), "instance registered");
+        self.push(&id).await?;
+        tracing::info!(instance = %id, service = %instance.service_name, owner = %instance.owner, "instance registered");
         Ok(())
     }
 
@@ -275,7 +278,10 @@ impl LocalAgent {
             service
         };
         self.save();
-        self.backend.delete_instance(&service, id).await?;
+        {
+            let _ordered = self.writes.lock().await;
+            self.backend.delete_instance(&service, id).await?;
+        }
         tracing::info!(instance = %id, "instance deregistered");
         Ok(())
     }
@@ -311,10 +317,10 @@ impl LocalAgent {
                 c.ttl_deadline = Some(now + ttl);
                 set_status(c, status, note.clone(), now);
             }
-            refresh(local)
+            refresh(local).then_some(id)
         };
-        if let Some(instance) = changed {
-            self.backend.put_instance(&instance).await?;
+        if let Some(id) = changed {
+            self.push(&id).await?;
         }
         Ok(())
     }
@@ -396,10 +402,27 @@ impl LocalAgent {
             }
             refresh(local)
         };
-        if let Some(instance) = changed {
-            if let Err(e) = self.backend.put_instance(&instance).await {
+        if changed {
+            if let Err(e) = self.push(service_id).await {
                 tracing::warn!(error = %e, "writing instance status");
             }
+        }
+    }
+
+    /// Writes the instance's current state to the backend. Writes are serialized and each one
+    /// reads the state when it runs, so a slower write never overwrites a newer status.
+    async fn push(&self, id: &str) -> Result<(), BackendError> {
+        let _ordered = self.writes.lock().await;
+        let current = self
+            .locals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|l| l.registration.instance.clone());
+        match current {
+            Some(instance) => self.backend.put_instance(&instance).await,
+            // Deregistered meanwhile: nothing to write.
+            None => Ok(()),
         }
     }
 
@@ -424,13 +447,13 @@ impl LocalAgent {
                         expired.push(id.clone());
                     }
                 }
-                if let Some(i) = refresh(local) {
-                    changed.push(i);
+                if refresh(local) {
+                    changed.push(id.clone());
                 }
             }
         }
-        for instance in changed {
-            let _ = self.backend.put_instance(&instance).await;
+        for id in changed {
+            let _ = self.push(&id).await;
         }
         expired.dedup();
         for id in expired {
@@ -494,14 +517,13 @@ pub fn aggregate(checks: &[CheckState]) -> HealthStatus {
     worst
 }
 
-/// Recomputes the instance status; returns the instance when it changed.
-fn refresh(local: &mut Local) -> Option<Instance> {
+/// Recomputes the instance status; returns whether it changed.
+fn refresh(local: &mut Local) -> bool {
     let status = aggregate(&local.checks);
     let instance = &mut local.registration.instance;
-    (instance.status != status).then(|| {
-        instance.status = status;
-        instance.clone()
-    })
+    let changed = instance.status != status;
+    instance.status = status;
+    changed
 }
 
 /// Check kinds persisted as `{"http": url}`-style objects.
@@ -693,6 +715,82 @@ mod tests {
             .await
             .expect_err("too many checks");
         assert!(e.to_string().contains("Checks"), "{e}");
+    }
+
+    /// The memory backend with a slow first write, as a remote backend can be.
+    struct SlowFirstWrite {
+        inner: MemoryBackend,
+        first: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Backend for SlowFirstWrite {
+        fn kind(&self) -> &'static str {
+            "slow"
+        }
+        fn subscribe(
+            &self,
+        ) -> tokio::sync::watch::Receiver<Arc<crate::registry::catalog::Catalog>> {
+            self.inner.subscribe()
+        }
+        fn connected(&self) -> bool {
+            true
+        }
+        async fn put_instance(&self, instance: &Instance) -> Result<(), BackendError> {
+            let instance = instance.clone();
+            if self.first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            self.inner.put_instance(&instance).await
+        }
+        async fn delete_instance(&self, service: &str, id: &str) -> Result<(), BackendError> {
+            self.inner.delete_instance(service, id).await
+        }
+        async fn put_node(&self, node: &NodeRecord) -> Result<(), BackendError> {
+            self.inner.put_node(node).await
+        }
+        async fn delete_node(&self, name: &str) -> Result<(), BackendError> {
+            self.inner.delete_node(name).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_write_never_overwrites_a_newer_status() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
+            panic!("v4")
+        };
+        let backend = Arc::new(SlowFirstWrite {
+            inner: MemoryBackend::new("embedded"),
+            first: std::sync::atomic::AtomicBool::new(true),
+        });
+        let agent = LocalAgent::new(
+            backend.clone(),
+            "n1".into(),
+            Ipv4Addr::LOCALHOST,
+            HealthDefaults::default(),
+            None,
+        );
+        let mut check = ttl(1000, 60_000);
+        check.kind = CheckKind::Tcp(addr);
+        // Registered critical; the first check run passes while that write is still in flight.
+        agent
+            .register(registration("w1", "shop/wallet", vec![check]))
+            .await
+            .expect("register");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            backend
+                .inner
+                .subscribe()
+                .borrow()
+                .get("wallet", "w1")
+                .map(|i| i.status),
+            Some(HealthStatus::Passing)
+        );
+        drop(listener);
     }
 
     #[tokio::test]
