@@ -34,10 +34,10 @@ impl AgentState {
         security: Security,
     ) -> Self {
         Self {
+            metrics: AgentMetrics::new(&config.node.name),
             config: RwLock::new(Arc::new(config)),
             model: RwLock::new(Arc::new(model)),
             orig_dst,
-            metrics: AgentMetrics::default(),
             ready: AtomicBool::new(false),
             kernel: Mutex::new(Some(kernel)),
             security,

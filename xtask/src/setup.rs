@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 
 use crate::sh;
 
-/// Debian packages: LLVM for bpf-linker; bpftool, iproute2, tcpdump for tests; wrk for benchmarks.
+/// Debian packages: LLVM for bpf-linker; bpftool, iproute2, tcpdump for tests; wrk for benchmarks; prometheus for promtool.
 const PACKAGES: &[&str] = &[
     "tcpdump",
     "llvm-22-dev",
@@ -16,6 +16,8 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "wrk",
+    // promtool checks the /metrics exposition in tests.
+    "prometheus",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

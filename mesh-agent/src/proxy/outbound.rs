@@ -2,7 +2,6 @@
 //! destination and the caller's identity come from ORIG_DST, keyed by the peer address.
 
 use std::net::{SocketAddr, SocketAddrV4};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,24 +58,24 @@ async fn lookup_orig_dst(state: &AgentState, peer: SocketAddrV4) -> Option<OrigD
 
 async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<AgentState>) {
     let metrics = &state.metrics;
-    AgentMetrics::inc(&metrics.outbound_accepted);
+    metrics.outbound_accepted.inc();
     let SocketAddr::V4(peer) = peer else {
-        AgentMetrics::inc(&metrics.outbound_unknown_destination);
+        metrics.outbound_unknown_destination.inc();
         return;
     };
     let Some(orig) = lookup_orig_dst(&state, peer).await else {
-        AgentMetrics::inc(&metrics.outbound_unknown_destination);
+        metrics.outbound_unknown_destination.inc();
         tracing::warn!(%peer, "no original destination recorded; closing");
         return;
     };
     let original = SocketAddrV4::new(ip4_from_raw(orig.ip).into(), orig.port);
     let Some(route) = route(&state, &orig) else {
-        AgentMetrics::inc(&metrics.outbound_no_endpoints);
+        metrics.outbound_no_endpoints.inc();
         tracing::warn!(%peer, %original, service = orig.service, "no endpoint for the service");
         return;
     };
     let Some(caller) = route.caller.as_ref() else {
-        metrics.record_service(&route.service, |s| s.denied += 1);
+        metrics.service(&route.service).denied.inc();
         tracing::warn!(%peer, %original, service = %route.service, "caller is not a known workload; refusing");
         return;
     };
@@ -131,7 +130,7 @@ async fn direct(client: TcpStream, state: &AgentState, route: &Route, caller: &C
             .authz
             .authorize(&caller.id, Some(&caller.service), &route.service);
     if !decision.allowed {
-        metrics.record_service(&route.service, |s| s.denied += 1);
+        metrics.service(&route.service).denied.inc();
         tracing::warn!(caller = %caller.id, service = %route.service, policy = %decision.policy, reason = %decision.reason, "connection denied");
         return;
     }
@@ -147,7 +146,7 @@ async fn direct(client: TcpStream, state: &AgentState, route: &Route, caller: &C
                 Ok(Err(e)) => e.to_string(),
                 _ => format!("timed out after {timeout:?}"),
             };
-            metrics.record_service(&route.service, |s| s.connect_failures += 1);
+            metrics.service(&route.service).connect_failures.inc();
             tracing::warn!(service = %route.service, endpoint = %route.endpoint.addr, %reason, "endpoint connect failed");
             return;
         }
@@ -173,7 +172,7 @@ async fn via_hbone(
         .find(|n| n.name == node)
         .map(|n| n.hbone)
     else {
-        metrics.record_service(&route.service, |s| s.connect_failures += 1);
+        metrics.service(&route.service).connect_failures.inc();
         tracing::warn!(service = %route.service, node, "endpoint names an unknown node");
         return;
     };
@@ -187,22 +186,22 @@ async fn via_hbone(
                 .await
         }
         Err(e) => {
-            metrics.record_service(&route.service, |s| s.connect_failures += 1);
+            metrics.service(&route.service).connect_failures.inc();
             tracing::error!(caller = %caller.id, node, error = %e, "no TLS identity for the caller");
             return;
         }
     };
     match tunnel {
         Ok(stream) => {
-            metrics.record_service(&route.service, |s| s.hbone_connections += 1);
+            metrics.service(&route.service).hbone_connections.inc();
             relay(client, stream, metrics, &route.service).await;
         }
         Err(HboneError::Denied { reason }) => {
-            metrics.record_service(&route.service, |s| s.denied += 1);
+            metrics.service(&route.service).denied.inc();
             tracing::warn!(caller = %caller.id, service = %route.service, node, %reason, "denied by the destination agent");
         }
         Err(e) => {
-            metrics.record_service(&route.service, |s| s.connect_failures += 1);
+            metrics.service(&route.service).connect_failures.inc();
             tracing::warn!(caller = %caller.id, service = %route.service, node, error = %e, "HBONE tunnel failed");
         }
     }
@@ -214,15 +213,16 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let _ = client.set_nodelay(true);
-    metrics.record_service(service, |s| s.connections += 1);
-    metrics.outbound_active.fetch_add(1, Ordering::Relaxed);
+    let counters = metrics.service(service);
+    counters.connections.inc();
+    metrics.outbound_active.inc();
     let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-    metrics.outbound_active.fetch_sub(1, Ordering::Relaxed);
+    metrics.outbound_active.dec();
     match result {
-        Ok((to_endpoint, from_endpoint)) => metrics.record_service(service, |s| {
-            s.bytes_to_endpoint += to_endpoint;
-            s.bytes_from_endpoint += from_endpoint;
-        }),
+        Ok((to_endpoint, from_endpoint)) => {
+            counters.bytes_to_endpoint.inc_by(to_endpoint);
+            counters.bytes_from_endpoint.inc_by(from_endpoint);
+        }
         Err(e) => tracing::debug!(service, error = %e, "connection ended with error"),
     }
 }
