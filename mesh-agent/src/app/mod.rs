@@ -110,6 +110,8 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         security,
     ));
     state.metrics.config_generation.inc();
+    state.traffic.attach(Arc::downgrade(&state));
+    state.traffic.update(&state.config(), &state.model());
     if let Err(e) = state
         .metrics
         .register(Box::new(StateCollector::new(Arc::downgrade(&state))))

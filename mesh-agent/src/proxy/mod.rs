@@ -3,3 +3,4 @@
 pub mod connect;
 pub mod hbone;
 pub mod outbound;
+pub mod upstream;
