@@ -43,6 +43,8 @@ pub enum UpstreamError {
     },
     #[error("the destination agent refused the call: {reason}")]
     Denied { reason: String },
+    #[error("the per-try timeout fired")]
+    Timeout,
     #[error("{endpoint} failed before answering: {source}")]
     Reset {
         endpoint: SocketAddrV4,
