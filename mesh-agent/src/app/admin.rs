@@ -11,7 +11,7 @@ use crate::http_server::{Handler, Reply};
 use crate::policy::deny;
 use crate::state::AgentState;
 
-const INDEX: &str = "nodemesh admin: /config_dump /workloads /certs /policy\n";
+const INDEX: &str = "nodemesh admin: /config_dump /workloads /certs /policy /endpoints\n";
 
 pub fn admin_handler(state: Arc<AgentState>) -> Handler {
     Arc::new(move |path| {
@@ -20,6 +20,7 @@ pub fn admin_handler(state: Arc<AgentState>) -> Handler {
             "/workloads" => workloads(&state),
             "/certs" => certs(&state),
             "/policy" => policy(&state),
+            "/endpoints" => endpoints(&state),
             "/" => return Reply::text(StatusCode::OK, INDEX),
             _ => return Reply::text(StatusCode::NOT_FOUND, INDEX),
         };
@@ -106,4 +107,43 @@ fn policy(state: &AgentState) -> Value {
         "service_keys": config.service_keys,
         "decisions": decisions,
     })
+}
+
+/// Each service's endpoints with their breaker state, latency estimate and ejection.
+fn endpoints(state: &AgentState) -> Value {
+    let services: Vec<Value> = state
+        .traffic
+        .routes()
+        .iter()
+        .map(|route| {
+            let endpoints: Vec<Value> = route
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let view = e.state.view();
+                    json!({
+                        "address": e.entry.addr.to_string(),
+                        "node": e.entry.node,
+                        "zone": e.entry.zone,
+                        "weight": e.entry.weight,
+                        "breaker": view.breaker,
+                        "ewma_ms": view.ewma_ms,
+                        "in_flight": view.in_flight,
+                        "ejected": view.ejected_for_s.is_some(),
+                        "ejected_for_s": view.ejected_for_s,
+                    })
+                })
+                .collect();
+            let rules = &route.rules;
+            json!({
+                "service": &*route.name,
+                "protocol": rules.protocol,
+                "load_balancer": rules.load_balancer,
+                "request_timeout_ms": rules.request_timeout.as_millis() as u64,
+                "retries": rules.retry.as_ref().map_or(0, |r| r.max),
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    json!({ "node": state.config().node.name, "services": services })
 }
