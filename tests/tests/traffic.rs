@@ -466,3 +466,32 @@ fn retry_budget_caps_retries_in_a_full_outage() -> Result<()> {
     );
     Ok(())
 }
+
+/// Node 1's agent applies the caller's policy to an endpoint on node 2: the 503s come back
+/// over HBONE and are retried there, on one pooled upstream HTTP connection (one tunnel).
+#[test]
+fn retries_across_nodes_over_hbone() -> Result<()> {
+    use mesh_tests::two_nodes::{Options, TwoNodes, WEB_VIP};
+    let mesh = TwoNodes::start(Options {
+        web_port: Some(8081),
+        web_policy: Some(format!("{{{QUICK_RETRIES}}}")),
+        ..Options::default()
+    })?;
+    let topo = &mesh.topo;
+    let server = start_http_server(topo, topo.node(2).pod("server"), 8081, "remote", "503x2")?;
+    let url = format!("http://{}/", WEB_VIP.trim_end_matches(":80"));
+    let replies = curl(topo, topo.node(1).pod("client"), &url, 3, &[])?;
+    ensure!(
+        count_served(&replies, "remote") == 3 && count_code(&replies, 200) == 3,
+        "{replies:?}\n{}",
+        mesh.agent1.log_text()
+    );
+    ensure!(server.requests().len() == 5, "2 retried 503s + 3 answers: {:?}", server.requests());
+    let m1 = topo.metrics(&mesh.agent1)?;
+    ensure!(metric(&m1, "nodemesh_request_retries_total", &[("service", "web")]) == Some(2), "{m1}");
+    ensure!(metric(&m1, "nodemesh_hbone_streams_opened_total", &[]) == Some(1), "one pooled tunnel: {m1}");
+    let m2 = topo.metrics(&mesh.agent2)?;
+    let allowed = [("policy", "web-callers"), ("decision", "allow")];
+    ensure!(metric(&m2, "nodemesh_authz_decisions_total", &allowed) == Some(1), "{m2}");
+    Ok(())
+}
