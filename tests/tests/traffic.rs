@@ -486,12 +486,25 @@ fn retries_across_nodes_over_hbone() -> Result<()> {
         "{replies:?}\n{}",
         mesh.agent1.log_text()
     );
-    ensure!(server.requests().len() == 5, "2 retried 503s + 3 answers: {:?}", server.requests());
+    ensure!(
+        server.requests().len() == 5,
+        "2 retried 503s + 3 answers: {:?}",
+        server.requests()
+    );
     let m1 = topo.metrics(&mesh.agent1)?;
-    ensure!(metric(&m1, "nodemesh_request_retries_total", &[("service", "web")]) == Some(2), "{m1}");
-    ensure!(metric(&m1, "nodemesh_hbone_streams_opened_total", &[]) == Some(1), "one pooled tunnel: {m1}");
+    ensure!(
+        metric(&m1, "nodemesh_request_retries_total", &[("service", "web")]) == Some(2),
+        "{m1}"
+    );
+    ensure!(
+        metric(&m1, "nodemesh_hbone_streams_opened_total", &[]) == Some(1),
+        "one pooled tunnel: {m1}"
+    );
     let m2 = topo.metrics(&mesh.agent2)?;
     let allowed = [("policy", "web-callers"), ("decision", "allow")];
-    ensure!(metric(&m2, "nodemesh_authz_decisions_total", &allowed) == Some(1), "{m2}");
+    ensure!(
+        metric(&m2, "nodemesh_authz_decisions_total", &allowed) == Some(1),
+        "{m2}"
+    );
     Ok(())
 }
