@@ -508,3 +508,49 @@ fn retries_across_nodes_over_hbone() -> Result<()> {
     );
     Ok(())
 }
+
+/// A reload applies to new requests; a request in flight keeps the rules it started with.
+#[test]
+fn reload_applies_to_new_requests_while_in_flight_ones_keep_their_rules() -> Result<()> {
+    let topo = setup()?;
+    let node = topo.node(1);
+    let a = node.pod("a");
+    start_http_server(&topo, a, 8080, "a", "hang")?;
+    let policy = |t: &str| format!("{{timeouts: {{request: {t}}}, retries: {{enabled: false}}}}");
+    let yaml = |t: &str| {
+        config(
+            node,
+            &[service(
+                "hang",
+                VIP,
+                &format!("[\"{}:8080\"]", a.ip),
+                &policy(t),
+            )],
+            &["hang"],
+            "",
+        )
+    };
+    let agent = start(&topo, &yaml("2s"))?;
+    let client = node.pod("client");
+    let topo_ref = &topo;
+    let (old, new) = std::thread::scope(|s| -> Result<_> {
+        let old = s.spawn(move || curl(topo_ref, client, URL, 1, &["--max-time", "5"]));
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::write(topo_ref.config_path(node), yaml("500ms"))?;
+        topo_ref.wait_for("reload", Duration::from_secs(5), || {
+            Ok(topo_ref.reloads(&agent, "ok")? >= 1)
+        })?;
+        let new = curl(topo_ref, client, URL, 1, &["--max-time", "5"]);
+        Ok((old.join().expect("thread"), new))
+    })?;
+    let (old, new) = (old?, new?);
+    ensure!(
+        old[0].code == 504 && (1.8..=2.2).contains(&old[0].seconds),
+        "in flight kept 2s: {old:?}"
+    );
+    ensure!(
+        new[0].code == 504 && (0.45..=0.55).contains(&new[0].seconds),
+        "new request got 500ms: {new:?}"
+    );
+    Ok(())
+}
