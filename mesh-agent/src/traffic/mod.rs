@@ -69,6 +69,9 @@ impl ServiceRoute {
     }
 }
 
+/// (service, endpoint address).
+type EndpointKey = (Arc<str>, SocketAddrV4);
+
 #[derive(Default)]
 struct Table {
     by_id: HashMap<u32, Arc<ServiceRoute>>,
@@ -77,7 +80,7 @@ struct Table {
 pub struct Traffic {
     table: ArcSwap<Table>,
     /// Per-endpoint health by (service, address), reused by every snapshot.
-    endpoints: Mutex<HashMap<(Arc<str>, SocketAddrV4), Arc<EndpointState>>>,
+    endpoints: Mutex<HashMap<EndpointKey, Arc<EndpointState>>>,
     pub metrics: TrafficMetrics,
     /// The agent, for upstream connectors (HBONE needs its identities and peers).
     agent: OnceLock<Weak<AgentState>>,
