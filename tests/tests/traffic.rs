@@ -393,8 +393,8 @@ fn p2c_sends_under_a_fifth_of_requests_to_a_ten_times_slower_endpoint() -> Resul
     let topo = setup()?;
     let node = topo.node(1);
     let (a, b) = (node.pod("a"), node.pod("b"));
-    start_http_server(&topo, a, 8080, "fast", "slow2")?;
-    start_http_server(&topo, b, 8080, "slow", "slow20")?;
+    start_http_server(&topo, a, 8080, "fast", "slow5")?;
+    start_http_server(&topo, b, 8080, "slow", "slow50")?;
     let services = [service(
         "p2c",
         VIP,

@@ -151,6 +151,9 @@ struct Outgoing {
     body: Option<Bytes>,
     /// A body too large (or unsized) to buffer, sent once.
     stream: Option<Incoming>,
+    /// Whether a second attempt can happen at all; if not, the head is moved, not copied.
+    may_retry: bool,
+    sent: bool,
 }
 
 impl Outgoing {
@@ -163,6 +166,8 @@ impl Outgoing {
                 head,
                 body: None,
                 stream: Some(body),
+                may_retry: false,
+                sent: false,
             });
         }
         match Limited::new(body, MAX_REPLAY_BODY as usize).collect().await {
@@ -170,6 +175,8 @@ impl Outgoing {
                 head,
                 body: Some(b.to_bytes()),
                 stream: None,
+                may_retry: true,
+                sent: false,
             }),
             Err(e) => {
                 tracing::debug!(error = %e, "reading the request body");
@@ -182,18 +189,30 @@ impl Outgoing {
         self.stream.is_none()
     }
 
-    /// The next attempt's request; None when a streamed body was already sent.
+    /// The next attempt's request; None when it cannot be sent again.
     fn attempt(&mut self) -> Option<Request<ProxyBody>> {
+        if self.sent && !self.may_retry {
+            return None;
+        }
+        self.sent = true;
         let body: ProxyBody = match (&self.body, self.stream.take()) {
+            (Some(b), _) if b.is_empty() => {
+                http_body_util::Empty::new().map_err(|e| match e {}).boxed()
+            }
             (Some(b), _) => Full::new(b.clone()).map_err(|e| match e {}).boxed(),
             (None, Some(s)) => s.map_err(BoxError::from).boxed(),
             (None, None) => return None,
         };
         let mut req = Request::new(body);
         *req.method_mut() = self.head.method.clone();
-        *req.uri_mut() = self.head.uri.clone();
         *req.version_mut() = self.head.version;
-        *req.headers_mut() = self.head.headers.clone();
+        if self.may_retry {
+            *req.uri_mut() = self.head.uri.clone();
+            *req.headers_mut() = self.head.headers.clone();
+        } else {
+            *req.uri_mut() = std::mem::take(&mut self.head.uri);
+            *req.headers_mut() = std::mem::take(&mut self.head.headers);
+        }
         Some(req)
     }
 }
@@ -209,6 +228,7 @@ async fn attempts(
     let method = req.method().clone();
     let mut out = Outgoing::new(req).await?;
     let rules = &route.rules;
+    out.may_retry &= rules.retry.is_some();
     if let Some(budget) = &route.budget {
         budget.deposit();
     }

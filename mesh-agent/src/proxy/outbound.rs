@@ -24,9 +24,12 @@ use crate::state::AgentState;
 use crate::traffic::endpoint::CallGuard;
 use crate::traffic::ServiceRoute;
 
-/// sock_ops writes ORIG_DST before the client's final ACK, so it is normally there on accept;
-/// these short retries only cover scheduling noise.
-const ORIG_DST_ATTEMPTS: u32 = 5;
+/// sock_ops writes ORIG_DST when the client's connect completes, before the final ACK that
+/// lets accept() return, so one lookup normally finds it. The fallback (a few yields, then
+/// short sleeps) only covers an entry not yet visible; the old path slept on every retry, and
+/// a tokio sleep of 1 ms costs up to 2 ms, which landed in the new-connection tail.
+const ORIG_DST_YIELDS: u32 = 3;
+const ORIG_DST_SLEEPS: u32 = 4;
 
 pub async fn run(
     listener: TcpListener,
@@ -52,11 +55,19 @@ pub async fn run(
 }
 
 async fn lookup_orig_dst(state: &AgentState, peer: SocketAddrV4) -> Option<OrigDst> {
-    for attempt in 0..ORIG_DST_ATTEMPTS {
+    if let Some(orig) = state.orig_dst.take(peer) {
+        return Some(orig);
+    }
+    for attempt in 0..ORIG_DST_YIELDS + ORIG_DST_SLEEPS {
+        if attempt < ORIG_DST_YIELDS {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(1 << (attempt - ORIG_DST_YIELDS))).await;
+        }
         if let Some(orig) = state.orig_dst.take(peer) {
+            tracing::debug!(%peer, retries = attempt + 1, "original destination found late");
             return Some(orig);
         }
-        tokio::time::sleep(Duration::from_millis(1 << attempt)).await;
     }
     None
 }

@@ -63,7 +63,7 @@ impl EndpointState {
 
     /// Peak-EWMA cost: latency estimate times (in-flight + 1).
     pub fn cost(&self) -> f64 {
-        self.health().ewma.cost(self.in_flight())
+        self.health().ewma.cost(self.in_flight(), Instant::now())
     }
 
     /// Starts a call if the breaker admits it; the guard tracks it until dropped.

@@ -43,7 +43,10 @@ impl PeakEwma {
         Duration::from_nanos(self.estimate_ns as u64)
     }
 
-    pub fn cost(&self, in_flight: u32) -> f64 {
+    /// Load for the balancer. Like tower's PeakEwma, reading decays the estimate toward zero
+    /// by the time since the last update, so a peak fades even while the endpoint is avoided.
+    pub fn cost(&mut self, in_flight: u32, now: Instant) -> f64 {
+        self.observe(Duration::ZERO, now);
         self.estimate_ns * f64::from(in_flight + 1)
     }
 }
@@ -71,6 +74,13 @@ mod tests {
             "{:?}",
             e.estimate()
         );
-        assert!(e.cost(3) > e.cost(0) * 3.9);
+        let now = Instant::now();
+        assert!(e.cost(3, now) > e.cost(0, now) * 3.9);
+        // Unobserved for one decay period: the estimate fades to about 1/e.
+        let before = e.estimate();
+        tokio::time::advance(DECAY).await;
+        e.cost(0, Instant::now());
+        let faded = e.estimate().as_secs_f64() / before.as_secs_f64();
+        assert!((0.35..0.39).contains(&faded), "{faded}");
     }
 }
