@@ -554,3 +554,92 @@ fn reload_applies_to_new_requests_while_in_flight_ones_keep_their_rules() -> Res
     );
     Ok(())
 }
+
+/// HTTP/2 prior knowledge is detected from the preface and proxied per request as HTTP/2 to an
+/// h2c upstream (nginx) over a pooled upstream connection.
+#[test]
+fn http2_prior_knowledge_is_proxied_per_request() -> Result<()> {
+    let topo = setup()?;
+    let node = topo.node(1);
+    let a = node.pod("a");
+    let dir = topo.workdir.join("nginx-h2");
+    std::fs::create_dir_all(&dir)?;
+    let d = dir.display();
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\nevents {{ worker_connections 64; }}\n\
+             http {{\n  log_format conn '$connection $server_protocol';\n  access_log {d}/access.log conn;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             \x20 server {{ listen 8080 http2; location / {{ add_header x-served-by h2c; return 200 \"h2\\n\"; }} }}\n}}\n"
+        ),
+    )?;
+    let mut nginx = std::process::Command::new("nginx");
+    nginx
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .args(["-g", "daemon off;"])
+        .stdout(std::process::Stdio::null());
+    let master = topo.spawn_in_pod(a, &mut nginx)?;
+    let services = [service(
+        "grpcish",
+        VIP,
+        &format!("[\"{}:8080\"]", a.ip),
+        "{load_balancer: round_robin}",
+    )];
+    let agent = start(&topo, &config(node, &services, &["grpcish"], ""))?;
+    topo.wait_for("nginx", Duration::from_secs(10), || {
+        Ok(std::fs::metadata(dir.join("nginx.pid")).is_ok())
+    })?;
+    // curl 7.88 cannot reuse a prior-knowledge connection for a second URL, so: three runs,
+    // three client connections, which the agent serves from one pooled upstream connection.
+    let mut replies = Vec::new();
+    for _ in 0..3 {
+        replies.extend(
+            curl(
+                &topo,
+                node.pod("client"),
+                URL,
+                1,
+                &["--http2-prior-knowledge"],
+            )
+            .with_context(|| agent.log_text())?,
+        );
+    }
+    let result = (|| {
+        ensure!(
+            count_served(&replies, "h2c") == 3,
+            "{replies:?}\n{}",
+            agent.log_text()
+        );
+        let log = std::fs::read_to_string(dir.join("access.log"))?;
+        let lines: Vec<&str> = log.lines().collect();
+        ensure!(
+            lines.len() == 3 && lines.iter().all(|l| l.contains("HTTP/2.0")),
+            "upstream saw HTTP/2: {log}"
+        );
+        let connection = |l: &str| l.split_whitespace().next().map(str::to_owned);
+        ensure!(
+            lines.iter().all(|l| connection(l) == connection(lines[0])),
+            "one pooled upstream connection: {log}"
+        );
+        let m = topo.metrics(&agent)?;
+        ensure!(
+            metric(
+                &m,
+                "nodemesh_outbound_connections_total",
+                &[("service", "grpcish")]
+            ) == Some(3),
+            "{m}"
+        );
+        let requests = [("service", "grpcish"), ("code", "200")];
+        ensure!(
+            metric(&m, "nodemesh_requests_total", &requests) == Some(3),
+            "{m}"
+        );
+        Ok(())
+    })();
+    // Graceful stop: nginx's master takes its worker with it.
+    topo.signal(master, libc::SIGQUIT)?;
+    topo.wait(master, Duration::from_secs(10))?;
+    result
+}
