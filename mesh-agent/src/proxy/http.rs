@@ -16,7 +16,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::IntCounter;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 use super::outbound::Caller;
@@ -45,8 +45,15 @@ struct Conn {
     requests: Mutex<Vec<(u16, IntCounter)>>,
 }
 
-/// Serves HTTP on `client` until it closes.
-pub async fn serve(client: TcpStream, state: Arc<AgentState>, service_id: u32, caller: Caller) {
+/// Serves HTTP on `client` until it closes; on agent shutdown, requests in flight finish and
+/// the connection is closed (idle keep-alive connections at once).
+pub async fn serve(
+    client: TcpStream,
+    state: Arc<AgentState>,
+    service_id: u32,
+    caller: Caller,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let conn = Arc::new(Conn {
         state,
         service_id,
@@ -61,10 +68,20 @@ pub async fn serve(client: TcpStream, state: Arc<AgentState>, service_id: u32, c
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new());
     builder.http2().timer(TokioTimer::new());
-    if let Err(e) = builder
-        .serve_connection(TokioIo::new(client), service)
-        .await
-    {
+    let connection = builder.serve_connection(TokioIo::new(client), service);
+    tokio::pin!(connection);
+    let stopping = async move {
+        // The guard `wait_for` returns must not live across an await.
+        let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
+    };
+    let result = tokio::select! {
+        r = connection.as_mut() => r,
+        _ = stopping => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(error = %e, "HTTP client connection ended with error");
     }
 }

@@ -43,8 +43,8 @@ pub async fn run(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let state = state.clone();
-                tokio::spawn(async move { handle(stream, peer, state).await });
+                let (state, shutdown) = (state.clone(), shutdown.clone());
+                tokio::spawn(async move { handle(stream, peer, state, shutdown).await });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "outbound accept");
@@ -72,7 +72,12 @@ async fn lookup_orig_dst(state: &AgentState, peer: SocketAddrV4) -> Option<OrigD
     None
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<AgentState>) {
+async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    state: Arc<AgentState>,
+    shutdown: watch::Receiver<bool>,
+) {
     let metrics = &state.metrics;
     metrics.outbound_accepted.inc();
     let SocketAddr::V4(peer) = peer else {
@@ -110,7 +115,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<AgentState>) {
     if http {
         counters.connections.inc();
         metrics.outbound_active.inc();
-        super::http::serve(client, state.clone(), route.id, caller).await;
+        super::http::serve(client, state.clone(), route.id, caller, shutdown).await;
         metrics.outbound_active.dec();
     } else {
         tcp(client, &state, &route, &caller, counters).await;
