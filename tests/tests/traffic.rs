@@ -643,3 +643,28 @@ fn http2_prior_knowledge_is_proxied_per_request() -> Result<()> {
     topo.wait(master, Duration::from_secs(10))?;
     result
 }
+
+/// An endpoint that resets connections instead of answering: a GET is retried on the other
+/// endpoint; a POST (not idempotent) is not, and the client gets 502 from the agent.
+#[test]
+fn resets_are_retried_for_get_but_not_for_post() -> Result<()> {
+    let topo = setup()?;
+    let node = topo.node(1);
+    let (a, b) = (node.pod("a"), node.pod("b"));
+    let resetting = start_http_server(&topo, a, 8080, "a", "reset")?;
+    start_http_server(&topo, b, 8080, "b", "ok")?;
+    // Round robin starting at a, and a breaker that never opens: every request tries a first.
+    let policy = format!("{{load_balancer: round_robin, {QUICK_RETRIES}, circuit_breaker: {{failures: 1000}}}}");
+    let services = [service("flaky", VIP, &format!("[\"{}:8080\", \"{}:8080\"]", a.ip, b.ip), &policy)];
+    let agent = start(&topo, &config(node, &services, &["flaky"], ""))?;
+    let client = node.pod("client");
+    let got = curl(&topo, client, URL, 1, &[])?;
+    ensure!(got[0].code == 200 && got[0].served_by == "b", "{got:?}\n{}", agent.log_text());
+    // The cursor now points at a again (one pick per attempt: a, b).
+    let posted = curl(&topo, client, URL, 1, &["-X", "POST", "-d", "x"])?;
+    ensure!(posted[0].code == 502 && posted[0].reason == "endpoint reset", "{posted:?}");
+    ensure!(resetting.requests() == ["GET /", "POST /"], "{:?}", resetting.requests());
+    let m = topo.metrics(&agent)?;
+    ensure!(metric(&m, "nodemesh_request_retries_total", &[("service", "flaky")]) == Some(1), "{m}");
+    Ok(())
+}

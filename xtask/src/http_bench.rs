@@ -20,7 +20,7 @@ pub fn start_nginx(topo: &Topology, pod: &Pod) -> Result<u32> {
     std::fs::create_dir_all(&dir)?;
     let d = dir.display();
     let conf = format!(
-        "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+        "worker_processes 1;\nworker_shutdown_timeout 3s;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
          events {{ worker_connections 1024; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
          \x20 fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
@@ -48,7 +48,8 @@ pub fn start_nginx(topo: &Topology, pod: &Pod) -> Result<u32> {
 }
 
 /// Graceful stop (SIGQUIT): the master takes its workers with it, so no orphaned worker keeps
-/// the pod's cgroup busy when the topology is torn down.
+/// the pod's cgroup busy when the topology is torn down. `worker_shutdown_timeout` bounds how
+/// long a worker waits for connections still open (pooled upstream connections of the agents).
 pub fn stop_nginx(topo: &Topology, master: u32) -> Result<()> {
     topo.signal(master, libc::SIGQUIT)?;
     topo.wait(master, Duration::from_secs(10))?;
