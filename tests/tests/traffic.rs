@@ -653,18 +653,53 @@ fn resets_are_retried_for_get_but_not_for_post() -> Result<()> {
     let (a, b) = (node.pod("a"), node.pod("b"));
     let resetting = start_http_server(&topo, a, 8080, "a", "reset")?;
     start_http_server(&topo, b, 8080, "b", "ok")?;
-    // Round robin starting at a, and a breaker that never opens: every request tries a first.
-    let policy = format!("{{load_balancer: round_robin, {QUICK_RETRIES}, circuit_breaker: {{failures: 1000}}}}");
-    let services = [service("flaky", VIP, &format!("[\"{}:8080\", \"{}:8080\"]", a.ip, b.ip), &policy)];
-    let agent = start(&topo, &config(node, &services, &["flaky"], ""))?;
+    // Round robin starts at a; the breaker never opens.
+    let policy = format!(
+        "{{load_balancer: round_robin, {QUICK_RETRIES}, circuit_breaker: {{failures: 1000}}}}"
+    );
+    let services = [
+        service(
+            "flaky",
+            VIP,
+            &format!("[\"{}:8080\", \"{}:8080\"]", a.ip, b.ip),
+            &policy,
+        ),
+        service(
+            "flaky-post",
+            VIP2,
+            &format!("[\"{}:8080\"]", a.ip),
+            &format!("{{{QUICK_RETRIES}}}"),
+        ),
+    ];
+    let agent = start(
+        &topo,
+        &config(node, &services, &["flaky", "flaky-post"], ""),
+    )?;
     let client = node.pod("client");
     let got = curl(&topo, client, URL, 1, &[])?;
-    ensure!(got[0].code == 200 && got[0].served_by == "b", "{got:?}\n{}", agent.log_text());
-    // The cursor now points at a again (one pick per attempt: a, b).
-    let posted = curl(&topo, client, URL, 1, &["-X", "POST", "-d", "x"])?;
-    ensure!(posted[0].code == 502 && posted[0].reason == "endpoint reset", "{posted:?}");
-    ensure!(resetting.requests() == ["GET /", "POST /"], "{:?}", resetting.requests());
+    ensure!(
+        got[0].code == 200 && got[0].served_by == "b",
+        "{got:?}\n{}",
+        agent.log_text()
+    );
+    let posted = curl(&topo, client, URL2, 1, &["-X", "POST", "-d", "x"])?;
+    ensure!(
+        posted[0].code == 502 && posted[0].reason == "endpoint reset",
+        "{posted:?}"
+    );
+    ensure!(
+        resetting.requests() == ["GET /", "POST /"],
+        "{:?}",
+        resetting.requests()
+    );
     let m = topo.metrics(&agent)?;
-    ensure!(metric(&m, "nodemesh_request_retries_total", &[("service", "flaky")]) == Some(1), "{m}");
+    ensure!(
+        metric(
+            &m,
+            "nodemesh_request_retries_total",
+            &[("service", "flaky")]
+        ) == Some(1),
+        "{m}"
+    );
     Ok(())
 }
