@@ -7,6 +7,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -274,12 +275,14 @@ async fn attempts(
         let send = route
             .upstreams
             .send(&endpoint.entry, &conn.caller.id, request);
-        let result = match rules.per_try_timeout {
-            Some(t) => tokio::time::timeout(t.min(deadline - Instant::now()), send)
-                .await
-                .unwrap_or(Err(UpstreamError::Timeout)),
-            None => send.await,
-        };
+        // Bounded here too (not only by the caller's request timeout), so an attempt that runs
+        // out of time still counts against its endpoint's breaker and latency estimate.
+        let try_deadline = rules
+            .per_try_timeout
+            .map_or(deadline, |t| (Instant::now() + t).min(deadline));
+        let result = tokio::time::timeout_at(try_deadline, send)
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout));
         let (failure, fallback) = match result {
             Ok(resp) => {
                 let code = resp.status().as_u16();
@@ -305,6 +308,10 @@ async fn attempts(
             }
             Err(e) => {
                 guard.record(false);
+                if matches!(e, UpstreamError::Timeout) && Instant::now() >= deadline {
+                    route.counters.timeouts.inc();
+                    return Err(local(StatusCode::GATEWAY_TIMEOUT, "request timeout"));
+                }
                 let (kind, status, reason) = match &e {
                     UpstreamError::Connect { .. } => {
                         conn.state
@@ -343,7 +350,9 @@ async fn attempts(
             route.counters.budget_exhausted.inc();
             return fallback;
         }
-        drop(fallback);
+        if let Ok((response, _guard)) = fallback {
+            drain(response).await;
+        }
         retries += 1;
         route.counters.retries.inc();
         tried.push(addr);
@@ -361,6 +370,15 @@ impl ServiceRoute {
     fn counters_denied(&self, state: &AgentState) {
         state.metrics.service(&self.name).denied.inc();
     }
+}
+
+/// Reads a response that will not be relayed (a retried 5xx) to its end, so its upstream
+/// connection goes back to the pool instead of being closed; bounded in size and time.
+async fn drain(response: Response<Incoming>) {
+    const MAX_DRAIN: usize = 64 * 1024;
+    const DRAIN_TIME: Duration = Duration::from_millis(100);
+    let body = Limited::new(response.into_body(), MAX_DRAIN).collect();
+    let _ = tokio::time::timeout(DRAIN_TIME, body).await;
 }
 
 /// A response the agent makes itself.
