@@ -703,3 +703,48 @@ fn resets_are_retried_for_get_but_not_for_post() -> Result<()> {
     );
     Ok(())
 }
+
+/// `per_caller: true` gives each calling identity its own bucket.
+#[test]
+fn per_caller_rate_limit_keeps_callers_apart() -> Result<()> {
+    let topo = setup()?;
+    let node = topo.node(1);
+    let a = node.pod("a");
+    start_http_server(&topo, a, 8080, "a", "ok")?;
+    let services = [service(
+        "metered",
+        VIP,
+        &format!("[\"{}:8080\"]", a.ip),
+        "{rate_limit: {rate: 60/min, per_caller: true}}",
+    )];
+    let yaml = config(node, &services, &["metered"], "").replace(
+        "      - from_service: client\n",
+        "      - from_service: client\n      - from_service: b\n",
+    );
+    let agent = start(&topo, &yaml)?;
+    // 1 per second with a burst of 1: the client's second request at once is limited...
+    let client = curl(&topo, node.pod("client"), URL, 2, &[])?;
+    ensure!(client[0].code == 200 && client[1].code == 429, "{client:?}");
+    // ...while another identity still has its own token.
+    let other = curl(&topo, node.pod("b"), URL, 1, &[])?;
+    ensure!(other[0].code == 200, "{other:?}\n{}", agent.log_text());
+    let m = topo.metrics(&agent)?;
+    let limited = [
+        ("service", "metered"),
+        ("caller", "shop/client"),
+        ("code", "429"),
+    ];
+    ensure!(
+        metric(&m, "nodemesh_requests_total", &limited) == Some(1),
+        "{m}"
+    );
+    ensure!(
+        metric(
+            &m,
+            "nodemesh_requests_total",
+            &[("caller", "shop/b"), ("code", "200")]
+        ) == Some(1),
+        "{m}"
+    );
+    Ok(())
+}
