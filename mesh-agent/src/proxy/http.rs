@@ -299,7 +299,7 @@ async fn attempts(
             }
             Err(UpstreamError::Denied { reason }) => {
                 guard.record(true);
-                route.counters_denied(&conn.state);
+                conn.state.metrics.service(&route.name).denied.inc();
                 tracing::warn!(caller = %conn.caller.id, service = %route.name, %reason, "denied by the destination agent");
                 return Err(local(
                     StatusCode::FORBIDDEN,
@@ -363,12 +363,6 @@ async fn attempts(
         } else {
             tokio::time::sleep(pause).await;
         }
-    }
-}
-
-impl ServiceRoute {
-    fn counters_denied(&self, state: &AgentState) {
-        state.metrics.service(&self.name).denied.inc();
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::service_policy::{Rate, RateLimitConfig};
+use crate::config::service_policy::RateLimitConfig;
 
 /// Tokens a bucket holds at most: 100 ms worth of the rate (at least one request). A small
 /// burst keeps the limit close to the configured rate over any window of a second or more.
@@ -37,13 +37,6 @@ impl RateLimiter {
             capacity: (per_second * BURST_WINDOW.as_secs_f64()).max(1.0),
             per_caller: config.per_caller,
             buckets: Mutex::default(),
-        }
-    }
-
-    pub fn rate(&self) -> Rate {
-        Rate {
-            requests: self.per_second.round() as u32,
-            per: Duration::from_secs(1),
         }
     }
 

@@ -138,8 +138,6 @@ impl Traffic {
                 .values()
                 .find(|r| *r.name == *service.name)
                 .cloned();
-            let same =
-                |f: &dyn Fn(&TrafficRules) -> bool| old.as_ref().is_some_and(|o| f(&o.rules));
             let name: Arc<str> = old
                 .as_ref()
                 .map_or_else(|| Arc::from(service.name.as_str()), |o| o.name.clone());
@@ -197,11 +195,9 @@ impl Traffic {
                 counters: self.metrics.service(&name),
                 local_zone: config.node.zone.clone(),
                 endpoints,
-                rules: if same(&|r| *r == rules) {
-                    old.as_ref()
-                        .map_or_else(|| Arc::new(rules.clone()), |o| o.rules.clone())
-                } else {
-                    Arc::new(rules)
+                rules: match carried(&|o| *o.rules == rules) {
+                    Some(o) => o.rules.clone(),
+                    None => Arc::new(rules),
                 },
                 name,
             };
@@ -216,5 +212,67 @@ impl Traffic {
             keep
         });
         self.table.store(Arc::new(Table { by_id }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(endpoints: &str, policy: &str) -> Config {
+        let text = format!(
+            "node: {{name: n1, agent_ip: 10.1.255.1}}\nservices:\n  - name: s\n    vip: 10.96.0.1:80\n    endpoints: {endpoints}\n    policy: {policy}\n"
+        );
+        crate::config::parse(&text, "t.yaml", &|_| None).expect("valid")
+    }
+
+    #[tokio::test]
+    async fn endpoint_health_and_unchanged_state_survive_reloads() {
+        let traffic = Traffic::new(&Registry::new());
+        let c1 = config("[\"10.0.0.1:80\", \"10.0.0.2:80\"]", "{rate_limit: 10/s}");
+        let m1 = MeshModel::build(&c1, None);
+        traffic.update(&c1, &m1);
+        let first = traffic.route(1).expect("route");
+        // Endpoint .2 leaves, .3 arrives, the timeout changes; the rate limit does not.
+        let c2 = config(
+            "[\"10.0.0.1:80\", \"10.0.0.3:80\"]",
+            "{rate_limit: 10/s, timeouts: {request: 1s}}",
+        );
+        let m2 = MeshModel::build(&c2, Some(&m1));
+        traffic.update(&c2, &m2);
+        let second = traffic.route(1).expect("route");
+        assert!(
+            Arc::ptr_eq(&first.endpoints[0].state, &second.endpoints[0].state),
+            "health of .1 kept"
+        );
+        assert_eq!(second.endpoints[1].entry.addr.to_string(), "10.0.0.3:80");
+        let limiters = (first.limiter.as_ref(), second.limiter.as_ref());
+        assert!(
+            matches!(limiters, (Some(a), Some(b)) if Arc::ptr_eq(a, b)),
+            "bucket kept"
+        );
+        assert!(
+            Arc::ptr_eq(&first.upstreams, &second.upstreams),
+            "pooled connections kept"
+        );
+        assert_eq!(
+            second.rules.request_timeout,
+            std::time::Duration::from_secs(1)
+        );
+        // The old snapshot is unchanged for requests that still hold it.
+        assert_eq!(
+            first.rules.request_timeout,
+            std::time::Duration::from_secs(3)
+        );
+        let c3 = config("[\"10.0.0.1:80\"]", "{rate_limit: 20/s}");
+        traffic.update(&c3, &MeshModel::build(&c3, Some(&m2)));
+        let third = traffic.route(1).expect("route");
+        let limiters = (second.limiter.as_ref(), third.limiter.as_ref());
+        assert!(
+            matches!(limiters, (Some(a), Some(b)) if !Arc::ptr_eq(a, b)),
+            "new rate, new bucket"
+        );
+        let kept = traffic.endpoints.lock().expect("lock").len();
+        assert_eq!(kept, 1, "state of endpoints that left is dropped");
     }
 }
