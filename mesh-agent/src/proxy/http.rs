@@ -154,6 +154,9 @@ async fn proxy(conn: &Conn, route: &ServiceRoute, req: Request<Incoming>) -> Res
     };
     let deadline = Instant::now() + route.rules.request_timeout;
     match tokio::time::timeout_at(deadline, attempts(conn, route, req, deadline)).await {
+        Ok(Ok((response, _call))) if small(&response) => {
+            buffered(response, deadline, &route.counters).await
+        }
         Ok(Ok((response, guard))) => guarded(response, guard, permit),
         Ok(Err(reply)) => reply,
         Err(_) => {
@@ -416,6 +419,44 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+}
+
+/// A small response (known length up to [`MAX_BUFFERED_RESPONSE`]) is read whole before it is
+/// relayed: hyper then writes head and body to the client in one write (one packet, one
+/// wake-up of the client) instead of the head first and the body when the upstream
+/// connection's task hands it over.
+const MAX_BUFFERED_RESPONSE: u64 = 16 * 1024;
+
+fn small(response: &Response<Incoming>) -> bool {
+    response
+        .body()
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n <= MAX_BUFFERED_RESPONSE)
+}
+
+async fn buffered(
+    response: Response<Incoming>,
+    deadline: Instant,
+    counters: &crate::traffic::metrics::ServiceCounters,
+) -> Response<ProxyBody> {
+    let (mut head, body) = response.into_parts();
+    strip_hop_by_hop(&mut head.headers);
+    let read = Limited::new(body, MAX_BUFFERED_RESPONSE as usize).collect();
+    match tokio::time::timeout_at(deadline, read).await {
+        Ok(Ok(body)) => Response::from_parts(
+            head,
+            Full::new(body.to_bytes()).map_err(|e| match e {}).boxed(),
+        ),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "reading the upstream response body");
+            local(StatusCode::BAD_GATEWAY, "upstream response body failed")
+        }
+        Err(_) => {
+            counters.timeouts.inc();
+            local(StatusCode::GATEWAY_TIMEOUT, "request timeout")
+        }
+    }
 }
 
 /// The upstream response for the client; the endpoint call and the concurrency slot last
