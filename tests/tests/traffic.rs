@@ -748,3 +748,29 @@ fn per_caller_rate_limit_keeps_callers_apart() -> Result<()> {
     );
     Ok(())
 }
+
+/// An HTTP/1.1 upgrade (as WebSocket does) is passed through: the 101 reaches the client and
+/// the upgraded bytes flow both ways through the agent.
+#[test]
+fn http_upgrade_is_relayed_after_101() -> Result<()> {
+    let topo = setup()?;
+    let node = topo.node(1);
+    let a = node.pod("a");
+    start_http_server(&topo, a, 8080, "a", "ok")?;
+    let services = [service("ws", VIP, &format!("[\"{}:8080\"]", a.ip), "{}")];
+    let agent = start(&topo, &config(node, &services, &["ws"], ""))?;
+    let request = "GET /chat HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nraw-bytes-after-upgrade";
+    let replies = topo.connect_from(node.pod("client"), &format!("{VIP}:80"), request, 1)?;
+    let reply = &replies[0].reply;
+    ensure!(
+        replies[0].ok
+            && reply.starts_with("HTTP/1.1 101")
+            && reply.ends_with("\r\n\r\nraw-bytes-after-upgrade"),
+        "{replies:?}\n{}",
+        agent.log_text()
+    );
+    // It went through the L7 path (a request answered 101), not the TCP relay.
+    let m = topo.metrics(&agent)?;
+    ensure!(metric(&m, "nodemesh_requests_total", &[("service", "ws"), ("code", "101")]) == Some(1), "{m}");
+    Ok(())
+}

@@ -69,7 +69,7 @@ pub async fn serve(
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new());
     builder.http2().timer(TokioTimer::new());
-    let connection = builder.serve_connection(TokioIo::new(client), service);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
     tokio::pin!(connection);
     let stopping = async move {
         // The guard `wait_for` returns must not live across an await.
@@ -153,6 +153,9 @@ async fn proxy(conn: &Conn, route: &ServiceRoute, req: Request<Incoming>) -> Res
         None => None,
     };
     let deadline = Instant::now() + route.rules.request_timeout;
+    if is_upgrade(&req) {
+        return upgrade(conn, route, req, deadline).await;
+    }
     match tokio::time::timeout_at(deadline, attempts(conn, route, req, deadline)).await {
         Ok(Ok((response, _call))) if small(&response) => {
             buffered(response, deadline, &route.counters).await
@@ -376,6 +379,86 @@ async fn drain(response: Response<Incoming>) {
     const DRAIN_TIME: Duration = Duration::from_millis(100);
     let body = Limited::new(response.into_body(), MAX_DRAIN).collect();
     let _ = tokio::time::timeout(DRAIN_TIME, body).await;
+}
+
+/// An HTTP/1.1 upgrade request (WebSocket and the like): `Connection: upgrade` plus `Upgrade`.
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.headers().contains_key(hyper::header::UPGRADE)
+        && req
+            .headers()
+            .get_all(hyper::header::CONNECTION)
+            .iter()
+            .any(|v| {
+                v.to_str()
+                    .is_ok_and(|v| v.to_ascii_lowercase().contains("upgrade"))
+            })
+}
+
+/// Upgrades get one attempt (the request timeout bounds the handshake, not the upgraded
+/// stream); after a 101 the two upgraded connections are relayed as bytes, holding the
+/// endpoint call until they close.
+async fn upgrade(
+    conn: &Conn,
+    route: &ServiceRoute,
+    mut req: Request<Incoming>,
+    deadline: Instant,
+) -> Response<ProxyBody> {
+    let client_side = hyper::upgrade::on(&mut req);
+    let Some(guard) = route.pick(&[]) else {
+        return local(StatusCode::SERVICE_UNAVAILABLE, "no available endpoint");
+    };
+    let addr = guard.endpoint().addr;
+    let Some(endpoint) = route.endpoints.iter().find(|e| e.entry.addr == addr) else {
+        return local(StatusCode::SERVICE_UNAVAILABLE, "endpoint left the service");
+    };
+    if endpoint.entry.node.is_none() && !conn.locally_allowed(route) {
+        return local(StatusCode::FORBIDDEN, "denied by authorization");
+    }
+    // Connection and Upgrade are what this request is about: they are passed on, not stripped.
+    let (head, body) = req.into_parts();
+    let outgoing = Request::from_parts(head, body.map_err(BoxError::from).boxed());
+    let send = route
+        .upstreams
+        .send(&endpoint.entry, &conn.caller.id, outgoing);
+    let mut response = match tokio::time::timeout_at(deadline, send).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(UpstreamError::Denied { .. })) => {
+            guard.record(true);
+            return local(StatusCode::FORBIDDEN, "denied by the destination agent");
+        }
+        Ok(Err(e)) => {
+            guard.record(false);
+            tracing::debug!(service = %route.name, endpoint = %addr, error = %e, "upgrade attempt failed");
+            return local(StatusCode::BAD_GATEWAY, "endpoint connect failed");
+        }
+        Err(_) => {
+            guard.record(false);
+            route.counters.timeouts.inc();
+            return local(StatusCode::GATEWAY_TIMEOUT, "request timeout");
+        }
+    };
+    guard.record(!matches!(response.status().as_u16(), 502..=504));
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return guarded(response, guard, None);
+    }
+    let upstream_side = hyper::upgrade::on(&mut response);
+    tokio::spawn(async move {
+        let _call = guard;
+        match (client_side.await, upstream_side.await) {
+            (Ok(client), Ok(upstream)) => {
+                let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            }
+            (c, u) => {
+                tracing::debug!(client = ?c.err(), upstream = ?u.err(), "upgrade did not complete")
+            }
+        }
+    });
+    let (head, _) = response.into_parts();
+    Response::from_parts(
+        head,
+        http_body_util::Empty::new().map_err(|e| match e {}).boxed(),
+    )
 }
 
 /// A response the agent makes itself.

@@ -15,7 +15,9 @@
 //!                                                 "<METHOD> <path>" per request to record-file.
 //!                                                 behaviour: ok | 503 (always) | 503x<N> (the
 //!                                                 first N requests) | reset (RST instead of an
-//!                                                 answer) | hang (never answers) | slow<ms>
+//!                                                 answer) | hang (never answers) | slow<ms>;
+//!                                                 a request with `Upgrade: echo` gets 101 and
+//!                                                 its raw bytes echoed
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -302,6 +304,7 @@ fn http_connection(
         }
         let mut length = 0usize;
         let mut close = false;
+        let mut upgrade = false;
         loop {
             let mut line = String::new();
             reader.read_line(&mut line)?;
@@ -316,6 +319,9 @@ fn http_connection(
             if lower.starts_with("connection:") && lower.contains("close") {
                 close = true;
             }
+            if lower.starts_with("upgrade:") && lower.contains("echo") {
+                upgrade = true;
+            }
         }
         let mut body = vec![0u8; length];
         reader.read_exact(&mut body)?;
@@ -324,6 +330,24 @@ fn http_connection(
         if let Some(record) = record {
             let mut f = record.lock().unwrap_or_else(|p| p.into_inner());
             writeln!(f, "{method} {path}")?;
+        }
+        if upgrade {
+            // `Upgrade: echo`: switch protocols, then echo raw bytes until the peer half-closes.
+            write!(
+                writer,
+                "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\nx-served-by: {name}\r\n\r\n"
+            )?;
+            writer.flush()?;
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = reader.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                writer.write_all(&buf[..n])?;
+            }
+            writer.shutdown(Shutdown::Write)?;
+            return Ok(());
         }
         let n = served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let status = match behaviour {
