@@ -771,6 +771,13 @@ fn http_upgrade_is_relayed_after_101() -> Result<()> {
     );
     // It went through the L7 path (a request answered 101), not the TCP relay.
     let m = topo.metrics(&agent)?;
-    ensure!(metric(&m, "nodemesh_requests_total", &[("service", "ws"), ("code", "101")]) == Some(1), "{m}");
+    ensure!(
+        metric(
+            &m,
+            "nodemesh_requests_total",
+            &[("service", "ws"), ("code", "101")]
+        ) == Some(1),
+        "{m}"
+    );
     Ok(())
 }

@@ -510,12 +510,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// connection's task hands it over.
 const MAX_BUFFERED_RESPONSE: u64 = 16 * 1024;
 
+/// HTTP/2 responses always stream (they may carry trailers, as gRPC's do).
 fn small(response: &Response<Incoming>) -> bool {
-    response
-        .body()
-        .size_hint()
-        .exact()
-        .is_some_and(|n| n <= MAX_BUFFERED_RESPONSE)
+    response.version() != hyper::Version::HTTP_2
+        && response
+            .body()
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= MAX_BUFFERED_RESPONSE)
 }
 
 async fn buffered(
