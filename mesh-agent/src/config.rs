@@ -1,11 +1,12 @@
 //! Agent configuration: one YAML file, environment overrides, validation that names the field.
 
 mod env;
+pub mod fields;
 mod model;
 pub mod service_policy;
 mod validate;
 
-pub use env::apply_env_overrides;
+pub use env::{apply_env_overrides, ENV_CONFIG, ENV_LOG, ENV_LOG_FORMAT, OVERRIDES, PROCESS_VARS};
 pub use model::*;
 pub use service_policy::{ServicePolicy, TrafficDefaults, TrafficRules};
 pub use validate::validate;
@@ -82,5 +83,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     })
 }
 
+#[cfg(test)]
+mod reference_doc;
 #[cfg(test)]
 mod tests;

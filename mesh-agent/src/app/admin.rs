@@ -11,18 +11,28 @@ use crate::http_server::{Handler, Reply};
 use crate::policy::deny;
 use crate::state::AgentState;
 
-const INDEX: &str = "nodemesh admin: /config_dump /workloads /certs /policy /endpoints\n";
+const CONFIG_DUMP: &str = "/config_dump";
+const WORKLOADS: &str = "/workloads";
+const CERTS: &str = "/certs";
+const POLICY: &str = "/policy";
+const ENDPOINTS: &str = "/endpoints";
+/// Every admin route; the handler serves these and docs/REFERENCE.md must list them.
+pub const ADMIN_ROUTES: &[&str] = &[CONFIG_DUMP, WORKLOADS, CERTS, POLICY, ENDPOINTS];
+
+fn index() -> String {
+    format!("nodemesh admin: {}\n", ADMIN_ROUTES.join(" "))
+}
 
 pub fn admin_handler(state: Arc<AgentState>) -> Handler {
     Arc::new(move |path| {
         let body = match path {
-            "/config_dump" => serde_json::to_value(&*state.config()).unwrap_or(Value::Null),
-            "/workloads" => workloads(&state),
-            "/certs" => certs(&state),
-            "/policy" => policy(&state),
-            "/endpoints" => endpoints(&state),
-            "/" => return Reply::text(StatusCode::OK, INDEX),
-            _ => return Reply::text(StatusCode::NOT_FOUND, INDEX),
+            CONFIG_DUMP => serde_json::to_value(&*state.config()).unwrap_or(Value::Null),
+            WORKLOADS => workloads(&state),
+            CERTS => certs(&state),
+            POLICY => policy(&state),
+            ENDPOINTS => endpoints(&state),
+            "/" => return Reply::text(StatusCode::OK, index()),
+            _ => return Reply::text(StatusCode::NOT_FOUND, index()),
         };
         Reply {
             status: StatusCode::OK,

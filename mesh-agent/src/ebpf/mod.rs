@@ -4,9 +4,10 @@ pub mod attach;
 mod error;
 mod loader;
 mod maps;
+pub mod object;
 pub mod preflight;
 
 pub use attach::Attachments;
 pub use error::EbpfError;
-pub use loader::{locate_object, MeshEbpf};
+pub use loader::MeshEbpf;
 pub use maps::{DesiredMaps, KernelMaps, OrigDstTable, SyncStats};
