@@ -71,6 +71,7 @@ fn traffic_profiles_pass_agent_check() -> Result<()> {
     let profiles = root.join("deploy/traffic-profiles.yaml");
     let out = Command::new(agent_binary()?)
         .arg("--check")
+        .arg("--off-node")
         .arg("--config")
         .arg(&profiles)
         .output()?;
