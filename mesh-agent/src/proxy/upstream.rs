@@ -24,8 +24,8 @@ use tokio::net::TcpStream;
 use super::connect::connect_from;
 use super::hbone::{HboneError, HboneStream};
 use crate::identity::SpiffeId;
-use crate::registry::model::EndpointEntry;
 use crate::state::AgentState;
+use crate::traffic::RouteEndpoint;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Request and response bodies on the proxy path.
@@ -120,24 +120,25 @@ impl Upstreams {
     /// Sends one attempt to `endpoint`; `req` has the client's method, path, headers and body.
     pub async fn send(
         &self,
-        endpoint: &EndpointEntry,
+        target: &RouteEndpoint,
         caller: &SpiffeId,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        *req.uri_mut() = Uri::builder()
-            .scheme("http")
-            .authority(endpoint.addr.to_string())
-            .path_and_query(path)
-            .build()
-            .map_err(|e| UpstreamError::Connect {
-                endpoint: endpoint.addr,
-                reason: e.to_string(),
-            })?;
+        let endpoint = &target.entry;
+        // Shared, reference-counted parts: no string is built per request.
+        let mut parts = hyper::http::uri::Parts::default();
+        parts.scheme = Some(hyper::http::uri::Scheme::HTTP);
+        parts.authority = Some(target.authority.clone());
+        parts.path_and_query = Some(
+            req.uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
+        );
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|e| UpstreamError::Connect {
+            endpoint: endpoint.addr,
+            reason: e.to_string(),
+        })?;
         let version = req.version();
         // The upstream request is HTTP/1.1 or HTTP/2 by the client pool, not the client's.
         *req.version_mut() = if version == Version::HTTP_2 {

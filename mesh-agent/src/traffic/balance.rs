@@ -5,11 +5,15 @@ use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rand::Rng;
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::endpoint::CallGuard;
 use super::RouteEndpoint;
 use crate::config::service_policy::{BreakerRules, LoadBalancer};
+
+/// Candidate lists live on the stack up to this many endpoints: no allocation per request.
+type Candidates<'a> = SmallVec<[&'a RouteEndpoint; 16]>;
 
 /// Picks an endpoint and starts a call on it; `tried` endpoints are avoided while others are
 /// available. None: every endpoint is ejected (or there are none).
@@ -22,7 +26,7 @@ pub fn pick(
     tried: &[SocketAddrV4],
 ) -> Option<CallGuard> {
     let now = Instant::now();
-    let mut candidates: Vec<&RouteEndpoint> = endpoints
+    let mut candidates: Candidates = endpoints
         .iter()
         .filter(|e| e.state.available(&breaker, now))
         .collect();
@@ -44,8 +48,8 @@ fn narrow<'a>(
     candidates: &[&'a RouteEndpoint],
     local_zone: Option<&str>,
     tried: &[SocketAddrV4],
-) -> Vec<&'a RouteEndpoint> {
-    let mut pool: Vec<&RouteEndpoint> = match local_zone {
+) -> Candidates<'a> {
+    let mut pool: Candidates = match local_zone {
         Some(zone)
             if candidates
                 .iter()
@@ -57,7 +61,7 @@ fn narrow<'a>(
                 .filter(|e| e.entry.zone.as_deref() == Some(zone))
                 .collect()
         }
-        _ => candidates.to_vec(),
+        _ => candidates.iter().copied().collect(),
     };
     if pool.iter().any(|e| !tried.contains(&e.entry.addr)) {
         pool.retain(|e| !tried.contains(&e.entry.addr));
@@ -90,9 +94,10 @@ fn choose<'a>(
         LoadBalancer::LeastRequest => {
             // Ties are broken at random so equal endpoints share the load.
             let least = pool.iter().map(|e| e.state.in_flight()).min().unwrap_or(0);
-            let tied: Vec<_> = pool
+            let tied: Candidates = pool
                 .iter()
                 .filter(|e| e.state.in_flight() == least)
+                .copied()
                 .collect();
             tied[rand::thread_rng().gen_range(0..tied.len())]
         }
@@ -134,19 +139,19 @@ mod tests {
             .iter()
             .map(|(addr, zone, weight)| {
                 let addr: SocketAddrV4 = addr.parse().expect("addr");
-                RouteEndpoint {
-                    entry: EndpointEntry {
+                RouteEndpoint::new(
+                    EndpointEntry {
                         addr,
                         node: None,
                         zone: zone.map(str::to_owned),
                         weight: *weight,
                     },
-                    state: Arc::new(EndpointState::new(
+                    Arc::new(EndpointState::new(
                         "s".into(),
                         addr,
                         metrics.endpoint("s", &addr.to_string()),
                     )),
-                }
+                )
             })
             .collect()
     }

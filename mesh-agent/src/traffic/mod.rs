@@ -37,6 +37,20 @@ use retry::RetryBudget;
 pub struct RouteEndpoint {
     pub entry: EndpointEntry,
     pub state: Arc<EndpointState>,
+    /// `ip:port` as a URI authority, made once rather than per request.
+    pub authority: hyper::http::uri::Authority,
+}
+
+impl RouteEndpoint {
+    pub fn new(entry: EndpointEntry, state: Arc<EndpointState>) -> Self {
+        let authority = hyper::http::uri::Authority::try_from(entry.addr.to_string())
+            .expect("an IPv4 socket address is a valid URI authority");
+        Self {
+            entry,
+            state,
+            authority,
+        }
+    }
 }
 
 /// Everything a request to one service needs, fixed for the snapshot it came from; a request
@@ -157,10 +171,7 @@ impl Traffic {
                             ))
                         })
                         .clone();
-                    RouteEndpoint {
-                        entry: e.clone(),
-                        state,
-                    }
+                    RouteEndpoint::new(e.clone(), state)
                 })
                 .collect();
             let carried = |f: &dyn Fn(&ServiceRoute) -> bool| old.as_ref().filter(|o| f(o));
