@@ -94,17 +94,21 @@ pub struct Upstreams {
     agent: Weak<AgentState>,
     service: Arc<str>,
     connect_timeout: Duration,
+    agent_ip: std::net::Ipv4Addr,
     direct: Clients<DirectConnector>,
     /// One pool per calling identity: an HBONE tunnel carries one workload's certificate.
     hbone: Mutex<HashMap<SpiffeId, Arc<Clients<HboneConnector>>>>,
 }
 
 impl Upstreams {
-    pub fn new(agent: Weak<AgentState>, service: Arc<str>, connect_timeout: Duration) -> Self {
-        let agent_ip = agent
-            .upgrade()
-            .map(|a| a.config().node.agent_ip)
-            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+    /// `agent_ip` is the source of direct connects (the config being applied, which the agent
+    /// state may not hold yet).
+    pub fn new(
+        agent: Weak<AgentState>,
+        service: Arc<str>,
+        connect_timeout: Duration,
+        agent_ip: std::net::Ipv4Addr,
+    ) -> Self {
         Self {
             direct: Clients::new(DirectConnector {
                 agent_ip,
@@ -113,8 +117,14 @@ impl Upstreams {
             agent,
             service,
             connect_timeout,
+            agent_ip,
             hbone: Mutex::default(),
         }
+    }
+
+    /// Whether these pools were made for this connect timeout and source address.
+    pub fn fits(&self, connect_timeout: Duration, agent_ip: std::net::Ipv4Addr) -> bool {
+        self.connect_timeout == connect_timeout && self.agent_ip == agent_ip
     }
 
     /// Sends one attempt to `endpoint`; `req` has the client's method, path, headers and body.

@@ -194,12 +194,16 @@ impl Traffic {
                     Some(o) => o.budget.clone(),
                     None => rules.retry.as_ref().map(|r| Arc::new(RetryBudget::new(r))),
                 },
-                upstreams: match carried(&|o| o.rules.connect_timeout == rules.connect_timeout) {
+                upstreams: match carried(&|o| {
+                    o.upstreams
+                        .fits(rules.connect_timeout, config.node.agent_ip)
+                }) {
                     Some(o) => o.upstreams.clone(),
                     None => Arc::new(Upstreams::new(
                         agent.clone(),
                         name.clone(),
                         rules.connect_timeout,
+                        config.node.agent_ip,
                     )),
                 },
                 cursor: old.as_ref().map_or_else(Arc::default, |o| o.cursor.clone()),
