@@ -10,3 +10,4 @@ pub mod policy;
 pub mod proxy;
 pub mod registry;
 pub mod state;
+pub mod traffic;

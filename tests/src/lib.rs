@@ -8,6 +8,7 @@ pub mod capture;
 pub mod cmd;
 pub mod etcd;
 pub mod http;
+pub mod l7;
 pub mod registry;
 pub mod topology;
 pub mod two_nodes;

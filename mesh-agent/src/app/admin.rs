@@ -121,21 +121,43 @@ fn policy(state: &AgentState) -> Value {
     })
 }
 
-/// The endpoint sets the proxy routes to now (static ones and passing registry instances).
+/// Each service's endpoints with their breaker state, latency estimate and ejection (`only`: one
+/// service).
 fn endpoints(state: &AgentState, only: Option<&str>) -> Value {
-    let model = state.model();
-    let out: serde_json::Map<String, Value> = model
-        .services
-        .values()
-        .filter(|s| only.is_none_or(|o| o == s.name))
-        .map(|s| {
-            let list: Vec<Value> = s
+    let services: Vec<Value> = state
+        .traffic
+        .routes()
+        .iter()
+        .filter(|route| only.is_none_or(|o| o == &*route.name))
+        .map(|route| {
+            let endpoints: Vec<Value> = route
                 .endpoints
                 .iter()
-                .map(|e| json!({"address": e.addr.to_string(), "node": e.node, "zone": e.zone, "weight": e.weight}))
+                .map(|e| {
+                    let view = e.state.view();
+                    json!({
+                        "address": e.entry.addr.to_string(),
+                        "node": e.entry.node,
+                        "zone": e.entry.zone,
+                        "weight": e.entry.weight,
+                        "breaker": view.breaker,
+                        "ewma_ms": view.ewma_ms,
+                        "in_flight": view.in_flight,
+                        "ejected": view.ejected_for_s.is_some(),
+                        "ejected_for_s": view.ejected_for_s,
+                    })
+                })
                 .collect();
-            (s.name.clone(), Value::Array(list))
+            let rules = &route.rules;
+            json!({
+                "service": &*route.name,
+                "protocol": rules.protocol,
+                "load_balancer": rules.load_balancer,
+                "request_timeout_ms": rules.request_timeout.as_millis() as u64,
+                "retries": rules.retry.as_ref().map_or(0, |r| r.max),
+                "endpoints": endpoints,
+            })
         })
         .collect();
-    Value::Object(out)
+    json!({ "node": state.config().node.name, "services": services })
 }

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use crate::config::{self, ConfigError};
 use crate::ebpf::{object::object_bytes, EbpfError, MeshEbpf};
 use crate::identity::IdentityError;
-use crate::metrics::AgentMetrics;
+use crate::metrics::scrape::StateCollector;
 use crate::proxy::hbone::HboneServer;
 use crate::state::{AgentState, Kernel};
 use crate::{http_server, proxy};
@@ -124,10 +124,27 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         orig_dst,
         security,
     ));
-    AgentMetrics::inc(&state.metrics.config_generation);
+    state.metrics.config_generation.inc();
     let catalog = registry.backend.subscribe();
     state.mesh.init(base_config, catalog.clone());
     let _ = state.registry.set(registry.clone());
+    state.traffic.attach(Arc::downgrade(&state));
+    state.traffic.update(&state.config(), &state.model());
+    if let Err(e) = state
+        .metrics
+        .register(Box::new(StateCollector::new(Arc::downgrade(&state))))
+    {
+        tracing::error!(error = %e, "registering the scrape-time metrics");
+    }
+    if let Err(e) =
+        state
+            .metrics
+            .register(Box::new(crate::registry::metrics::RegistryCollector::new(
+                Arc::downgrade(&state),
+            )))
+    {
+        tracing::error!(error = %e, "registering the registry metrics");
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(crate::registry::reconcile::run(state.clone(), catalog));
@@ -225,9 +242,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
 
 async fn drain(state: &AgentState) {
     let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
-    while state.metrics.outbound_active.load(Ordering::Relaxed) > 0
-        && tokio::time::Instant::now() < deadline
-    {
+    while state.metrics.outbound_active.get() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

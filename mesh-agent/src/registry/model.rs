@@ -12,9 +12,9 @@ use crate::config::Config;
 pub struct EndpointEntry {
     pub addr: SocketAddrV4,
     pub node: Option<String>,
-    /// Zone of the endpoint (from the registry), for locality-aware balancing.
+    /// Zone for locality-aware balancing (None: unknown).
     pub zone: Option<String>,
-    /// Load-balancing weight, default 1.
+    /// Share under weighted round robin, at least 1.
     pub weight: u32,
 }
 
@@ -83,8 +83,14 @@ impl MeshModel {
                                 .node()
                                 .filter(|n| *n != config.node.name)
                                 .map(str::to_owned),
-                            zone: None,
-                            weight: 1,
+                            // An endpoint on this node without its own zone is in this node's.
+                            zone: e.zone().map(str::to_owned).or_else(|| {
+                                e.node()
+                                    .is_none_or(|n| n == config.node.name)
+                                    .then(|| config.node.zone.clone())
+                                    .flatten()
+                            }),
+                            weight: e.weight(),
                         })
                         .collect(),
                     next: AtomicUsize::new(0),
