@@ -336,7 +336,7 @@ fn failing_active_check_moves_traffic_without_failed_requests() -> Result<()> {
     let health_a = serve(&topo, sa, 8081, "health")?;
     serve(&topo, sb, 8081, "health")?;
     let config = n1.agent_config(&format!(
-        "services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\nworkloads:\n{}{}    service: echo\n{}    service: echo\n\
+        "services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n    policy: {{load_balancer: round_robin}}\nworkloads:\n{}{}    service: echo\n{}    service: echo\n\
          authorization:\n  - name: echo-callers\n    service: echo\n    default: deny\n    allow:\n      - from_service: client\n",
         client.workload_yaml("shop", "client"),
         sa.workload_yaml("shop", "server"),

@@ -34,7 +34,7 @@ pub fn run(backend: &str) -> Result<()> {
     topo.serve_probe(b, 8081, "health")?;
 
     let common = format!(
-        "services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n\
+        "services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n    policy: {{load_balancer: round_robin}}\n\
          authorization:\n  - name: echo-callers\n    service: echo\n    default: deny\n    allow:\n      - from: spiffe://cluster.local/ns/shop/sa/client\n\
          registry:\n  backend: etcd\n  etcd:\n    endpoints: [\"{}\"]\n    lease_ttl: 3s\n",
         etcd.client_url
