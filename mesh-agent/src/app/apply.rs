@@ -11,6 +11,7 @@ use thiserror::Error;
 use crate::config::Config;
 use crate::ebpf::{DesiredMaps, EbpfError, SyncStats};
 use crate::policy::deny;
+use crate::registry::model::ModelIds;
 use crate::registry::MeshModel;
 use crate::state::Kernel;
 
@@ -73,6 +74,30 @@ fn resolve(kernel: &Kernel, config: &Config) -> Result<Vec<(std::path::PathBuf, 
         .collect()
 }
 
+/// The ids an earlier agent left in the kernel maps for the names in `config`, so that a
+/// restarted agent keeps them (in-flight ORIG_DST entries and counters keep their meaning, and a
+/// draining old agent and the new one agree on every id).
+pub fn kernel_ids(kernel: &Kernel, config: &Config) -> ModelIds {
+    let mut ids = ModelIds::default();
+    for w in &config.workloads {
+        let id = kernel
+            .ebpf
+            .resolve_cgroup(&w.cgroup)
+            .ok()
+            .and_then(|(_, cgroup)| kernel.maps.workload_identity(cgroup));
+        if let Some(id) = id {
+            ids.identities.entry(w.identity()).or_insert(id);
+        }
+    }
+    for s in &config.services {
+        let key = ServiceKey::new(ip4_to_raw(s.vip.ip().octets()), s.vip.port());
+        if let Some(id) = kernel.maps.service_id(&key) {
+            ids.services.insert(s.name.clone(), id);
+        }
+    }
+    ids
+}
+
 /// Applies `config`; on a failure after attaching, re-applies `previous` so nothing is half-done.
 pub fn apply(
     kernel: &mut Kernel,
@@ -81,12 +106,11 @@ pub fn apply(
     previous: Option<(&Config, &MeshModel)>,
 ) -> Result<SyncStats, ApplyError> {
     let resolved = resolve(kernel, config)?;
-    let dirs: Vec<_> = resolved.iter().map(|(d, _)| d.clone()).collect();
     let ids: Vec<u64> = resolved.iter().map(|(_, id)| *id).collect();
     let desired = desired_maps(config, model, &ids);
     // Maps first: a newly attached cgroup must find its identity the moment programs run.
     match kernel.maps.sync(&desired) {
-        Ok(stats) => match kernel.ebpf.attach_to(&dirs) {
+        Ok(stats) => match kernel.ebpf.attach_to(&resolved) {
             Ok(()) => Ok(stats),
             Err(e) => {
                 rollback(kernel, previous);

@@ -105,6 +105,10 @@ pub struct ProxyConfig {
     /// How often the config file is checked for changes ("0s" disables polling; SIGHUP still works).
     #[serde(default = "default_reload_poll", with = "duration_text")]
     pub reload_poll: Duration,
+    /// On SIGTERM, how long established connections (outbound and inbound HBONE) may take to
+    /// finish before the agent exits; the kernel programs stay pinned either way.
+    #[serde(default = "default_drain_timeout", with = "duration_text")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -112,6 +116,7 @@ impl Default for ProxyConfig {
         Self {
             connect_timeout: default_connect_timeout(),
             reload_poll: default_reload_poll(),
+            drain_timeout: default_drain_timeout(),
         }
     }
 }
@@ -292,6 +297,9 @@ pub fn agent_service_account(node: &str) -> String {
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(3)
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_reload_poll() -> Duration {
     Duration::from_secs(2)

@@ -99,17 +99,14 @@ impl KernelMaps {
         Ok(stats)
     }
 
-    /// Stops redirection so connects pass through unchanged. Only the port is cleared: strict
-    /// mode keeps admitting connections from the agent address while the agent drains.
-    pub fn clear_agent_addr(&mut self) -> Result<(), EbpfError> {
-        let err = |source| EbpfError::Map {
-            name: map_names::AGENT_ADDR,
-            source,
-        };
-        let current = self.agent_addr.get(&0, 0).map_err(err)?;
-        self.agent_addr
-            .set(0, AgentAddr::new(current.ip, 0), 0)
-            .map_err(err)
+    /// Identity id the WORKLOADS map holds for a cgroup (written by this or an earlier agent).
+    pub fn workload_identity(&self, cgroup: u64) -> Option<u32> {
+        self.workloads.get(&cgroup, 0).ok().map(|w| w.identity)
+    }
+
+    /// Service id the SERVICES map holds for a destination (written by this or an earlier agent).
+    pub fn service_id(&self, key: &ServiceKey) -> Option<u32> {
+        self.services.get(key, 0).ok().map(|s| s.service)
     }
 
     /// Per-identity counters summed over CPUs.

@@ -2,11 +2,12 @@
 
 pub mod attach;
 mod error;
+mod links;
 mod loader;
 mod maps;
 pub mod preflight;
 
-pub use attach::Attachments;
+pub use attach::{uninstall, Attachments};
 pub use error::EbpfError;
-pub use loader::{locate_object, MeshEbpf};
+pub use loader::{locate_object, pin_dir, MeshEbpf};
 pub use maps::{DesiredMaps, KernelMaps, OrigDstTable, SyncStats};

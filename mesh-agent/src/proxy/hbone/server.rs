@@ -40,6 +40,8 @@ pub trait InboundTargets: Send + Sync {
 #[derive(Debug, Default)]
 pub struct InboundStats {
     pub connections_accepted: AtomicU64,
+    /// Connections (TLS or still handshaking) being served now; a stopping agent drains them.
+    pub connections_active: AtomicU64,
     /// TLS failed, or the peer had no certificate, no SPIFFE ID, or no h2.
     pub handshakes_refused: AtomicU64,
     pub streams_opened: AtomicU64,
@@ -152,6 +154,7 @@ impl HboneServer {
         remote: SocketAddr,
         mut drain: watch::Receiver<bool>,
     ) {
+        let _active = ActiveGuard::enter(&self.stats.connections_active);
         // Tunnels carry small interactive HTTP/2 frames; Nagle plus delayed ACKs would add
         // tens of milliseconds to each exchange.
         let _ = tcp.set_nodelay(true);
@@ -317,6 +320,22 @@ impl HboneServer {
 }
 
 /// Resolves when the server shuts down (or the serve future was dropped).
+/// Counts a connection as active for as long as it lives.
+struct ActiveGuard<'a>(&'a AtomicU64);
+
+impl<'a> ActiveGuard<'a> {
+    fn enter(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(counter)
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn draining(drain: &mut watch::Receiver<bool>) {
     // The guard returned by wait_for is not Send; drop it here, not across an await.
     let _ = drain.wait_for(|draining| *draining).await.map(|_| ());
