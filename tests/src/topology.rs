@@ -412,9 +412,21 @@ impl Topology {
         config_yaml: &str,
         extra_env: &[(&str, &str)],
     ) -> Result<AgentHandle> {
+        self.start_agent_logged(node, config_yaml, extra_env, &node.instance)
+    }
+
+    /// Like [`Topology::start_agent`] with its own log file `<log_name>.log`, for a second agent
+    /// of the same node (a rolling restart runs the new one beside the old one).
+    pub fn start_agent_logged(
+        &self,
+        node: &Node,
+        config_yaml: &str,
+        extra_env: &[(&str, &str)],
+        log_name: &str,
+    ) -> Result<AgentHandle> {
         let config = self.config_path(node);
         std::fs::write(&config, config_yaml)?;
-        let log = self.workdir.join(format!("{}.log", node.instance));
+        let log = self.workdir.join(format!("{log_name}.log"));
         let mut command = Command::new(agent_binary()?);
         command
             .arg("--config")
@@ -515,6 +527,43 @@ impl Topology {
 impl AgentHandle {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Topology {
+    /// Waits until this agent itself logged "agent ready" (a /ready probe could be answered by
+    /// another agent sharing the ports through SO_REUSEPORT).
+    pub fn wait_logged_ready(&self, agent: &AgentHandle) -> Result<()> {
+        self.wait_for("agent ready in its log", Duration::from_secs(20), || {
+            if self.has_exited(agent.pid) {
+                bail!("agent exited; log:\n{}", agent.log_text());
+            }
+            Ok(agent.log_text().contains("agent ready"))
+        })
+    }
+
+    /// kube-proxy style service path inside a pod's netns: nftables DNAT of `vip` (ip:port) to
+    /// `target`. A connect that escapes capture then really reaches the target, which makes a
+    /// bypass measurable instead of failing on an unroutable VIP.
+    pub fn dnat_in_pod(&self, pod: &Pod, vip: &str, target: &str) -> Result<()> {
+        let (ip, port) = vip.split_once(':').context("vip must be ip:port")?;
+        let rules = format!(
+            "table ip nodemesh_test_nat {{\n chain output {{\n  type nat hook output priority -100;\n  ip daddr {ip} tcp dport {port} dnat to {target}\n  ip daddr {ip} udp dport {port} dnat to {target}\n }}\n}}\n"
+        );
+        let path = self.workdir.join(format!("dnat-{}.nft", pod.name));
+        std::fs::write(&path, rules)?;
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &pod.netns,
+                "nft",
+                "-f",
+                &path.to_string_lossy(),
+            ],
+        )?;
+        Ok(())
     }
 }
 

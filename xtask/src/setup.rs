@@ -16,6 +16,8 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "wrk",
+    // kube-proxy style DNAT of service VIPs in the fail-closed tests.
+    "nftables",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

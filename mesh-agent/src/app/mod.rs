@@ -225,7 +225,10 @@ async fn drain(state: &AgentState, timeout: Duration) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if busy() {
-        tracing::warn!(?timeout, "drain deadline reached; closing the remaining connections");
+        tracing::warn!(
+            ?timeout,
+            "drain deadline reached; closing the remaining connections"
+        );
     }
 }
 

@@ -252,13 +252,17 @@ fn attach_pinned(
     let link: FdLink = match name {
         program_names::CONNECT4 => {
             let p = program_mut::<CgroupSockAddr>(bpf, name)?;
-            let id = p.attach(dir, CgroupAttachMode::Single).map_err(attach_err)?;
+            let id = p
+                .attach(dir, CgroupAttachMode::Single)
+                .map_err(attach_err)?;
             let link = p.take_link(id).map_err(EbpfError::program(name))?;
             link.try_into().map_err(|e| pin_err(&e))?
         }
         program_names::SOCKOPS => {
             let p = program_mut::<SockOps>(bpf, name)?;
-            let id = p.attach(dir, CgroupAttachMode::Single).map_err(attach_err)?;
+            let id = p
+                .attach(dir, CgroupAttachMode::Single)
+                .map_err(attach_err)?;
             let link = p.take_link(id).map_err(EbpfError::program(name))?;
             link.try_into().map_err(|e| pin_err(&e))?
         }

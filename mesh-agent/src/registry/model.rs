@@ -58,7 +58,11 @@ impl MeshModel {
     pub fn ids(&self) -> ModelIds {
         ModelIds {
             identities: self.identities.clone(),
-            services: self.services.iter().map(|(n, s)| (n.clone(), s.id)).collect(),
+            services: self
+                .services
+                .iter()
+                .map(|(n, s)| (n.clone(), s.id))
+                .collect(),
         }
     }
 
@@ -176,7 +180,11 @@ mod tests {
 
     #[test]
     fn seeded_ids_are_kept_and_duplicates_dropped() {
-        let seed = BTreeMap::from([("a".to_owned(), 5), ("b".to_owned(), 5), ("c".to_owned(), 1)]);
+        let seed = BTreeMap::from([
+            ("a".to_owned(), 5),
+            ("b".to_owned(), 5),
+            ("c".to_owned(), 1),
+        ]);
         let ids = assign_ids(vec!["a".into(), "b".into(), "c".into()], unique_ids(seed));
         assert_eq!(ids["a"], 5);
         assert_eq!(ids["c"], 1);

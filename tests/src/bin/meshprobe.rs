@@ -7,6 +7,9 @@
 //!                                                 prints one JSON line per attempt; connect and
 //!                                                 read give up after timeout-ms (default 5000)
 //!   meshprobe hold <ip:port> <text> <seconds>      one connection that exchanges text every 100 ms
+//!   meshprobe loop <ip:port> <text> <millis> <timeout-ms>
+//!                                                 new connections back to back for `millis`,
+//!                                                 printed as one JSON summary line
 //!   meshprobe bench <ip:port> <seconds> <workers>  new connections per second (connect, 1 byte
 //!                                                 each way, close), printed as one JSON line
 
@@ -32,6 +35,12 @@ fn main() -> Result<()> {
             connect(addr.parse()?, text, count, timeout)
         }
         ["hold", addr, text, secs] => hold(addr.parse()?, text, secs.parse()?),
+        ["loop", addr, text, millis, timeout] => connect_loop(
+            addr.parse()?,
+            text,
+            Duration::from_millis(millis.parse()?),
+            Duration::from_millis(timeout.parse()?),
+        ),
         ["bench", addr, secs, workers] => bench(addr.parse()?, secs.parse()?, workers.parse()?),
         _ => bail!("usage: meshprobe serve <port> <name> [record] | connect <ip:port> <text> [count] [timeout-ms] | hold <ip:port> <text> <seconds> | bench <ip:port> <seconds> <workers>"),
     }
@@ -116,6 +125,41 @@ fn connect(addr: SocketAddr, text: &str, count: u32, timeout: Duration) -> Resul
     for _ in 0..count {
         println!("{}", serde_json::to_string(&attempt(addr, text, timeout))?);
     }
+    Ok(())
+}
+
+/// Outcome counts of `meshprobe loop`.
+#[derive(serde::Serialize, Default)]
+struct LoopSummary {
+    attempts: u64,
+    ok: u64,
+    failed: u64,
+    /// errno (or "timeout"/"other") -> count.
+    errors: std::collections::BTreeMap<String, u64>,
+    /// reply -> count of successful attempts.
+    replies: std::collections::BTreeMap<String, u64>,
+}
+
+/// Continuous traffic: back-to-back connections (a short pause between them) for `length`.
+fn connect_loop(addr: SocketAddr, text: &str, length: Duration, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + length;
+    let mut summary = LoopSummary::default();
+    while Instant::now() < deadline {
+        let a = attempt(addr, text, timeout);
+        summary.attempts += 1;
+        if a.ok {
+            summary.ok += 1;
+            *summary.replies.entry(a.reply).or_default() += 1;
+        } else {
+            summary.failed += 1;
+            let key = a
+                .errno
+                .map_or_else(|| "other".to_owned(), |e| e.to_string());
+            *summary.errors.entry(key).or_default() += 1;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!("{}", serde_json::to_string(&summary)?);
     Ok(())
 }
 
