@@ -2,10 +2,12 @@
 
 mod env;
 mod model;
+pub mod service_policy;
 mod validate;
 
 pub use env::apply_env_overrides;
 pub use model::*;
+pub use service_policy::ServicePolicy;
 pub use validate::validate;
 
 use std::path::Path;

@@ -16,6 +16,7 @@ pub mod map_names {
     pub const WORKLOADS: &str = "WORKLOADS";
     pub const SERVICES: &str = "SERVICES";
     pub const DENY: &str = "DENY";
+    pub const ALLOW: &str = "ALLOW";
     pub const PENDING_DST: &str = "PENDING_DST";
     pub const ORIG_DST: &str = "ORIG_DST";
     pub const CONN_COUNTERS: &str = "CONN_COUNTERS";
@@ -34,6 +35,8 @@ pub mod limits {
     pub const MAX_WORKLOADS: u32 = 4096;
     pub const MAX_SERVICES: u32 = 8192;
     pub const MAX_DENY_RULES: u32 = 65536;
+    /// Allowed (identity, service) pairs of default-deny services.
+    pub const MAX_ALLOW_RULES: u32 = 65536;
     /// Identity ids index the per-CPU counter array, so they must stay below this.
     pub const MAX_IDENTITIES: u32 = 4096;
     pub const MAX_IN_FLIGHT: u32 = 65536;
@@ -70,6 +73,7 @@ mod tests {
         assert_eq!(size_of::<AgentAddr>(), 8);
         assert_eq!(size_of::<DenyKey>(), 8);
         assert_eq!(size_of::<DenyRule>(), 8);
+        assert_eq!(size_of::<crate::deny::AllowEntry>(), 8);
         assert_eq!(size_of::<ClientKey>(), 8);
         assert_eq!(size_of::<OrigDst>(), 16);
         assert_eq!(size_of::<WorkloadIdentity>(), 8);

@@ -25,12 +25,25 @@ impl ServiceKey {
 pub struct ServiceValue {
     /// Service id assigned by the agent (1-based).
     pub service: u32,
-    pub _pad: u32,
+    /// Bit set of `ServiceValue::DEFAULT_DENY`, ... (unknown bits are ignored by the kernel).
+    pub flags: u32,
 }
 
 impl ServiceValue {
+    /// Callers not in the ALLOW map are refused (the service's callers are exactly its allow-list).
+    pub const DEFAULT_DENY: u32 = 1;
+
     pub const fn new(service: u32) -> Self {
-        Self { service, _pad: 0 }
+        Self { service, flags: 0 }
+    }
+
+    pub const fn with_default_deny(self, default_deny: bool) -> Self {
+        let flags = if default_deny {
+            self.flags | Self::DEFAULT_DENY
+        } else {
+            self.flags & !Self::DEFAULT_DENY
+        };
+        Self { flags, ..self }
     }
 }
 

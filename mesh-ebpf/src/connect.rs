@@ -7,12 +7,12 @@ use aya_log_ebpf::debug;
 use mesh_common::{
     addr::{port_from_sock_addr, port_to_sock_addr},
     counters::ConnCounters,
-    deny::DenyKey,
+    deny::{kernel_allows, DenyKey},
     orig_dst::OrigDst,
     services::ServiceKey,
 };
 
-use crate::maps::{AGENT_ADDR, CONN_COUNTERS, DENY, PENDING_DST, SERVICES};
+use crate::maps::{AGENT_ADDR, ALLOW, CONN_COUNTERS, DENY, PENDING_DST, SERVICES};
 use crate::workload::current_workload;
 
 /// Verdicts of a cgroup/connect4 program.
@@ -38,15 +38,18 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
     let dst_ip = unsafe { (*sa).user_ip4 };
     let dst_port = port_from_sock_addr(unsafe { (*sa).user_port });
 
-    let service = match unsafe { SERVICES.get(ServiceKey::new(dst_ip, dst_port)) } {
-        Some(s) => s.service,
+    let (service, flags) = match unsafe { SERVICES.get(ServiceKey::new(dst_ip, dst_port)) } {
+        Some(s) => (s.service, s.flags),
         None => {
             count(identity, Outcome::Passed);
             return Ok(ALLOW);
         }
     };
 
-    if unsafe { DENY.get(DenyKey::new(identity, service)) }.is_some() {
+    let pair = DenyKey::new(identity, service);
+    let denied = unsafe { DENY.get(pair) }.is_some();
+    let allowed = unsafe { ALLOW.get(pair) }.is_some();
+    if !kernel_allows(denied, flags, allowed) {
         count(identity, Outcome::Denied);
         debug!(ctx, "deny identity={} service={}", identity, service);
         return Ok(REJECT);

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     counters::ConnCounters,
-    deny::{DenyKey, DenyRule},
+    deny::{AllowEntry, DenyKey, DenyRule},
     limits,
     orig_dst::{ClientKey, OrigDst},
     services::{AgentAddr, ServiceKey, ServiceValue},
@@ -24,6 +24,10 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(limits:
 /// (identity, service) pairs refused in the kernel.
 #[map]
 pub static DENY: HashMap<DenyKey, DenyRule> = HashMap::pinned(limits::MAX_DENY_RULES, 0);
+
+/// (identity, service) pairs a default-deny service admits.
+#[map]
+pub static ALLOW: HashMap<DenyKey, AllowEntry> = HashMap::pinned(limits::MAX_ALLOW_RULES, 0);
 
 /// socket cookie -> original destination, between connect() and ESTABLISHED.
 #[map]

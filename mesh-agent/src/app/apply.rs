@@ -4,13 +4,14 @@
 use std::collections::HashMap;
 
 use mesh_common::addr::ip4_to_raw;
+use mesh_common::deny::{AllowEntry, DenyKey};
 use mesh_common::services::{AgentAddr, ServiceKey, ServiceValue};
 use mesh_common::workloads::WorkloadIdentity;
 use thiserror::Error;
 
 use crate::config::Config;
 use crate::ebpf::{DesiredMaps, EbpfError, SyncStats};
-use crate::policy::deny;
+use crate::policy::kernel;
 use crate::registry::model::ModelIds;
 use crate::registry::MeshModel;
 use crate::state::Kernel;
@@ -23,6 +24,15 @@ pub enum ApplyError {
     Kernel(#[from] EbpfError),
 }
 
+/// Whether a workload runs in strict mode: its own setting, else the policy default; a service
+/// with `policy.mTLS: required` makes the workloads serving it strict in any case.
+fn strict(config: &Config, w: &crate::config::Workload) -> bool {
+    let mtls_required = config.services.iter().any(|s| {
+        s.name == w.service_name() && s.policy.as_ref().is_some_and(|p| p.requires_mtls())
+    });
+    mtls_required || w.is_strict(&config.policy)
+}
+
 pub fn desired_maps(config: &Config, model: &MeshModel, cgroup_ids: &[u64]) -> DesiredMaps {
     let workloads = config
         .workloads
@@ -30,22 +40,29 @@ pub fn desired_maps(config: &Config, model: &MeshModel, cgroup_ids: &[u64]) -> D
         .zip(cgroup_ids)
         .map(|(w, id)| {
             let identity = WorkloadIdentity::new(model.identities[&w.identity()]);
-            (*id, identity.with_strict(w.is_strict(&config.policy)))
+            (*id, identity.with_strict(strict(config, w)))
         })
         .collect();
+    let policy = kernel::compile(config, model);
     let services = model
         .services
         .values()
         .map(|s| {
             (
                 ServiceKey::new(ip4_to_raw(s.vip.ip().octets()), s.vip.port()),
-                ServiceValue::new(s.id),
+                ServiceValue::new(s.id).with_default_deny(policy.default_deny.contains(&s.id)),
             )
         })
         .collect();
-    let deny: HashMap<_, _> = deny::compile(config, model)
-        .into_iter()
-        .map(|(k, v)| (deny::key(k), v))
+    let deny: HashMap<_, _> = policy
+        .deny
+        .iter()
+        .map(|(&(i, s), v)| (DenyKey::new(i, s), *v))
+        .collect();
+    let allow: HashMap<_, _> = policy
+        .allow
+        .iter()
+        .map(|&(i, s)| (DenyKey::new(i, s), AllowEntry::new()))
         .collect();
     let agent = AgentAddr::new(
         ip4_to_raw(config.node.agent_ip.octets()),
@@ -55,6 +72,7 @@ pub fn desired_maps(config: &Config, model: &MeshModel, cgroup_ids: &[u64]) -> D
         workloads,
         services,
         deny,
+        allow,
         agent,
     }
 }

@@ -40,11 +40,18 @@ impl Config {
         self.nodes.iter().filter(|n| n.name != self.node.name)
     }
 
-    /// The authorization part of the config, in the shape the authorizer compiles.
+    /// The authorization part of the config, in the shape the authorizer compiles: the
+    /// `authorization` list plus one policy per service whose `policy` block has allow/deny.
     pub fn authz(&self) -> crate::policy::authz_config::AuthzConfig {
+        let mut authorization = self.authorization.clone();
+        authorization.extend(self.services.iter().filter_map(|s| {
+            let p = s.policy.as_ref().filter(|p| p.has_authorization())?;
+            Some(p.to_authorization(&s.name, self.policy.default))
+        }));
         crate::policy::authz_config::AuthzConfig {
-            authorization: self.authorization.clone(),
+            authorization,
             service_keys: self.service_keys.clone(),
+            mesh_default: self.policy.default,
         }
     }
 }
@@ -131,6 +138,9 @@ pub struct Service {
     pub vip: SocketAddrV4,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// Who may call this service (seed 001 §18 form): `allow`, `deny`, `mTLS: required`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<super::ServicePolicy>,
 }
 
 /// A workload on this node: the cgroup its processes run in and the identity they carry.
@@ -177,6 +187,14 @@ pub struct PolicyConfig {
     /// Strict mode for workloads that do not set `strict` themselves.
     #[serde(default)]
     pub strict_default: bool,
+    /// Mesh-wide default for a service without an authorization policy: `deny` (its callers
+    /// are exactly its allow-list, so none) unless an operator relaxes it to `allow`.
+    #[serde(default = "default_mesh_authz")]
+    pub default: crate::policy::authz_config::DefaultAction,
+}
+
+fn default_mesh_authz() -> crate::policy::authz_config::DefaultAction {
+    crate::policy::authz_config::DefaultAction::Deny
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

@@ -28,6 +28,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
 
     validate_identity(config)?;
     validate_nodes(config)?;
+    validate_service_policies(config)?;
     validate_authorization(config)?;
     let mut names = HashSet::new();
     let mut vips = HashSet::new();
@@ -246,6 +247,50 @@ fn validate_identity(config: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `services[].policy` allow/deny entries, checked here so errors name the service's field (the
+/// block compiles into an `authorization` entry that has no place in the file).
+fn validate_service_policies(config: &Config) -> Result<(), ConfigError> {
+    use super::service_policy::NAMESPACE_PREFIX;
+    for (i, s) in config.services.iter().enumerate() {
+        let Some(policy) = s.policy.as_ref().filter(|p| p.has_authorization()) else {
+            continue;
+        };
+        if let Some(other) = config.authorization.iter().find(|a| a.service == s.name) {
+            return Err(ConfigError::invalid(
+                format!("services[{i}].policy"),
+                format!(
+                    "service {:?} already has authorization policy {:?}; write its callers in one place",
+                    s.name, other.name
+                ),
+            ));
+        }
+        for (list, entries) in [("allow", &policy.allow), ("deny", &policy.deny)] {
+            for (j, entry) in entries.iter().enumerate() {
+                let field = format!("services[{i}].policy.{list}[{j}]");
+                if entry.starts_with("spiffe://") {
+                    entry
+                        .parse::<crate::identity::SpiffeId>()
+                        .map_err(|e| ConfigError::invalid(&field, format!("{} is not a SPIFFE ID ({e})", short(entry))))?;
+                } else if let Some(ns) = entry.strip_prefix(NAMESPACE_PREFIX) {
+                    check_name(&field, ns)?;
+                } else {
+                    check_name(&field, entry)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A bad value quoted in an error: at most a short prefix, so a huge value cannot flood logs.
+pub(crate) fn short(value: &str) -> String {
+    const MAX: usize = 64;
+    match value.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{:?}...", &value[..cut]),
+        None => format!("{value:?}"),
+    }
+}
+
 fn validate_authorization(config: &Config) -> Result<(), ConfigError> {
     use crate::policy::authz_config::AuthzConfigError;
     config.authz().compile().map_err(|e| match e {
@@ -295,7 +340,7 @@ fn check_name(field: &str, value: &str) -> Result<(), ConfigError> {
     } else {
         Err(ConfigError::invalid(
             field,
-            format!("{value:?} must be 1-63 characters of a-z, 0-9, '-', '.', '_'"),
+            format!("{} must be 1-63 characters of a-z, 0-9, '-', '.', '_'", short(value)),
         ))
     }
 }

@@ -3,3 +3,4 @@
 pub mod authz;
 pub mod authz_config;
 pub mod deny;
+pub mod kernel;
