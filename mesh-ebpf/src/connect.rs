@@ -16,13 +16,13 @@ use crate::maps::{AGENT_ADDR, ALLOW, CONN_COUNTERS, DENY, PENDING_DST, SERVICES}
 use crate::workload::current_workload;
 
 /// Verdicts of a cgroup/connect4 program.
-const ALLOW: i32 = 1;
+const PROCEED: i32 = 1;
 const REJECT: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     // On an internal error (map full) the connection proceeds uncaptured rather than failing.
-    try_connect4(&ctx).unwrap_or(ALLOW)
+    try_connect4(&ctx).unwrap_or(PROCEED)
 }
 
 enum Outcome {
@@ -42,7 +42,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
         Some(s) => (s.service, s.flags),
         None => {
             count(identity, Outcome::Passed);
-            return Ok(ALLOW);
+            return Ok(PROCEED);
         }
     };
 
@@ -59,7 +59,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
         Some(a) if a.redirects() => *a,
         _ => {
             count(identity, Outcome::Passed);
-            return Ok(ALLOW);
+            return Ok(PROCEED);
         }
     };
 
@@ -78,7 +78,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
     }
     count(identity, Outcome::Redirected);
     debug!(ctx, "redirect identity={} service={}", identity, service);
-    Ok(ALLOW)
+    Ok(PROCEED)
 }
 
 fn count(identity: u32, outcome: Outcome) {

@@ -1,7 +1,8 @@
 //! Two nodes joined by an uplink, each with its own agent (own pinned maps, own certificates from
 //! one mesh CA). Node 1 runs pods `client` (shop/client) and `intruder` (shop/intruder); node 2
 //! runs `server` (shop/server) with an echo server on 8080 behind the service `echo`, whose
-//! authorization policy on node 2 admits only shop/client.
+//! authorization policy on node 2 admits only shop/client. Node 1 relaxes the mesh default
+//! (`policy.default: allow`) so that these tests exercise the destination agent's check.
 
 use std::path::PathBuf;
 
@@ -80,7 +81,8 @@ impl TwoNodes {
         let config1 = n1.agent_config(&format!(
             "services:\n{}  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n    endpoints:\n      - {{address: \"{}:{ECHO_PORT}\", node: node-2}}\n\
              workloads:\n{}{}\
-             nodes:\n  - {{name: node-2, hbone: \"10.0.0.2:15008\"}}\n{}",
+             nodes:\n  - {{name: node-2, hbone: \"10.0.0.2:15008\"}}\n\
+             policy:\n  default: allow\n{}",
             web(true),
             server.ip,
             n1.pod("client").workload_yaml("shop", "client"),
@@ -103,9 +105,14 @@ impl TwoNodes {
             "services:\n{}  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n    endpoints: [\"{}:{ECHO_PORT}\"]\n\
              workloads:\n{server_workload}\
              nodes:\n  - {{name: node-1, hbone: \"10.0.0.1:15008\"}}\n\
-             authorization:\n  - name: echo-callers\n    service: echo\n    default: deny\n    allow:\n      - from: spiffe://cluster.local/ns/shop/sa/client\n{}",
+             authorization:\n  - name: echo-callers\n    service: echo\n    default: deny\n    allow:\n      - from: spiffe://cluster.local/ns/shop/sa/client\n{}{}",
             web(false),
             server.ip,
+            if options.web_port.is_some() {
+                "  - name: web-callers\n    service: web\n    allow:\n      - from: spiffe://cluster.local/ns/shop/sa/client\n"
+            } else {
+                ""
+            },
             identity(Some(&ca_dir)),
         ));
         let agent2 = topo.start_agent(n2, &config2, &env)?;

@@ -19,12 +19,17 @@ fn config(node: &Node, deny: &str) -> String {
          \x20 - name: echo\n    namespace: demo\n    vip: {ECHO_VIP}\n    endpoints: [\"{server}:8080\"]\n\
          \x20 - name: wallet\n    namespace: demo\n    vip: {WALLET_VIP}\n    endpoints: [\"{server}:9090\"]\n\
          workloads:\n{}{}{}\
+         authorization:\n{ALLOW_DEMO}\
          policy:\n  deny:\n{deny}",
         node.pod("client").workload_yaml("demo", "client"),
         node.pod("server").workload_yaml("demo", "server"),
         node.pod("other").workload_yaml("demo", "other"),
     ))
 }
+
+/// Default deny: every caller in namespace demo may call both services (kernel deny rules
+/// still apply on top).
+const ALLOW_DEMO: &str = "  - name: echo-callers\n    service: echo\n    allow: [{from_namespace: demo}]\n  - name: wallet-callers\n    service: wallet\n    allow: [{from_namespace: demo}]\n";
 
 const DENY_CLIENT_WALLET: &str =
     "    - name: client-not-wallet\n      from: demo/client\n      to: wallet\n";

@@ -15,7 +15,8 @@ const EPERM: i32 = 1;
 fn config(node: &Node, deny: &str) -> String {
     node.agent_config(&format!(
         "services:\n  - name: echo\n    vip: {ECHO_VIP}\n    endpoints: [\"{}:8080\"]\n\
-         workloads:\n{}policy:\n  deny:\n{deny}",
+         workloads:\n{}authorization:\n  - name: echo-callers\n    service: echo\n    allow: [{{from_namespace: demo}}]\n\
+         policy:\n  deny:\n{deny}",
         node.pod("server").ip,
         node.pod("client").workload_yaml("demo", "client"),
     ))

@@ -51,8 +51,8 @@ fn same_node(http: &mut Vec<String>) -> Result<()> {
     let (client, server) = (node.pod("client"), node.pod("server"));
     topo.start_echo_server(server, 8080, "s")?;
     let config = node.agent_config(&format!(
-        "services:\n  - name: echo\n    vip: {VIP}\n    endpoints: [\"{}:8080\"]\n\
-         \x20 - name: web\n    vip: {WEB_VIP}\n    endpoints: [\"{}:{HTTP_PORT}\"]\nworkloads:\n{}{}",
+        "services:\n  - name: echo\n    vip: {VIP}\n    endpoints: [\"{}:8080\"]\n    policy: {{allow: [client]}}\n\
+         \x20 - name: web\n    vip: {WEB_VIP}\n    endpoints: [\"{}:{HTTP_PORT}\"]\n    policy: {{allow: [client]}}\nworkloads:\n{}{}",
         server.ip,
         server.ip,
         client.workload_yaml("bench", "client"),

@@ -107,7 +107,11 @@ mod tests {
             mtls: Some(MtlsMode::Required),
         };
         let a = p.to_authorization("wallet", DefaultAction::Allow);
-        assert_eq!(a.default, Some(DefaultAction::Deny), "allow-list: default deny");
+        assert_eq!(
+            a.default,
+            Some(DefaultAction::Deny),
+            "allow-list: default deny"
+        );
         assert_eq!(a.allow[0].from_service.as_deref(), Some("orders"));
         assert_eq!(
             a.allow[1].from.as_deref(),
@@ -121,7 +125,9 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            deny_only.to_authorization("w", DefaultAction::Allow).default,
+            deny_only
+                .to_authorization("w", DefaultAction::Allow)
+                .default,
             Some(DefaultAction::Allow),
             "deny-list only: mesh default"
         );

@@ -268,9 +268,12 @@ fn validate_service_policies(config: &Config) -> Result<(), ConfigError> {
             for (j, entry) in entries.iter().enumerate() {
                 let field = format!("services[{i}].policy.{list}[{j}]");
                 if entry.starts_with("spiffe://") {
-                    entry
-                        .parse::<crate::identity::SpiffeId>()
-                        .map_err(|e| ConfigError::invalid(&field, format!("{} is not a SPIFFE ID ({e})", short(entry))))?;
+                    entry.parse::<crate::identity::SpiffeId>().map_err(|e| {
+                        ConfigError::invalid(
+                            &field,
+                            format!("{} is not a SPIFFE ID ({e})", short(entry)),
+                        )
+                    })?;
                 } else if let Some(ns) = entry.strip_prefix(NAMESPACE_PREFIX) {
                     check_name(&field, ns)?;
                 } else {
@@ -340,7 +343,10 @@ fn check_name(field: &str, value: &str) -> Result<(), ConfigError> {
     } else {
         Err(ConfigError::invalid(
             field,
-            format!("{} must be 1-63 characters of a-z, 0-9, '-', '.', '_'", short(value)),
+            format!(
+                "{} must be 1-63 characters of a-z, 0-9, '-', '.', '_'",
+                short(value)
+            ),
         ))
     }
 }

@@ -114,7 +114,12 @@ impl Authorizer {
     }
 
     /// The decision without counting or logging it (the kernel policy is compiled from it).
-    pub fn evaluate(&self, source: &SpiffeId, source_service: Option<&str>, dest: &str) -> Decision {
+    pub fn evaluate(
+        &self,
+        source: &SpiffeId,
+        source_service: Option<&str>,
+        dest: &str,
+    ) -> Decision {
         self.decide(source, source_service, dest)
     }
 
@@ -128,7 +133,11 @@ impl Authorizer {
 
     fn decide(&self, source: &SpiffeId, source_service: Option<&str>, dest: &str) -> Decision {
         let Some(policy) = self.rules.policies.get(dest) else {
-            let default = if self.rules.default_allow { "allow" } else { "deny" };
+            let default = if self.rules.default_allow {
+                "allow"
+            } else {
+                "deny"
+            };
             return verdict(
                 self.rules.default_allow,
                 NO_POLICY,

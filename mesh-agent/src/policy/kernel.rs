@@ -96,3 +96,244 @@ pub fn compile(config: &Config, model: &MeshModel) -> KernelPolicy {
     }
     policy
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const NAMESPACES: [&str; 2] = ["a", "b"];
+    const SERVICES: [&str; 4] = ["s0", "s1", "s2", "s3"];
+
+    /// One caller rule in the `authorization` syntax.
+    fn rule() -> impl Strategy<Value = String> {
+        prop_oneof![
+            (0..2usize, 0..4usize).prop_map(|(n, a)| format!(
+                "{{from: \"spiffe://cluster.local/ns/{}/sa/w{a}\"}}",
+                NAMESPACES[n]
+            )),
+            (0..4usize).prop_map(|s| format!("{{from_service: {}}}", SERVICES[s])),
+            (0..2usize).prop_map(|n| format!("{{from_namespace: {}}}", NAMESPACES[n])),
+        ]
+    }
+
+    /// One caller entry in the seed's per-service form.
+    fn entry() -> impl Strategy<Value = String> {
+        prop_oneof![
+            (0..2usize, 0..4usize).prop_map(|(n, a)| format!(
+                "\"spiffe://cluster.local/ns/{}/sa/w{a}\"",
+                NAMESPACES[n]
+            )),
+            (0..4usize).prop_map(|s| SERVICES[s].to_owned()),
+            (0..2usize).prop_map(|n| format!("\"namespace:{}\"", NAMESPACES[n])),
+        ]
+    }
+
+    /// How one service is protected: not at all, an `authorization` entry, or `policy:` on it.
+    #[derive(Debug, Clone)]
+    enum Protection {
+        None,
+        Authorization {
+            default: Option<bool>,
+            allow: Vec<String>,
+            deny: Vec<String>,
+            capability: bool,
+        },
+        ServicePolicy {
+            allow: Vec<String>,
+            deny: Vec<String>,
+        },
+    }
+
+    fn protection() -> impl Strategy<Value = Protection> {
+        prop_oneof![
+            Just(Protection::None),
+            (
+                proptest::option::of(any::<bool>()),
+                proptest::collection::vec(rule(), 0..3),
+                proptest::collection::vec(rule(), 0..2),
+                any::<bool>()
+            )
+                .prop_map(|(default, allow, deny, capability)| {
+                    Protection::Authorization {
+                        default,
+                        allow,
+                        deny,
+                        capability,
+                    }
+                }),
+            (
+                proptest::collection::vec(entry(), 0..3),
+                proptest::collection::vec(entry(), 0..2)
+            )
+                .prop_map(|(allow, deny)| Protection::ServicePolicy { allow, deny }),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    struct Mesh {
+        /// (namespace index, account index, served service index) per workload.
+        workloads: Vec<(usize, usize, usize)>,
+        protections: Vec<Protection>,
+        mesh_allow: bool,
+        /// (from workload index or None for `*`, to service index or None for `*`).
+        kernel_deny: Vec<(Option<usize>, Option<usize>)>,
+        /// Workload indexes granted the capability.
+        granted: Vec<usize>,
+    }
+
+    fn mesh() -> impl Strategy<Value = Mesh> {
+        (
+            proptest::collection::vec((0..2usize, 0..4usize, 0..4usize), 1..6),
+            proptest::collection::vec(protection(), 4),
+            any::<bool>(),
+            proptest::collection::vec(
+                (
+                    proptest::option::of(0..6usize),
+                    proptest::option::of(0..4usize),
+                ),
+                0..3,
+            ),
+            proptest::collection::vec(0..6usize, 0..3),
+        )
+            .prop_map(
+                |(workloads, protections, mesh_allow, kernel_deny, granted)| Mesh {
+                    workloads,
+                    protections,
+                    mesh_allow,
+                    kernel_deny,
+                    granted,
+                },
+            )
+    }
+
+    fn yaml(m: &Mesh) -> String {
+        let mut y = String::from("node: {name: n1, agent_ip: 10.1.255.1}\nservices:\n");
+        for (i, name) in SERVICES.iter().enumerate() {
+            y += &format!("  - name: {name}\n    vip: 10.96.0.{}:80\n", i + 1);
+            if let Protection::ServicePolicy { allow, deny } = &m.protections[i] {
+                y += &format!(
+                    "    policy: {{allow: [{}], deny: [{}]}}\n",
+                    allow.join(", "),
+                    deny.join(", ")
+                );
+            }
+        }
+        y += "workloads:\n";
+        for (i, (ns, account, serves)) in m.workloads.iter().enumerate() {
+            y += &format!(
+                "  - {{name: p{i}, namespace: {}, service_account: w{account}, cgroup: pods/p{i}, service: {}}}\n",
+                NAMESPACES[*ns], SERVICES[*serves]
+            );
+        }
+        let default = if m.mesh_allow { "allow" } else { "deny" };
+        y += &format!("policy:\n  default: {default}\n  deny:\n");
+        for (i, (from, to)) in m.kernel_deny.iter().enumerate() {
+            let from = match from.and_then(|w| m.workloads.get(w)) {
+                Some((ns, account, _)) => format!("{}/w{account}", NAMESPACES[*ns]),
+                None => "\"*\"".to_owned(),
+            };
+            let to = to.map_or("\"*\"".to_owned(), |s| SERVICES[s].to_owned());
+            y += &format!("    - {{name: d{i}, from: {from}, to: {to}}}\n");
+        }
+        if m.kernel_deny.is_empty() {
+            y += "    []\n";
+        }
+        y += "authorization:\n";
+        let mut any = false;
+        for (i, p) in m.protections.iter().enumerate() {
+            if let Protection::Authorization {
+                default,
+                allow,
+                deny,
+                capability,
+            } = p
+            {
+                any = true;
+                y += &format!(
+                    "  - name: p{i}\n    service: {}\n    allow: [{}]\n    deny: [{}]\n",
+                    SERVICES[i],
+                    allow.join(", "),
+                    deny.join(", ")
+                );
+                if let Some(d) = default {
+                    y += &format!("    default: {}\n", if *d { "allow" } else { "deny" });
+                }
+                if *capability {
+                    y += "    capabilities: {required: [cap.x]}\n";
+                }
+            }
+        }
+        if !any {
+            y += "  []\n";
+        }
+        y += "service_keys:\n";
+        let granted: Vec<_> = m
+            .granted
+            .iter()
+            .filter_map(|w| m.workloads.get(*w))
+            .collect();
+        for (ns, account, _) in &granted {
+            y += &format!(
+                "  - {{identity: \"spiffe://cluster.local/ns/{}/sa/w{account}\", capabilities: [cap.x]}}\n",
+                NAMESPACES[*ns]
+            );
+        }
+        if granted.is_empty() {
+            y += "  []\n";
+        }
+        y
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// For every (identity, service) pair, the kernel's connect() decision (the maps this
+        /// module compiles, read by the same `kernel_allows` the eBPF program calls) equals the
+        /// userspace decision: the authorizer's verdict and no `policy.deny` rule.
+        #[test]
+        fn kernel_and_userspace_decisions_agree(m in mesh()) {
+            let text = yaml(&m);
+            let config = crate::config::parse(&text, "proptest", &|_| None)
+                .unwrap_or_else(|e| panic!("generated config rejected: {e}\n{text}"));
+            let model = MeshModel::build(&config, None);
+            let kernel = compile(&config, &model);
+            let authz = Authorizer::new(&config.authz()).expect("compiles");
+            let kernel_only = deny::compile(&config, &model);
+            for (key, &identity) in &model.identities {
+                let (ns, sa) = key.split_once('/').expect("ns/sa");
+                let id = SpiffeId::new("cluster.local", ns, sa).expect("id");
+                let caller_service = model.identity_services.get(key).map(String::as_str);
+                for service in model.services.values() {
+                    let userspace = authz.evaluate(&id, caller_service, &service.name).allowed
+                        && !kernel_only.contains_key(&(identity, service.id));
+                    prop_assert_eq!(
+                        kernel.allows(identity, service.id),
+                        userspace,
+                        "{} -> {}\n{}", key, service.name, text
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn default_deny_service_admits_exactly_its_allow_list() {
+        let text = "node: {name: n1, agent_ip: 10.1.255.1}\n\
+            services:\n  - {name: wallet, vip: 10.96.0.1:80, policy: {allow: [checkout]}}\n  - {name: open, vip: 10.96.0.2:80}\n\
+            workloads:\n  - {name: checkout, service_account: checkout, cgroup: pods/c}\n  - {name: web, service_account: web, cgroup: pods/w}\n";
+        let config = crate::config::parse(text, "t", &|_| None).expect("valid");
+        let model = MeshModel::build(&config, None);
+        let kernel = compile(&config, &model);
+        let id = |k: &str| model.identities[k];
+        let svc = |s: &str| model.services[s].id;
+        assert!(kernel.allows(id("default/checkout"), svc("wallet")));
+        assert!(!kernel.allows(id("default/web"), svc("wallet")));
+        assert!(
+            !kernel.allows(id("default/checkout"), svc("open")),
+            "no policy: mesh default deny"
+        );
+        assert!(kernel.default_deny.contains(&svc("open")));
+    }
+}
