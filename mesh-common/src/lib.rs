@@ -26,6 +26,9 @@ pub mod map_names {
 /// Names of the programs in the eBPF object.
 pub mod program_names {
     pub const CONNECT4: &str = "mesh_connect4";
+    pub const CONNECT6: &str = "mesh_connect6";
+    pub const SENDMSG4: &str = "mesh_sendmsg4";
+    pub const SENDMSG6: &str = "mesh_sendmsg6";
     pub const SOCKOPS: &str = "mesh_sockops";
     pub const INGRESS: &str = "mesh_ingress";
 }

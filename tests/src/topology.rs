@@ -690,6 +690,46 @@ impl Topology {
         Ok(record)
     }
 
+    /// Starts `meshprobe udpserve` in a pod and waits until it listens.
+    pub fn start_udp_echo_server(&self, pod: &Pod, port: u16, name: &str) -> Result<PathBuf> {
+        let record = self.workdir.join(format!("udprecord-{}-{port}", pod.name));
+        let out = self
+            .workdir
+            .join(format!("udpserve-{}-{port}.out", pod.name));
+        let mut command = Command::new(probe_binary()?);
+        command
+            .args(["udpserve", &port.to_string(), name])
+            .arg(&record)
+            .stdout(File::create(&out)?)
+            .stderr(Stdio::inherit());
+        self.spawn_in_pod(pod, &mut command)?;
+        self.wait_for("udp echo server", Duration::from_secs(10), || {
+            Ok(std::fs::read_to_string(&out)
+                .unwrap_or_default()
+                .contains("listening"))
+        })?;
+        Ok(record)
+    }
+
+    /// One UDP datagram from a pod (`connect` or sendto), with its reply.
+    pub fn udp_from(
+        &self,
+        pod: &Pod,
+        target: &str,
+        text: &str,
+        connect: bool,
+        timeout: Duration,
+    ) -> Result<Attempt> {
+        let probe = probe_binary()?;
+        let mode = if connect { "connect" } else { "sendto" };
+        let out = self.run_in_pod(
+            pod,
+            &probe.to_string_lossy(),
+            &["udp", target, text, mode, &timeout.as_millis().to_string()],
+        )?;
+        serde_json::from_str(out.trim()).with_context(|| format!("bad probe line {out:?}"))
+    }
+
     /// Runs `meshprobe connect` in a pod and returns one result per attempt.
     pub fn connect_from(
         &self,

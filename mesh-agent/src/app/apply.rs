@@ -44,16 +44,28 @@ pub fn desired_maps(config: &Config, model: &MeshModel, cgroup_ids: &[u64]) -> D
         })
         .collect();
     let policy = kernel::compile(config, model);
-    let services = model
-        .services
-        .values()
-        .map(|s| {
-            (
-                ServiceKey::new(ip4_to_raw(s.vip.ip().octets()), s.vip.port()),
-                ServiceValue::new(s.id).with_default_deny(policy.default_deny.contains(&s.id)),
-            )
-        })
-        .collect();
+    // Each service's VIP and every endpoint address: a caller dialing a pod IP directly meets
+    // the same allow/deny decision (and capture) as one dialing the VIP. An address two services
+    // share keeps the first service's id (by name); VIPs win over endpoints.
+    let mut services: HashMap<ServiceKey, ServiceValue> = HashMap::new();
+    for s in model.services.values() {
+        let value = ServiceValue::new(s.id).with_default_deny(policy.default_deny.contains(&s.id));
+        services.insert(
+            ServiceKey::new(ip4_to_raw(s.vip.ip().octets()), s.vip.port()),
+            value,
+        );
+    }
+    for s in model.services.values() {
+        let value = ServiceValue::new(s.id).with_default_deny(policy.default_deny.contains(&s.id));
+        for e in &s.endpoints {
+            services
+                .entry(ServiceKey::new(
+                    ip4_to_raw(e.addr.ip().octets()),
+                    e.addr.port(),
+                ))
+                .or_insert(value);
+        }
+    }
     let deny: HashMap<_, _> = policy
         .deny
         .iter()

@@ -17,11 +17,25 @@ use mesh_common::program_names;
 use super::{links, EbpfError};
 
 /// The programs attached to every workload cgroup.
-const PROGRAMS: [&str; 3] = [
+const PROGRAMS: [&str; 6] = [
     program_names::CONNECT4,
+    program_names::CONNECT6,
+    program_names::SENDMSG4,
+    program_names::SENDMSG6,
     program_names::SOCKOPS,
     program_names::INGRESS,
 ];
+
+/// The cgroup/sock_addr programs (their attach type comes from their section name).
+fn is_sock_addr(name: &str) -> bool {
+    matches!(
+        name,
+        program_names::CONNECT4
+            | program_names::CONNECT6
+            | program_names::SENDMSG4
+            | program_names::SENDMSG6
+    )
+}
 
 /// Which cgroups the programs are attached to (through pinned links).
 pub struct Attachments {
@@ -215,7 +229,7 @@ fn program_fd<'a>(
     name: &'static str,
 ) -> Result<std::os::fd::BorrowedFd<'a>, EbpfError> {
     let fd = match name {
-        program_names::CONNECT4 => program_mut::<CgroupSockAddr>(bpf, name)?.fd(),
+        n if is_sock_addr(n) => program_mut::<CgroupSockAddr>(bpf, name)?.fd(),
         program_names::SOCKOPS => program_mut::<SockOps>(bpf, name)?.fd(),
         _ => program_mut::<CgroupSkb>(bpf, name)?.fd(),
     };
@@ -250,7 +264,7 @@ fn attach_pinned(
     // bpf_link attachments (kernel >= 5.7) already coexist with other programs on the cgroup and
     // the kernel rejects attach flags for them, so the mode must be Single (flags 0).
     let link: FdLink = match name {
-        program_names::CONNECT4 => {
+        n if is_sock_addr(n) => {
             let p = program_mut::<CgroupSockAddr>(bpf, name)?;
             let id = p
                 .attach(dir, CgroupAttachMode::Single)

@@ -88,9 +88,16 @@ impl MeshEbpf {
             .default_map_pin_directory(&pin_dir)
             .load(&bytes)?;
         start_kernel_logger(&mut bpf);
-        program_mut::<CgroupSockAddr>(&mut bpf, program_names::CONNECT4)?
-            .load()
-            .map_err(EbpfError::program(program_names::CONNECT4))?;
+        for name in [
+            program_names::CONNECT4,
+            program_names::CONNECT6,
+            program_names::SENDMSG4,
+            program_names::SENDMSG6,
+        ] {
+            program_mut::<CgroupSockAddr>(&mut bpf, name)?
+                .load()
+                .map_err(EbpfError::program(name))?;
+        }
         program_mut::<SockOps>(&mut bpf, program_names::SOCKOPS)?
             .load()
             .map_err(EbpfError::program(program_names::SOCKOPS))?;

@@ -7,6 +7,11 @@
 //!                                                 prints one JSON line per attempt; connect and
 //!                                                 read give up after timeout-ms (default 5000)
 //!   meshprobe hold <ip:port> <text> <seconds>      one connection that exchanges text every 100 ms
+//!   meshprobe udpserve <port> <name> [record-file] UDP echo server (same replies and record)
+//!   meshprobe udp <ip:port> <text> <connect|sendto> [timeout-ms]
+//!                                                 one datagram (connected socket or sendto), one
+//!                                                 JSON attempt line; `[::ffff:a.b.c.d]:p` uses an
+//!                                                 IPv6 socket with a v4-mapped address
 //!   meshprobe loop <ip:port> <text> <millis> <timeout-ms>
 //!                                                 new connections back to back for `millis`,
 //!                                                 printed as one JSON summary line
@@ -35,6 +40,17 @@ fn main() -> Result<()> {
             connect(addr.parse()?, text, count, timeout)
         }
         ["hold", addr, text, secs] => hold(addr.parse()?, text, secs.parse()?),
+        ["udpserve", port, name, rest @ ..] => udp_serve(port.parse()?, name, rest.first().copied()),
+        ["udp", addr, text, mode, rest @ ..] => {
+            let timeout = rest
+                .first()
+                .map(|t| t.parse().map(Duration::from_millis))
+                .transpose()?
+                .unwrap_or(DEFAULT_TIMEOUT);
+            let a = udp_attempt(addr.parse()?, text, *mode == "connect", timeout);
+            println!("{}", serde_json::to_string(&a)?);
+            Ok(())
+        }
         ["loop", addr, text, millis, timeout] => connect_loop(
             addr.parse()?,
             text,
@@ -85,6 +101,68 @@ fn serve(port: u16, name: &str, record: Option<&str>) -> Result<()> {
         });
     }
     Ok(())
+}
+
+fn udp_serve(port: u16, name: &str, record: Option<&str>) -> Result<()> {
+    let socket = std::net::UdpSocket::bind(("0.0.0.0", port))
+        .with_context(|| format!("bind udp :{port}"))?;
+    println!("listening on udp {port}");
+    std::io::stdout().flush()?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let Ok((n, peer)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        let data = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if let Some(path) = record {
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            {
+                let _ = writeln!(f, "{peer} {data}");
+            }
+        }
+        let _ = socket.send_to(format!("{name}:{data}").as_bytes(), peer);
+    }
+}
+
+/// One datagram to `addr` and its reply: on a connected socket (`connect`) or with sendto.
+fn udp_attempt(addr: SocketAddr, text: &str, connect: bool, timeout: Duration) -> Attempt {
+    let result = (|| -> std::io::Result<String> {
+        let local: SocketAddr = if addr.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()
+        .map_err(std::io::Error::other)?;
+        let s = std::net::UdpSocket::bind(local)?;
+        s.set_read_timeout(Some(timeout))?;
+        if connect {
+            s.connect(addr)?;
+            s.send(text.as_bytes())?;
+        } else {
+            s.send_to(text.as_bytes(), addr)?;
+        }
+        let mut buf = [0u8; 4096];
+        let n = s.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })();
+    match result {
+        Ok(reply) => Attempt {
+            ok: true,
+            reply,
+            errno: None,
+            error: None,
+        },
+        Err(e) => Attempt {
+            ok: false,
+            reply: String::new(),
+            errno: e.raw_os_error(),
+            error: Some(e.to_string()),
+        },
+    }
 }
 
 #[derive(serde::Serialize)]
