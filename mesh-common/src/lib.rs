@@ -7,6 +7,7 @@
 pub mod addr;
 pub mod counters;
 pub mod deny;
+pub mod flows;
 pub mod orig_dst;
 pub mod services;
 pub mod workloads;
@@ -21,6 +22,7 @@ pub mod map_names {
     pub const ORIG_DST: &str = "ORIG_DST";
     pub const CONN_COUNTERS: &str = "CONN_COUNTERS";
     pub const AGENT_ADDR: &str = "AGENT_ADDR";
+    pub const AGENT_FLOWS: &str = "AGENT_FLOWS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -30,6 +32,8 @@ pub mod program_names {
     pub const SENDMSG4: &str = "mesh_sendmsg4";
     pub const SENDMSG6: &str = "mesh_sendmsg6";
     pub const SOCKOPS: &str = "mesh_sockops";
+    /// sock_ops on the agent's own cgroup: records the agent's connects for strict mode.
+    pub const AGENT_SOCKOPS: &str = "mesh_agent_sockops";
     pub const INGRESS: &str = "mesh_ingress";
 }
 
@@ -78,6 +82,7 @@ mod tests {
         assert_eq!(size_of::<DenyRule>(), 8);
         assert_eq!(size_of::<crate::deny::AllowEntry>(), 8);
         assert_eq!(size_of::<ClientKey>(), 8);
+        assert_eq!(size_of::<crate::flows::FlowKey>(), 12);
         assert_eq!(size_of::<OrigDst>(), 16);
         assert_eq!(size_of::<WorkloadIdentity>(), 8);
         assert_eq!(size_of::<ConnCounters>() % 8, 0);

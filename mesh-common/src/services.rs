@@ -48,9 +48,9 @@ impl ServiceValue {
 }
 
 /// Single entry of the AGENT_ADDR array: the agent's outbound listener as pods reach it.
-/// `ip == 0` or `port == 0` means "no redirect" and mesh connects pass through unchanged. Strict
-/// mode admits new inbound connections from `ip` whatever the port, so draining the agent (port
-/// cleared, ip kept) stops capture without cutting off its own in-flight upstream connects.
+/// `ip == 0` or `port == 0` means "no redirect" and mesh connects pass through unchanged (only
+/// before the agent first writes it). Strict mode does not look at it: it trusts the agent's
+/// recorded flows (see [`crate::flows`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(serde::Serialize))]

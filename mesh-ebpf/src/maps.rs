@@ -7,6 +7,7 @@ use aya_ebpf::{
 use mesh_common::{
     counters::ConnCounters,
     deny::{AllowEntry, DenyKey, DenyRule},
+    flows::FlowKey,
     limits,
     orig_dst::{ClientKey, OrigDst},
     services::{AgentAddr, ServiceKey, ServiceValue},
@@ -41,6 +42,10 @@ pub static ORIG_DST: LruHashMap<ClientKey, OrigDst> = LruHashMap::pinned(limits:
 #[map]
 pub static CONN_COUNTERS: PerCpuArray<ConnCounters> =
     PerCpuArray::pinned(limits::MAX_IDENTITIES, 0);
+
+/// TCP connections the agent opened (4-tuple), for strict mode; LRU so they need no cleanup.
+#[map]
+pub static AGENT_FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::pinned(limits::MAX_IN_FLIGHT, 0);
 
 /// Index 0: the agent's outbound listener as pods reach it.
 #[map]

@@ -427,6 +427,17 @@ impl Topology {
         let config = self.config_path(node);
         std::fs::write(&config, config_yaml)?;
         let log = self.workdir.join(format!("{log_name}.log"));
+        // Each agent in a cgroup of its own, as a DaemonSet pod is: strict mode trusts the
+        // connects made from the agent's cgroup, so it must not be the test runner's.
+        let agent_cgroup = self.cgroup_root.join(format!("agent-{log_name}"));
+        std::fs::create_dir_all(&agent_cgroup)?;
+        self.containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(agent_cgroup.clone());
+        let procs = OpenOptions::new()
+            .write(true)
+            .open(agent_cgroup.join("cgroup.procs"))?;
         let mut command = Command::new(agent_binary()?);
         command
             .arg("--config")
@@ -443,7 +454,7 @@ impl Topology {
         for (k, v) in extra_env {
             command.env(k, v);
         }
-        let pid = self.spawn_in_node(node, &mut command)?;
+        let pid = self.spawn_in(&node.netns, Some(procs), &mut command)?;
         Ok(AgentHandle {
             pid,
             log,
@@ -540,6 +551,61 @@ impl Topology {
             }
             Ok(agent.log_text().contains("agent ready"))
         })
+    }
+
+    /// Gives a pod an IPv6 address `fd00:<n>:<p>::2/64` (the node side gets `::1`) and returns it.
+    pub fn add_ipv6(&self, pod: &Pod) -> Result<std::net::Ipv6Addr> {
+        let [_, n, p, _] = pod.ip.octets();
+        let node_ns = format!("{}-n{n}", self.prefix);
+        let host_if = last15(&format!("{}n{n}p{p}", self.prefix));
+        let pod_ip: std::net::Ipv6Addr = format!("fd00:{n}:{p}::2").parse()?;
+        ip(&[
+            "-n",
+            &node_ns,
+            "-6",
+            "addr",
+            "add",
+            &format!("fd00:{n}:{p}::1/64"),
+            "dev",
+            &host_if,
+            "nodad",
+        ])?;
+        ip(&[
+            "-n",
+            &pod.netns,
+            "-6",
+            "addr",
+            "add",
+            &format!("{pod_ip}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        Ok(pod_ip)
+    }
+
+    /// Runs `meshprobe` with `args` in a node's netns (a host process, outside any pod and the
+    /// agent's cgroup) and parses its one JSON attempt line.
+    pub fn probe_from_node(&self, node: &Node, args: &[&str]) -> Result<Attempt> {
+        let out_path = self.workdir.join(format!(
+            "node-probe-{}",
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        let mut command = Command::new(probe_binary()?);
+        command
+            .args(args)
+            .stdout(File::create(&out_path)?)
+            .stderr(Stdio::inherit());
+        let pid = self.spawn_in_node(node, &mut command)?;
+        let status = self.wait(pid, Duration::from_secs(30))?;
+        let out = std::fs::read_to_string(&out_path)?;
+        if !status.success() {
+            bail!(
+                "meshprobe {args:?} in node {} exited with {status}: {out}",
+                node.netns
+            );
+        }
+        serde_json::from_str(out.trim()).with_context(|| format!("bad probe line {out:?}"))
     }
 
     /// kube-proxy style service path inside a pod's netns: nftables DNAT of `vip` (ip:port) to

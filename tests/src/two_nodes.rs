@@ -13,6 +13,9 @@ use crate::{AgentHandle, Topology};
 
 pub const ECHO_VIP: &str = "10.96.0.10:80";
 pub const ECHO_PORT: u16 = 8080;
+/// A second echo server on the server pod that is no service endpoint: a connect to it really
+/// bypasses the mesh (an endpoint address is captured like the VIP).
+pub const BYPASS_PORT: u16 = 9090;
 
 #[derive(Default, Clone)]
 pub struct Options {
@@ -35,6 +38,8 @@ pub struct TwoNodes {
     pub agent2: AgentHandle,
     /// What the echo server received, one line per chunk: "<peer> <data>".
     pub server_record: PathBuf,
+    /// The same for the echo server on [`BYPASS_PORT`].
+    pub bypass_record: PathBuf,
     /// Name of node 1's uplink interface (inside node 1's namespace).
     pub uplink1: String,
 }
@@ -48,6 +53,7 @@ impl TwoNodes {
         let (n1, n2) = (topo.node(1), topo.node(2));
         let server = n2.pod("server");
         let server_record = topo.start_echo_server(server, ECHO_PORT, "srv")?;
+        let bypass_record = topo.start_echo_server(server, BYPASS_PORT, "srv")?;
         let identity = |ca: Option<&PathBuf>| {
             let mut block = options
                 .identity_yaml
@@ -122,6 +128,7 @@ impl TwoNodes {
             agent1,
             agent2,
             server_record,
+            bypass_record,
             uplink1,
         })
     }

@@ -117,6 +117,18 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let (ebpf, maps, orig_dst) = MeshEbpf::load(&object, &config.node.instance)?;
     tracing::info!(object = %object.display(), pins = %ebpf.pin_dir().display(), cgroup_root = %ebpf.cgroup_root().display(), "eBPF programs loaded");
     let mut kernel = Kernel { ebpf, maps };
+    // Before any workload is attached: strict mode admits exactly the connects recorded here.
+    match kernel.ebpf.trust_own_cgroup(&config.node.instance) {
+        Ok(dir) => {
+            tracing::info!(cgroup = %dir.display(), "strict mode trusts connects from the agent's cgroup")
+        }
+        Err(e) => {
+            if !kernel.ebpf.adopted() {
+                kernel.ebpf.uninstall();
+            }
+            return Err(e.into());
+        }
+    }
     // Ids an earlier agent left in the kernel are kept, so it and this one agree on them.
     let model = MeshModel::build_seeded(&config, apply::kernel_ids(&kernel, &config));
     if let Err(e) = apply(&mut kernel, &config, &model, None) {

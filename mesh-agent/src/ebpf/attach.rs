@@ -183,6 +183,37 @@ impl Attachments {
         Ok(())
     }
 
+    /// Attaches (or adopts) the agent-flow recorder on the agent's own cgroup. Its pin is named
+    /// `agent-cg<id>-...`, outside the workload sweep: a draining predecessor in another cgroup
+    /// keeps its own until uninstall (or until its cgroup goes away, which detaches the link).
+    pub fn attach_agent(
+        &mut self,
+        bpf: &mut aya::Ebpf,
+        path: &Path,
+        cgroup: u64,
+    ) -> Result<(), EbpfError> {
+        std::fs::create_dir_all(&self.links_dir).map_err(|source| EbpfError::Io {
+            path: self.links_dir.clone(),
+            source,
+        })?;
+        let name = program_names::AGENT_SOCKOPS;
+        let pin = self.links_dir.join(format!("agent-cg{cgroup}-{name}"));
+        if pin.exists() {
+            match adopt(bpf, name, &pin) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(pin = %pin.display(), error = %e, "pinned link not adoptable; attaching anew");
+                    report_unpin(&pin);
+                }
+            }
+        }
+        let dir = File::open(path).map_err(|source| EbpfError::Cgroup {
+            path: path.to_owned(),
+            source,
+        })?;
+        attach_pinned(bpf, name, &dir, path, &pin)
+    }
+
     fn pin_path(&self, cgroup: u64, program: &str) -> PathBuf {
         self.links_dir.join(format!("cg{cgroup}-{program}"))
     }
@@ -200,10 +231,12 @@ impl Attachments {
         };
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let id = name
-                .to_str()
-                .and_then(|n| n.strip_prefix("cg"))
-                .and_then(|n| n.split_once('-'))
+            // Only workload pins (`cg<id>-<program>`); the agent's own (`agent-cg...`) stay.
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("cg")) else {
+                continue;
+            };
+            let id = rest
+                .split_once('-')
                 .and_then(|(id, _)| id.parse::<u64>().ok());
             if id.is_none_or(|id| !wanted.iter().any(|(_, w)| *w == id)) {
                 report_unpin(&entry.path());
@@ -230,7 +263,9 @@ fn program_fd<'a>(
 ) -> Result<std::os::fd::BorrowedFd<'a>, EbpfError> {
     let fd = match name {
         n if is_sock_addr(n) => program_mut::<CgroupSockAddr>(bpf, name)?.fd(),
-        program_names::SOCKOPS => program_mut::<SockOps>(bpf, name)?.fd(),
+        program_names::SOCKOPS | program_names::AGENT_SOCKOPS => {
+            program_mut::<SockOps>(bpf, name)?.fd()
+        }
         _ => program_mut::<CgroupSkb>(bpf, name)?.fd(),
     };
     Ok(fd.map_err(EbpfError::program(name))?.as_fd())
@@ -272,7 +307,7 @@ fn attach_pinned(
             let link = p.take_link(id).map_err(EbpfError::program(name))?;
             link.try_into().map_err(|e| pin_err(&e))?
         }
-        program_names::SOCKOPS => {
+        program_names::SOCKOPS | program_names::AGENT_SOCKOPS => {
             let p = program_mut::<SockOps>(bpf, name)?;
             let id = p
                 .attach(dir, CgroupAttachMode::Single)

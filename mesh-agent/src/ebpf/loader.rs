@@ -98,9 +98,11 @@ impl MeshEbpf {
                 .load()
                 .map_err(EbpfError::program(name))?;
         }
-        program_mut::<SockOps>(&mut bpf, program_names::SOCKOPS)?
-            .load()
-            .map_err(EbpfError::program(program_names::SOCKOPS))?;
+        for name in [program_names::SOCKOPS, program_names::AGENT_SOCKOPS] {
+            program_mut::<SockOps>(&mut bpf, name)?
+                .load()
+                .map_err(EbpfError::program(name))?;
+        }
         // Section cgroup_skb/ingress gives it the expected attach type the kernel checks on attach.
         program_mut::<CgroupSkb>(&mut bpf, program_names::INGRESS)?
             .load()
@@ -133,6 +135,15 @@ impl MeshEbpf {
     /// Whether this start found an earlier agent's pinned state and adopted it.
     pub fn adopted(&self) -> bool {
         self.adopted
+    }
+
+    /// Attaches the program that records this agent's own connects (strict mode trusts exactly
+    /// those) to the agent's cgroup. Run by the agent process itself.
+    pub fn trust_own_cgroup(&mut self, instance: &str) -> Result<PathBuf, EbpfError> {
+        let dir = super::own_cgroup::own_cgroup(&self.cgroup_root, instance)?;
+        let id = cgroup_id(&dir)?;
+        self.attachments.attach_agent(&mut self.bpf, &dir, id)?;
+        Ok(dir)
     }
 
     pub fn attach_to(&mut self, cgroups: &[(PathBuf, u64)]) -> Result<(), EbpfError> {

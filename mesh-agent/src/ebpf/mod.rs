@@ -5,6 +5,7 @@ mod error;
 mod links;
 mod loader;
 mod maps;
+mod own_cgroup;
 pub mod preflight;
 
 pub use attach::{uninstall, Attachments};

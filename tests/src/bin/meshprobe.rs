@@ -7,11 +7,14 @@
 //!                                                 prints one JSON line per attempt; connect and
 //!                                                 read give up after timeout-ms (default 5000)
 //!   meshprobe hold <ip:port> <text> <seconds>      one connection that exchanges text every 100 ms
+//!   meshprobe serve6 <port> <name>                 IPv6-only echo server
 //!   meshprobe udpserve <port> <name> [record-file] UDP echo server (same replies and record)
 //!   meshprobe udp <ip:port> <text> <connect|sendto> [timeout-ms]
 //!                                                 one datagram (connected socket or sendto), one
 //!                                                 JSON attempt line; `[::ffff:a.b.c.d]:p` uses an
 //!                                                 IPv6 socket with a v4-mapped address
+//!   meshprobe connectfrom <src-ip> <ip:port> <text> <timeout-ms>
+//!                                                 one TCP attempt from a bound source address
 //!   meshprobe loop <ip:port> <text> <millis> <timeout-ms>
 //!                                                 new connections back to back for `millis`,
 //!                                                 printed as one JSON summary line
@@ -40,6 +43,7 @@ fn main() -> Result<()> {
             connect(addr.parse()?, text, count, timeout)
         }
         ["hold", addr, text, secs] => hold(addr.parse()?, text, secs.parse()?),
+        ["serve6", port, name] => serve6(port.parse()?, name),
         ["udpserve", port, name, rest @ ..] => udp_serve(port.parse()?, name, rest.first().copied()),
         ["udp", addr, text, mode, rest @ ..] => {
             let timeout = rest
@@ -48,6 +52,16 @@ fn main() -> Result<()> {
                 .transpose()?
                 .unwrap_or(DEFAULT_TIMEOUT);
             let a = udp_attempt(addr.parse()?, text, *mode == "connect", timeout);
+            println!("{}", serde_json::to_string(&a)?);
+            Ok(())
+        }
+        ["connectfrom", src, addr, text, timeout] => {
+            let a = attempt_from(
+                src.parse()?,
+                addr.parse()?,
+                text,
+                Duration::from_millis(timeout.parse()?),
+            );
             println!("{}", serde_json::to_string(&a)?);
             Ok(())
         }
@@ -95,6 +109,35 @@ fn serve(port: u16, name: &str, record: Option<&str>) -> Result<()> {
                     .write_all(format!("{name}:{data}").as_bytes())
                     .is_err()
                 {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// IPv6-only TCP echo server (for strict-mode checks over IPv6).
+fn serve6(port: u16, name: &str) -> Result<()> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+    socket.set_only_v6(true)?;
+    let addr: SocketAddr = format!("[::]:{port}").parse()?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    let listener: TcpListener = socket.into();
+    println!("listening on [::]:{port}");
+    std::io::stdout().flush()?;
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let reply = format!("{name}:{}", String::from_utf8_lossy(&buf[..n]));
+                if stream.write_all(reply.as_bytes()).is_err() {
                     break;
                 }
             }
@@ -176,6 +219,40 @@ struct Attempt {
 fn attempt(addr: SocketAddr, text: &str, timeout: Duration) -> Attempt {
     let result = (|| -> std::io::Result<String> {
         let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(text.as_bytes())?;
+        s.shutdown(Shutdown::Write)?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)?;
+        Ok(reply)
+    })();
+    match result {
+        Ok(reply) => Attempt {
+            ok: true,
+            reply,
+            errno: None,
+            error: None,
+        },
+        Err(e) => Attempt {
+            ok: false,
+            reply: String::new(),
+            errno: e.raw_os_error(),
+            error: Some(e.to_string()),
+        },
+    }
+}
+
+/// Like [`attempt`] from a chosen source address (e.g. a host process posing as the agent).
+fn attempt_from(src: std::net::IpAddr, addr: SocketAddr, text: &str, timeout: Duration) -> Attempt {
+    let result = (|| -> std::io::Result<String> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        socket.bind(&SocketAddr::new(src, 0).into())?;
+        socket.connect_timeout(&addr.into(), timeout)?;
+        let mut s: TcpStream = socket.into();
         s.set_read_timeout(Some(timeout))?;
         s.write_all(text.as_bytes())?;
         s.shutdown(Shutdown::Write)?;
