@@ -1,5 +1,6 @@
 //! Agent configuration: one YAML file, environment overrides, validation that names the field.
 
+pub mod egress;
 mod env;
 mod model;
 pub mod service_policy;

@@ -7,6 +7,7 @@
 pub mod addr;
 pub mod counters;
 pub mod deny;
+pub mod egress;
 pub mod flows;
 pub mod orig_dst;
 pub mod services;
@@ -23,6 +24,7 @@ pub mod map_names {
     pub const CONN_COUNTERS: &str = "CONN_COUNTERS";
     pub const AGENT_ADDR: &str = "AGENT_ADDR";
     pub const AGENT_FLOWS: &str = "AGENT_FLOWS";
+    pub const EGRESS: &str = "EGRESS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -47,6 +49,8 @@ pub mod limits {
     /// Identity ids index the per-CPU counter array, so they must stay below this.
     pub const MAX_IDENTITIES: u32 = 4096;
     pub const MAX_IN_FLIGHT: u32 = 65536;
+    /// (identity, CIDR) egress entries.
+    pub const MAX_EGRESS_RULES: u32 = 16384;
 }
 
 /// Implements `aya::Pod` for map types when built for userspace.

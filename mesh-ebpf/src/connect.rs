@@ -4,22 +4,25 @@
 //! redirected to the agent. IPv6 sockets are covered through v4-mapped addresses
 //! (`::ffff:a.b.c.d`, which is what reaches an IPv4 service); UDP is checked on connect() and on
 //! every unconnected sendto()/sendmsg(), but not redirected (the agent proxies TCP only).
+//! A workload's connect or datagram to a non-mesh destination needs an egress rule (EGRESS);
+//! loopback stays open. Native IPv6 destinations other than ::1 have no egress rules: refused.
 
 use aya_ebpf::{
-    helpers::bpf_get_socket_cookie,
-    macros::cgroup_sock_addr,
+    helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
     addr::{port_from_sock_addr, port_to_sock_addr},
     counters::ConnCounters,
+    addr::ip4_from_raw,
     deny::{kernel_allows, DenyKey},
+    egress::{EgressData, IDENTITY_BITS},
     orig_dst::OrigDst,
     services::ServiceKey,
 };
 
-use crate::maps::{AGENT_ADDR, ALLOW, CONN_COUNTERS, DENY, PENDING_DST, SERVICES};
+use crate::maps::{AGENT_ADDR, ALLOW, CONN_COUNTERS, DENY, EGRESS, PENDING_DST, SERVICES};
 use crate::workload::current_workload;
 
 /// Verdicts of a cgroup/connect or sendmsg program (0 fails the call with EPERM).
@@ -55,7 +58,10 @@ enum Outcome {
     Passed,
     Redirected,
     Denied,
+    EgressDenied,
 }
+
+const LOOPBACK_FIRST_OCTET: u8 = 127;
 
 /// What to do with a destination.
 enum Verdict {
@@ -78,10 +84,7 @@ fn decide(
 ) -> Result<Verdict, i64> {
     let (service, flags) = match unsafe { SERVICES.get(ServiceKey::new(dst_ip, dst_port)) } {
         Some(s) => (s.service, s.flags),
-        None => {
-            count(identity, Outcome::Passed);
-            return Ok(Verdict::Pass);
-        }
+        None => return Ok(egress(identity, dst_ip, dst_port)),
     };
     let pair = DenyKey::new(identity, service);
     let denied = unsafe { DENY.get(pair) }.is_some();
@@ -113,6 +116,39 @@ fn decide(
         agent_ip: agent.ip,
         agent_port: agent.port,
     })
+}
+
+/// A non-mesh destination: open for loopback and for processes outside any workload (identity
+/// 0), else only with an egress rule for the caller.
+#[inline(always)]
+fn egress(identity: u32, dst_ip: u32, dst_port: u16) -> Verdict {
+    if identity == 0 || ip4_from_raw(dst_ip)[0] == LOOPBACK_FIRST_OCTET {
+        count(identity, Outcome::Passed);
+        return Verdict::Pass;
+    }
+    let key = Key::new(IDENTITY_BITS + 32, EgressData { identity, ip: dst_ip });
+    match EGRESS.get(&key) {
+        Some(ports) if ports.allows(dst_port) => {
+            count(identity, Outcome::Passed);
+            Verdict::Pass
+        }
+        _ => {
+            count(identity, Outcome::EgressDenied);
+            Verdict::Deny
+        }
+    }
+}
+
+/// Native IPv6: only loopback (::1) is open to a workload.
+#[inline(always)]
+fn egress6(identity: u32, words: [u32; 4]) -> Verdict {
+    let loopback = words[0] == 0 && words[1] == 0 && words[2] == 0 && words[3] == u32::from_be(1);
+    if identity == 0 || loopback {
+        count(identity, Outcome::Passed);
+        return Verdict::Pass;
+    }
+    count(identity, Outcome::EgressDenied);
+    Verdict::Deny
 }
 
 #[inline(always)]
@@ -161,7 +197,10 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i64> {
     };
     // Services have IPv4 addresses; a native IPv6 destination is not a mesh destination.
     let Some(dst_ip) = v4_mapped(words) else {
-        return Ok(PROCEED);
+        return Ok(match egress6(caller(), words) {
+            Verdict::Deny => REJECT,
+            _ => PROCEED,
+        });
     };
     match decide(ctx, caller(), dst_ip, port_from_sock_addr(user_port), kind == SOCK_STREAM)? {
         Verdict::Pass => Ok(PROCEED),
@@ -204,7 +243,10 @@ fn try_sendmsg6(ctx: &SockAddrContext) -> Result<i32, i64> {
         )
     };
     let Some(dst_ip) = v4_mapped(words) else {
-        return Ok(PROCEED);
+        return Ok(match egress6(caller(), words) {
+            Verdict::Deny => REJECT,
+            _ => PROCEED,
+        });
     };
     match decide(ctx, caller(), dst_ip, port_from_sock_addr(user_port), false)? {
         Verdict::Deny => Ok(REJECT),
@@ -225,5 +267,6 @@ fn count(identity: u32, outcome: Outcome) {
             c.redirected += 1;
         }
         Outcome::Denied => c.denied += 1,
+        Outcome::EgressDenied => c.egress_denied += 1,
     }
 }

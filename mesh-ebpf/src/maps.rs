@@ -2,11 +2,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray},
 };
 use mesh_common::{
     counters::ConnCounters,
     deny::{AllowEntry, DenyKey, DenyRule},
+    egress::{EgressData, EgressPorts},
     flows::FlowKey,
     limits,
     orig_dst::{ClientKey, OrigDst},
@@ -29,6 +30,11 @@ pub static DENY: HashMap<DenyKey, DenyRule> = HashMap::pinned(limits::MAX_DENY_R
 /// (identity, service) pairs a default-deny service admits.
 #[map]
 pub static ALLOW: HashMap<DenyKey, AllowEntry> = HashMap::pinned(limits::MAX_ALLOW_RULES, 0);
+
+/// (identity, CIDR) -> ports: the non-mesh destinations a workload may reach.
+#[map]
+pub static EGRESS: LpmTrie<EgressData, EgressPorts> =
+    LpmTrie::pinned(limits::MAX_EGRESS_RULES, 0);
 
 /// socket cookie -> original destination, between connect() and ESTABLISHED.
 #[map]

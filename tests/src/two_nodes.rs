@@ -88,7 +88,8 @@ impl TwoNodes {
             "services:\n{}  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n    endpoints:\n      - {{address: \"{}:{ECHO_PORT}\", node: node-2}}\n\
              workloads:\n{}{}\
              nodes:\n  - {{name: node-2, hbone: \"10.0.0.2:15008\"}}\n\
-             policy:\n  default: allow\n{}",
+             policy:\n  default: allow\n\
+             egress:\n  rules:\n    - {{name: node-2-pods, cidr: 10.2.0.0/16}}\n{}",
             web(true),
             server.ip,
             n1.pod("client").workload_yaml("shop", "client"),

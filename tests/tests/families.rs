@@ -3,7 +3,8 @@
 //! v4-mapped VIP, UDP connect() and unconnected sendto() (v4 and v4-mapped), and the endpoint's
 //! pod address directly, with kube-proxy style DNAT in its netns so that any escape would reach
 //! the server. Every attempt fails with EPERM at the source; the allowed caller still gets
-//! through on the same paths.
+//! through on the same paths. (The UDP server's replies are datagrams to its clients, so it
+//! carries an egress rule for them.)
 
 use std::time::Duration;
 
@@ -20,7 +21,8 @@ fn config(node: &Node) -> String {
     node.agent_config(&format!(
         "services:\n\
          \x20 - name: echo\n    namespace: demo\n    vip: {ECHO_VIP}\n    endpoints: [\"{server}:8080\"]\n    policy:\n      allow: [client]\n\
-         workloads:\n{}{}{}",
+         workloads:\n{}{}{}\
+         egress:\n  rules:\n    - {{name: udp-replies, cidr: 10.1.0.0/16, from: demo/server}}\n",
         node.pod("client").workload_yaml("demo", "client"),
         node.pod("other").workload_yaml("demo", "other"),
         node.pod("server").workload_yaml("demo", "server"),

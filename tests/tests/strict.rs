@@ -56,6 +56,7 @@ fn config(node: &Node, strict: Strict) -> String {
          \x20 - name: echo\n    namespace: demo\n    vip: {ECHO_VIP}\n    endpoints: [\"{server}:8080\"]\n\
          workloads:\n{client_yaml}{server_yaml}{other_yaml}\
          authorization:\n  - name: echo-callers\n    service: echo\n    allow: [{{from_namespace: demo}}]\n\
+         egress:\n  rules:\n    - {{name: node-pods, cidr: 10.1.0.0/16}}\n\
          policy:\n  strict_default: {default}\n"
     ))
 }

@@ -80,11 +80,16 @@ pub fn desired_maps(config: &Config, model: &MeshModel, cgroup_ids: &[u64]) -> D
         ip4_to_raw(config.node.agent_ip.octets()),
         config.listen.outbound.port(),
     );
+    let egress =
+        crate::policy::egress::kernel_entries(&crate::policy::egress::compile(config, model))
+            .into_iter()
+            .collect();
     DesiredMaps {
         workloads,
         services,
         deny,
         allow,
+        egress,
         agent,
     }
 }

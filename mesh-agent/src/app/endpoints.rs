@@ -93,12 +93,22 @@ fn render_metrics(state: &AgentState) -> String {
             "nodemesh_kernel_inbound_dropped_total",
             "Inbound TCP SYNs to strict workloads dropped for bypassing the agent, by destination identity.",
         ),
+        (
+            "nodemesh_kernel_egress_denied_total",
+            "connect()/sendmsg() calls to non-mesh destinations refused for lack of an egress rule, by source identity.",
+        ),
     ];
     for (index, (name, help)) in families.iter().enumerate() {
         w.family(name, "counter", help);
         for (identity, c) in &counters {
             let Some(c) = c else { continue };
-            let value = [c.opened, c.redirected, c.denied, c.inbound_dropped][index];
+            let value = [
+                c.opened,
+                c.redirected,
+                c.denied,
+                c.inbound_dropped,
+                c.egress_denied,
+            ][index];
             w.sample(name, &[("node", node), ("identity", identity)], value);
         }
     }

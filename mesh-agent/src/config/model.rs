@@ -32,6 +32,9 @@ pub struct Config {
     /// Capabilities granted to identities, required by policies that name them.
     #[serde(default)]
     pub service_keys: Vec<crate::policy::authz_config::ServiceKeyConfig>,
+    /// Non-mesh destinations workloads may reach (the rest is refused in the kernel).
+    #[serde(default)]
+    pub egress: super::egress::EgressConfig,
 }
 
 impl Config {

@@ -30,6 +30,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
     validate_nodes(config)?;
     validate_service_policies(config)?;
     validate_authorization(config)?;
+    validate_egress(config)?;
     let mut names = HashSet::new();
     let mut vips = HashSet::new();
     for (i, s) in config.services.iter().enumerate() {
@@ -280,6 +281,65 @@ fn validate_service_policies(config: &Config) -> Result<(), ConfigError> {
                     check_name(&field, entry)?;
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+fn validate_egress(config: &Config) -> Result<(), ConfigError> {
+    use mesh_common::egress::MAX_EGRESS_PORTS;
+    for (i, d) in config.egress.dns.iter().enumerate() {
+        if d.port() == 0 || d.ip().is_unspecified() {
+            return Err(ConfigError::invalid(
+                format!("egress.dns[{i}]"),
+                format!("{d} is not a resolver address (ip:port)"),
+            ));
+        }
+    }
+    let mut names = HashSet::new();
+    for (i, r) in config.egress.rules.iter().enumerate() {
+        let at = format!("egress.rules[{i}]");
+        check_name(&format!("{at}.name"), &r.name)?;
+        if !names.insert(r.name.as_str()) {
+            return Err(ConfigError::invalid(
+                format!("{at}.name"),
+                format!("duplicate egress rule name {}", short(&r.name)),
+            ));
+        }
+        super::egress::parse_cidr(&r.cidr).map_err(|e| {
+            ConfigError::invalid(format!("{at}.cidr"), format!("{}: {e}", short(&r.cidr)))
+        })?;
+        if r.ports.len() > MAX_EGRESS_PORTS {
+            return Err(ConfigError::invalid(
+                format!("{at}.ports"),
+                format!("at most {MAX_EGRESS_PORTS} ports per rule; use more rules"),
+            ));
+        }
+        if let Some(j) = r.ports.iter().position(|p| *p == 0) {
+            return Err(ConfigError::invalid(
+                format!("{at}.ports[{j}]"),
+                "0 is not a port; leave `ports` out to allow every port",
+            ));
+        }
+        match (&r.from, &r.from_namespace) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    at,
+                    "set at most one of from, from_namespace",
+                ))
+            }
+            (Some(id), None) => {
+                let Some((ns, sa)) = id.split_once('/') else {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.from"),
+                        format!("{} must be <namespace>/<service-account>", short(id)),
+                    ));
+                };
+                check_name(&format!("{at}.from"), ns)?;
+                check_name(&format!("{at}.from"), sa)?;
+            }
+            (None, Some(ns)) => check_name(&format!("{at}.from_namespace"), ns)?,
+            (None, None) => {}
         }
     }
     Ok(())

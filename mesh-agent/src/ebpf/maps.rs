@@ -5,12 +5,14 @@ use std::hash::Hash;
 use std::net::SocketAddrV4;
 use std::sync::Mutex;
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::Pod;
 use mesh_common::{
     addr::ip4_to_raw,
     counters::ConnCounters,
     deny::{AllowEntry, DenyKey, DenyRule},
+    egress::{EgressData, EgressPorts},
     map_names,
     orig_dst::{ClientKey, OrigDst},
     services::{AgentAddr, ServiceKey, ServiceValue},
@@ -26,6 +28,8 @@ pub struct DesiredMaps {
     pub services: StdHashMap<ServiceKey, ServiceValue>,
     pub deny: StdHashMap<DenyKey, DenyRule>,
     pub allow: StdHashMap<DenyKey, AllowEntry>,
+    /// (prefix length, data) -> ports.
+    pub egress: StdHashMap<(u32, EgressData), EgressPorts>,
     pub agent: AgentAddr,
 }
 
@@ -48,6 +52,7 @@ pub struct KernelMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     deny: HashMap<MapData, DenyKey, DenyRule>,
     allow: HashMap<MapData, DenyKey, AllowEntry>,
+    egress: LpmTrie<MapData, EgressData, EgressPorts>,
     agent_addr: Array<MapData, AgentAddr>,
     counters: PerCpuArray<MapData, ConnCounters>,
 }
@@ -69,6 +74,7 @@ impl KernelMaps {
             services: take(bpf, map_names::SERVICES)?,
             deny: take(bpf, map_names::DENY)?,
             allow: take(bpf, map_names::ALLOW)?,
+            egress: take(bpf, map_names::EGRESS)?,
             agent_addr: take(bpf, map_names::AGENT_ADDR)?,
             counters: take(bpf, map_names::CONN_COUNTERS)?,
         };
@@ -92,10 +98,12 @@ impl KernelMaps {
         )?;
         stats.written += write_entries(&mut self.allow, &desired.allow, map_names::ALLOW)?;
         stats.written += write_entries(&mut self.deny, &desired.deny, map_names::DENY)?;
+        stats.written += self.write_egress(&desired.egress)?;
         stats.written += write_entries(&mut self.services, &desired.services, map_names::SERVICES)?;
         stats.removed += remove_stale(&mut self.services, &desired.services, map_names::SERVICES)?;
         stats.removed += remove_stale(&mut self.deny, &desired.deny, map_names::DENY)?;
         stats.removed += remove_stale(&mut self.allow, &desired.allow, map_names::ALLOW)?;
+        stats.removed += self.remove_stale_egress(&desired.egress)?;
         stats.removed += remove_stale(
             &mut self.workloads,
             &desired.workloads,
@@ -112,6 +120,45 @@ impl KernelMaps {
             stats.written += 1;
         }
         Ok(stats)
+    }
+
+    fn write_egress(
+        &mut self,
+        desired: &StdHashMap<(u32, EgressData), EgressPorts>,
+    ) -> Result<usize, EbpfError> {
+        let mut written = 0;
+        for ((len, data), ports) in desired {
+            let key = LpmKey::new(*len, *data);
+            if self.egress.get(&key, 0).ok().as_ref() != Some(ports) {
+                self.egress
+                    .insert(&key, ports, 0)
+                    .map_err(|source| EbpfError::Map {
+                        name: map_names::EGRESS,
+                        source,
+                    })?;
+                written += 1;
+            }
+        }
+        Ok(written)
+    }
+
+    fn remove_stale_egress(
+        &mut self,
+        desired: &StdHashMap<(u32, EgressData), EgressPorts>,
+    ) -> Result<usize, EbpfError> {
+        let stale: Vec<LpmKey<EgressData>> = self
+            .egress
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !desired.contains_key(&(k.prefix_len(), k.data())))
+            .collect();
+        for key in &stale {
+            self.egress.remove(key).map_err(|source| EbpfError::Map {
+                name: map_names::EGRESS,
+                source,
+            })?;
+        }
+        Ok(stale.len())
     }
 
     /// Identity id the WORKLOADS map holds for a cgroup (written by this or an earlier agent).
