@@ -266,6 +266,49 @@ async fn concurrent_streams_share_one_connection() {
     assert_eq!(accepted.load(Ordering::SeqCst), STREAMS);
 }
 
+/// More tunnels at once than one HTTP/2 connection carries (the server allows 200 streams): the
+/// pool dials more connections instead of making the 201st wait and fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_beyond_one_connections_stream_limit_get_more_connections() {
+    const TUNNELS: usize = 250;
+    let ca = TestCa::new("mesh ca");
+    let (echo, accepted) = echo_target().await;
+    let server = hbone_server(&ca).await;
+    let client = checkout(&ca);
+    let tls = client_tls(&ca, &client);
+    let pool = HbonePool::new(PoolConfig::default());
+    let mut open = Vec::new();
+    for _ in 0..TUNNELS {
+        let stream = timeout(
+            TEST_TIMEOUT,
+            pool.connect(&client.id, tls.clone(), server.addr, echo, "echo"),
+        )
+        .await
+        .expect("in time")
+        .expect("tunnel");
+        open.push(stream);
+    }
+    let stats = pool.stats();
+    assert_eq!(stats.active_streams, TUNNELS as u64, "{stats:?}");
+    let per_connection = PoolConfig::default().streams_per_connection;
+    assert_eq!(
+        stats.connections_opened,
+        TUNNELS.div_ceil(per_connection) as u64,
+        "{stats:?}"
+    );
+    // Every tunnel works, the last ones too.
+    let last = open.pop().expect("a tunnel");
+    assert_eq!(round_trip(last, b"last").await, b"last");
+    drop(open);
+    timeout(TEST_TIMEOUT, async {
+        while accepted.load(Ordering::SeqCst) < TUNNELS {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("every tunnel reached the target");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connection_is_released_but_busy_one_is_kept() {
     let idle = Duration::from_millis(200);
