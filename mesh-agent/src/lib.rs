@@ -1,5 +1,6 @@
 //! nodemesh node agent library. See ../shared/DESIGN.md for the architecture.
 
+pub mod admission;
 pub mod app;
 pub mod config;
 pub mod ebpf;

@@ -16,6 +16,8 @@ pub struct Kernel {
 }
 
 pub struct AgentState {
+    /// Outbound (capture port) connections per calling identity id and in total.
+    pub outbound_limits: Arc<crate::admission::ConnLimiter<u32>>,
     config: RwLock<Arc<Config>>,
     model: RwLock<Arc<MeshModel>>,
     pub orig_dst: OrigDstTable,
@@ -33,7 +35,12 @@ impl AgentState {
         orig_dst: OrigDstTable,
         security: Security,
     ) -> Self {
+        let outbound_limits = crate::admission::ConnLimiter::new(
+            config.proxy.max_connections,
+            config.proxy.max_connections_per_identity,
+        );
         Self {
+            outbound_limits,
             config: RwLock::new(Arc::new(config)),
             model: RwLock::new(Arc::new(model)),
             orig_dst,

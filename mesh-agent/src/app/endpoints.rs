@@ -146,6 +146,17 @@ fn render_metrics(state: &AgentState) -> String {
             &m.config_generation,
         ),
     ];
+    let refused = state.outbound_limits.refused();
+    w.family(
+        "nodemesh_outbound_refused_total",
+        "counter",
+        "Outbound connections refused by the connection limits (per calling identity or total).",
+    )
+    .sample(
+        "nodemesh_outbound_refused_total",
+        &[("node", node)],
+        refused,
+    );
     for (name, kind, help, counter) in singles {
         w.family(name, kind, help)
             .sample(name, &[("node", node)], AgentMetrics::get(counter));

@@ -91,6 +91,10 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let config = config::load(&config_path)?;
     // Before binding ports or writing the CA: an unprivileged start fails with the real reason.
     crate::ebpf::preflight::check_root()?;
+    match crate::admission::raise_nofile_limit() {
+        Ok((old, new)) => tracing::info!(old, new, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
     tracing::info!(
         path = %config_path.display(),
         effective = %serde_json::to_string(&config).unwrap_or_default(),
@@ -161,7 +165,8 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         .with_stats(state.security.inbound.clone())
         .with_targets(view)
         .with_source_ip(config.node.agent_ip)
-        .with_target_connect_timeout(config.proxy.connect_timeout);
+        .with_target_connect_timeout(config.proxy.connect_timeout)
+        .with_idle_timeout(config.proxy.idle_timeout);
     let mut hbone_stop = stop_rx.clone();
     tasks.spawn(inbound_server.serve(hbone, async move {
         let _ = hbone_stop.wait_for(|stop| *stop).await;
@@ -181,6 +186,15 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         endpoints::health_handler(state.clone()),
         stop_rx.clone(),
     ));
+    let counted = state.clone();
+    tasks.spawn(crate::admission::return_memory(move || {
+        counted.outbound_limits.active() as u64
+            + counted
+                .security
+                .inbound
+                .connections_active
+                .load(Ordering::Relaxed)
+    }));
     state.ready.store(true, Ordering::Relaxed);
     tracing::info!(
         node = %config.node.name,

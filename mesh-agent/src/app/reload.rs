@@ -107,6 +107,22 @@ fn check_immutable(old: &Config, new: &Config) -> Result<(), ConfigError> {
             old.node.trust_domain != new.node.trust_domain,
         ),
         ("identity", old.identity != new.identity),
+        (
+            "proxy.max_connections",
+            old.proxy.max_connections != new.proxy.max_connections,
+        ),
+        (
+            "proxy.max_connections_per_identity",
+            old.proxy.max_connections_per_identity != new.proxy.max_connections_per_identity,
+        ),
+        (
+            "proxy.idle_timeout",
+            old.proxy.idle_timeout != new.proxy.idle_timeout,
+        ),
+        (
+            "proxy.drain_timeout",
+            old.proxy.drain_timeout != new.proxy.drain_timeout,
+        ),
     ];
     match fields.iter().find(|(_, changed)| *changed) {
         Some((field, _)) => Err(ConfigError::invalid(

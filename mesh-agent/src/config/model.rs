@@ -119,6 +119,16 @@ pub struct ProxyConfig {
     /// finish before the agent exits; the kernel programs stay pinned either way.
     #[serde(default = "default_drain_timeout", with = "duration_text")]
     pub drain_timeout: Duration,
+    /// Concurrent connections on the outbound (capture) listener, all callers together.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Concurrent outbound connections of one calling identity; below `max_connections`, so
+    /// one workload cannot take the share every other workload needs.
+    #[serde(default = "default_max_connections_per_identity")]
+    pub max_connections_per_identity: usize,
+    /// A relayed inbound (HBONE) tunnel with no bytes either way for this long is closed.
+    #[serde(default = "default_idle_timeout", with = "duration_text")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -127,6 +137,9 @@ impl Default for ProxyConfig {
             connect_timeout: default_connect_timeout(),
             reload_poll: default_reload_poll(),
             drain_timeout: default_drain_timeout(),
+            max_connections: default_max_connections(),
+            max_connections_per_identity: default_max_connections_per_identity(),
+            idle_timeout: default_idle_timeout(),
         }
     }
 }
@@ -318,6 +331,15 @@ pub fn agent_service_account(node: &str) -> String {
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(3)
+}
+fn default_max_connections() -> usize {
+    16384
+}
+fn default_max_connections_per_identity() -> usize {
+    4096
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(3600)
 }
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(5)

@@ -26,6 +26,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
         ));
     }
 
+    validate_limits(config)?;
     validate_identity(config)?;
     validate_nodes(config)?;
     validate_service_policies(config)?;
@@ -282,6 +283,32 @@ fn validate_service_policies(config: &Config) -> Result<(), ConfigError> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn validate_limits(config: &Config) -> Result<(), ConfigError> {
+    let p = &config.proxy;
+    if p.max_connections == 0 {
+        return Err(ConfigError::invalid(
+            "proxy.max_connections",
+            "must be greater than 0",
+        ));
+    }
+    if p.max_connections_per_identity == 0 || p.max_connections_per_identity > p.max_connections {
+        return Err(ConfigError::invalid(
+            "proxy.max_connections_per_identity",
+            format!(
+                "{} must be 1..=proxy.max_connections ({})",
+                p.max_connections_per_identity, p.max_connections
+            ),
+        ));
+    }
+    if p.idle_timeout.is_zero() {
+        return Err(ConfigError::invalid(
+            "proxy.idle_timeout",
+            "must be greater than 0",
+        ));
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use super::connect::connect_from;
 use super::hbone::HboneError;
+use crate::admission::AcceptErrors;
 use crate::identity::SpiffeId;
 use crate::metrics::AgentMetrics;
 use crate::policy::authz::Authorize;
@@ -29,6 +30,7 @@ pub async fn run(
     state: Arc<AgentState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut errors = AcceptErrors::new("outbound");
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -36,13 +38,11 @@ pub async fn run(
         };
         match accepted {
             Ok((stream, peer)) => {
+                errors.accepted();
                 let state = state.clone();
                 tokio::spawn(async move { handle(stream, peer, state).await });
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "outbound accept");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            Err(e) => errors.failed(&e).await,
         }
     }
 }
@@ -67,6 +67,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<AgentState>) {
     let Some(orig) = lookup_orig_dst(&state, peer).await else {
         AgentMetrics::inc(&metrics.outbound_unknown_destination);
         tracing::warn!(%peer, "no original destination recorded; closing");
+        return;
+    };
+    // Admission per calling identity and in total; held until the connection ends.
+    let Ok(_permit) = state.outbound_limits.try_acquire(orig.identity) else {
+        tracing::debug!(%peer, identity = orig.identity, "connection limit reached; refusing");
         return;
     };
     let original = SocketAddrV4::new(ip4_from_raw(orig.ip).into(), orig.port);

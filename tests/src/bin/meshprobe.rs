@@ -15,6 +15,9 @@
 //!                                                 IPv6 socket with a v4-mapped address
 //!   meshprobe connectfrom <src-ip> <ip:port> <text> <timeout-ms>
 //!                                                 one TCP attempt from a bound source address
+//!   meshprobe many <ip:port> <count> <hold-ms>     opens `count` connections one after another,
+//!                                                 each exchanging one byte, holds the ones that
+//!                                                 worked open for hold-ms, prints a JSON summary
 //!   meshprobe loop <ip:port> <text> <millis> <timeout-ms>
 //!                                                 new connections back to back for `millis`,
 //!                                                 printed as one JSON summary line
@@ -65,6 +68,11 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string(&a)?);
             Ok(())
         }
+        ["many", addr, count, hold] => many(
+            addr.parse()?,
+            count.parse()?,
+            Duration::from_millis(hold.parse()?),
+        ),
         ["loop", addr, text, millis, timeout] => connect_loop(
             addr.parse()?,
             text,
@@ -315,6 +323,34 @@ fn connect_loop(addr: SocketAddr, text: &str, length: Duration, timeout: Duratio
         std::thread::sleep(Duration::from_millis(5));
     }
     println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
+/// Many concurrent connections from one process (one calling identity).
+fn many(addr: SocketAddr, count: usize, hold: Duration) -> Result<()> {
+    let mut open = Vec::new();
+    let mut failed = 0usize;
+    for _ in 0..count {
+        let attempt = (|| -> std::io::Result<TcpStream> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(b"m")?;
+            let mut buf = [0u8; 64];
+            if s.read(&mut buf)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            Ok(s)
+        })();
+        match attempt {
+            Ok(s) => open.push(s),
+            Err(_) => failed += 1,
+        }
+    }
+    let ok = open.len();
+    println!("{{\"ok\":{ok},\"failed\":{failed}}}");
+    std::io::stdout().flush()?;
+    std::thread::sleep(hold);
+    drop(open);
     Ok(())
 }
 
