@@ -3,6 +3,7 @@
 pub mod egress;
 mod env;
 mod model;
+pub mod sanity;
 pub mod service_policy;
 mod validate;
 
@@ -44,9 +45,10 @@ pub fn parse(
     origin: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
+    sanity::check_nesting(text)?;
     let mut config: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
         path: origin.to_owned(),
-        message: e.to_string(),
+        message: validate::short_message(&e.to_string()),
     })?;
     apply_env_overrides(&mut config, env)?;
     validate(&config)?;

@@ -26,6 +26,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
         ));
     }
 
+    super::sanity::validate(config)?;
     validate_limits(config)?;
     validate_identity(config)?;
     validate_nodes(config)?;
@@ -370,6 +371,15 @@ fn validate_egress(config: &Config) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// A parser message, which may quote a bad value whole, cut to a readable length.
+pub(crate) fn short_message(message: &str) -> String {
+    const MAX: usize = 300;
+    match message.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}... (cut)", &message[..cut]),
+        None => message.to_owned(),
+    }
 }
 
 /// A bad value quoted in an error: at most a short prefix, so a huge value cannot flood logs.
