@@ -26,6 +26,7 @@ pub fn run() -> Result<()> {
     nightly_rust_src()?;
     debian_packages(PACKAGES)?;
     bpf_linker()?;
+    cargo_fuzz()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -93,6 +94,14 @@ pub fn debian_packages(wanted: &[&str]) -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// cargo-fuzz runs the fuzz targets (`cargo xtask fuzz`, and briefly in `cargo xtask test`).
+fn cargo_fuzz() -> Result<()> {
+    if sh::output("cargo", &["+nightly", "fuzz", "--version"]).is_ok() {
+        return Ok(());
+    }
+    sh::run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
 }
 
 fn bpf_linker() -> Result<()> {

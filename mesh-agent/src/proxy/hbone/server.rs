@@ -13,7 +13,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 
-use super::{PeerIdentity, ALPN_H2, SERVICE_HEADER};
+use super::{PeerIdentity, ALPN_H2};
 use crate::admission::{self, AcceptErrors, ConnLimiter};
 use crate::policy::authz::Authorize;
 use crate::proxy::connect::connect_from;
@@ -249,30 +249,11 @@ impl HboneServer {
         peer: &PeerIdentity,
         req: Request<Incoming>,
     ) -> Response<Full<Bytes>> {
-        if req.method() != Method::CONNECT {
-            return respond(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "only CONNECT is supported".into(),
-            );
-        }
-        let Some(target) = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        else {
-            return respond(StatusCode::BAD_REQUEST, "authority must be ip:port".into());
-        };
-        let Some(service) = req
-            .headers()
-            .get(SERVICE_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .filter(|s| !s.is_empty())
-        else {
-            return respond(
-                StatusCode::BAD_REQUEST,
-                format!("missing {SERVICE_HEADER} header"),
-            );
-        };
+        let (target, service) =
+            match super::request::parse_connect(req.method(), req.uri(), req.headers()) {
+                Ok(parsed) => parsed,
+                Err((status, message)) => return respond(status, message),
+            };
 
         let decision = self
             .authorizer
