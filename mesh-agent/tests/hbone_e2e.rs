@@ -783,3 +783,40 @@ async fn callers_queued_behind_a_hung_dial_fail_together() {
     assert!(elapsed < connect_timeout * 3, "took {elapsed:?}");
     assert_eq!(pool.stats().connections_opened, 0);
 }
+
+/// Pending TLS handshakes are capped per source address: silent connections from one source
+/// beyond the cap are closed at once instead of each holding memory for the 10 s handshake
+/// timeout; once the silent ones go, a real tunnel gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_handshakes_from_one_source_are_capped() {
+    use mesh_agent::admission::MAX_PENDING_HANDSHAKES_PER_SOURCE;
+    let ca = TestCa::new("mesh ca");
+    let (echo, _) = echo_target().await;
+    let server = hbone_server(&ca).await;
+    let mut silent = Vec::new();
+    for _ in 0..MAX_PENDING_HANDSHAKES_PER_SOURCE {
+        silent.push(TcpStream::connect(server.addr).await.expect("connect"));
+    }
+    // Let the server accept them all: each now holds a pending-handshake slot.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut over = TcpStream::connect(server.addr).await.expect("connect");
+    let mut byte = [0u8; 1];
+    let closed = timeout(Duration::from_secs(2), over.read(&mut byte)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "connection beyond the cap was not closed: {closed:?}"
+    );
+    drop(silent);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = checkout(&ca);
+    let tls = client_tls(&ca, &client);
+    let pool = HbonePool::new(PoolConfig::default());
+    let stream = timeout(
+        TEST_TIMEOUT,
+        pool.connect(&client.id, tls, server.addr, echo, "echo"),
+    )
+    .await
+    .expect("in time")
+    .expect("tunnel after the silent connections left");
+    assert_eq!(round_trip(stream, b"after").await, b"after");
+}
