@@ -13,9 +13,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
+    addr::ip4_from_raw,
     addr::{port_from_sock_addr, port_to_sock_addr},
     counters::ConnCounters,
-    addr::ip4_from_raw,
     deny::{kernel_allows, DenyKey},
     egress::{EgressData, IDENTITY_BITS},
     orig_dst::OrigDst,
@@ -69,7 +69,10 @@ enum Verdict {
     Pass,
     Deny,
     /// TCP to an allowed mesh service: rewrite to the agent.
-    Redirect { agent_ip: u32, agent_port: u16 },
+    Redirect {
+        agent_ip: u32,
+        agent_port: u16,
+    },
 }
 
 /// The decision shared by every hook. `redirect` is false for UDP. Inlined: BPF calls take at
@@ -126,7 +129,13 @@ fn egress(identity: u32, dst_ip: u32, dst_port: u16) -> Verdict {
         count(identity, Outcome::Passed);
         return Verdict::Pass;
     }
-    let key = Key::new(IDENTITY_BITS + 32, EgressData { identity, ip: dst_ip });
+    let key = Key::new(
+        IDENTITY_BITS + 32,
+        EgressData {
+            identity,
+            ip: dst_ip,
+        },
+    );
     match EGRESS.get(&key) {
         Some(ports) if ports.allows(dst_port) => {
             count(identity, Outcome::Passed);
@@ -159,7 +168,13 @@ fn caller() -> u32 {
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
     let sa = ctx.sock_addr;
     let (dst_ip, user_port, kind) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).type_) };
-    match decide(ctx, caller(), dst_ip, port_from_sock_addr(user_port), kind == SOCK_STREAM)? {
+    match decide(
+        ctx,
+        caller(),
+        dst_ip,
+        port_from_sock_addr(user_port),
+        kind == SOCK_STREAM,
+    )? {
         Verdict::Pass => Ok(PROCEED),
         Verdict::Deny => Ok(REJECT),
         Verdict::Redirect {
@@ -202,7 +217,13 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i64> {
             _ => PROCEED,
         });
     };
-    match decide(ctx, caller(), dst_ip, port_from_sock_addr(user_port), kind == SOCK_STREAM)? {
+    match decide(
+        ctx,
+        caller(),
+        dst_ip,
+        port_from_sock_addr(user_port),
+        kind == SOCK_STREAM,
+    )? {
         Verdict::Pass => Ok(PROCEED),
         Verdict::Deny => Ok(REJECT),
         Verdict::Redirect {

@@ -33,8 +33,7 @@ pub static ALLOW: HashMap<DenyKey, AllowEntry> = HashMap::pinned(limits::MAX_ALL
 
 /// (identity, CIDR) -> ports: the non-mesh destinations a workload may reach.
 #[map]
-pub static EGRESS: LpmTrie<EgressData, EgressPorts> =
-    LpmTrie::pinned(limits::MAX_EGRESS_RULES, 0);
+pub static EGRESS: LpmTrie<EgressData, EgressPorts> = LpmTrie::pinned(limits::MAX_EGRESS_RULES, 0);
 
 /// socket cookie -> original destination, between connect() and ESTABLISHED.
 #[map]

@@ -35,7 +35,7 @@ fn try_agent_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
         ctx.remote_ip4(),
         u16::from_be(remote_be as u16),
     );
-    AGENT_FLOWS.insert(&key, &1, 0)?;
+    AGENT_FLOWS.insert(key, 1, 0)?;
     Ok(())
 }
 

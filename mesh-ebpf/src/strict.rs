@@ -5,6 +5,7 @@
 //!   (same address, or loopback);
 //! - UDP to a socket that did not connect() (a server socket, open to anyone) passes only from
 //!   the pod itself; a connected socket only receives from the peer it chose.
+//!
 //! Everything else passes: replies to the pod's own TCP connections carry ACK, and no TCP
 //! connection exists without its SYN. Drops are counted against the destination's identity.
 
@@ -46,9 +47,14 @@ pub fn mesh_ingress(ctx: SkBuffContext) -> i32 {
 /// What the packet is, as far as strict mode cares.
 enum Kind {
     /// New TCP connection from `flow` (IPv4) or from an IPv6 source (`flow` None).
-    TcpSyn { flow: Option<FlowKey>, own: bool },
+    TcpSyn {
+        flow: Option<FlowKey>,
+        own: bool,
+    },
     /// UDP datagram; `own`: from the pod itself.
-    Udp { own: bool },
+    Udp {
+        own: bool,
+    },
     Other,
 }
 
@@ -61,9 +67,7 @@ fn try_ingress(ctx: &SkBuffContext) -> Result<i32, i64> {
     let suspicious = match kind {
         Kind::Other => return Ok(PASS),
         Kind::TcpSyn { own: true, .. } | Kind::Udp { own: true } => return Ok(PASS),
-        Kind::TcpSyn { flow, .. } => {
-            !flow.is_some_and(|f| unsafe { AGENT_FLOWS.get(f) }.is_some())
-        }
+        Kind::TcpSyn { flow, .. } => !flow.is_some_and(|f| unsafe { AGENT_FLOWS.get(f) }.is_some()),
         Kind::Udp { .. } => !receiver_is_connected(ctx),
     };
     if !suspicious {

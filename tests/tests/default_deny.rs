@@ -14,19 +14,19 @@ const BYPASS_PORT: u16 = 9090;
 
 fn config(node: &Node, mesh_default: &str) -> String {
     let server = node.pod("server").ip;
+    // The workload serving echo (its certificate CN) is what `mTLS: required` makes strict.
+    let server_workload = format!(
+        "{}    service: echo\n",
+        node.pod("server").workload_yaml("demo", "server")
+    );
     node.agent_config(&format!(
         "services:\n\
          \x20 - name: echo\n    namespace: demo\n    vip: {ECHO_VIP}\n    endpoints: [\"{server}:8080\"]\n    policy:\n      allow: [client]\n      mTLS: required\n\
          \x20 - name: open\n    namespace: demo\n    vip: {OPEN_VIP}\n    endpoints: [\"{server}:8080\"]\n\
-         workloads:\n{}{}{}\
+         workloads:\n{}{}{server_workload}\
          policy:\n  default: {mesh_default}\n",
         node.pod("client").workload_yaml("demo", "client"),
         node.pod("other").workload_yaml("demo", "other"),
-        // The workload serving echo (its certificate CN) is what `mTLS: required` makes strict.
-        format!(
-            "{}    service: echo\n",
-            node.pod("server").workload_yaml("demo", "server")
-        ),
     ))
 }
 

@@ -105,7 +105,9 @@ mod tests {
         );
         assert_eq!(parse_cidr("10.1.2.3"), Ok((Ipv4Addr::new(10, 1, 2, 3), 32)));
         assert_eq!(parse_cidr("0.0.0.0/0"), Ok((Ipv4Addr::UNSPECIFIED, 0)));
-        assert!(parse_cidr("10.0.0.1/8").unwrap_err().contains("10.0.0.0/8"));
+        assert!(parse_cidr("10.0.0.1/8")
+            .expect_err("host bits")
+            .contains("10.0.0.0/8"));
         assert!(parse_cidr("10.0.0.0/33").is_err());
         assert!(parse_cidr("nonsense").is_err());
     }

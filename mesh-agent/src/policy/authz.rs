@@ -351,8 +351,10 @@ service_keys:
         assert!(!d.allowed, "default deny: {d:?}");
         assert_eq!(d.policy, NO_POLICY);
         assert!(d.reason.contains("mesh default deny"), "{d:?}");
-        let mut relaxed = AuthzConfig::default();
-        relaxed.mesh_default = crate::policy::authz_config::DefaultAction::Allow;
+        let relaxed = AuthzConfig {
+            mesh_default: crate::policy::authz_config::DefaultAction::Allow,
+            ..Default::default()
+        };
         let d = Authorizer::new(&relaxed).expect("valid").authorize(
             &id("spiffe://cluster.local/ns/a/sa/b"),
             None,

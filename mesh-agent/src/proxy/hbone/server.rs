@@ -28,7 +28,6 @@ use crate::proxy::connect::connect_from;
 
 /// A peer that cannot finish the handshake in this time is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Back-off after an accept error (e.g. out of file descriptors) instead of spinning.
 
 /// Which targets a CONNECT may name: without this check, a caller allowed to reach one service
 /// could point its tunnel at any address the node can reach.
