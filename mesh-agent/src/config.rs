@@ -2,12 +2,13 @@
 
 pub mod egress;
 mod env;
+pub mod fields;
 mod model;
 pub mod sanity;
 pub mod service_policy;
 mod validate;
 
-pub use env::apply_env_overrides;
+pub use env::{apply_env_overrides, ENV_CONFIG, ENV_LOG, ENV_LOG_FORMAT, OVERRIDES, PROCESS_VARS};
 pub use model::*;
 pub use service_policy::ServicePolicy;
 pub use validate::validate;
@@ -66,5 +67,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     })
 }
 
+#[cfg(test)]
+mod reference_doc;
 #[cfg(test)]
 mod tests;

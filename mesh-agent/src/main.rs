@@ -1,9 +1,10 @@
 //! nodemesh node agent.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -13,7 +14,7 @@ struct Args {
     #[arg(
         long,
         short,
-        env = "NODEMESH_CONFIG",
+        env = mesh_agent::config::ENV_CONFIG,
         default_value = "/etc/nodemesh/config.yaml"
     )]
     config: PathBuf,
@@ -24,18 +25,40 @@ struct Args {
     /// instance, then exit. Stopping the agent alone keeps them (fail closed).
     #[arg(long, conflicts_with = "check")]
     uninstall: bool,
+    /// With --check: skip the checks that need the node itself (cgroups exist, addresses are
+    /// local, CA files readable, kernel BTF), e.g. when validating in CI.
+    #[arg(long, requires = "check")]
+    off_node: bool,
+    /// Log format: `text` (colour only when stderr is a terminal) or `json` (one object per line).
+    #[arg(long, env = mesh_agent::config::ENV_LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs go to stderr; ANSI colour codes only when a person is watching (not a file, pipe or journald).
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env(mesh_agent::config::ENV_LOG)
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_env("NODEMESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(args.log_format);
 
     if args.check {
-        return match mesh_agent::app::check(&args.config) {
+        return match mesh_agent::app::check(&args.config, args.off_node) {
             Ok(effective) => {
                 print!("{effective}");
                 ExitCode::SUCCESS
@@ -68,9 +91,8 @@ fn main() -> ExitCode {
     match runtime.block_on(mesh_agent::app::run(args.config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let message = error_chain(&e);
-            tracing::error!("{message}");
-            eprintln!("error: {message}");
+            // Once, through the log (stderr), so journald and log shippers see it in their format.
+            tracing::error!("{}", error_chain(&e));
             ExitCode::FAILURE
         }
     }

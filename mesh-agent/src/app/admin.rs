@@ -11,17 +11,26 @@ use crate::http_server::{Handler, Reply};
 use crate::policy::deny;
 use crate::state::AgentState;
 
-const INDEX: &str = "nodemesh admin: /config_dump /workloads /certs /policy\n";
+const CONFIG_DUMP: &str = "/config_dump";
+const WORKLOADS: &str = "/workloads";
+const CERTS: &str = "/certs";
+const POLICY: &str = "/policy";
+/// Every admin route; the handler serves these and docs/REFERENCE.md must list them.
+pub const ADMIN_ROUTES: &[&str] = &[CONFIG_DUMP, WORKLOADS, CERTS, POLICY];
+
+fn index() -> String {
+    format!("nodemesh admin: {}\n", ADMIN_ROUTES.join(" "))
+}
 
 pub fn admin_handler(state: Arc<AgentState>) -> Handler {
     Arc::new(move |path| {
         let body = match path {
-            "/config_dump" => serde_json::to_value(&*state.config()).unwrap_or(Value::Null),
-            "/workloads" => workloads(&state),
-            "/certs" => certs(&state),
-            "/policy" => policy(&state),
-            "/" => return Reply::text(StatusCode::OK, INDEX),
-            _ => return Reply::text(StatusCode::NOT_FOUND, INDEX),
+            CONFIG_DUMP => serde_json::to_value(&*state.config()).unwrap_or(Value::Null),
+            WORKLOADS => workloads(&state),
+            CERTS => certs(&state),
+            POLICY => policy(&state),
+            "/" => return Reply::text(StatusCode::OK, index()),
+            _ => return Reply::text(StatusCode::NOT_FOUND, index()),
         };
         Reply {
             status: StatusCode::OK,

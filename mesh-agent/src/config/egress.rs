@@ -14,7 +14,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EgressConfig {
     /// Cluster DNS resolvers: every workload may reach these (TCP and UDP).
@@ -38,7 +38,7 @@ fn default_dns() -> Vec<SocketAddrV4> {
     vec![SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 53)]
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EgressRuleConfig {
     pub name: String,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub node: NodeConfig,
@@ -59,7 +59,7 @@ impl Config {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// Node name, used in logs and metrics.
@@ -72,12 +72,12 @@ pub struct NodeConfig {
     /// SPIFFE trust domain of the mesh.
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
-    /// Path of the compiled eBPF object (default: next to the agent binary, then the build tree).
+    /// Override for the eBPF object (default: the object embedded in the agent binary at build time).
     #[serde(default)]
     pub ebpf_object: Option<PathBuf>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenConfig {
     #[serde(default = "default_outbound")]
@@ -106,18 +106,21 @@ impl Default for ListenConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
     /// How long connecting to an endpoint may take, e.g. "3s" or "500ms".
     #[serde(default = "default_connect_timeout", with = "duration_text")]
+    #[schemars(with = "String")]
     pub connect_timeout: Duration,
     /// How often the config file is checked for changes ("0s" disables polling; SIGHUP still works).
     #[serde(default = "default_reload_poll", with = "duration_text")]
+    #[schemars(with = "String")]
     pub reload_poll: Duration,
     /// On SIGTERM, how long established connections (outbound and inbound HBONE) may take to
     /// finish before the agent exits; the kernel programs stay pinned either way.
     #[serde(default = "default_drain_timeout", with = "duration_text")]
+    #[schemars(with = "String")]
     pub drain_timeout: Duration,
     /// Concurrent connections on the outbound (capture) listener, all callers together.
     #[serde(default = "default_max_connections")]
@@ -128,6 +131,7 @@ pub struct ProxyConfig {
     pub max_connections_per_identity: usize,
     /// A relayed inbound (HBONE) tunnel with no bytes either way for this long is closed.
     #[serde(default = "default_idle_timeout", with = "duration_text")]
+    #[schemars(with = "String")]
     pub idle_timeout: Duration,
 }
 
@@ -145,7 +149,7 @@ impl Default for ProxyConfig {
 }
 
 /// A mesh service: a virtual IP:port that pods connect to and the endpoints behind it.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
     pub name: String,
@@ -160,7 +164,7 @@ pub struct Service {
 }
 
 /// A workload on this node: the cgroup its processes run in and the identity they carry.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Workload {
     pub name: String,
@@ -194,7 +198,7 @@ impl Workload {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Pairs refused in the kernel: connect() fails with EPERM.
@@ -213,7 +217,7 @@ fn default_mesh_authz() -> crate::policy::authz_config::DefaultAction {
     crate::policy::authz_config::DefaultAction::Deny
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DenyRuleConfig {
     pub name: String,
@@ -257,7 +261,7 @@ fn default_cert_ttl() -> Duration {
 }
 
 /// Workload identity settings: where the mesh CA comes from and how long certificates live.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     /// Agent state; holds the generated mesh CA when no `ca_cert`/`ca_key` are given.
@@ -271,6 +275,7 @@ pub struct IdentityConfig {
     pub ca_key: Option<PathBuf>,
     /// Workload certificate lifetime, 12h to 48h; renewed at half of it.
     #[serde(default = "default_cert_ttl", with = "duration_text")]
+    #[schemars(with = "String")]
     pub cert_ttl: Duration,
     /// Lifts the 12h minimum of `cert_ttl` (for rotation tests only).
     #[serde(default)]
@@ -290,7 +295,7 @@ impl Default for IdentityConfig {
 }
 
 /// Another node's agent.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PeerNode {
     pub name: String,
@@ -299,7 +304,7 @@ pub struct PeerNode {
 }
 
 /// A service endpoint: `ip:port` on this node, or `{address, node}` for a pod on another node.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum Endpoint {
     Local(SocketAddrV4),

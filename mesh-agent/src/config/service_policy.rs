@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::authz_config::{DefaultAction, PolicyConfig, RuleConfig};
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServicePolicy {
     /// Callers admitted: a caller service name, a SPIFFE ID (`spiffe://...`) or
@@ -35,7 +35,7 @@ pub struct ServicePolicy {
     pub mtls: Option<MtlsMode>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum MtlsMode {
     Required,

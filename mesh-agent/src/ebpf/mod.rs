@@ -5,10 +5,11 @@ mod error;
 mod links;
 mod loader;
 mod maps;
+pub mod object;
 mod own_cgroup;
 pub mod preflight;
 
 pub use attach::{uninstall, Attachments};
 pub use error::EbpfError;
-pub use loader::{locate_object, pin_dir, MeshEbpf};
+pub use loader::{pin_dir, MeshEbpf};
 pub use maps::{DesiredMaps, KernelMaps, OrigDstTable, SyncStats};

@@ -21,7 +21,7 @@ fn invalid(field: String, message: String) -> AuthzConfigError {
 }
 
 /// Top-level shape: the `authorization` and `service_keys` blocks of the agent config.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthzConfig {
     #[serde(default)]
@@ -33,7 +33,7 @@ pub struct AuthzConfig {
     pub mesh_default: DefaultAction,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     pub name: String,
@@ -49,7 +49,9 @@ pub struct PolicyConfig {
     pub capabilities: Option<CapabilitiesConfig>,
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(
+    Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum DefaultAction {
     Allow,
@@ -59,7 +61,7 @@ pub enum DefaultAction {
 }
 
 /// Exactly one of the three fields must be set.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     pub from: Option<String>,
@@ -67,13 +69,13 @@ pub struct RuleConfig {
     pub from_namespace: Option<String>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CapabilitiesConfig {
     pub required: Vec<String>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceKeyConfig {
     pub identity: String,
