@@ -123,8 +123,11 @@ fn listeners(config: &Config) -> Vec<(&'static str, SocketAddr)> {
 }
 
 /// Two listeners clash on one port when their addresses overlap (equal, or one is a wildcard).
+/// Port 0 asks the kernel for a free port each time, so it never clashes.
 fn clash(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// A VIP or endpoint must not be loopback/multicast, nor one of the agent's own listeners (a

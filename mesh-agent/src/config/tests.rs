@@ -221,6 +221,10 @@ fn listeners_on_one_port_are_refused() {
     // A wildcard overlaps a specific address on the same port.
     let text = format!("{GOOD}listen:\n  metrics: 0.0.0.0:15020\n  admin: 127.0.0.1:15020\n");
     assert!(parse_err(&text).contains("`listen.admin`"));
+    // Port 0 takes a free port each time: never a clash.
+    parse_ok(&format!(
+        "{GOOD}listen:\n  outbound: 127.0.0.1:0\n  hbone: 127.0.0.1:0\n"
+    ));
 }
 
 #[test]
