@@ -296,3 +296,38 @@ fn sigterm_rolling_restart_fails_no_connection_and_drains_the_old_agent() -> Res
     ensure!(!topo.has_exited(new.pid), "new agent died");
     Ok(())
 }
+
+/// SIGTERM on the destination node's agent drains inbound HBONE tunnels too: a long-lived
+/// cross-node connection opened before the signal keeps exchanging data until it ends, and the
+/// agent exits only after it (within `proxy.drain_timeout`).
+#[test]
+fn sigterm_drains_inbound_hbone_tunnels() -> Result<()> {
+    use mesh_tests::two_nodes::{Options, TwoNodes, ECHO_VIP as CROSS_VIP};
+    let mesh = TwoNodes::start(Options::default())?;
+    let topo = &mesh.topo;
+    let client = topo.node(1).pod("client");
+    let out = topo.workdir.join("hold-cross.json");
+    let mut hold = Command::new(probe_binary()?);
+    hold.args(["hold", CROSS_VIP, "held", "3"])
+        .stdout(File::create(&out)?)
+        .stderr(Stdio::inherit());
+    let started = std::time::Instant::now();
+    let hold_pid = topo.spawn_in_pod(client, &mut hold)?;
+    std::thread::sleep(Duration::from_millis(700));
+
+    topo.signal(mesh.agent2.pid, libc::SIGTERM)?;
+    let status = topo.wait(mesh.agent2.pid, Duration::from_secs(15))?;
+    let agent_exited_after = started.elapsed();
+    ensure!(status.success(), "agent2 exit {status}");
+    let held = topo.wait(hold_pid, Duration::from_secs(15))?;
+    let report = std::fs::read_to_string(&out).unwrap_or_default();
+    ensure!(
+        held.success() && report.contains("exchanges"),
+        "the cross-node connection was cut by the drain: {report}"
+    );
+    ensure!(
+        agent_exited_after >= Duration::from_millis(2500),
+        "agent2 exited after {agent_exited_after:?}, before the tunnel it carried had ended"
+    );
+    Ok(())
+}
