@@ -11,3 +11,4 @@ pub mod policy;
 pub mod proxy;
 pub mod registry;
 pub mod state;
+pub mod traffic;

@@ -28,6 +28,8 @@ pub struct Options {
     /// Also route service `web` (VIP [`WEB_VIP`]) to this port of the server pod, for an HTTP
     /// server the caller starts there (benchmarks).
     pub web_port: Option<u16>,
+    /// `policy:` block (YAML flow value) of service `web` on node 1, the calling side.
+    pub web_policy: Option<String>,
 }
 
 pub const WEB_VIP: &str = "10.96.0.11:80";
@@ -77,8 +79,9 @@ impl TwoNodes {
         let web = |remote: bool| {
             match options.web_port {
             Some(port) if remote => format!(
-                "  - name: web\n    namespace: shop\n    vip: {WEB_VIP}\n    endpoints:\n      - {{address: \"{}:{port}\", node: node-2}}\n",
-                server.ip
+                "  - name: web\n    namespace: shop\n    vip: {WEB_VIP}\n    endpoints:\n      - {{address: \"{}:{port}\", node: node-2}}\n{}",
+                server.ip,
+                options.web_policy.as_ref().map(|p| format!("    policy: {p}\n")).unwrap_or_default()
             ),
             Some(port) => format!("  - name: web\n    namespace: shop\n    vip: {WEB_VIP}\n    endpoints: [\"{}:{port}\"]\n", server.ip),
             None => String::new(),
@@ -116,7 +119,7 @@ impl TwoNodes {
             web(false),
             server.ip,
             if options.web_port.is_some() {
-                "  - name: web-callers\n    service: web\n    allow:\n      - from: spiffe://cluster.local/ns/shop/sa/client\n"
+                "  - name: web-callers\n    service: web\n    default: deny\n    allow:\n      - from: spiffe://cluster.local/ns/shop/sa/client\n"
             } else {
                 ""
             },

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 
 use crate::sh;
 
-/// Debian packages: LLVM for bpf-linker; bpftool, iproute2, tcpdump for tests; wrk for benchmarks.
+/// Debian packages: LLVM for bpf-linker; bpftool, iproute2, tcpdump for tests; wrk for benchmarks; prometheus for promtool.
 const PACKAGES: &[&str] = &[
     "tcpdump",
     "llvm-22-dev",
@@ -16,6 +16,8 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "wrk",
+    // promtool checks the /metrics exposition in tests.
+    "prometheus",
     // kube-proxy style DNAT of service VIPs in the fail-closed tests.
     "nftables",
 ];

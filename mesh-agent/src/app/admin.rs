@@ -15,8 +15,9 @@ const CONFIG_DUMP: &str = "/config_dump";
 const WORKLOADS: &str = "/workloads";
 const CERTS: &str = "/certs";
 const POLICY: &str = "/policy";
+const ENDPOINTS: &str = "/endpoints";
 /// Every admin route; the handler serves these and docs/REFERENCE.md must list them.
-pub const ADMIN_ROUTES: &[&str] = &[CONFIG_DUMP, WORKLOADS, CERTS, POLICY];
+pub const ADMIN_ROUTES: &[&str] = &[CONFIG_DUMP, WORKLOADS, CERTS, POLICY, ENDPOINTS];
 
 fn index() -> String {
     format!("nodemesh admin: {}\n", ADMIN_ROUTES.join(" "))
@@ -29,6 +30,7 @@ pub fn admin_handler(state: Arc<AgentState>) -> Handler {
             WORKLOADS => workloads(&state),
             CERTS => certs(&state),
             POLICY => policy(&state),
+            ENDPOINTS => endpoints(&state),
             "/" => return Reply::text(StatusCode::OK, index()),
             _ => return Reply::text(StatusCode::NOT_FOUND, index()),
         };
@@ -115,4 +117,43 @@ fn policy(state: &AgentState) -> Value {
         "service_keys": config.service_keys,
         "decisions": decisions,
     })
+}
+
+/// Each service's endpoints with their breaker state, latency estimate and ejection.
+fn endpoints(state: &AgentState) -> Value {
+    let services: Vec<Value> = state
+        .traffic
+        .routes()
+        .iter()
+        .map(|route| {
+            let endpoints: Vec<Value> = route
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let view = e.state.view();
+                    json!({
+                        "address": e.entry.addr.to_string(),
+                        "node": e.entry.node,
+                        "zone": e.entry.zone,
+                        "weight": e.entry.weight,
+                        "breaker": view.breaker,
+                        "ewma_ms": view.ewma_ms,
+                        "in_flight": view.in_flight,
+                        "ejected": view.ejected_for_s.is_some(),
+                        "ejected_for_s": view.ejected_for_s,
+                    })
+                })
+                .collect();
+            let rules = &route.rules;
+            json!({
+                "service": &*route.name,
+                "protocol": rules.protocol,
+                "load_balancer": rules.load_balancer,
+                "request_timeout_ms": rules.request_timeout.as_millis() as u64,
+                "retries": rules.retry.as_ref().map_or(0, |r| r.max),
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    json!({ "node": state.config().node.name, "services": services })
 }
