@@ -18,6 +18,8 @@ const PACKAGES: &[&str] = &[
     "wrk",
     // promtool checks the /metrics exposition in tests.
     "prometheus",
+    // kube-proxy style DNAT of service VIPs in the fail-closed tests.
+    "nftables",
     // Registry: a real etcd for the tests and demo, protoc for etcd-client's build script, curl
     // for registrations from inside pods.
     "etcd-server",
@@ -31,6 +33,7 @@ pub fn run() -> Result<()> {
     nightly_rust_src()?;
     debian_packages(PACKAGES)?;
     bpf_linker()?;
+    cargo_fuzz()?;
     python_packages()?;
     eprintln!("xtask: setup complete");
     Ok(())
@@ -99,6 +102,14 @@ pub fn debian_packages(wanted: &[&str]) -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// cargo-fuzz runs the fuzz targets (`cargo xtask fuzz`, and briefly in `cargo xtask test`).
+fn cargo_fuzz() -> Result<()> {
+    if sh::output("cargo", &["+nightly", "fuzz", "--version"]).is_ok() {
+        return Ok(());
+    }
+    sh::run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
 }
 
 fn bpf_linker() -> Result<()> {
