@@ -9,6 +9,7 @@ pub mod counters;
 pub mod deny;
 pub mod orig_dst;
 pub mod services;
+pub mod traffic;
 pub mod workloads;
 
 /// Names of the maps in the eBPF object; the agent looks them up by these names.
@@ -20,6 +21,7 @@ pub mod map_names {
     pub const ORIG_DST: &str = "ORIG_DST";
     pub const CONN_COUNTERS: &str = "CONN_COUNTERS";
     pub const AGENT_ADDR: &str = "AGENT_ADDR";
+    pub const TRAFFIC_COUNTERS: &str = "TRAFFIC_COUNTERS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -27,6 +29,8 @@ pub mod program_names {
     pub const CONNECT4: &str = "mesh_connect4";
     pub const SOCKOPS: &str = "mesh_sockops";
     pub const INGRESS: &str = "mesh_ingress";
+    pub const COUNT_EGRESS: &str = "mesh_count_egress";
+    pub const COUNT_INGRESS: &str = "mesh_count_ingress";
 }
 
 /// Capacity of the maps; the agent validates config against these before writing anything.

@@ -10,6 +10,7 @@ use mesh_common::{
     limits,
     orig_dst::{ClientKey, OrigDst},
     services::{AgentAddr, ServiceKey, ServiceValue},
+    traffic::TrafficCounters,
     workloads::WorkloadIdentity,
 };
 
@@ -36,6 +37,11 @@ pub static ORIG_DST: LruHashMap<ClientKey, OrigDst> = LruHashMap::pinned(limits:
 /// Per-identity connect() outcome counters.
 #[map]
 pub static CONN_COUNTERS: PerCpuArray<ConnCounters> =
+    PerCpuArray::pinned(limits::MAX_IDENTITIES, 0);
+
+/// Per-identity bytes and packets sent and received (cgroup_skb egress/ingress).
+#[map]
+pub static TRAFFIC_COUNTERS: PerCpuArray<TrafficCounters> =
     PerCpuArray::pinned(limits::MAX_IDENTITIES, 0);
 
 /// Index 0: the agent's outbound listener as pods reach it.

@@ -10,4 +10,4 @@ pub mod http;
 pub mod topology;
 pub mod two_nodes;
 
-pub use topology::{AgentHandle, Attempt, Node, Pod, Topology};
+pub use topology::{AgentHandle, Attempt, Node, Pod, Sent, Topology};

@@ -705,3 +705,23 @@ pub fn probe_binary() -> Result<PathBuf> {
         )
     }
 }
+
+/// What `meshprobe send` reports: payload bytes written and reply bytes read.
+#[derive(Debug, serde::Deserialize)]
+pub struct Sent {
+    pub sent: u64,
+    pub received: u64,
+}
+
+impl Topology {
+    /// Runs `meshprobe send` in a pod: one connection carrying `bytes` bytes of payload.
+    pub fn send_from(&self, pod: &Pod, target: &str, bytes: u64) -> Result<Sent> {
+        let probe = probe_binary()?;
+        let out = self.run_in_pod(
+            pod,
+            &probe.to_string_lossy(),
+            &["send", target, &bytes.to_string()],
+        )?;
+        serde_json::from_str(out.trim()).with_context(|| format!("bad probe output {out:?}"))
+    }
+}

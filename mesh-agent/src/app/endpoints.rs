@@ -6,6 +6,8 @@ use std::sync::Arc;
 use hyper::StatusCode;
 
 use crate::http_server::{Handler, Reply};
+use mesh_common::traffic::TrafficCounters;
+
 use crate::metrics::{AgentMetrics, PromWriter};
 use crate::state::AgentState;
 
@@ -102,6 +104,7 @@ fn render_metrics(state: &AgentState) -> String {
             w.sample(name, &[("node", node), ("identity", identity)], value);
         }
     }
+    render_kernel_traffic(state, node, &identities, &mut w);
 
     let m = &state.metrics;
     let singles = [
@@ -197,6 +200,51 @@ fn render_metrics(state: &AgentState) -> String {
     }
     render_security(state, node, &mut w);
     w.finish()
+}
+
+/// Bytes and packets per identity, counted by the cgroup_skb programs.
+fn render_kernel_traffic(
+    state: &AgentState,
+    node: &str,
+    identities: &[(String, u32)],
+    w: &mut PromWriter,
+) {
+    let counters: Vec<_> = state
+        .with_kernel(|k| {
+            identities
+                .iter()
+                .filter_map(|(name, id)| Some((name.as_str(), k.maps.traffic(*id).ok()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let families: [(&str, &str, fn(&TrafficCounters) -> u64); 4] = [
+        (
+            "nodemesh_kernel_sent_bytes_total",
+            "Bytes (IP headers included) sent by workloads of an identity, counted in the kernel.",
+            |c| c.sent_bytes,
+        ),
+        (
+            "nodemesh_kernel_received_bytes_total",
+            "Bytes (IP headers included) delivered to workloads of an identity, counted in the kernel.",
+            |c| c.received_bytes,
+        ),
+        (
+            "nodemesh_kernel_sent_packets_total",
+            "IP packets sent by workloads of an identity, counted in the kernel.",
+            |c| c.sent_packets,
+        ),
+        (
+            "nodemesh_kernel_received_packets_total",
+            "IP packets delivered to workloads of an identity, counted in the kernel.",
+            |c| c.received_packets,
+        ),
+    ];
+    for (name, help, get) in families {
+        w.family(name, "counter", help);
+        for (identity, c) in &counters {
+            w.sample(name, &[("node", node), ("identity", identity)], get(c));
+        }
+    }
 }
 
 /// Authorization decisions, the HBONE pool and certificate freshness.

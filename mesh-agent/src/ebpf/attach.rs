@@ -11,12 +11,14 @@ use aya::programs::{
 };
 use mesh_common::program_names;
 
+use super::traffic_links::{self, TrafficLinks};
 use super::EbpfError;
 
 struct Link {
     connect: CgroupSockAddrLinkId,
     sockops: SockOpsLinkId,
     ingress: CgroupSkbLinkId,
+    traffic: TrafficLinks,
 }
 
 /// Which cgroups the programs are attached to.
@@ -121,7 +123,7 @@ fn ingress_prog(bpf: &mut aya::Ebpf) -> Result<&mut CgroupSkb, EbpfError> {
     program_mut(bpf, program_names::INGRESS)
 }
 
-/// Attaches all three programs to one cgroup, or none: a failure detaches what this call attached.
+/// Attaches all programs to one cgroup, or none: a failure detaches what this call attached.
 fn attach_one(bpf: &mut aya::Ebpf, path: &Path) -> Result<Link, EbpfError> {
     let dir = File::open(path).map_err(|source| EbpfError::Cgroup {
         path: path.to_owned(),
@@ -149,11 +151,20 @@ fn attach_one(bpf: &mut aya::Ebpf, path: &Path) -> Result<Link, EbpfError> {
         p.attach(&dir, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
             .map_err(attach_err)
     }) {
-        Ok(ingress) => Ok(Link {
-            connect,
-            sockops,
-            ingress,
-        }),
+        Ok(ingress) => match traffic_links::attach(bpf, &dir, path) {
+            Ok(traffic) => Ok(Link {
+                connect,
+                sockops,
+                ingress,
+                traffic,
+            }),
+            Err(e) => {
+                detach_connect(bpf, connect);
+                detach_sockops(bpf, sockops);
+                detach_ingress(bpf, ingress);
+                Err(e)
+            }
+        },
         Err(e) => {
             detach_connect(bpf, connect);
             detach_sockops(bpf, sockops);
@@ -166,6 +177,7 @@ fn detach_one(bpf: &mut aya::Ebpf, link: Link) {
     detach_connect(bpf, link.connect);
     detach_sockops(bpf, link.sockops);
     detach_ingress(bpf, link.ingress);
+    traffic_links::detach(bpf, link.traffic);
 }
 
 fn detach_connect(bpf: &mut aya::Ebpf, link: CgroupSockAddrLinkId) {

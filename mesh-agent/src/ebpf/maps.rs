@@ -14,6 +14,7 @@ use mesh_common::{
     map_names,
     orig_dst::{ClientKey, OrigDst},
     services::{AgentAddr, ServiceKey, ServiceValue},
+    traffic::TrafficCounters,
     workloads::WorkloadIdentity,
 };
 
@@ -48,6 +49,7 @@ pub struct KernelMaps {
     deny: HashMap<MapData, DenyKey, DenyRule>,
     agent_addr: Array<MapData, AgentAddr>,
     counters: PerCpuArray<MapData, ConnCounters>,
+    traffic: PerCpuArray<MapData, TrafficCounters>,
 }
 
 fn take<T>(bpf: &mut aya::Ebpf, name: &'static str) -> Result<T, EbpfError>
@@ -68,6 +70,7 @@ impl KernelMaps {
             deny: take(bpf, map_names::DENY)?,
             agent_addr: take(bpf, map_names::AGENT_ADDR)?,
             counters: take(bpf, map_names::CONN_COUNTERS)?,
+            traffic: take(bpf, map_names::TRAFFIC_COUNTERS)?,
         };
         let orig = OrigDstTable {
             map: Mutex::new(take(bpf, map_names::ORIG_DST)?),
@@ -122,6 +125,22 @@ impl KernelMaps {
                 source,
             })?;
         let mut total = ConnCounters::default();
+        for value in per_cpu.iter() {
+            total.accumulate(value);
+        }
+        Ok(total)
+    }
+
+    /// Per-identity bytes and packets summed over CPUs.
+    pub fn traffic(&self, identity: u32) -> Result<TrafficCounters, EbpfError> {
+        let per_cpu = self
+            .traffic
+            .get(&identity, 0)
+            .map_err(|source| EbpfError::Map {
+                name: map_names::TRAFFIC_COUNTERS,
+                source,
+            })?;
+        let mut total = TrafficCounters::default();
         for value in per_cpu.iter() {
             total.accumulate(value);
         }

@@ -5,6 +5,7 @@ mod error;
 mod loader;
 mod maps;
 pub mod preflight;
+mod traffic_links;
 
 pub use attach::Attachments;
 pub use error::EbpfError;
