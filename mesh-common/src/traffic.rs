@@ -5,7 +5,8 @@
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct TrafficCounters {
-    /// Bytes at the network layer (IP header, transport header and payload) leaving the workload.
+    /// Bytes at the network layer (IP header, transport header and payload) leaving the workload,
+    /// as on the wire: a segmentation-offload super-packet counts the headers of every segment.
     pub sent_bytes: u64,
     /// Packets leaving the workload; a segmentation-offload super-packet counts its segments.
     pub sent_packets: u64,

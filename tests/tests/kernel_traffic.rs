@@ -1,13 +1,14 @@
 //! End-to-end: per-identity bytes and packets counted by the cgroup_skb programs, with and without
 //! the agent on the path. Runs for real: network namespaces, cgroup v2, eBPF attached by the agent.
 //!
-//! The counters see IP packets (IPv4 header + TCP header + payload), so the exact payload we send is
-//! a lower bound and the header overhead is bounded per packet: an IPv4 header without options is
-//! 20 bytes (we send none) and a TCP header is 20 to 60 bytes. Hence for each direction
-//!     payload + 40 <= bytes <= payload + 80 * packets.
+//! The counters count IP packets as on the wire (IPv4 header + TCP header + payload, offload
+//! super-packets split into their segments), so every packet adds a header overhead on top of the
+//! payload we send: an IPv4 header without options is 20 bytes (we send none) and a TCP header is
+//! 20 to 60 bytes (here 32: timestamps on every segment; 40 on the SYN). Hence for each direction
+//!     payload + 40 * packets <= bytes <= payload + 80 * packets.
 //! Packets: the pods' veth has MTU 1500, so a TCP segment carries at most 1460 payload bytes and the
-//! payload needs at least payload / 1460 packets; counting offload super-packets as one would fall
-//! below that.
+//! payload needs at least payload / 1460 packets; counting offload super-packets as one packet
+//! falls below that.
 
 use anyhow::{ensure, Result};
 use mesh_tests::http::metric;
@@ -53,7 +54,7 @@ fn check_direction(m: &str, identity: &str, direction: &str, payload: u64) -> Re
         "{identity} {direction}: {packets} packets cannot carry {payload} bytes\n{m}"
     );
     ensure!(
-        bytes >= payload + MIN_HEADERS && bytes <= payload + MAX_HEADERS * packets,
+        bytes >= payload + MIN_HEADERS * packets && bytes <= payload + MAX_HEADERS * packets,
         "{identity} {direction}: {bytes} bytes in {packets} packets for a payload of {payload}\n{m}"
     );
     Ok(())
