@@ -16,6 +16,8 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "wrk",
+    // The Prometheus server (and promtool) the metrics tests scrape the agents with.
+    "prometheus",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

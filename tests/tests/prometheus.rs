@@ -1,0 +1,115 @@
+//! End-to-end with a real Prometheus server: it scrapes the agent of a netns topology while pods
+//! send real traffic, and its query API must agree with what the test sent. Also checks the
+//! exposition format with `promtool check metrics`.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use mesh_tests::http::metric;
+use mesh_tests::prometheus::{promtool_check_metrics, Prometheus};
+use mesh_tests::{Node, Topology};
+
+const ECHO_VIP: &str = "10.96.0.10:80";
+const ROUNDS: u64 = 3;
+const SHORT_PER_ROUND: u64 = 4;
+const BULK_BYTES: u64 = 100_000;
+/// Per-packet IPv4 + TCP header bytes: 20 + 20 at least, 20 + 60 at most (see kernel_traffic.rs).
+const MIN_HEADERS: f64 = 40.0;
+const MAX_HEADERS: f64 = 80.0;
+
+fn config(node: &Node) -> String {
+    let server = node.pod("server").ip;
+    node.agent_config(&format!(
+        "services:\n\
+         \x20 - name: echo\n    namespace: demo\n    vip: {ECHO_VIP}\n    endpoints: [\"{server}:8080\"]\n\
+         workloads:\n{}{}\
+         authorization:\n\
+         \x20 - name: echo-callers\n    service: echo\n    default: deny\n    allow:\n      - from_service: client\n",
+        node.pod("client").workload_yaml("demo", "client"),
+        node.pod("server").workload_yaml("demo", "server"),
+    ))
+}
+
+#[test]
+fn prometheus_scrapes_the_agent_during_traffic_and_its_counts_match() -> Result<()> {
+    let mut topo = Topology::new()?;
+    topo.add_node(&["client", "server"])?;
+    let node = topo.node(1);
+    topo.start_echo_server(node.pod("server"), 8080, "srv")?;
+    let agent = topo.start_agent(node, &config(node), &[])?;
+    topo.wait_ready(&agent)?;
+    let prom = Prometheus::start(&topo, node, &[agent.metrics])?;
+    let wait = Duration::from_secs(15);
+    prom.wait_for_value("up{job=\"nodemesh\"}", wait, |v| v == 1.0)?;
+
+    // Rounds far enough apart (several scrape intervals) that Prometheus sees the counters move.
+    let client = node.pod("client");
+    let mut payload = 0;
+    for _ in 0..ROUNDS {
+        let short = topo.connect_from(client, ECHO_VIP, "ping", SHORT_PER_ROUND as u32)?;
+        ensure!(
+            short.iter().all(|a| a.ok && a.reply == "srv:ping"),
+            "{short:?}"
+        );
+        let bulk = topo.send_from(client, ECHO_VIP, BULK_BYTES)?;
+        ensure!(bulk.received >= bulk.sent, "{bulk:?}");
+        payload += SHORT_PER_ROUND * 4 + bulk.sent;
+        std::thread::sleep(Duration::from_millis(800));
+    }
+    let connections = (ROUNDS * (SHORT_PER_ROUND + 1)) as f64;
+
+    let echo = "service=\"echo\"";
+    let client_id = "identity=\"demo/client\"";
+    prom.wait_for_value(
+        &format!("nodemesh_outbound_connections_total{{{echo}}}"),
+        wait,
+        |v| v == connections,
+    )?;
+    prom.wait_for_value(
+        &format!("nodemesh_kernel_connections_redirected_total{{{client_id}}}"),
+        wait,
+        |v| v == connections,
+    )?;
+    // Scraped while traffic ran: the connection counter changed between scrapes, not just once.
+    let changes = prom
+        .value(&format!(
+            "changes(nodemesh_outbound_connections_total{{{echo}}}[5m])"
+        ))?
+        .unwrap_or(0.0);
+    ensure!(
+        changes >= 2.0,
+        "counter changed {changes} times across scrapes"
+    );
+
+    // Kernel bytes: Prometheus ends up with exactly the agent's value, and that value is the
+    // payload plus a bounded header overhead per packet.
+    let mut direct = (0.0, 0.0);
+    topo.wait_for(
+        "Prometheus to catch up with the kernel counters",
+        wait,
+        || {
+            let m = topo.metrics(&agent)?;
+            let labels = [("identity", "demo/client")];
+            direct = (
+                metric(&m, "nodemesh_kernel_sent_bytes_total", &labels).unwrap_or(0) as f64,
+                metric(&m, "nodemesh_kernel_sent_packets_total", &labels).unwrap_or(0) as f64,
+            );
+            let scraped = (
+                prom.value(&format!("nodemesh_kernel_sent_bytes_total{{{client_id}}}"))?,
+                prom.value(&format!(
+                    "nodemesh_kernel_sent_packets_total{{{client_id}}}"
+                ))?,
+            );
+            Ok(scraped == (Some(direct.0), Some(direct.1)))
+        },
+    )?;
+    let (bytes, packets) = direct;
+    let payload = payload as f64;
+    ensure!(
+        bytes >= payload + MIN_HEADERS * packets && bytes <= payload + MAX_HEADERS * packets,
+        "kernel sent {bytes} bytes in {packets} packets for a payload of {payload}"
+    );
+
+    promtool_check_metrics(&topo.metrics(&agent)?)?;
+    Ok(())
+}
