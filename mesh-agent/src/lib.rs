@@ -3,6 +3,7 @@
 pub mod app;
 pub mod config;
 pub mod ebpf;
+pub mod flows;
 pub mod http_server;
 pub mod identity;
 pub mod metrics;

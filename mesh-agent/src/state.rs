@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use crate::app::security::Security;
 use crate::config::Config;
 use crate::ebpf::{KernelMaps, MeshEbpf, OrigDstTable};
+use crate::flows::FlowTable;
 use crate::metrics::AgentMetrics;
 use crate::registry::MeshModel;
 
@@ -23,6 +24,8 @@ pub struct AgentState {
     pub ready: AtomicBool,
     pub kernel: Mutex<Option<Kernel>>,
     pub security: Security,
+    /// Active proxied connections (admin /flows).
+    pub flows: FlowTable,
 }
 
 impl AgentState {
@@ -41,6 +44,7 @@ impl AgentState {
             ready: AtomicBool::new(false),
             kernel: Mutex::new(Some(kernel)),
             security,
+            flows: FlowTable::default(),
         }
     }
 

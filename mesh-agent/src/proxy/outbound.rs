@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use super::connect::connect_from;
 use super::hbone::HboneError;
+use crate::flows::FlowGuard;
 use crate::identity::SpiffeId;
 use crate::metrics::AgentMetrics;
 use crate::policy::authz::Authorize;
@@ -153,7 +154,13 @@ async fn direct(client: TcpStream, state: &AgentState, route: &Route, caller: &C
         }
     };
     let _ = upstream.set_nodelay(true);
-    relay(client, upstream, metrics, &route.service).await;
+    let flow = state.flows.open(
+        caller.id.to_string(),
+        &route.service,
+        route.endpoint.addr.to_string(),
+        None,
+    );
+    relay(client, upstream, metrics, &route.service, flow).await;
 }
 
 /// Endpoint on another node: an HBONE tunnel to that node's agent, presenting the caller's
@@ -195,7 +202,13 @@ async fn via_hbone(
     match tunnel {
         Ok(stream) => {
             metrics.record_service(&route.service, |s| s.hbone_connections += 1);
-            relay(client, stream, metrics, &route.service).await;
+            let flow = state.flows.open(
+                caller.id.to_string(),
+                &route.service,
+                route.endpoint.addr.to_string(),
+                Some(node.to_owned()),
+            );
+            relay(client, stream, metrics, &route.service, flow).await;
         }
         Err(HboneError::Denied { reason }) => {
             metrics.record_service(&route.service, |s| s.denied += 1);
@@ -209,11 +222,17 @@ async fn via_hbone(
 }
 
 /// Copies bytes both ways until both sides are done, recording the traffic.
-async fn relay<S>(mut client: TcpStream, mut upstream: S, metrics: &AgentMetrics, service: &str)
-where
+async fn relay<S>(
+    client: TcpStream,
+    mut upstream: S,
+    metrics: &AgentMetrics,
+    service: &str,
+    flow: FlowGuard<'_>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let _ = client.set_nodelay(true);
+    let mut client = flow.count(client);
     metrics.record_service(service, |s| s.connections += 1);
     metrics.outbound_active.fetch_add(1, Ordering::Relaxed);
     let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
