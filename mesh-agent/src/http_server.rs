@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{body::Incoming, Request, Response, StatusCode};
+use hyper::{body::Incoming, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -29,8 +29,25 @@ impl Reply {
 
 pub type Handler = Arc<dyn Fn(&str) -> Reply + Send + Sync>;
 
+/// A handler that also sees the method and the query string (admin writes such as PUT /logging).
+pub type RequestHandler = Arc<dyn Fn(&Method, &str, Option<&str>) -> Reply + Send + Sync>;
+
 /// Serves `handler` (called with the request path) until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, handler: Handler, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, handler: Handler, shutdown: watch::Receiver<bool>) {
+    serve_requests(
+        listener,
+        Arc::new(move |_, path, _| handler(path)),
+        shutdown,
+    )
+    .await
+}
+
+/// Serves `handler` (called with method, path and query) until `shutdown` turns true.
+pub async fn serve_requests(
+    listener: TcpListener,
+    handler: RequestHandler,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -46,7 +63,7 @@ pub async fn serve(listener: TcpListener, handler: Handler, mut shutdown: watch:
         let handler = handler.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let reply = handler(req.uri().path());
+                let reply = handler(req.method(), req.uri().path(), req.uri().query());
                 let response = Response::builder()
                     .status(reply.status)
                     .header("content-type", reply.content_type)

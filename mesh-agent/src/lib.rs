@@ -2,10 +2,12 @@
 
 pub mod app;
 pub mod config;
+pub mod ctl;
 pub mod ebpf;
 pub mod flows;
 pub mod http_server;
 pub mod identity;
+pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

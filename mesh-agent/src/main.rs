@@ -20,15 +20,39 @@ struct Args {
     /// Validate the config (with environment overrides), print the effective config and exit.
     #[arg(long)]
     check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Query or steer a running agent through its admin port.
+    Ctl(mesh_agent::ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Ctl(ctl)) = &args.command {
+        return match mesh_agent::ctl::run(ctl) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {}", error_chain(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let filter = EnvFilter::try_from_env("NODEMESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    // Reloadable so the admin port can change the level at runtime (PUT /logging).
+    let initial_filter = filter.to_string();
+    let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        .with_filter_reloading();
+    mesh_agent::logging::install(subscriber.reload_handle(), &initial_filter);
+    subscriber.init();
 
     if args.check {
         return match mesh_agent::app::check(&args.config) {

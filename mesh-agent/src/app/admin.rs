@@ -1,34 +1,171 @@
-//! Admin endpoints (15000, loopback by default): what the agent is doing right now, as JSON.
+//! Admin endpoints (15000, loopback by default): what the agent is doing right now, as JSON, and
+//! the runtime log level. `mesh-agent ctl` is the command-line client of these routes.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use hyper::StatusCode;
+use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::ebpf::attach::resolve_cgroup;
-use crate::http_server::{Handler, Reply};
+use crate::http_server::{Reply, RequestHandler};
+use crate::metrics::AgentMetrics;
 use crate::policy::deny;
 use crate::state::AgentState;
 
-const INDEX: &str = "nodemesh admin: /config_dump /workloads /certs /policy\n";
+/// Every admin route with what it answers; the index page is rendered from this list.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("/status", "node, readiness, config generation, counts"),
+    ("/config_dump", "the effective config"),
+    ("/workloads", "workloads, identities and capture attachment"),
+    ("/services", "services, VIPs and endpoints"),
+    ("/certs", "workload certificates"),
+    (
+        "/policy",
+        "kernel deny-list, authorization policies and decision counts",
+    ),
+    ("/flows", "active proxied connections"),
+    (
+        "/logging",
+        "GET: the log filter; PUT/POST ?level=<filter>: replace it",
+    ),
+];
 
-pub fn admin_handler(state: Arc<AgentState>) -> Handler {
-    Arc::new(move |path| {
+fn index() -> String {
+    let mut text = String::from("nodemesh admin:\n");
+    for (path, what) in ROUTES {
+        text.push_str(&format!("  {path:<13} {what}\n"));
+    }
+    text
+}
+
+pub fn admin_handler(state: Arc<AgentState>) -> RequestHandler {
+    Arc::new(move |method, path, query| {
+        if path == "/logging" {
+            return logging(method, query);
+        }
+        if method != Method::GET {
+            return Reply::text(StatusCode::METHOD_NOT_ALLOWED, format!("{path}: use GET\n"));
+        }
         let body = match path {
+            "/status" => status(&state),
             "/config_dump" => serde_json::to_value(&*state.config()).unwrap_or(Value::Null),
             "/workloads" => workloads(&state),
+            "/services" => services(&state),
             "/certs" => certs(&state),
             "/policy" => policy(&state),
-            "/" => return Reply::text(StatusCode::OK, INDEX),
-            _ => return Reply::text(StatusCode::NOT_FOUND, INDEX),
+            "/flows" => json!({ "flows": state.flows.snapshot() }),
+            "/" => return Reply::text(StatusCode::OK, index()),
+            _ => return Reply::text(StatusCode::NOT_FOUND, index()),
         };
-        Reply {
-            status: StatusCode::OK,
-            content_type: "application/json",
-            body: format!("{body:#}\n"),
-        }
+        json_reply(StatusCode::OK, &body)
     })
+}
+
+fn json_reply(status: StatusCode, body: &Value) -> Reply {
+    Reply {
+        status,
+        content_type: "application/json",
+        body: format!("{body:#}\n"),
+    }
+}
+
+/// GET answers the filter in force; PUT or POST with `level=<filter>` replaces it.
+fn logging(method: &Method, query: Option<&str>) -> Reply {
+    if *method == Method::PUT || *method == Method::POST {
+        let Some(filter) = query_param(query.unwrap_or(""), "level") else {
+            return Reply::text(
+                StatusCode::BAD_REQUEST,
+                "missing level=<filter>, e.g. ?level=debug or ?level=info,mesh_agent=debug\n",
+            );
+        };
+        if let Err(e) = crate::logging::set(&filter) {
+            return json_reply(StatusCode::BAD_REQUEST, &json!({ "error": e.to_string() }));
+        }
+        tracing::info!(filter = %filter, "log filter changed through the admin port");
+    } else if *method != Method::GET {
+        return Reply::text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "/logging: use GET, PUT or POST\n",
+        );
+    }
+    json_reply(
+        StatusCode::OK,
+        &json!({ "level": crate::logging::current() }),
+    )
+}
+
+/// The percent-decoded value of `name` in a query string (`+` is a space, as in forms).
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = match bytes.get(i..i + 3) {
+            Some([b'%', hi, lo]) => hex(*hi).zip(hex(*lo)).map(|(h, l)| h << 4 | l),
+            _ => None,
+        };
+        match (escaped, bytes[i]) {
+            (Some(b), _) => {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+            (None, b'+') => out.push(b' '),
+            (None, b) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status(state: &AgentState) -> Value {
+    let config = state.config();
+    let attached = state.with_kernel(|k| k.ebpf.attached()).unwrap_or_default();
+    json!({
+        "node": config.node.name,
+        "instance": config.node.instance,
+        "version": env!("CARGO_PKG_VERSION"),
+        "ready": state.ready.load(Ordering::Relaxed),
+        "config_generation": AgentMetrics::get(&state.metrics.config_generation),
+        "services": config.services.len(),
+        "workloads": config.workloads.len(),
+        "attached_cgroups": attached.len(),
+        "active_flows": state.flows.snapshot().len(),
+        "log_level": crate::logging::current(),
+    })
+}
+
+fn services(state: &AgentState) -> Value {
+    let list: Vec<Value> = state
+        .model()
+        .services
+        .values()
+        .map(|s| {
+            let endpoints: Vec<Value> = s
+                .endpoints
+                .iter()
+                .map(|e| json!({ "address": e.addr.to_string(), "node": e.node }))
+                .collect();
+            json!({
+                "name": s.name,
+                "namespace": s.namespace,
+                "id": s.id,
+                "vip": s.vip.to_string(),
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    json!({ "services": list })
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -106,4 +243,29 @@ fn policy(state: &AgentState) -> Value {
         "service_keys": config.service_keys,
         "decisions": decisions,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        let q = "x=1&level=info%2Cmesh_agent%3Ddebug+x&y=%zz";
+        assert_eq!(
+            query_param(q, "level").as_deref(),
+            Some("info,mesh_agent=debug x")
+        );
+        assert_eq!(query_param(q, "y").as_deref(), Some("%zz"));
+        assert_eq!(query_param(q, "missing"), None);
+        assert_eq!(percent_decode("%4"), "%4");
+    }
+
+    #[test]
+    fn every_route_is_on_the_index() {
+        let text = index();
+        for (path, _) in ROUTES {
+            assert!(text.contains(path), "{path}");
+        }
+    }
 }

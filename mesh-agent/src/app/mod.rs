@@ -127,7 +127,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     tasks.spawn(inbound_server.serve(hbone, async move {
         let _ = hbone_stop.wait_for(|stop| *stop).await;
     }));
-    tasks.spawn(http_server::serve(
+    tasks.spawn(http_server::serve_requests(
         admin,
         admin::admin_handler(state.clone()),
         stop_rx.clone(),
