@@ -293,6 +293,8 @@ fn endpoints(admin: SocketAddr, json_out: bool) -> Result<String, CtlError> {
             }
         }
     }
+    // The service first: it is what a reader looks an endpoint up by.
+    fields.sort_by_key(|f| f != "service");
     let headers: Vec<String> = fields.iter().map(|f| f.to_uppercase()).collect();
     let columns: Vec<(&str, &str)> = headers
         .iter()
