@@ -229,14 +229,19 @@ fn policy(state: &AgentState) -> Value {
             })
         })
         .collect();
-    let decisions: Vec<Value> = state
-        .security
-        .authz
-        .counters()
+    let counters = state.security.authz.counters();
+    let mut decisions: Vec<Value> = counters
         .snapshot()
         .into_iter()
-        .map(|d| json!({ "policy": d.policy, "allowed": d.allowed, "count": d.count }))
+        .map(|d| {
+            let decision = if d.allowed { "allow" } else { "deny" };
+            json!({ "policy": d.policy, "decision": decision, "allowed": d.allowed, "count": d.count })
+        })
         .collect();
+    // Audit mode: allowed, but the policy would have denied.
+    decisions.extend(counters.audit_deny_snapshot().into_iter().map(|(policy, count)| {
+        json!({ "policy": policy, "decision": "audit_deny", "allowed": true, "count": count })
+    }));
     json!({
         "kernel_deny": kernel_deny,
         "authorization": config.authorization,

@@ -268,6 +268,17 @@ fn render_security(state: &AgentState, node: &str, w: &mut PromWriter) {
             d.count,
         );
     }
+    for (policy, count) in security.authz.counters().audit_deny_snapshot() {
+        w.sample(
+            name,
+            &[
+                ("node", node),
+                ("policy", &policy),
+                ("decision", "audit_deny"),
+            ],
+            count,
+        );
+    }
     let pool = security.pool.stats();
     let pool_metrics = [
         (
