@@ -111,5 +111,44 @@ fn prometheus_scrapes_the_agent_during_traffic_and_its_counts_match() -> Result<
     );
 
     promtool_check_metrics(&topo.metrics(&agent)?)?;
+    dashboard_queries_run(&prom)?;
     Ok(())
+}
+
+/// Every query of deploy/grafana-dashboard.json parses and runs on the real server, and the kernel
+/// traffic panels show the client that just sent traffic.
+fn dashboard_queries_run(prom: &Prometheus) -> Result<()> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana-dashboard.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard["panels"], &mut exprs);
+    ensure!(exprs.len() > 20, "found only {} queries", exprs.len());
+    for expr in &exprs {
+        // Grafana's variables as the dashboard's defaults resolve them.
+        let query = expr.replace("$node", ".*").replace("$__range", "5m");
+        let samples = prom.query(&query)?;
+        if query.contains("nodemesh_kernel_sent_bytes_total") {
+            ensure!(
+                samples
+                    .iter()
+                    .any(|s| s.labels.get("identity").and_then(|v| v.as_str())
+                        == Some("demo/client")
+                        && s.value > 0.0),
+                "{query}: no traffic for demo/client: {samples:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn collect_exprs(panels: &serde_json::Value, out: &mut Vec<String>) {
+    for panel in panels.as_array().into_iter().flatten() {
+        collect_exprs(&panel["panels"], out);
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            if let Some(expr) = target["expr"].as_str() {
+                out.push(expr.to_owned());
+            }
+        }
+    }
 }
