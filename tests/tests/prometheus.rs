@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use mesh_tests::http::metric;
 use mesh_tests::prometheus::{promtool_check_metrics, Prometheus};
+use mesh_tests::two_nodes::{Options, TwoNodes};
 use mesh_tests::{Node, Topology};
 
 const ECHO_VIP: &str = "10.96.0.10:80";
@@ -112,6 +113,74 @@ fn prometheus_scrapes_the_agent_during_traffic_and_its_counts_match() -> Result<
 
     promtool_check_metrics(&topo.metrics(&agent)?)?;
     dashboard_queries_run(&prom)?;
+    Ok(())
+}
+
+/// Two nodes: one Prometheus (in node 1) scrapes both agents; cross-node calls and refusals show
+/// up on the right agent, and the destination pod's kernel byte count matches what was sent.
+#[test]
+fn prometheus_scrapes_both_agents_of_a_two_node_mesh() -> Result<()> {
+    let mesh = TwoNodes::start(Options::default())?;
+    let topo = &mesh.topo;
+    let prom = Prometheus::start(
+        topo,
+        topo.node(1),
+        &[mesh.agent1.metrics, mesh.agent2.metrics],
+    )?;
+    let wait = Duration::from_secs(15);
+    prom.wait_for_value("count(up{job=\"nodemesh\"} == 1)", wait, |v| v == 2.0)?;
+
+    let (client, intruder) = (topo.node(1).pod("client"), topo.node(1).pod("intruder"));
+    let mut payload = 0;
+    for _ in 0..2 {
+        let bulk = topo.send_from(client, mesh_tests::two_nodes::ECHO_VIP, BULK_BYTES)?;
+        ensure!(bulk.received >= bulk.sent, "{bulk:?}");
+        payload += bulk.sent;
+        let refused = topo.connect_from(intruder, mesh_tests::two_nodes::ECHO_VIP, "x", 1)?;
+        ensure!(refused[0].reply.is_empty(), "{refused:?}");
+        std::thread::sleep(Duration::from_millis(600));
+    }
+
+    let q = |expr: &str, expected: f64| prom.wait_for_value(expr, wait, move |v| v == expected);
+    // Tunnels carried; the intruder's were refused by node 2 and count as denied on node 1.
+    q(
+        "nodemesh_outbound_hbone_connections_total{node=\"node-1\",service=\"echo\"}",
+        2.0,
+    )?;
+    q(
+        "nodemesh_outbound_denied_total{node=\"node-1\",service=\"echo\"}",
+        2.0,
+    )?;
+    q(
+        "nodemesh_hbone_inbound_streams_total{node=\"node-2\",result=\"opened\"}",
+        2.0,
+    )?;
+    q(
+        "nodemesh_hbone_inbound_streams_total{node=\"node-2\",result=\"denied\"}",
+        2.0,
+    )?;
+    q(
+        "nodemesh_authz_decisions_total{node=\"node-2\",policy=\"echo-callers\",decision=\"deny\"}",
+        2.0,
+    )?;
+
+    // The server pod on node 2 received exactly the client's payload (plus headers) from agent 2.
+    let server = "identity=\"shop/server\"";
+    let bytes = prom.wait_for_value(
+        &format!("nodemesh_kernel_received_bytes_total{{node=\"node-2\",{server}}}"),
+        wait,
+        |v| v >= payload as f64,
+    )?;
+    let packets = prom
+        .value(&format!(
+            "nodemesh_kernel_received_packets_total{{node=\"node-2\",{server}}}"
+        ))?
+        .unwrap_or(0.0);
+    let payload = payload as f64;
+    ensure!(
+        bytes >= payload + MIN_HEADERS * packets && bytes <= payload + MAX_HEADERS * packets,
+        "server received {bytes} bytes in {packets} packets for a payload of {payload}"
+    );
     Ok(())
 }
 
