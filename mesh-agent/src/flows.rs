@@ -202,10 +202,18 @@ mod tests {
         {
             let guard = table.open("spiffe://td/ns/a/sa/b", "echo", "10.0.0.1:80", None);
             let mut counted = guard.count(client);
-            peer.write_all(b"hello").await.unwrap();
+            peer.write_all(b"hello")
+                .await
+                .expect("write to the client side");
             let mut buf = [0u8; 5];
-            counted.read_exact(&mut buf).await.unwrap();
-            counted.write_all(b"abc").await.unwrap();
+            counted
+                .read_exact(&mut buf)
+                .await
+                .expect("read through the counter");
+            counted
+                .write_all(b"abc")
+                .await
+                .expect("write through the counter");
             let flows = table.snapshot();
             assert_eq!(flows.len(), 1);
             let f = &flows[0];

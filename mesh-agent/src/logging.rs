@@ -74,7 +74,9 @@ mod tests {
         assert!(parse("debug").is_ok());
         assert!(parse("info,mesh_agent=trace").is_ok());
         assert!(parse("").is_err());
-        let err = parse("mesh_agent=loud").unwrap_err().to_string();
+        let err = parse("mesh_agent=loud")
+            .expect_err("an unknown level is invalid")
+            .to_string();
         assert!(err.contains("mesh_agent=loud"), "{err}");
     }
 }

@@ -202,6 +202,9 @@ fn render_metrics(state: &AgentState) -> String {
     w.finish()
 }
 
+/// Reads one kernel traffic counter (for the per-identity byte/packet families).
+type KernelTrafficField = fn(&TrafficCounters) -> u64;
+
 /// Bytes and packets per identity, counted by the cgroup_skb programs.
 fn render_kernel_traffic(
     state: &AgentState,
@@ -217,7 +220,7 @@ fn render_kernel_traffic(
                 .collect()
         })
         .unwrap_or_default();
-    let families: [(&str, &str, fn(&TrafficCounters) -> u64); 4] = [
+    let families: [(&str, &str, KernelTrafficField); 4] = [
         (
             "nodemesh_kernel_sent_bytes_total",
             "Bytes (IP headers included) sent by workloads of an identity, counted in the kernel.",
