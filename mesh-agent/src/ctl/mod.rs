@@ -29,8 +29,9 @@ pub enum CtlError {
 
 #[derive(clap::Args, Debug)]
 pub struct CtlArgs {
-    /// Admin address of the agent (listen.admin).
-    #[arg(long, default_value = "127.0.0.1:15000")]
+    /// Admin address of the agent (listen.admin; the agent's own override variable applies, so
+    /// `ctl` run in the agent's environment finds it).
+    #[arg(long, env = "NODEMESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
