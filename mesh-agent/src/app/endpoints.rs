@@ -6,9 +6,7 @@ use std::sync::Arc;
 use hyper::StatusCode;
 
 use crate::http_server::{Handler, Reply};
-use mesh_common::traffic::TrafficCounters;
-
-use crate::metrics::{AgentMetrics, PromWriter};
+use crate::metrics::{kernel_traffic, AgentMetrics, PromWriter};
 use crate::state::AgentState;
 
 pub fn metrics_handler(state: Arc<AgentState>) -> Handler {
@@ -202,9 +200,6 @@ fn render_metrics(state: &AgentState) -> String {
     w.finish()
 }
 
-/// Reads one kernel traffic counter (for the per-identity byte/packet families).
-type KernelTrafficField = fn(&TrafficCounters) -> u64;
-
 /// Bytes and packets per identity, counted by the cgroup_skb programs.
 fn render_kernel_traffic(
     state: &AgentState,
@@ -212,37 +207,8 @@ fn render_kernel_traffic(
     identities: &[(String, u32)],
     w: &mut PromWriter,
 ) {
-    let counters: Vec<_> = state
-        .with_kernel(|k| {
-            identities
-                .iter()
-                .filter_map(|(name, id)| Some((name.as_str(), k.maps.traffic(*id).ok()?)))
-                .collect()
-        })
-        .unwrap_or_default();
-    let families: [(&str, &str, KernelTrafficField); 4] = [
-        (
-            "nodemesh_kernel_sent_bytes_total",
-            "Bytes (IP headers included) sent by workloads of an identity, counted in the kernel.",
-            |c| c.sent_bytes,
-        ),
-        (
-            "nodemesh_kernel_received_bytes_total",
-            "Bytes (IP headers included) delivered to workloads of an identity, counted in the kernel.",
-            |c| c.received_bytes,
-        ),
-        (
-            "nodemesh_kernel_sent_packets_total",
-            "IP packets sent by workloads of an identity, counted in the kernel.",
-            |c| c.sent_packets,
-        ),
-        (
-            "nodemesh_kernel_received_packets_total",
-            "IP packets delivered to workloads of an identity, counted in the kernel.",
-            |c| c.received_packets,
-        ),
-    ];
-    for (name, help, get) in families {
+    let counters = kernel_traffic::read(state, identities);
+    for (name, help, get) in kernel_traffic::FAMILIES {
         w.family(name, "counter", help);
         for (identity, c) in &counters {
             w.sample(name, &[("node", node), ("identity", identity)], get(c));

@@ -1,5 +1,6 @@
 //! Agent counters and their Prometheus text rendering (kernel counters are read at scrape time).
 
+pub mod kernel_traffic;
 mod render;
 
 pub use render::PromWriter;
