@@ -72,8 +72,10 @@ fn kernel_counts_bytes_and_packets_per_identity_with_and_without_the_agent() -> 
 
     // Straight to the server pod: the agent is not on this path at all.
     let direct = topo.send_from(client, &format!("{}:8080", node.pod("server").ip), 300_000)?;
-    // Through the VIP: captured, relayed by the agent (client -> agent, agent -> server).
-    let meshed = topo.send_from(client, ECHO_VIP, 200_000)?;
+    // Through the VIP: captured, relayed by the agent (client -> agent, agent -> server), from a
+    // container cgroup below the pod's: the nearest configured ancestor's identity counts it.
+    let container = topo.container(client, "app")?;
+    let meshed = topo.send_from(&container, ECHO_VIP, 200_000)?;
     for s in [&direct, &meshed] {
         // The echo server prefixes every chunk it echoes, so the reply is at least the payload.
         ensure!(s.received >= s.sent, "short reply: {s:?}");
@@ -101,10 +103,12 @@ fn kernel_counts_bytes_and_packets_per_identity_with_and_without_the_agent() -> 
         "received_packets",
     ] {
         let name = format!("nodemesh_kernel_{family}_total");
-        ensure!(
-            metric(&m, &name, &[("identity", "demo/idle")]) == Some(0),
-            "traffic attributed to a pod that sent nothing: {name}\n{m}"
-        );
+        for identity in ["demo/idle", "unknown"] {
+            ensure!(
+                metric(&m, &name, &[("identity", identity)]) == Some(0),
+                "traffic attributed to {identity}, which sent nothing: {name}\n{m}"
+            );
+        }
     }
     // The agent relayed only the meshed connection, and its payload counts match the kernel's.
     ensure!(
