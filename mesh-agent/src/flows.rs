@@ -1,7 +1,9 @@
-//! Active proxied connections, for the admin `/flows` endpoint and `mesh-agent ctl flows`.
+//! Active proxied connections, for the admin `/flows` endpoint and `mesh-agent ctl flows`:
+//! outbound ones (a local workload calling a service) and inbound HBONE tunnels (another node's
+//! workload reaching a local endpoint).
 //!
-//! The proxy registers a connection with [`FlowTable::open`] and keeps the returned guard for the
-//! connection's life; dropping it removes the entry. Byte counts are atomics updated as the relay
+//! The proxy registers a connection with [`FlowTable::open`] (or [`FlowTable::open_inbound`]) and
+//! keeps the returned guard for the connection's life; dropping it removes the entry. Byte counts are atomics updated as the relay
 //! reads and writes, so a flow's bytes are live. The table is sharded by flow id so that opening
 //! and closing connections on different cores rarely meet on one lock; nothing is locked per byte.
 
@@ -18,10 +20,21 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 const SHARDS: usize = 16;
 
+/// Which side of the mesh this agent plays for a flow.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// A local workload's connection, captured and proxied by this agent.
+    Outbound,
+    /// An HBONE tunnel from another agent, spliced to a local endpoint.
+    Inbound,
+}
+
 /// One proxied connection.
 #[derive(Debug)]
 pub struct Flow {
     pub id: u64,
+    pub direction: Direction,
     /// SPIFFE ID of the calling workload.
     pub source: String,
     pub service: String,
@@ -38,6 +51,7 @@ pub struct Flow {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct FlowSnapshot {
     pub id: u64,
+    pub direction: Direction,
     pub source: String,
     pub service: String,
     pub endpoint: String,
@@ -56,17 +70,40 @@ pub struct FlowTable {
 }
 
 impl FlowTable {
-    /// Registers a connection; it stays listed until the guard is dropped.
+    /// Registers an outbound connection (`node`: the endpoint's node when carried over HBONE);
+    /// it stays listed until the guard is dropped.
     pub fn open(
-        &self,
+        self: &Arc<Self>,
         source: impl Into<String>,
         service: impl Into<String>,
         endpoint: impl Into<String>,
         node: Option<String>,
-    ) -> FlowGuard<'_> {
+    ) -> FlowGuard {
+        self.register(Direction::Outbound, source, service, endpoint, node)
+    }
+
+    /// Registers an inbound HBONE tunnel from `source` to a local endpoint.
+    pub fn open_inbound(
+        self: &Arc<Self>,
+        source: impl Into<String>,
+        service: impl Into<String>,
+        endpoint: impl Into<String>,
+    ) -> FlowGuard {
+        self.register(Direction::Inbound, source, service, endpoint, None)
+    }
+
+    fn register(
+        self: &Arc<Self>,
+        direction: Direction,
+        source: impl Into<String>,
+        service: impl Into<String>,
+        endpoint: impl Into<String>,
+        node: Option<String>,
+    ) -> FlowGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let flow = Arc::new(Flow {
             id,
+            direction,
             source: source.into(),
             service: service.into(),
             endpoint: endpoint.into(),
@@ -77,7 +114,10 @@ impl FlowTable {
             from_endpoint: AtomicU64::new(0),
         });
         self.shard(id).insert(id, flow.clone());
-        FlowGuard { table: self, flow }
+        FlowGuard {
+            table: self.clone(),
+            flow,
+        }
     }
 
     fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Flow>>> {
@@ -105,6 +145,7 @@ impl Flow {
     fn snapshot(&self) -> FlowSnapshot {
         FlowSnapshot {
             id: self.id,
+            direction: self.direction,
             source: self.source.clone(),
             service: self.service.clone(),
             endpoint: self.endpoint.clone(),
@@ -120,15 +161,17 @@ impl Flow {
     }
 }
 
-/// Keeps a flow listed; removes it when dropped (however the connection ends).
-pub struct FlowGuard<'a> {
-    table: &'a FlowTable,
+/// Keeps a flow listed; removes it when dropped (however the connection ends). Owns a handle on
+/// the table so it can move into a spawned task.
+pub struct FlowGuard {
+    table: Arc<FlowTable>,
     flow: Arc<Flow>,
 }
 
-impl FlowGuard<'_> {
-    /// Wraps the client side of the connection so its bytes count on this flow: what the client
-    /// sends goes to the endpoint, what is written to it came from the endpoint.
+impl FlowGuard {
+    /// Wraps the caller's side of the connection (the client socket, or the inbound tunnel) so
+    /// its bytes count on this flow: what it sends goes to the endpoint, what is written to it
+    /// came from the endpoint.
     pub fn count<S>(&self, client: S) -> Counted<S> {
         Counted {
             inner: client,
@@ -137,7 +180,7 @@ impl FlowGuard<'_> {
     }
 }
 
-impl Drop for FlowGuard<'_> {
+impl Drop for FlowGuard {
     fn drop(&mut self) {
         self.table.shard(self.flow.id).remove(&self.flow.id);
     }
@@ -197,7 +240,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_flow_is_listed_with_live_bytes_until_its_guard_drops() {
-        let table = FlowTable::default();
+        let table = Arc::new(FlowTable::default());
         let (client, mut peer) = tokio::io::duplex(64);
         {
             let guard = table.open("spiffe://td/ns/a/sa/b", "echo", "10.0.0.1:80", None);
@@ -222,8 +265,11 @@ mod tests {
                 ("spiffe://td/ns/a/sa/b", "echo")
             );
             assert_eq!((f.bytes_to_endpoint, f.bytes_from_endpoint), (5, 3));
-            let _second = table.open("x", "y", "z", Some("node-2".into()));
-            assert_eq!(table.snapshot().len(), 2);
+            assert_eq!(f.direction, Direction::Outbound);
+            let _second = table.open_inbound("x", "y", "z");
+            let flows = table.snapshot();
+            assert_eq!(flows.len(), 2);
+            assert_eq!(flows[1].direction, Direction::Inbound);
         }
         assert!(table.snapshot().is_empty());
     }

@@ -25,7 +25,7 @@ pub struct AgentState {
     pub kernel: Mutex<Option<Kernel>>,
     pub security: Security,
     /// Active proxied connections (admin /flows).
-    pub flows: FlowTable,
+    pub flows: Arc<FlowTable>,
 }
 
 impl AgentState {
@@ -44,7 +44,7 @@ impl AgentState {
             ready: AtomicBool::new(false),
             kernel: Mutex::new(Some(kernel)),
             security,
-            flows: FlowTable::default(),
+            flows: Arc::default(),
         }
     }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use mesh_tests::topology::agent_binary;
+use mesh_tests::two_nodes::{self, Options, TwoNodes};
 use mesh_tests::{AgentHandle, Node, Topology};
 use serde_json::Value;
 
@@ -38,11 +39,15 @@ fn start(log_filter: Option<&str>) -> Result<(Topology, AgentHandle)> {
     Ok((topo, agent))
 }
 
-/// Runs `mesh-agent ctl <args>` in the node (the admin port listens on its loopback).
+/// Runs `mesh-agent ctl <args>` in node 1 (the admin port listens on its loopback).
 fn ctl(topo: &Topology, args: &[&str]) -> Result<String> {
+    ctl_on(topo, 1, args)
+}
+
+fn ctl_on(topo: &Topology, node: u8, args: &[&str]) -> Result<String> {
     let mut full = vec!["ctl"];
     full.extend_from_slice(args);
-    let (status, out, err) = topo.run_in_node(topo.node(1), &agent_binary()?, &full)?;
+    let (status, out, err) = topo.run_in_node(topo.node(node), &agent_binary()?, &full)?;
     if !status.success() {
         bail!("mesh-agent {full:?} exited with {status}: {err}");
     }
@@ -50,9 +55,13 @@ fn ctl(topo: &Topology, args: &[&str]) -> Result<String> {
 }
 
 fn ctl_json(topo: &Topology, args: &[&str]) -> Result<Value> {
+    ctl_json_on(topo, 1, args)
+}
+
+fn ctl_json_on(topo: &Topology, node: u8, args: &[&str]) -> Result<Value> {
     let mut full = vec!["-o", "json"];
     full.extend_from_slice(args);
-    let out = ctl(topo, &full)?;
+    let out = ctl_on(topo, node, &full)?;
     serde_json::from_str(&out).with_context(|| format!("ctl {args:?} printed no JSON: {out}"))
 }
 
@@ -152,6 +161,57 @@ fn ctl_reports_the_live_agent_as_tables_and_json() -> Result<()> {
         !status.success() && err.contains("--admin"),
         "{status}: {err}"
     );
+    Ok(())
+}
+
+/// A connection across nodes is an outbound flow on the caller's agent and an inbound one (the
+/// HBONE tunnel) on the destination's, with the same caller identity.
+#[test]
+fn flows_show_both_ends_of_a_cross_node_connection() -> Result<()> {
+    let mesh = TwoNodes::start(Options::default())?;
+    let topo = &mesh.topo;
+    let client_id = "spiffe://cluster.local/ns/shop/sa/client";
+    let server = format!("{}:{}", topo.node(2).pod("server").ip, two_nodes::ECHO_PORT);
+    let hold = topo.start_hold(topo.node(1).pod("client"), two_nodes::ECHO_VIP, "tick", 3)?;
+
+    let flow_on = |node: u8| -> Result<Value> {
+        let mut flow = Value::Null;
+        topo.wait_for("a flow with bytes", Duration::from_secs(5), || {
+            flow = ctl_json_on(topo, node, &["flows"])?["flows"]
+                .get(0)
+                .cloned()
+                .unwrap_or(Value::Null);
+            Ok(flow["bytes_from_endpoint"].as_u64().is_some_and(|b| b > 0))
+        })?;
+        Ok(flow)
+    };
+    let outbound = flow_on(1)?;
+    ensure!(
+        outbound["direction"] == "outbound"
+            && outbound["source"] == client_id
+            && outbound["endpoint"] == server.as_str()
+            && outbound["node"] == "node-2",
+        "{outbound}"
+    );
+    let inbound = flow_on(2)?;
+    ensure!(
+        inbound["direction"] == "inbound"
+            && inbound["source"] == client_id
+            && inbound["service"] == "echo"
+            && inbound["endpoint"] == server.as_str(),
+        "{inbound}"
+    );
+    let table = ctl_on(topo, 2, &["flows"])?;
+    ensure!(row(&table, client_id)?.contains("inbound"), "{table}");
+    ensure!(
+        topo.wait(hold, Duration::from_secs(10))?.success(),
+        "hold failed"
+    );
+    for node in [1, 2] {
+        topo.wait_for("the flows to close", Duration::from_secs(5), || {
+            Ok(ctl_json_on(topo, node, &["flows"])?["flows"] == Value::Array(vec![]))
+        })?;
+    }
     Ok(())
 }
 

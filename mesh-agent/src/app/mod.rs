@@ -122,6 +122,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         .with_stats(state.security.inbound.clone())
         .with_targets(view)
         .with_source_ip(config.node.agent_ip)
+        .with_flows(state.flows.clone())
         .with_target_connect_timeout(config.proxy.connect_timeout);
     let mut hbone_stop = stop_rx.clone();
     tasks.spawn(inbound_server.serve(hbone, async move {

@@ -60,7 +60,7 @@ pub enum CtlCommand {
     Policy,
     /// Workload certificates and their expiry.
     Certs,
-    /// Active proxied connections with identities and bytes.
+    /// Active proxied connections (outbound and inbound HBONE) with identities and bytes.
     Flows,
     /// The effective config (YAML; JSON with -o json).
     Config,
@@ -187,6 +187,7 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
                 &rows,
                 &[
                     ("ID", "id"),
+                    ("DIRECTION", "direction"),
                     ("SOURCE", "source"),
                     ("SERVICE", "service"),
                     ("ENDPOINT", "endpoint"),

@@ -227,7 +227,7 @@ async fn relay<S>(
     mut upstream: S,
     metrics: &AgentMetrics,
     service: &str,
-    flow: FlowGuard<'_>,
+    flow: FlowGuard,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {

@@ -22,6 +22,7 @@ use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 
 use super::{PeerIdentity, ALPN_H2, SERVICE_HEADER};
+use crate::flows::FlowTable;
 use crate::policy::authz::Authorize;
 use crate::proxy::connect::connect_from;
 
@@ -74,6 +75,8 @@ pub struct HboneServer {
     target_connect_timeout: Duration,
     targets: Option<Arc<dyn InboundTargets>>,
     source_ip: Option<Ipv4Addr>,
+    /// Open tunnels, listed as inbound flows (admin /flows).
+    flows: Arc<FlowTable>,
 }
 
 impl HboneServer {
@@ -93,7 +96,14 @@ impl HboneServer {
             target_connect_timeout: Duration::from_secs(5),
             targets: None,
             source_ip: None,
+            flows: Arc::default(),
         }
+    }
+
+    /// Lists open tunnels in `flows` (shared with the admin endpoint).
+    pub fn with_flows(mut self, flows: Arc<FlowTable>) -> Self {
+        self.flows = flows;
+        self
     }
 
     /// Counts into `stats` (shared with the metrics endpoint).
@@ -294,11 +304,15 @@ impl HboneServer {
         };
         let _ = upstream.set_nodelay(true);
 
+        // Registered before `req` is consumed: `service` borrows from its headers.
+        let flow = self
+            .flows
+            .open_inbound(peer.id.to_string(), service, target.to_string());
         let on_upgrade = hyper::upgrade::on(req);
         let source = peer.id.clone();
         tokio::spawn(async move {
             let mut tunnel = match on_upgrade.await {
-                Ok(upgraded) => TokioIo::new(upgraded),
+                Ok(upgraded) => flow.count(TokioIo::new(upgraded)),
                 Err(e) => {
                     tracing::debug!(target = %target, error = %e, "HBONE upgrade failed");
                     return;
