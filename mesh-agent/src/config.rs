@@ -1,10 +1,11 @@
 //! Agent configuration: one YAML file, environment overrides, validation that names the field.
 
 mod env;
+pub mod fields;
 mod model;
 mod validate;
 
-pub use env::apply_env_overrides;
+pub use env::{apply_env_overrides, ENV_CONFIG, ENV_LOG, ENV_LOG_FORMAT, OVERRIDES, PROCESS_VARS};
 pub use model::*;
 pub use validate::validate;
 
@@ -61,5 +62,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     })
 }
 
+#[cfg(test)]
+mod reference_doc;
 #[cfg(test)]
 mod tests;

@@ -1,4 +1,4 @@
-//! nodemesh node agent library. See ../shared/DESIGN.md for the architecture.
+//! nodemesh node agent library. See docs/ARCHITECTURE.md in the repository for the architecture.
 
 pub mod app;
 pub mod config;

@@ -1,9 +1,10 @@
 //! nodemesh node agent.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -13,13 +14,20 @@ struct Args {
     #[arg(
         long,
         short,
-        env = "NODEMESH_CONFIG",
+        env = mesh_agent::config::ENV_CONFIG,
         default_value = "/etc/nodemesh/config.yaml"
     )]
     config: PathBuf,
     /// Validate the config (with environment overrides), print the effective config and exit.
     #[arg(long)]
     check: bool,
+    /// With --check: skip the checks that need the node itself (cgroups exist, addresses are
+    /// local, CA files readable, kernel BTF), e.g. when validating in CI.
+    #[arg(long, requires = "check")]
+    off_node: bool,
+    /// Log format: `text` (colour only when stderr is a terminal) or `json` (one object per line).
+    #[arg(long, env = mesh_agent::config::ENV_LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -28,6 +36,37 @@ struct Args {
 enum Command {
     /// Query or steer a running agent through its admin port.
     Ctl(mesh_agent::ctl::CtlArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs go to stderr; ANSI colour codes only when a person is watching (not a file, pipe or journald).
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env(mesh_agent::config::ENV_LOG)
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Reloadable so the admin port can change the filter at runtime (PUT /logging).
+    let initial = filter.to_string();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            let builder = builder
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_filter_reloading();
+            mesh_agent::logging::install(builder.reload_handle(), &initial);
+            builder.init();
+        }
+        LogFormat::Json => {
+            let builder = builder.json().with_ansi(false).with_filter_reloading();
+            mesh_agent::logging::install(builder.reload_handle(), &initial);
+            builder.init();
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -44,18 +83,10 @@ fn main() -> ExitCode {
             }
         };
     }
-    let filter = EnvFilter::try_from_env("NODEMESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    // Reloadable so the admin port can change the level at runtime (PUT /logging).
-    let initial_filter = filter.to_string();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_filter_reloading();
-    mesh_agent::logging::install(subscriber.reload_handle(), &initial_filter);
-    subscriber.init();
+    init_logging(args.log_format);
 
     if args.check {
-        return match mesh_agent::app::check(&args.config) {
+        return match mesh_agent::app::check(&args.config, args.off_node) {
             Ok(effective) => {
                 print!("{effective}");
                 ExitCode::SUCCESS
@@ -76,9 +107,8 @@ fn main() -> ExitCode {
     match runtime.block_on(mesh_agent::app::run(args.config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let message = error_chain(&e);
-            tracing::error!("{message}");
-            eprintln!("error: {message}");
+            // Once, through the log (stderr), so journald and log shippers see it in their format.
+            tracing::error!("{}", error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -11,6 +11,7 @@ fn example_config_passes_agent_check() -> Result<()> {
     let example = root.join("deploy/example-config.yaml");
     let out = Command::new(agent_binary()?)
         .arg("--check")
+        .arg("--off-node")
         .arg("--config")
         .arg(&example)
         .output()?;

@@ -40,3 +40,15 @@ pub fn ebpf() -> Result<()> {
 pub fn binaries() -> Result<()> {
     sh::cargo(&["build", "-p", "mesh-agent", "-p", "mesh-tests", "--bins"])
 }
+
+/// The agent as deployed: release build, eBPF object embedded (build `ebpf()` first).
+pub fn release_agent() -> Result<()> {
+    sh::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "mesh-agent",
+        "--bin",
+        "mesh-agent",
+    ])
+}

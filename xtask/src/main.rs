@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | e2e | demo | bench`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | e2e | demo | bench | quickstart | image`.
 
 mod bench;
 mod build;
 mod demo;
 mod http_bench;
+mod image;
 mod setup;
 mod sh;
 
@@ -32,10 +33,28 @@ enum Task {
     Demo,
     /// Setup, build (release), and measure connection rates through the data path.
     Bench,
+    /// Setup, build the release agent, and run scripts/quickstart.sh: example pods (netns + cgroup
+    /// v2) on this machine, a config for them, the agent, and the curl commands to try.
+    /// Setup, build the release agent (eBPF embedded) into target/image/ for deploy/Dockerfile,
+    /// and build the image when docker is available.
+    Image,
+    Quickstart {
+        /// Stop the agent and remove everything the quickstart created.
+        #[arg(long)]
+        down: bool,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
+        Task::Image => image::run(),
+        Task::Quickstart { down: true } => quickstart("down"),
+        Task::Quickstart { down: false } => {
+            setup::run()?;
+            build::ebpf()?;
+            build::release_agent()?;
+            quickstart("up")
+        }
         Task::Setup => setup::run(),
         Task::BuildEbpf => build::ebpf(),
         Task::Test => {
@@ -68,6 +87,15 @@ fn main() -> Result<()> {
             bench::run()
         }
     }
+}
+
+fn quickstart(action: &str) -> Result<()> {
+    let root = sh::workspace_root();
+    let mut command = std::process::Command::new(root.join("scripts/quickstart.sh"));
+    command
+        .arg(action)
+        .env("NODEMESH_AGENT_BIN", root.join("target/release/mesh-agent"));
+    sh::run(&mut command)
 }
 
 /// What every test and demo run needs: tools, the eBPF object, the agent and probe binaries.

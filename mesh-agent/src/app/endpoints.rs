@@ -9,9 +9,17 @@ use crate::http_server::{Handler, Reply};
 use crate::metrics::{kernel_traffic, AgentMetrics, PromWriter};
 use crate::state::AgentState;
 
+const METRICS: &str = "/metrics";
+const LIVE: &str = "/live";
+const READY: &str = "/ready";
+const HEALTH: &str = "/health";
+/// Routes of the metrics and health ports; docs/REFERENCE.md must list them.
+pub const METRICS_ROUTES: &[&str] = &[METRICS];
+pub const HEALTH_ROUTES: &[&str] = &[HEALTH, READY, LIVE];
+
 pub fn metrics_handler(state: Arc<AgentState>) -> Handler {
     Arc::new(move |path| match path {
-        "/metrics" => Reply {
+        METRICS => Reply {
             status: StatusCode::OK,
             content_type: "text/plain; version=0.0.4",
             body: render_metrics(&state),
@@ -22,10 +30,10 @@ pub fn metrics_handler(state: Arc<AgentState>) -> Handler {
 
 pub fn health_handler(state: Arc<AgentState>) -> Handler {
     Arc::new(move |path| match path {
-        "/live" => Reply::text(StatusCode::OK, "live\n"),
-        "/ready" if state.ready.load(Ordering::Relaxed) => Reply::text(StatusCode::OK, "ready\n"),
-        "/ready" => Reply::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        "/health" => health_report(&state),
+        LIVE => Reply::text(StatusCode::OK, "live\n"),
+        READY if state.ready.load(Ordering::Relaxed) => Reply::text(StatusCode::OK, "ready\n"),
+        READY => Reply::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        HEALTH => health_report(&state),
         _ => Reply::text(
             StatusCode::NOT_FOUND,
             "not found; try /health, /ready or /live\n",

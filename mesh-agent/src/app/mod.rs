@@ -2,12 +2,16 @@
 
 mod admin;
 mod apply;
+mod changes;
 mod endpoints;
 mod inbound;
+pub mod node_checks;
 mod reload;
 pub mod security;
 
+pub use admin::ADMIN_ROUTES;
 pub use apply::{apply, desired_maps, ApplyError};
+pub use endpoints::{HEALTH_ROUTES, METRICS_ROUTES};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -21,7 +25,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::config::{self, ConfigError};
-use crate::ebpf::{locate_object, EbpfError, MeshEbpf};
+use crate::ebpf::{object::object_bytes, EbpfError, MeshEbpf};
 use crate::identity::IdentityError;
 use crate::metrics::AgentMetrics;
 use crate::proxy::hbone::HboneServer;
@@ -53,6 +57,8 @@ pub enum AppError {
     Security(#[from] SecurityError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error("the config does not fit this node:\n  - {}", .0.join("\n  - "))]
+    NodeChecks(Vec<String>),
 }
 
 async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
@@ -70,11 +76,14 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let config = config::load(&config_path)?;
     // Before binding ports or writing the CA: an unprivileged start fails with the real reason.
     crate::ebpf::preflight::check_root()?;
-    tracing::info!(
-        path = %config_path.display(),
-        effective = %serde_json::to_string(&config).unwrap_or_default(),
-        "config loaded"
-    );
+    // Everything checkable without the kernel, before any side effect (ports, CA, eBPF).
+    let report = node_checks::node_checks(&config, true);
+    if !report.failed.is_empty() {
+        return Err(AppError::NodeChecks(report.failed));
+    }
+    let object = object_bytes(config.node.ebpf_object.as_deref())?;
+    tracing::info!(path = %config_path.display(), contents = %changes::counts(&config), "config loaded");
+    tracing::debug!(effective = %serde_json::to_string(&config).unwrap_or_default(), "effective config");
     let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AppError::Signal)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(AppError::Signal)?;
@@ -91,9 +100,8 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let server_tls = security.server_tls(&config)?;
     tracing::info!(trust_domain = %config.node.trust_domain, identities = ?security.identities.store().ids().iter().map(ToString::to_string).collect::<Vec<_>>(), "workload certificates issued");
 
-    let object = locate_object(config.node.ebpf_object.as_deref())?;
-    let (ebpf, maps, orig_dst) = MeshEbpf::load(&object, &config.node.instance)?;
-    tracing::info!(object = %object.display(), pins = %ebpf.pin_dir().display(), cgroup_root = %ebpf.cgroup_root().display(), "eBPF programs loaded");
+    let (ebpf, maps, orig_dst) = MeshEbpf::load(&object.bytes, &config.node.instance)?;
+    tracing::info!(object = %object.source, pins = %ebpf.pin_dir().display(), cgroup_root = %ebpf.cgroup_root().display(), "eBPF programs loaded");
     let mut kernel = Kernel { ebpf, maps };
     let model = MeshModel::build(&config, None);
     if let Err(e) = apply(&mut kernel, &config, &model, None) {
@@ -203,8 +211,18 @@ async fn drain(state: &AgentState) {
     }
 }
 
-/// Validates a config file without touching the kernel (`mesh-agent --check`).
-pub fn check(config_path: &Path) -> Result<String, AppError> {
+/// Validates a config file without touching the kernel (`mesh-agent --check`): the effective
+/// config followed by what was checked and skipped, as YAML comments. `off_node` skips the checks
+/// that need the node itself (cgroups, local addresses, CA files).
+pub fn check(config_path: &Path, off_node: bool) -> Result<String, AppError> {
     let config = config::load(config_path)?;
-    Ok(serde_yaml::to_string(&config).unwrap_or_default())
+    let report = node_checks::node_checks(&config, !off_node);
+    if !report.failed.is_empty() {
+        return Err(AppError::NodeChecks(report.failed));
+    }
+    Ok(format!(
+        "{}{}",
+        serde_yaml::to_string(&config).unwrap_or_default(),
+        report.as_comments()
+    ))
 }

@@ -26,6 +26,7 @@ impl Watcher {
 
     /// Reloads if the file changed (or always when `forced`, i.e. on SIGHUP).
     pub fn reload(&mut self, state: &AgentState, forced: bool) {
+        let trigger = if forced { "SIGHUP" } else { "file change" };
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(source) => {
@@ -34,7 +35,7 @@ impl Watcher {
                         path: self.path.display().to_string(),
                         source,
                     };
-                    self.fail(state, &e.into());
+                    self.fail(state, trigger, &e.into());
                 }
                 return;
             }
@@ -43,23 +44,27 @@ impl Watcher {
             return;
         }
         self.last_seen = Some(text.clone());
+        let old = state.config();
         match self.apply_text(state, &text) {
             Ok(()) => {
+                let new = state.config();
                 tracing::info!(
                     path = %self.path.display(),
-                    effective = %serde_json::to_string(&*state.config()).unwrap_or_default(),
+                    trigger,
+                    changes = %super::changes::summary(&old, &new),
                     "config reloaded"
                 );
+                tracing::debug!(effective = %serde_json::to_string(&*new).unwrap_or_default(), "effective config");
                 AgentMetrics::inc(&state.metrics.config_generation);
                 AgentMetrics::inc(&state.metrics.config_reloads_ok);
             }
-            Err(e) => self.fail(state, &e),
+            Err(e) => self.fail(state, trigger, &e),
         }
     }
 
     /// Logs, then counts: whoever sees the counter move can already read why.
-    fn fail(&self, state: &AgentState, error: &AppError) {
-        tracing::error!(path = %self.path.display(), %error, "config reload rejected; keeping the previous config");
+    fn fail(&self, state: &AgentState, trigger: &str, error: &AppError) {
+        tracing::error!(path = %self.path.display(), trigger, %error, "config reload rejected; keeping the previous config");
         AgentMetrics::inc(&state.metrics.config_reloads_failed);
     }
 

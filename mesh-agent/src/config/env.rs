@@ -4,6 +4,15 @@ use std::net::SocketAddr;
 
 use super::{duration_text, Config, ConfigError};
 
+/// Config file path (also `--config`).
+pub const ENV_CONFIG: &str = "NODEMESH_CONFIG";
+/// Log filter, `tracing` EnvFilter syntax.
+pub const ENV_LOG: &str = "NODEMESH_LOG";
+/// Log format, `text` or `json` (also `--log-format`).
+pub const ENV_LOG_FORMAT: &str = "NODEMESH_LOG_FORMAT";
+/// Variables the binary reads itself (not config overrides).
+pub const PROCESS_VARS: &[&str] = &[ENV_CONFIG, ENV_LOG, ENV_LOG_FORMAT];
+
 type Setter = fn(&mut Config, &str) -> Result<(), String>;
 
 fn addr(value: &str) -> Result<SocketAddr, String> {

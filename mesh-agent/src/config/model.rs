@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub node: NodeConfig,
@@ -49,7 +49,7 @@ impl Config {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// Node name, used in logs and metrics.
@@ -62,12 +62,12 @@ pub struct NodeConfig {
     /// SPIFFE trust domain of the mesh.
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
-    /// Path of the compiled eBPF object (default: next to the agent binary, then the build tree).
+    /// Override for the eBPF object (default: the object embedded in the agent binary at build time).
     #[serde(default)]
     pub ebpf_object: Option<PathBuf>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenConfig {
     #[serde(default = "default_outbound")]
@@ -96,14 +96,16 @@ impl Default for ListenConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
     /// How long connecting to an endpoint may take, e.g. "3s" or "500ms".
     #[serde(default = "default_connect_timeout", with = "duration_text")]
+    #[schemars(with = "String")]
     pub connect_timeout: Duration,
     /// How often the config file is checked for changes ("0s" disables polling; SIGHUP still works).
     #[serde(default = "default_reload_poll", with = "duration_text")]
+    #[schemars(with = "String")]
     pub reload_poll: Duration,
 }
 
@@ -117,7 +119,7 @@ impl Default for ProxyConfig {
 }
 
 /// A mesh service: a virtual IP:port that pods connect to and the endpoints behind it.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
     pub name: String,
@@ -129,7 +131,7 @@ pub struct Service {
 }
 
 /// A workload on this node: the cgroup its processes run in and the identity they carry.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Workload {
     pub name: String,
@@ -163,7 +165,7 @@ impl Workload {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Pairs refused in the kernel: connect() fails with EPERM.
@@ -174,7 +176,7 @@ pub struct PolicyConfig {
     pub strict_default: bool,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DenyRuleConfig {
     pub name: String,
@@ -218,7 +220,7 @@ fn default_cert_ttl() -> Duration {
 }
 
 /// Workload identity settings: where the mesh CA comes from and how long certificates live.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     /// Agent state; holds the generated mesh CA when no `ca_cert`/`ca_key` are given.
@@ -232,6 +234,7 @@ pub struct IdentityConfig {
     pub ca_key: Option<PathBuf>,
     /// Workload certificate lifetime, 12h to 48h; renewed at half of it.
     #[serde(default = "default_cert_ttl", with = "duration_text")]
+    #[schemars(with = "String")]
     pub cert_ttl: Duration,
     /// Lifts the 12h minimum of `cert_ttl` (for rotation tests only).
     #[serde(default)]
@@ -251,7 +254,7 @@ impl Default for IdentityConfig {
 }
 
 /// Another node's agent.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PeerNode {
     pub name: String,
@@ -260,7 +263,7 @@ pub struct PeerNode {
 }
 
 /// A service endpoint: `ip:port` on this node, or `{address, node}` for a pod on another node.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum Endpoint {
     Local(SocketAddrV4),

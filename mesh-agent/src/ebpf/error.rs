@@ -15,8 +15,10 @@ pub enum EbpfError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("eBPF object not found (looked in {0}); build it with `cargo xtask build-ebpf` or set node.ebpf_object")]
+    #[error("eBPF object not available: {0}; build the agent after `cargo xtask build-ebpf`, or set node.ebpf_object")]
     ObjectMissing(String),
+    #[error("{0} is not an ELF file (node.ebpf_object must be the object `cargo xtask build-ebpf` produces)")]
+    NotElf(PathBuf),
     #[error("cannot read {path}: {source}")]
     Io {
         path: PathBuf,

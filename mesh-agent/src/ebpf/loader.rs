@@ -9,41 +9,6 @@ use mesh_common::program_names;
 use super::attach::{cgroup_id, program_mut, resolve_cgroup};
 use super::{preflight, Attachments, EbpfError, KernelMaps, OrigDstTable};
 
-/// File name of the compiled object as xtask installs it next to the agent binary.
-pub const OBJECT_NAME: &str = "mesh-ebpf.o";
-
-/// Finds the eBPF object: configured path, next to the agent binary, then the build tree.
-pub fn locate_object(configured: Option<&Path>) -> Result<PathBuf, EbpfError> {
-    let mut candidates: Vec<PathBuf> = Vec::new();
-    if let Some(path) = configured {
-        candidates.push(path.to_owned());
-    } else {
-        if let Some(dir) = std::env::current_exe()
-            .ok()
-            .and_then(|e| e.parent().map(Path::to_owned))
-        {
-            candidates.push(dir.join(OBJECT_NAME));
-        }
-        candidates.push(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../mesh-ebpf/target/bpfel-unknown-none/release/mesh-ebpf"),
-        );
-    }
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .ok_or_else(|| {
-            EbpfError::ObjectMissing(
-                candidates
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            )
-        })
-}
-
 /// The loaded programs plus the cgroups they are attached to.
 pub struct MeshEbpf {
     bpf: aya::Ebpf,
@@ -53,9 +18,9 @@ pub struct MeshEbpf {
 }
 
 impl MeshEbpf {
-    /// Runs the preflight checks, then loads `object` with maps pinned in `<bpffs>/nodemesh/<instance>`.
+    /// Runs the preflight checks, then loads `object` (ELF bytes) with maps pinned in `<bpffs>/nodemesh/<instance>`.
     pub fn load(
-        object: &Path,
+        object: &[u8],
         instance: &str,
     ) -> Result<(MeshEbpf, KernelMaps, OrigDstTable), EbpfError> {
         preflight::check_root()?;
@@ -70,13 +35,9 @@ impl MeshEbpf {
             source,
         })?;
 
-        let bytes = std::fs::read(object).map_err(|source| EbpfError::Io {
-            path: object.to_owned(),
-            source,
-        })?;
         let mut bpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
-            .load(&bytes)?;
+            .load(object)?;
         start_kernel_logger(&mut bpf);
         program_mut::<CgroupSockAddr>(&mut bpf, program_names::CONNECT4)?
             .load()

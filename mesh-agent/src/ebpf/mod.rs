@@ -4,10 +4,11 @@ pub mod attach;
 mod error;
 mod loader;
 mod maps;
+pub mod object;
 pub mod preflight;
 mod traffic_links;
 
 pub use attach::Attachments;
 pub use error::EbpfError;
-pub use loader::{locate_object, MeshEbpf};
+pub use loader::MeshEbpf;
 pub use maps::{DesiredMaps, KernelMaps, OrigDstTable, SyncStats};
