@@ -3,10 +3,12 @@
 mod env;
 pub mod fields;
 mod model;
+pub mod service_policy;
 mod validate;
 
 pub use env::{apply_env_overrides, ENV_CONFIG, ENV_LOG, ENV_LOG_FORMAT, OVERRIDES, PROCESS_VARS};
 pub use model::*;
+pub use service_policy::{ServicePolicy, TrafficDefaults, TrafficRules};
 pub use validate::validate;
 
 use std::path::Path;
@@ -42,13 +44,32 @@ pub fn parse(
     origin: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
-    let mut config: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+    // serde_path_to_error names the exact field (`services[2].policy.rate_limit`), where the YAML
+    // parser alone names the map around it.
+    let mut config: Config = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(
+        text,
+    ))
+    .map_err(|e| ConfigError::Parse {
         path: origin.to_owned(),
-        message: e.to_string(),
+        message: parse_message(&e),
     })?;
     apply_env_overrides(&mut config, env)?;
     validate(&config)?;
     Ok(config)
+}
+
+fn parse_message(e: &serde_path_to_error::Error<serde_yaml::Error>) -> String {
+    let inner = e.inner().to_string();
+    let path = e.path().to_string();
+    if path == "." {
+        return inner;
+    }
+    // The YAML error starts with its own (shorter) path; keep only the exact one.
+    let text = inner
+        .split_once(": ")
+        .filter(|(prefix, _)| path.starts_with(prefix))
+        .map_or(inner.as_str(), |(_, rest)| rest);
+    format!("{path}: {text}")
 }
 
 /// Reads, parses and validates the config file, with overrides from the process environment.

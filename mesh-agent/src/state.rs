@@ -9,6 +9,7 @@ use crate::ebpf::{KernelMaps, MeshEbpf, OrigDstTable};
 use crate::flows::FlowTable;
 use crate::metrics::AgentMetrics;
 use crate::registry::MeshModel;
+use crate::traffic::Traffic;
 
 /// The kernel objects, changed together under one lock by start-up, reload and shutdown.
 pub struct Kernel {
@@ -21,6 +22,8 @@ pub struct AgentState {
     model: RwLock<Arc<MeshModel>>,
     pub orig_dst: OrigDstTable,
     pub metrics: AgentMetrics,
+    /// Per-service traffic policy and endpoint health (see [`Traffic`]).
+    pub traffic: Traffic,
     pub ready: AtomicBool,
     pub kernel: Mutex<Option<Kernel>>,
     pub security: Security,
@@ -36,11 +39,14 @@ impl AgentState {
         orig_dst: OrigDstTable,
         security: Security,
     ) -> Self {
+        let metrics = AgentMetrics::new(&config.node.name);
+        let traffic = Traffic::new(metrics.registry());
         Self {
+            metrics,
+            traffic,
             config: RwLock::new(Arc::new(config)),
             model: RwLock::new(Arc::new(model)),
             orig_dst,
-            metrics: AgentMetrics::default(),
             ready: AtomicBool::new(false),
             kernel: Mutex::new(Some(kernel)),
             security,
@@ -59,8 +65,10 @@ impl AgentState {
         self.model.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Publishes a new config and model together (after the kernel already has them).
+    /// Publishes a new config and model together (after the kernel already has them), and
+    /// the traffic routes built from them.
     pub fn publish(&self, config: Config, model: MeshModel) {
+        self.traffic.update(&config, &model);
         *self.model.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(model);
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
     }

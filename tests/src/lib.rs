@@ -7,6 +7,7 @@
 pub mod capture;
 pub mod cmd;
 pub mod http;
+pub mod l7;
 pub mod prometheus;
 pub mod topology;
 pub mod two_nodes;

@@ -24,6 +24,8 @@ pub struct Options {
     /// Also route service `web` (VIP [`WEB_VIP`]) to this port of the server pod, for an HTTP
     /// server the caller starts there (benchmarks).
     pub web_port: Option<u16>,
+    /// `policy:` block (YAML flow value) of service `web` on node 1, the calling side.
+    pub web_policy: Option<String>,
 }
 
 pub const WEB_VIP: &str = "10.96.0.11:80";
@@ -70,8 +72,9 @@ impl TwoNodes {
         let web = |remote: bool| {
             match options.web_port {
             Some(port) if remote => format!(
-                "  - name: web\n    namespace: shop\n    vip: {WEB_VIP}\n    endpoints:\n      - {{address: \"{}:{port}\", node: node-2}}\n",
-                server.ip
+                "  - name: web\n    namespace: shop\n    vip: {WEB_VIP}\n    endpoints:\n      - {{address: \"{}:{port}\", node: node-2}}\n{}",
+                server.ip,
+                options.web_policy.as_ref().map(|p| format!("    policy: {p}\n")).unwrap_or_default()
             ),
             Some(port) => format!("  - name: web\n    namespace: shop\n    vip: {WEB_VIP}\n    endpoints: [\"{}:{port}\"]\n", server.ip),
             None => String::new(),
@@ -103,9 +106,14 @@ impl TwoNodes {
             "services:\n{}  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n    endpoints: [\"{}:{ECHO_PORT}\"]\n\
              workloads:\n{server_workload}\
              nodes:\n  - {{name: node-1, hbone: \"10.0.0.1:15008\"}}\n\
-             authorization:\n  - name: echo-callers\n    service: echo\n    default: deny\n    allow:\n      - from: spiffe://cluster.local/ns/shop/sa/client\n{}",
+             authorization:\n  - name: echo-callers\n    service: echo\n    default: deny\n    allow:\n      - from: spiffe://cluster.local/ns/shop/sa/client\n{}{}",
             web(false),
             server.ip,
+            if options.web_port.is_some() {
+                "  - name: web-callers\n    service: web\n    default: deny\n    allow:\n      - from: spiffe://cluster.local/ns/shop/sa/client\n"
+            } else {
+                ""
+            },
             identity(Some(&ca_dir)),
         ));
         let agent2 = topo.start_agent(n2, &config2, &env)?;

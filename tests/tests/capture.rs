@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use mesh_tests::http::metric;
+use mesh_tests::http::{metric, promtool_check};
 use mesh_tests::{AgentHandle, Node, Topology};
 
 const ECHO_VIP: &str = "10.96.0.10:80";
@@ -95,6 +95,8 @@ fn pod_reaches_service_vip_through_the_agent() -> Result<()> {
         metric(&m, "nodemesh_outbound_bytes_received_total", &echo) == Some(14),
         "{m}"
     );
+    // The whole scrape (kernel, pool, authz and certificate families too) is valid exposition.
+    promtool_check(&m)?;
     Ok(())
 }
 

@@ -62,3 +62,60 @@ fn check_rejects_a_bad_config_naming_the_field() -> Result<()> {
     );
     Ok(())
 }
+
+/// The seed 001 §13 traffic profiles pass `--check` and keep their rules in the effective
+/// config.
+#[test]
+fn traffic_profiles_pass_agent_check() -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let profiles = root.join("deploy/traffic-profiles.yaml");
+    let out = Command::new(agent_binary()?)
+        .arg("--check")
+        .arg("--off-node")
+        .arg("--config")
+        .arg(&profiles)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success(),
+        "deploy/traffic-profiles.yaml rejected: {stderr}"
+    );
+    let effective: serde_json::Value = serde_yaml_to_json(&String::from_utf8_lossy(&out.stdout))?;
+    let policy = |name: &str| {
+        effective["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == name))
+            .map(|s| s["policy"].clone())
+            .unwrap_or_default()
+    };
+    let wallet = policy("wallet");
+    ensure!(
+        wallet["timeouts"]["request"] == "1000ms" && wallet["retries"]["enabled"] == false,
+        "{wallet}"
+    );
+    let embassy = policy("embassy");
+    ensure!(
+        embassy["timeouts"]["request"] == "500ms"
+            && embassy["retries"]["max"] == 1
+            && embassy["rate_limit"] == "500/min",
+        "{embassy}"
+    );
+    let orchestrator = policy("agent-orchestrator");
+    ensure!(
+        orchestrator["timeouts"]["request"] == "60000ms" && orchestrator["concurrency"] == 50,
+        "{orchestrator}"
+    );
+    let router = policy("router");
+    ensure!(
+        router["timeouts"]["request"] == "15000ms"
+            && router["retries"]["max"] == 2
+            && router["concurrency"] == 200,
+        "{router}"
+    );
+    Ok(())
+}
+
+/// `--check` prints the effective config as YAML.
+fn serde_yaml_to_json(text: &str) -> Result<serde_json::Value> {
+    Ok(serde_yaml::from_str(text)?)
+}

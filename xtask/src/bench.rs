@@ -20,6 +20,8 @@ use mesh_tests::{Pod, Topology};
 const SECONDS: u64 = 5;
 const WORKERS: u64 = 4;
 const VIP: &str = "10.96.0.10:80";
+/// The same nginx behind a service proxied as opaque TCP (L4), for comparison with L7.
+const WEB_L4_VIP: &str = "10.96.0.12:80";
 
 pub fn run() -> Result<()> {
     crate::setup::debian_packages(&["nginx"])?;
@@ -29,21 +31,106 @@ pub fn run() -> Result<()> {
     let mut http = Vec::new();
     same_node(&mut http)?;
     cross_node(&mut http)?;
-    println!("\nHTTP over keep-alive connections: wrk -t2 -c16 -d5s against nginx (return 200) in the server pod.\n");
-    println!("| scenario | req/s | p50 µs | p99 µs | errors |");
-    println!("| --- | --- | --- | --- | --- |");
-    for line in http {
-        println!("{line}");
+    println!("\nHTTP over keep-alive connections: wrk -t2 -c16 -d5s against nginx (return 200) in the server pod.");
+    println!("Agent CPU is user+system time of the agent(s) on the path during the run (/proc/<pid>/stat), per 1000 requests; RSS is the agents' peak (VmHWM) so far.\n");
+    println!("| scenario | req/s | p50 µs | p99 µs | errors | agent CPU s / 1k req | agent peak RSS MiB |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for row in &http {
+        println!("{}", row.line);
+    }
+    println!();
+    for (scope, l7, l4) in [
+        ("same node", "same node, L7", "same node, L4"),
+        ("cross node", "cross node, L7", "cross node, L4"),
+    ] {
+        let rate = |prefix: &str| {
+            http.iter()
+                .find(|r| r.name.starts_with(prefix))
+                .map(|r| r.rate)
+        };
+        if let (Some(l7), Some(l4)) = (rate(l7), rate(l4)) {
+            println!("{scope}: L7 / L4 requests/s = {:.2}", l7 / l4);
+        }
     }
     Ok(())
 }
 
-fn http_row(topo: &Topology, client: &Pod, name: &str, target: &str) -> Result<String> {
-    let (rate, p50, p99, errors) = http_bench::wrk(topo, client, target)?;
-    Ok(format!("| {name} | {rate:.0} | {p50} | {p99} | {errors} |"))
+/// One HTTP benchmark row and its request rate (for the L7 / L4 ratios).
+struct HttpRow {
+    name: String,
+    rate: f64,
+    line: String,
 }
 
-fn same_node(http: &mut Vec<String>) -> Result<()> {
+/// Runs wrk against `target` and measures the CPU the `agents` spent meanwhile.
+fn http_row(
+    topo: &Topology,
+    client: &Pod,
+    name: &str,
+    target: &str,
+    agents: &[u32],
+) -> Result<HttpRow> {
+    let cpu_before: f64 = agents
+        .iter()
+        .map(|p| proc_stats::cpu_seconds(*p))
+        .sum::<Result<f64>>()?;
+    let run = http_bench::wrk(topo, client, target)?;
+    let cpu = agents
+        .iter()
+        .map(|p| proc_stats::cpu_seconds(*p))
+        .sum::<Result<f64>>()?
+        - cpu_before;
+    let (cpu_per_k, rss) = if agents.is_empty() {
+        ("-".to_owned(), "-".to_owned())
+    } else {
+        let rss: u64 = agents
+            .iter()
+            .map(|p| proc_stats::peak_rss_kib(*p))
+            .sum::<Result<u64>>()?;
+        (
+            format!("{:.3}", cpu / (run.requests.max(1) as f64 / 1000.0)),
+            format!("{:.1}", rss as f64 / 1024.0),
+        )
+    };
+    let line = format!(
+        "| {name} | {:.0} | {} | {} | {} | {cpu_per_k} | {rss} |",
+        run.rate, run.p50, run.p99, run.errors
+    );
+    Ok(HttpRow {
+        name: name.to_owned(),
+        rate: run.rate,
+        line,
+    })
+}
+
+/// The agents' CPU time and memory, from procfs.
+mod proc_stats {
+    use anyhow::{Context, Result};
+
+    /// utime + stime of `pid` in seconds.
+    pub fn cpu_seconds(pid: u32) -> Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        Ok(ticks as f64 / hz)
+    }
+
+    /// Peak resident set (VmHWM) of `pid` in KiB.
+    pub fn peak_rss_kib(pid: u32) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .context("no VmHWM")
+    }
+}
+
+fn same_node(http: &mut Vec<HttpRow>) -> Result<()> {
     let mut topo =
         Topology::new().context("the benchmark creates network namespaces: run it as root")?;
     topo.add_node(&["client", "server"])?;
@@ -52,11 +139,14 @@ fn same_node(http: &mut Vec<String>) -> Result<()> {
     topo.start_echo_server(server, 8080, "s")?;
     let config = node.agent_config(&format!(
         "services:\n  - name: echo\n    vip: {VIP}\n    endpoints: [\"{}:8080\"]\n\
-         \x20 - name: web\n    vip: {WEB_VIP}\n    endpoints: [\"{}:{HTTP_PORT}\"]\nworkloads:\n{}{}",
+         \x20 - name: web\n    vip: {WEB_VIP}\n    endpoints: [\"{}:{HTTP_PORT}\"]\n    policy: {{protocol: http}}\n\
+         \x20 - name: web-l4\n    vip: {WEB_L4_VIP}\n    endpoints: [\"{}:{HTTP_PORT}\"]\n    policy: {{protocol: tcp}}\nworkloads:\n{}{}{}",
+        server.ip,
         server.ip,
         server.ip,
         client.workload_yaml("bench", "client"),
         server.workload_yaml("bench", "server"),
+        allow_client(&["echo", "web", "web-l4"]),
     ));
     let agent = topo.start_agent(node, &config, &[("NODEMESH_LOG", "warn")])?;
     topo.wait_ready(&agent)?;
@@ -68,27 +158,38 @@ fn same_node(http: &mut Vec<String>) -> Result<()> {
         &direct,
     )?;
     row(&topo, client, "same node, pod -> VIP -> agent -> pod", VIP)?;
-    http_bench::start_nginx(&topo, server)?;
+    let nginx = http_bench::start_nginx(&topo, server)?;
     let direct = format!("{}:{HTTP_PORT}", server.ip);
     http.push(http_row(
         &topo,
         client,
-        "same node, plain pod -> pod",
+        "same node, direct pod -> pod",
         &direct,
+        &[],
     )?);
     http.push(http_row(
         &topo,
         client,
-        "same node, pod -> VIP -> agent -> pod",
-        WEB_VIP,
+        "same node, L4: pod -> VIP -> agent (TCP relay) -> pod",
+        WEB_L4_VIP,
+        &[agent.pid],
     )?);
+    http.push(http_row(
+        &topo,
+        client,
+        "same node, L7: pod -> VIP -> agent (HTTP per request, pooled upstream) -> pod",
+        WEB_VIP,
+        &[agent.pid],
+    )?);
+    http_bench::stop_nginx(&topo, nginx)?;
     Ok(())
 }
 
-fn cross_node(http: &mut Vec<String>) -> Result<()> {
+fn cross_node(http: &mut Vec<HttpRow>) -> Result<()> {
     let mesh = TwoNodes::start(Options {
         log: Some("warn".into()),
         web_port: Some(HTTP_PORT),
+        web_policy: Some("{protocol: tcp}".into()),
         ..Default::default()
     })?;
     let client = mesh.topo.node(1).pod("client");
@@ -108,21 +209,53 @@ fn cross_node(http: &mut Vec<String>) -> Result<()> {
     let (rate, p50, p99, errors) = mtls_handshakes(&mesh)?;
     println!("| cross node, new mTLS connections to the agent's 15008 (TCP + TLS 1.3 handshake with client cert) | {rate:.0} | {p50} | {p99} | {errors} |");
     let server = mesh.topo.node(2).pod("server");
-    http_bench::start_nginx(&mesh.topo, server)?;
+    let nginx = http_bench::start_nginx(&mesh.topo, server)?;
     let direct = format!("{}:{HTTP_PORT}", server.ip);
+    let agents = [mesh.agent1.pid, mesh.agent2.pid];
     http.push(http_row(
         &mesh.topo,
         client,
-        "cross node, plain pod -> pod",
+        "cross node, direct pod -> pod",
         &direct,
+        &[],
     )?);
     http.push(http_row(
         &mesh.topo,
         client,
-        "cross node, pod -> VIP -> agent -> HBONE mTLS -> agent -> pod",
+        "cross node, L4: pod -> VIP -> agent -> HBONE mTLS tunnel per connection -> agent -> pod",
         WEB_VIP,
+        &agents,
     )?);
+    // Same service switched to L7 by a live reload of node 1's config.
+    let node1 = mesh.topo.node(1);
+    let path = mesh.topo.config_path(node1);
+    let before = mesh.topo.reloads(&mesh.agent1, "ok")?;
+    let text = std::fs::read_to_string(&path)?;
+    std::fs::write(&path, text.replace("{protocol: tcp}", "{protocol: http}"))?;
+    mesh.topo
+        .wait_for("reload to L7", Duration::from_secs(10), || {
+            Ok(mesh.topo.reloads(&mesh.agent1, "ok")? > before)
+        })?;
+    http.push(http_row(
+        &mesh.topo,
+        client,
+        "cross node, L7: pod -> VIP -> agent (HTTP per request, pooled upstream over HBONE) -> agent -> pod",
+        WEB_VIP,
+        &agents,
+    )?);
+    http_bench::stop_nginx(&mesh.topo, nginx)?;
     Ok(())
+}
+
+/// Authorization policies admitting the client pod to each service (default deny).
+fn allow_client(services: &[&str]) -> String {
+    let mut yaml = "authorization:\n".to_owned();
+    for s in services {
+        yaml.push_str(&format!(
+            "  - name: {s}-callers\n    service: {s}\n    default: deny\n    allow:\n      - from_service: client\n"
+        ));
+    }
+    yaml
 }
 
 fn row(topo: &Topology, client: &Pod, name: &str, target: &str) -> Result<()> {

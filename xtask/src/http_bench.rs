@@ -13,13 +13,14 @@ const THREADS: &str = "2";
 const CONNECTIONS: &str = "16";
 const DURATION: &str = "5s";
 
-/// Starts nginx (one worker, `return 200`) in `pod` on [`HTTP_PORT`] and waits until it answers.
-pub fn start_nginx(topo: &Topology, pod: &Pod) -> Result<()> {
+/// Starts nginx (one worker, `return 200`) in `pod` on [`HTTP_PORT`] and waits until it
+/// answers; returns the master's pid for [`stop_nginx`].
+pub fn start_nginx(topo: &Topology, pod: &Pod) -> Result<u32> {
     let dir = topo.workdir.join(format!("nginx-{}", pod.name));
     std::fs::create_dir_all(&dir)?;
     let d = dir.display();
     let conf = format!(
-        "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+        "worker_processes 1;\nworker_shutdown_timeout 3s;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
          events {{ worker_connections 1024; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
          \x20 fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
@@ -34,7 +35,7 @@ pub fn start_nginx(topo: &Topology, pod: &Pod) -> Result<()> {
         .args(["-g", "daemon off;"])
         .stdout(Stdio::null())
         .stderr(File::create(dir.join("stderr.log"))?);
-    topo.spawn_in_pod(pod, &mut command)?;
+    let pid = topo.spawn_in_pod(pod, &mut command)?;
     let local = format!("127.0.0.1:{HTTP_PORT}");
     topo.wait_for("nginx", Duration::from_secs(10), || {
         Ok(
@@ -42,11 +43,31 @@ pub fn start_nginx(topo: &Topology, pod: &Pod) -> Result<()> {
                 .reply
                 .contains("200 OK"),
         )
-    })
+    })?;
+    Ok(pid)
 }
 
-/// (requests/s, p50 µs, p99 µs, socket errors) of a wrk run from `client` against `target`.
-pub fn wrk(topo: &Topology, client: &Pod, target: &str) -> Result<(f64, u64, u64, u64)> {
+/// Graceful stop (SIGQUIT): the master takes its workers with it, so no orphaned worker keeps
+/// the pod's cgroup busy when the topology is torn down. `worker_shutdown_timeout` bounds how
+/// long a worker waits for connections still open (pooled upstream connections of the agents).
+pub fn stop_nginx(topo: &Topology, master: u32) -> Result<()> {
+    topo.signal(master, libc::SIGQUIT)?;
+    topo.wait(master, Duration::from_secs(10))?;
+    Ok(())
+}
+
+/// One wrk run.
+pub struct WrkRun {
+    pub rate: f64,
+    pub p50: u64,
+    pub p99: u64,
+    /// Socket errors plus non-2xx/3xx responses.
+    pub errors: u64,
+    pub requests: u64,
+}
+
+/// A wrk run from `client` against `target`.
+pub fn wrk(topo: &Topology, client: &Pod, target: &str) -> Result<WrkRun> {
     let url = format!("http://{target}/");
     let out = topo.run_in_pod(
         client,
@@ -62,7 +83,21 @@ pub fn wrk(topo: &Topology, client: &Pod, target: &str) -> Result<(f64, u64, u64
             &url,
         ],
     )?;
-    parse_wrk(&out).with_context(|| format!("unexpected wrk output:\n{out}"))
+    let (rate, p50, p99, errors) =
+        parse_wrk(&out).with_context(|| format!("unexpected wrk output:\n{out}"))?;
+    // "  80000 requests in 5.00s, 12.00MB read"
+    let requests = out
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .context("no request count in wrk output")?;
+    Ok(WrkRun {
+        rate,
+        p50,
+        p99,
+        errors,
+        requests,
+    })
 }
 
 fn parse_wrk(out: &str) -> Result<(f64, u64, u64, u64)> {

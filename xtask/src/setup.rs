@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 
 use crate::sh;
 
-/// Debian packages: LLVM for bpf-linker; bpftool, iproute2, tcpdump for tests; wrk for benchmarks.
+/// Debian packages: LLVM for bpf-linker; bpftool, iproute2, tcpdump for tests; wrk for benchmarks; prometheus for promtool.
 const PACKAGES: &[&str] = &[
     "tcpdump",
     "llvm-22-dev",
@@ -16,7 +16,7 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "wrk",
-    // The Prometheus server (and promtool) the metrics tests scrape the agents with.
+    // The Prometheus server the metrics tests scrape, and promtool that checks /metrics.
     "prometheus",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";

@@ -10,7 +10,6 @@ use serde_json::{json, Value};
 
 use crate::ebpf::attach::resolve_cgroup;
 use crate::http_server::{Reply, RequestHandler};
-use crate::metrics::AgentMetrics;
 use crate::policy::deny;
 use crate::state::AgentState;
 
@@ -22,6 +21,7 @@ const CERTS: &str = "/certs";
 const POLICY: &str = "/policy";
 const FLOWS: &str = "/flows";
 const LOGGING: &str = "/logging";
+const ENDPOINTS: &str = "/endpoints";
 /// Every admin route; the handler serves these and docs/REFERENCE.md must list them.
 pub const ADMIN_ROUTES: &[&str] = &[
     STATUS,
@@ -30,6 +30,7 @@ pub const ADMIN_ROUTES: &[&str] = &[
     SERVICES,
     CERTS,
     POLICY,
+    ENDPOINTS,
     FLOWS,
     LOGGING,
 ];
@@ -56,6 +57,7 @@ pub fn admin_handler(state: Arc<AgentState>) -> RequestHandler {
             SERVICES => services(&state),
             CERTS => certs(&state),
             POLICY => policy(&state),
+            ENDPOINTS => endpoints(&state),
             FLOWS => json!({ "flows": state.flows.snapshot() }),
             "/" => return Reply::text(StatusCode::OK, index()),
             _ => return Reply::text(StatusCode::NOT_FOUND, index()),
@@ -137,7 +139,7 @@ fn status(state: &AgentState) -> Value {
         "instance": config.node.instance,
         "version": env!("CARGO_PKG_VERSION"),
         "ready": state.ready.load(Ordering::Relaxed),
-        "config_generation": AgentMetrics::get(&state.metrics.config_generation),
+        "config_generation": state.metrics.config_generation.get(),
         "services": config.services.len(),
         "workloads": config.workloads.len(),
         "attached_cgroups": attached.len(),
@@ -249,6 +251,45 @@ fn policy(state: &AgentState) -> Value {
         "service_keys": config.service_keys,
         "decisions": decisions,
     })
+}
+
+/// Each service's endpoints with their breaker state, latency estimate and ejection.
+fn endpoints(state: &AgentState) -> Value {
+    let services: Vec<Value> = state
+        .traffic
+        .routes()
+        .iter()
+        .map(|route| {
+            let endpoints: Vec<Value> = route
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let view = e.state.view();
+                    json!({
+                        "address": e.entry.addr.to_string(),
+                        "node": e.entry.node,
+                        "zone": e.entry.zone,
+                        "weight": e.entry.weight,
+                        "breaker": view.breaker,
+                        "ewma_ms": view.ewma_ms,
+                        "in_flight": view.in_flight,
+                        "ejected": view.ejected_for_s.is_some(),
+                        "ejected_for_s": view.ejected_for_s,
+                    })
+                })
+                .collect();
+            let rules = &route.rules;
+            json!({
+                "service": &*route.name,
+                "protocol": rules.protocol,
+                "load_balancer": rules.load_balancer,
+                "request_timeout_ms": rules.request_timeout.as_millis() as u64,
+                "retries": rules.retry.as_ref().map_or(0, |r| r.max),
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    json!({ "node": state.config().node.name, "services": services })
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use crate::config::{self, ConfigError};
 use crate::ebpf::{object::object_bytes, EbpfError, MeshEbpf};
 use crate::identity::IdentityError;
-use crate::metrics::AgentMetrics;
+use crate::metrics::scrape::StateCollector;
 use crate::proxy::hbone::HboneServer;
 use crate::registry::MeshModel;
 use crate::state::{AgentState, Kernel};
@@ -117,7 +117,15 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         orig_dst,
         security,
     ));
-    AgentMetrics::inc(&state.metrics.config_generation);
+    state.metrics.config_generation.inc();
+    state.traffic.attach(Arc::downgrade(&state));
+    state.traffic.update(&state.config(), &state.model());
+    if let Err(e) = state
+        .metrics
+        .register(Box::new(StateCollector::new(Arc::downgrade(&state))))
+    {
+        tracing::error!(error = %e, "registering the scrape-time metrics");
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(proxy::outbound::run(
@@ -204,9 +212,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
 
 async fn drain(state: &AgentState) {
     let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
-    while state.metrics.outbound_active.load(Ordering::Relaxed) > 0
-        && tokio::time::Instant::now() < deadline
-    {
+    while state.metrics.outbound_active.get() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

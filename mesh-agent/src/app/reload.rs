@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::{self, Config, ConfigError};
-use crate::metrics::AgentMetrics;
 use crate::registry::MeshModel;
 use crate::state::AgentState;
 
@@ -55,8 +54,8 @@ impl Watcher {
                     "config reloaded"
                 );
                 tracing::debug!(effective = %serde_json::to_string(&*new).unwrap_or_default(), "effective config");
-                AgentMetrics::inc(&state.metrics.config_generation);
-                AgentMetrics::inc(&state.metrics.config_reloads_ok);
+                state.metrics.config_generation.inc();
+                state.metrics.config_reloads_ok.inc();
             }
             Err(e) => self.fail(state, trigger, &e),
         }
@@ -65,7 +64,7 @@ impl Watcher {
     /// Logs, then counts: whoever sees the counter move can already read why.
     fn fail(&self, state: &AgentState, trigger: &str, error: &AppError) {
         tracing::error!(path = %self.path.display(), trigger, %error, "config reload rejected; keeping the previous config");
-        AgentMetrics::inc(&state.metrics.config_reloads_failed);
+        state.metrics.config_reloads_failed.inc();
     }
 
     fn apply_text(&self, state: &AgentState, text: &str) -> Result<(), AppError> {

@@ -32,6 +32,9 @@ pub struct Config {
     /// Capabilities granted to identities, required by policies that name them.
     #[serde(default)]
     pub service_keys: Vec<crate::policy::authz_config::ServiceKeyConfig>,
+    /// Mesh-wide traffic policy; each service's `policy` overrides it field by field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_defaults: Option<super::TrafficDefaults>,
 }
 
 impl Config {
@@ -65,6 +68,12 @@ pub struct NodeConfig {
     /// Override for the eBPF object (default: the object embedded in the agent binary at build time).
     #[serde(default)]
     pub ebpf_object: Option<PathBuf>,
+    /// Zone of this node: endpoints in the same zone are preferred.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Region of this node (informational; zones are matched exactly).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
@@ -128,6 +137,9 @@ pub struct Service {
     pub vip: SocketAddrV4,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// Traffic policy of calls to this service (timeouts, retries, breaker, limits, balancing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<super::ServicePolicy>,
 }
 
 /// A workload on this node: the cgroup its processes run in and the identity they carry.
@@ -262,12 +274,23 @@ pub struct PeerNode {
     pub hbone: SocketAddr,
 }
 
-/// A service endpoint: `ip:port` on this node, or `{address, node}` for a pod on another node.
+/// A service endpoint: `ip:port` on this node, or `{address, node?, zone?, weight?}`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum Endpoint {
     Local(SocketAddrV4),
-    Placed { address: SocketAddrV4, node: String },
+    Placed {
+        address: SocketAddrV4,
+        /// The node it runs on (reached over HBONE unless it is this node).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
+        /// Its zone, for locality-aware balancing; unset on this node: `node.zone`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        zone: Option<String>,
+        /// Relative share under weighted round robin (default 1).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        weight: Option<u32>,
+    },
 }
 
 impl Endpoint {
@@ -281,7 +304,21 @@ impl Endpoint {
     pub fn node(&self) -> Option<&str> {
         match self {
             Endpoint::Local(_) => None,
-            Endpoint::Placed { node, .. } => Some(node),
+            Endpoint::Placed { node, .. } => node.as_deref(),
+        }
+    }
+
+    pub fn zone(&self) -> Option<&str> {
+        match self {
+            Endpoint::Local(_) => None,
+            Endpoint::Placed { zone, .. } => zone.as_deref(),
+        }
+    }
+
+    pub fn weight(&self) -> u32 {
+        match self {
+            Endpoint::Local(_) => 1,
+            Endpoint::Placed { weight, .. } => weight.unwrap_or(1),
         }
     }
 }

@@ -61,6 +61,12 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
                     format!("{a} must have a non-zero address and port"),
                 ));
             }
+            if e.weight() == 0 {
+                return Err(ConfigError::invalid(
+                    format!("{field}.endpoints[{j}].weight"),
+                    "0 must be at least 1",
+                ));
+            }
             if let Some(node) = e.node() {
                 if node != config.node.name && !config.nodes.iter().any(|n| n.name == node) {
                     return Err(ConfigError::invalid(
@@ -69,6 +75,14 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
                     ));
                 }
             }
+        }
+    }
+    if let Some(d) = &config.traffic_defaults {
+        super::service_policy::validate("traffic_defaults", d)?;
+    }
+    for (i, s) in config.services.iter().enumerate() {
+        if let Some(p) = &s.policy {
+            super::service_policy::validate(&format!("services[{i}].policy"), &p.traffic())?;
         }
     }
     if config.services.len() > limits::MAX_SERVICES as usize {

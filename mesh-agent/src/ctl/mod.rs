@@ -259,51 +259,43 @@ fn endpoint_text(e: &Value) -> String {
     }
 }
 
-/// Endpoints from the agent's `/endpoints` when it has one (with whatever state it reports), else
-/// derived from `/services`.
+/// One row per endpoint from `/endpoints` (per service: endpoints with breaker state, EWMA
+/// latency, in-flight requests, ejection).
 fn endpoints(admin: SocketAddr, json_out: bool) -> Result<String, CtlError> {
-    let v = match get(admin, "/endpoints") {
-        Ok(v) => v,
-        Err(CtlError::Status { status: 404, .. }) => {
-            let services = get(admin, "/services")?;
-            let rows: Vec<Value> = list(&services, "services")
-                .iter()
-                .flat_map(|s| {
-                    list(s, "endpoints").iter().map(move |e| {
-                        json!({
-                            "service": s["name"],
-                            "address": e["address"],
-                            "node": e["node"].as_str().unwrap_or("local"),
-                        })
-                    })
-                })
-                .collect();
-            json!({ "endpoints": rows })
-        }
-        Err(e) => return Err(e),
-    };
+    let v = get(admin, "/endpoints")?;
     if json_out {
         return Ok(format!("{v:#}\n"));
     }
-    // Columns from the fields the rows carry, so richer endpoint state shows up as it is added.
-    let rows = list(&v, "endpoints");
-    let mut fields: Vec<String> = Vec::new();
-    for row in rows {
-        for key in row.as_object().into_iter().flat_map(|o| o.keys()) {
-            if !fields.contains(key) {
-                fields.push(key.clone());
-            }
-        }
-    }
-    // The service first: it is what a reader looks an endpoint up by.
-    fields.sort_by_key(|f| f != "service");
-    let headers: Vec<String> = fields.iter().map(|f| f.to_uppercase()).collect();
-    let columns: Vec<(&str, &str)> = headers
+    Ok(table::render(
+        &endpoint_rows(&v),
+        &[
+            ("SERVICE", "service"),
+            ("ADDRESS", "address"),
+            ("NODE", "node"),
+            ("ZONE", "zone"),
+            ("WEIGHT", "weight"),
+            ("BREAKER", "breaker"),
+            ("EWMA MS", "ewma_ms"),
+            ("IN FLIGHT", "in_flight"),
+            ("EJECTED FOR S", "ejected_for_s"),
+        ],
+    ))
+}
+
+fn endpoint_rows(v: &Value) -> Vec<Value> {
+    list(v, "services")
         .iter()
-        .zip(&fields)
-        .map(|(h, f)| (h.as_str(), f.as_str()))
-        .collect();
-    Ok(table::render(rows, &columns))
+        .flat_map(|s| {
+            list(s, "endpoints").iter().map(move |e| {
+                let mut row = e.clone();
+                row["service"] = s["service"].clone();
+                if row["node"].is_null() {
+                    row["node"] = Value::String("local".to_owned());
+                }
+                row
+            })
+        })
+        .collect()
 }
 
 fn policy_tables(v: &Value) -> String {
@@ -384,6 +376,20 @@ fn duration_text(seconds: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoints_flatten_per_service() {
+        let v = json!({"services": [{"service": "echo", "endpoints": [
+            {"address": "10.1.2.2:8080", "node": null, "breaker": "closed", "ewma_ms": 1.5},
+            {"address": "10.2.1.2:8080", "node": "node-2", "breaker": "open", "ejected_for_s": 30}]}]});
+        let rows = endpoint_rows(&v);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (rows[0]["service"].as_str(), rows[0]["node"].as_str()),
+            (Some("echo"), Some("local"))
+        );
+        assert_eq!(rows[1]["node"], "node-2");
+    }
 
     #[test]
     fn durations_read_naturally() {

@@ -1,58 +1,256 @@
-//! Agent counters and their Prometheus text rendering (kernel counters are read at scrape time).
+//! Agent metrics on the `prometheus` crate: one [`Registry`] per agent. Data-path counters are
+//! plain atomics behind cached label children; values the agent already keeps elsewhere (kernel
+//! per-CPU counters, HBONE pool, authorization decisions, certificates) are read at scrape time
+//! by [`scrape::StateCollector`].
 
 pub mod kernel_traffic;
-mod render;
+pub mod scrape;
 
-pub use render::PromWriter;
+use std::collections::HashMap;
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use prometheus::core::Collector;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
-/// Counters of one destination service on the outbound path.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct ServiceTraffic {
-    pub connections: u64,
-    pub bytes_to_endpoint: u64,
-    pub bytes_from_endpoint: u64,
-    pub connect_failures: u64,
+/// Every family carries the node name, added once by the registry.
+const NODE_LABEL: &str = "node";
+
+/// Counters of one destination service on the outbound path. Cloned handles share the values;
+/// take them once per connection (or once per service) so updates are one atomic add.
+#[derive(Clone, Debug)]
+pub struct ServiceMetrics {
+    pub connections: IntCounter,
+    pub bytes_to_endpoint: IntCounter,
+    pub bytes_from_endpoint: IntCounter,
+    pub connect_failures: IntCounter,
     /// Connections refused by authorization (this node's or the destination agent's).
-    pub denied: u64,
+    pub denied: IntCounter,
     /// Connections carried to another node over HBONE.
-    pub hbone_connections: u64,
+    pub hbone_connections: IntCounter,
 }
 
-#[derive(Debug, Default)]
+/// The per-service families, labelled by `service`.
+struct ServiceFamilies {
+    connections: IntCounterVec,
+    bytes_to_endpoint: IntCounterVec,
+    bytes_from_endpoint: IntCounterVec,
+    connect_failures: IntCounterVec,
+    denied: IntCounterVec,
+    hbone_connections: IntCounterVec,
+}
+
 pub struct AgentMetrics {
-    pub outbound_accepted: AtomicU64,
-    pub outbound_active: AtomicU64,
+    registry: Registry,
+    pub outbound_accepted: IntCounter,
+    pub outbound_active: IntGauge,
     /// Accepted connections with no recorded original destination (not captured by us).
-    pub outbound_unknown_destination: AtomicU64,
-    pub outbound_no_endpoints: AtomicU64,
-    pub config_reloads_ok: AtomicU64,
-    pub config_reloads_failed: AtomicU64,
-    pub config_generation: AtomicU64,
-    per_service: Mutex<BTreeMap<String, ServiceTraffic>>,
+    pub outbound_unknown_destination: IntCounter,
+    pub outbound_no_endpoints: IntCounter,
+    pub config_reloads_ok: IntCounter,
+    pub config_reloads_failed: IntCounter,
+    pub config_generation: IntGauge,
+    services: ServiceFamilies,
+}
+
+impl std::fmt::Debug for AgentMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentMetrics").finish_non_exhaustive()
+    }
 }
 
 impl AgentMetrics {
-    pub fn record_service(&self, service: &str, update: impl FnOnce(&mut ServiceTraffic)) {
-        let mut map = self.per_service.lock().unwrap_or_else(|p| p.into_inner());
-        update(map.entry(service.to_owned()).or_default());
+    /// A registry whose every sample carries `node="<node>"`.
+    pub fn new(node: &str) -> Self {
+        let labels = HashMap::from([(NODE_LABEL.to_owned(), node.to_owned())]);
+        let registry = Registry::new_custom(None, Some(labels))
+            .expect("a registry with a fixed, valid common label");
+        let r = Registrar(&registry);
+        let reloads = r.counter_vec(
+            "nodemesh_config_reloads_total",
+            "Config reloads by result.",
+            &["result"],
+        );
+        let service = |name, help| r.counter_vec(name, help, &["service"]);
+        Self {
+            outbound_accepted: r.counter(
+                "nodemesh_outbound_accepted_total",
+                "Connections accepted on the outbound listener.",
+            ),
+            outbound_active: r.gauge(
+                "nodemesh_outbound_active_connections",
+                "Outbound connections being proxied now.",
+            ),
+            outbound_unknown_destination: r.counter(
+                "nodemesh_outbound_unknown_destination_total",
+                "Accepted connections without a recorded original destination.",
+            ),
+            outbound_no_endpoints: r.counter(
+                "nodemesh_outbound_no_endpoints_total",
+                "Connections closed because the service had no endpoint.",
+            ),
+            config_generation: r.gauge(
+                "nodemesh_config_generation",
+                "Number of configs applied since start (1 = the initial one).",
+            ),
+            config_reloads_ok: reloads.with_label_values(&["ok"]),
+            config_reloads_failed: reloads.with_label_values(&["error"]),
+            services: ServiceFamilies {
+                denied: service(
+                    "nodemesh_outbound_denied_total",
+                    "Outbound connections refused by authorization, by service.",
+                ),
+                hbone_connections: service(
+                    "nodemesh_outbound_hbone_connections_total",
+                    "Outbound connections carried to another node over HBONE (mTLS), by service.",
+                ),
+                connections: service(
+                    "nodemesh_outbound_connections_total",
+                    "Proxied outbound connections by service.",
+                ),
+                connect_failures: service(
+                    "nodemesh_outbound_connect_failures_total",
+                    "Failed endpoint connects by service.",
+                ),
+                bytes_to_endpoint: service(
+                    "nodemesh_outbound_bytes_sent_total",
+                    "Bytes sent to endpoints by service.",
+                ),
+                bytes_from_endpoint: service(
+                    "nodemesh_outbound_bytes_received_total",
+                    "Bytes received from endpoints by service.",
+                ),
+            },
+            registry,
+        }
     }
 
-    pub fn services(&self) -> BTreeMap<String, ServiceTraffic> {
-        self.per_service
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    /// The counters of `service`; the label children are created on first use and shared after.
+    pub fn service(&self, service: &str) -> ServiceMetrics {
+        let s = &self.services;
+        let child = |v: &IntCounterVec| v.with_label_values(&[service]);
+        ServiceMetrics {
+            connections: child(&s.connections),
+            bytes_to_endpoint: child(&s.bytes_to_endpoint),
+            bytes_from_endpoint: child(&s.bytes_from_endpoint),
+            connect_failures: child(&s.connect_failures),
+            denied: child(&s.denied),
+            hbone_connections: child(&s.hbone_connections),
+        }
     }
 
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
+    /// The registry, for families owned by other modules.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
-    pub fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    /// Adds a collector that reads its values at scrape time.
+    pub fn register(&self, collector: Box<dyn Collector>) -> prometheus::Result<()> {
+        self.registry.register(collector)
+    }
+
+    /// Prometheus text exposition format of everything registered.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# metrics encoding failed: {e}\n"))
+    }
+}
+
+/// Creates and registers families; names and help texts are fixed, so failure is a bug.
+pub struct Registrar<'a>(pub &'a Registry);
+
+impl Registrar<'_> {
+    pub fn counter(&self, name: &str, help: &str) -> IntCounter {
+        let c = IntCounter::with_opts(Opts::new(name, help)).expect("valid metric name");
+        self.add(c.clone());
+        c
+    }
+
+    pub fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        let g = IntGauge::with_opts(Opts::new(name, help)).expect("valid metric name");
+        self.add(g.clone());
+        g
+    }
+
+    pub fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        let v = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric name");
+        self.add(v.clone());
+        v
+    }
+
+    pub fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> prometheus::IntGaugeVec {
+        let v =
+            prometheus::IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric name");
+        self.add(v.clone());
+        v
+    }
+
+    fn add(&self, c: impl Collector + 'static) {
+        self.0
+            .register(Box::new(c))
+            .expect("each family is registered once");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_names_and_labels_and_adds_node() {
+        let m = AgentMetrics::new("n1");
+        m.outbound_accepted.inc();
+        let echo = m.service("echo");
+        echo.connections.inc();
+        echo.bytes_to_endpoint.inc_by(10);
+        m.service("echo").bytes_to_endpoint.inc_by(5);
+        let text = m.render();
+        assert!(
+            text.contains("nodemesh_outbound_accepted_total{node=\"n1\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nodemesh_outbound_bytes_sent_total{service=\"echo\",node=\"n1\"} 15"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nodemesh_config_reloads_total{result=\"error\",node=\"n1\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE nodemesh_outbound_active_connections gauge"),
+            "{text}"
+        );
+    }
+
+    /// promtool is the reference parser and linter of the exposition format.
+    #[test]
+    fn promtool_accepts_the_output() {
+        let m = AgentMetrics::new("n1");
+        m.service("a\"b\\c").denied.inc();
+        check_with_promtool(&m.render());
+    }
+
+    pub(crate) fn check_with_promtool(text: &str) {
+        use std::io::Write;
+        let mut child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian package prometheus, installed by `cargo xtask setup`)");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("write");
+        let out = child.wait_with_output().expect("promtool");
+        assert!(
+            out.status.success(),
+            "promtool: {}{}\n{text}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -2,4 +2,7 @@
 
 pub mod connect;
 pub mod hbone;
+pub mod http;
 pub mod outbound;
+pub mod sniff;
+pub mod upstream;

@@ -1,8 +1,9 @@
 //! Outbound listener (15001): connections the kernel redirected from pods. The original
-//! destination and the caller's identity come from ORIG_DST, keyed by the peer address.
+//! destination and the caller's identity come from ORIG_DST, keyed by the peer address. HTTP
+//! is proxied per request ([`super::http`]); anything else is relayed as opaque TCP with a
+//! connect timeout, breakers and connect retries on other endpoints.
 
 use std::net::{SocketAddr, SocketAddrV4};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,17 +14,23 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use super::connect::connect_from;
-use super::hbone::HboneError;
+use super::hbone::{HboneError, HboneStream};
+use super::sniff::{self, Detected};
+use crate::config::service_policy::{Protocol, RetryOn};
 use crate::flows::FlowGuard;
 use crate::identity::SpiffeId;
-use crate::metrics::AgentMetrics;
+use crate::metrics::{AgentMetrics, ServiceMetrics};
 use crate::policy::authz::Authorize;
-use crate::registry::model::EndpointEntry;
 use crate::state::AgentState;
+use crate::traffic::endpoint::CallGuard;
+use crate::traffic::ServiceRoute;
 
-/// sock_ops writes ORIG_DST before the client's final ACK, so it is normally there on accept;
-/// these short retries only cover scheduling noise.
-const ORIG_DST_ATTEMPTS: u32 = 5;
+/// sock_ops writes ORIG_DST when the client's connect completes, before the final ACK that
+/// lets accept() return, so one lookup normally finds it. The fallback (a few yields, then
+/// short sleeps) only covers an entry not yet visible; the old path slept on every retry, and
+/// a tokio sleep of 1 ms costs up to 2 ms, which landed in the new-connection tail.
+const ORIG_DST_YIELDS: u32 = 3;
+const ORIG_DST_SLEEPS: u32 = 4;
 
 pub async fn run(
     listener: TcpListener,
@@ -37,8 +44,8 @@ pub async fn run(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let state = state.clone();
-                tokio::spawn(async move { handle(stream, peer, state).await });
+                let (state, shutdown) = (state.clone(), shutdown.clone());
+                tokio::spawn(async move { handle(stream, peer, state, shutdown).await });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "outbound accept");
@@ -49,176 +56,281 @@ pub async fn run(
 }
 
 async fn lookup_orig_dst(state: &AgentState, peer: SocketAddrV4) -> Option<OrigDst> {
-    for attempt in 0..ORIG_DST_ATTEMPTS {
+    if let Some(orig) = state.orig_dst.take(peer) {
+        return Some(orig);
+    }
+    for attempt in 0..ORIG_DST_YIELDS + ORIG_DST_SLEEPS {
+        if attempt < ORIG_DST_YIELDS {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(1 << (attempt - ORIG_DST_YIELDS))).await;
+        }
         if let Some(orig) = state.orig_dst.take(peer) {
+            tracing::debug!(%peer, retries = attempt + 1, "original destination found late");
             return Some(orig);
         }
-        tokio::time::sleep(Duration::from_millis(1 << attempt)).await;
     }
     None
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, state: Arc<AgentState>) {
+async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    state: Arc<AgentState>,
+    shutdown: watch::Receiver<bool>,
+) {
     let metrics = &state.metrics;
-    AgentMetrics::inc(&metrics.outbound_accepted);
+    metrics.outbound_accepted.inc();
     let SocketAddr::V4(peer) = peer else {
-        AgentMetrics::inc(&metrics.outbound_unknown_destination);
+        metrics.outbound_unknown_destination.inc();
         return;
     };
     let Some(orig) = lookup_orig_dst(&state, peer).await else {
-        AgentMetrics::inc(&metrics.outbound_unknown_destination);
+        metrics.outbound_unknown_destination.inc();
         tracing::warn!(%peer, "no original destination recorded; closing");
         return;
     };
     let original = SocketAddrV4::new(ip4_from_raw(orig.ip).into(), orig.port);
-    let Some(route) = route(&state, &orig) else {
-        AgentMetrics::inc(&metrics.outbound_no_endpoints);
+    let Some(route) = state
+        .traffic
+        .route(orig.service)
+        .filter(|r| !r.endpoints.is_empty())
+    else {
+        metrics.outbound_no_endpoints.inc();
         tracing::warn!(%peer, %original, service = orig.service, "no endpoint for the service");
         return;
     };
-    let Some(caller) = route.caller.as_ref() else {
-        metrics.record_service(&route.service, |s| s.denied += 1);
-        tracing::warn!(%peer, %original, service = %route.service, "caller is not a known workload; refusing");
+    let Some(caller) = caller(&state, &orig) else {
+        metrics.service(&route.name).denied.inc();
+        tracing::warn!(%peer, %original, service = %route.name, "caller is not a known workload; refusing");
         return;
     };
-    tracing::debug!(caller = %caller.id, %peer, %original, service = %route.service, endpoint = %route.endpoint.addr, node = ?route.endpoint.node, "proxying");
-    match route.endpoint.node.clone() {
-        None => direct(client, &state, &route, caller).await,
-        Some(node) => via_hbone(client, &state, &route, caller, &node).await,
+    let _ = client.set_nodelay(true);
+    let http = match route.rules.protocol {
+        Protocol::Http => true,
+        Protocol::Tcp => false,
+        Protocol::Auto => sniff::detect(&client, sniff::SNIFF_WINDOW).await == Detected::Http,
+    };
+    tracing::debug!(caller = %caller.id, %peer, %original, service = %route.name, http, "proxying");
+    let counters = metrics.service(&route.name);
+    if http {
+        counters.connections.inc();
+        metrics.outbound_active.inc();
+        super::http::serve(client, state.clone(), route.id, caller, shutdown).await;
+        metrics.outbound_active.dec();
+    } else {
+        tcp(client, &state, &route, &caller, counters).await;
     }
 }
 
-/// The calling workload as authorization sees it.
-struct Caller {
-    id: SpiffeId,
-    service: String,
+/// The calling workload as authorization and metrics see it.
+pub struct Caller {
+    pub id: SpiffeId,
+    /// The service its workload serves, for policies written by service.
+    pub service: String,
+    /// `<namespace>/<service-account>`, the metrics label.
+    pub key: String,
+    /// Kernel identity id, the key of per-caller rate limits.
+    pub identity: u32,
 }
 
-/// Where an accepted connection goes.
-struct Route {
-    service: String,
-    endpoint: EndpointEntry,
-    caller: Option<Caller>,
-}
-
-fn route(state: &AgentState, orig: &OrigDst) -> Option<Route> {
+fn caller(state: &AgentState, orig: &OrigDst) -> Option<Caller> {
     let model = state.model();
-    let service = model.service_by_id(orig.service)?;
-    let endpoint = service.pick_endpoint()?;
     let config = state.config();
-    let caller = model.identity_name(orig.identity).and_then(|key| {
-        let (ns, sa) = key.split_once('/')?;
-        let id = SpiffeId::new(&config.node.trust_domain, ns, sa).ok()?;
-        let service = model
-            .identity_services
-            .get(key)
-            .cloned()
-            .unwrap_or_default();
-        Some(Caller { id, service })
-    });
-    Some(Route {
-        service: service.name.clone(),
-        endpoint,
-        caller,
+    let key = model.identity_name(orig.identity)?;
+    let (ns, sa) = key.split_once('/')?;
+    let id = SpiffeId::new(&config.node.trust_domain, ns, sa).ok()?;
+    let service = model
+        .identity_services
+        .get(key)
+        .cloned()
+        .unwrap_or_default();
+    Some(Caller {
+        id,
+        service,
+        key: key.to_owned(),
+        identity: orig.identity,
     })
 }
 
-/// Same-node endpoint: this agent authorizes, then connects straight to the pod.
-async fn direct(client: TcpStream, state: &AgentState, route: &Route, caller: &Caller) {
-    let metrics = &state.metrics;
-    let decision =
-        state
-            .security
-            .authz
-            .authorize(&caller.id, Some(&caller.service), &route.service);
-    if !decision.allowed {
-        metrics.record_service(&route.service, |s| s.denied += 1);
-        tracing::warn!(caller = %caller.id, service = %route.service, policy = %decision.policy, reason = %decision.reason, "connection denied");
-        return;
-    }
-    let config = state.config();
-    let (timeout, agent_ip) = (config.proxy.connect_timeout, config.node.agent_ip);
-    drop(config);
-    let upstream = match tokio::time::timeout(timeout, connect_from(agent_ip, route.endpoint.addr))
-        .await
-    {
-        Ok(Ok(s)) => s,
-        outcome => {
-            let reason = match outcome {
-                Ok(Err(e)) => e.to_string(),
-                _ => format!("timed out after {timeout:?}"),
-            };
-            metrics.record_service(&route.service, |s| s.connect_failures += 1);
-            tracing::warn!(service = %route.service, endpoint = %route.endpoint.addr, %reason, "endpoint connect failed");
+/// An upstream byte stream: a direct TCP connection or an HBONE tunnel.
+enum Upstream {
+    Direct(TcpStream),
+    Tunnel(HboneStream),
+}
+
+/// Opaque TCP: limits, then connect with the connect timeout, retrying the connect on another
+/// endpoint (retry rules permitting), with breakers; then relay bytes.
+async fn tcp(
+    client: TcpStream,
+    state: &AgentState,
+    route: &ServiceRoute,
+    caller: &Caller,
+    counters: ServiceMetrics,
+) {
+    if let Some(limiter) = &route.limiter {
+        if limiter.try_acquire(caller.identity).is_err() {
+            route.counters.rate_limited.inc();
             return;
         }
+    }
+    let _permit = match &route.concurrency {
+        Some(cap) => match cap.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                route.counters.shed.inc();
+                return;
+            }
+        },
+        None => None,
     };
-    let _ = upstream.set_nodelay(true);
-    let flow = state.flows.open(
-        caller.id.to_string(),
-        &route.service,
-        route.endpoint.addr.to_string(),
-        None,
-    );
-    relay(client, upstream, metrics, &route.service, flow).await;
+    let retries = route
+        .rules
+        .retry
+        .as_ref()
+        .filter(|r| r.retries(RetryOn::ConnectFailure))
+        .map_or(0, |r| r.max);
+    let mut tried = Vec::new();
+    let mut local_decision = None;
+    loop {
+        let Some(guard) = route.pick(&tried) else {
+            counters.connect_failures.inc();
+            tracing::warn!(service = %route.name, "every endpoint is ejected; closing");
+            return;
+        };
+        let addr = guard.endpoint().addr;
+        let Some(endpoint) = route.endpoints.iter().find(|e| e.entry.addr == addr) else {
+            return;
+        };
+        let attempt = match &endpoint.entry.node {
+            None => {
+                let allowed =
+                    *local_decision.get_or_insert_with(|| authorize(state, route, caller));
+                if !allowed {
+                    counters.denied.inc();
+                    return;
+                }
+                direct(state, route, addr).await
+            }
+            Some(node) => via_hbone(state, route, caller, addr, node).await,
+        };
+        match attempt {
+            Ok(upstream) => {
+                guard.record(true);
+                if matches!(upstream, Upstream::Tunnel(_)) {
+                    counters.hbone_connections.inc();
+                }
+                let flow = state.flows.open(
+                    caller.id.to_string(),
+                    &*route.name,
+                    addr.to_string(),
+                    endpoint.entry.node.clone(),
+                );
+                match upstream {
+                    Upstream::Direct(s) => {
+                        relay(client, s, &state.metrics, &counters, guard, flow).await
+                    }
+                    Upstream::Tunnel(s) => {
+                        relay(client, s, &state.metrics, &counters, guard, flow).await
+                    }
+                }
+                return;
+            }
+            Err(HboneError::Denied { reason }) => {
+                guard.record(true);
+                counters.denied.inc();
+                tracing::warn!(caller = %caller.id, service = %route.name, %reason, "denied by the destination agent");
+                return;
+            }
+            Err(e) => {
+                guard.record(false);
+                counters.connect_failures.inc();
+                tracing::warn!(service = %route.name, endpoint = %addr, error = %e, "endpoint connect failed");
+                if tried.len() as u32 >= retries {
+                    return;
+                }
+                route.counters.retries.inc();
+                tried.push(addr);
+            }
+        }
+    }
+}
+
+fn authorize(state: &AgentState, route: &ServiceRoute, caller: &Caller) -> bool {
+    let d = state
+        .security
+        .authz
+        .authorize(&caller.id, Some(&caller.service), &route.name);
+    if !d.allowed {
+        tracing::warn!(caller = %caller.id, service = %route.name, policy = %d.policy, reason = %d.reason, "connection denied");
+    }
+    d.allowed
+}
+
+/// Same-node endpoint: connect straight to the pod from the agent address.
+async fn direct(
+    state: &AgentState,
+    route: &ServiceRoute,
+    endpoint: SocketAddrV4,
+) -> Result<Upstream, HboneError> {
+    let timeout = route.rules.connect_timeout;
+    let agent_ip = state.config().node.agent_ip;
+    let connect = |source| HboneError::Connect {
+        addr: SocketAddr::V4(endpoint),
+        source,
+    };
+    let stream = tokio::time::timeout(timeout, connect_from(agent_ip, endpoint))
+        .await
+        .map_err(|_| {
+            connect(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("timed out after {timeout:?}"),
+            ))
+        })?
+        .map_err(connect)?;
+    let _ = stream.set_nodelay(true);
+    Ok(Upstream::Direct(stream))
 }
 
 /// Endpoint on another node: an HBONE tunnel to that node's agent, presenting the caller's
 /// certificate; the destination agent authorizes.
 async fn via_hbone(
-    client: TcpStream,
     state: &AgentState,
-    route: &Route,
+    route: &ServiceRoute,
     caller: &Caller,
+    endpoint: SocketAddrV4,
     node: &str,
-) {
-    let metrics = &state.metrics;
-    let Some(node_addr) = state
+) -> Result<Upstream, HboneError> {
+    let unavailable = |reason: String| HboneError::NodeUnavailable {
+        addr: SocketAddr::V4(endpoint),
+        reason,
+    };
+    let node_addr = state
         .config()
         .nodes
         .iter()
         .find(|n| n.name == node)
         .map(|n| n.hbone)
-    else {
-        metrics.record_service(&route.service, |s| s.connect_failures += 1);
-        tracing::warn!(service = %route.service, node, "endpoint names an unknown node");
-        return;
-    };
-    let tunnel = match state.security.client_tls(&caller.id, node) {
-        Ok(tls) => {
-            let target = SocketAddr::V4(route.endpoint.addr);
-            state
-                .security
-                .pool
-                .connect(&caller.id, tls, node_addr, target, &route.service)
-                .await
-        }
-        Err(e) => {
-            metrics.record_service(&route.service, |s| s.connect_failures += 1);
-            tracing::error!(caller = %caller.id, node, error = %e, "no TLS identity for the caller");
-            return;
-        }
-    };
-    match tunnel {
-        Ok(stream) => {
-            metrics.record_service(&route.service, |s| s.hbone_connections += 1);
-            let flow = state.flows.open(
-                caller.id.to_string(),
-                &route.service,
-                route.endpoint.addr.to_string(),
-                Some(node.to_owned()),
-            );
-            relay(client, stream, metrics, &route.service, flow).await;
-        }
-        Err(HboneError::Denied { reason }) => {
-            metrics.record_service(&route.service, |s| s.denied += 1);
-            tracing::warn!(caller = %caller.id, service = %route.service, node, %reason, "denied by the destination agent");
-        }
-        Err(e) => {
-            metrics.record_service(&route.service, |s| s.connect_failures += 1);
-            tracing::warn!(caller = %caller.id, service = %route.service, node, error = %e, "HBONE tunnel failed");
-        }
-    }
+        .ok_or_else(|| unavailable(format!("endpoint names an unknown node {node:?}")))?;
+    let tls = state
+        .security
+        .client_tls(&caller.id, node)
+        .map_err(|e| unavailable(format!("no TLS identity for the caller: {e}")))?;
+    let timeout = route.rules.connect_timeout;
+    let open = state.security.pool.connect(
+        &caller.id,
+        tls,
+        node_addr,
+        SocketAddr::V4(endpoint),
+        &route.name,
+    );
+    let stream = tokio::time::timeout(timeout, open)
+        .await
+        .map_err(|_| HboneError::Timeout {
+            what: "tunnel",
+            after: timeout,
+        })??;
+    Ok(Upstream::Tunnel(stream))
 }
 
 /// Copies bytes both ways until both sides are done, recording the traffic.
@@ -226,22 +338,22 @@ async fn relay<S>(
     client: TcpStream,
     mut upstream: S,
     metrics: &AgentMetrics,
-    service: &str,
+    counters: &ServiceMetrics,
+    _call: CallGuard,
     flow: FlowGuard,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let _ = client.set_nodelay(true);
     let mut client = flow.count(client);
-    metrics.record_service(service, |s| s.connections += 1);
-    metrics.outbound_active.fetch_add(1, Ordering::Relaxed);
+    counters.connections.inc();
+    metrics.outbound_active.inc();
     let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-    metrics.outbound_active.fetch_sub(1, Ordering::Relaxed);
+    metrics.outbound_active.dec();
     match result {
-        Ok((to_endpoint, from_endpoint)) => metrics.record_service(service, |s| {
-            s.bytes_to_endpoint += to_endpoint;
-            s.bytes_from_endpoint += from_endpoint;
-        }),
-        Err(e) => tracing::debug!(service, error = %e, "connection ended with error"),
+        Ok((to_endpoint, from_endpoint)) => {
+            counters.bytes_to_endpoint.inc_by(to_endpoint);
+            counters.bytes_from_endpoint.inc_by(from_endpoint);
+        }
+        Err(e) => tracing::debug!(error = %e, "connection ended with error"),
     }
 }

@@ -12,6 +12,10 @@ use crate::config::Config;
 pub struct EndpointEntry {
     pub addr: SocketAddrV4,
     pub node: Option<String>,
+    /// Zone for locality-aware balancing (None: unknown).
+    pub zone: Option<String>,
+    /// Share under weighted round robin, at least 1.
+    pub weight: u32,
 }
 
 /// A service as the data path needs it.
@@ -79,6 +83,14 @@ impl MeshModel {
                                 .node()
                                 .filter(|n| *n != config.node.name)
                                 .map(str::to_owned),
+                            // An endpoint on this node without its own zone is in this node's.
+                            zone: e.zone().map(str::to_owned).or_else(|| {
+                                e.node()
+                                    .is_none_or(|n| n == config.node.name)
+                                    .then(|| config.node.zone.clone())
+                                    .flatten()
+                            }),
+                            weight: e.weight(),
                         })
                         .collect(),
                     next: AtomicUsize::new(0),
@@ -162,6 +174,8 @@ mod tests {
                 .map(|a| EndpointEntry {
                     addr: a.parse().expect("addr"),
                     node: None,
+                    zone: None,
+                    weight: 1,
                 })
                 .collect(),
             next: AtomicUsize::new(0),

@@ -12,6 +12,15 @@
 //!                                                 prints {"sent":..,"received":..}
 //!   meshprobe bench <ip:port> <seconds> <workers>  new connections per second (connect, 1 byte
 //!                                                 each way, close), printed as one JSON line
+//!   meshprobe http <port> <name> <behaviour> [record-file]
+//!                                                 HTTP/1.1 keep-alive server answering
+//!                                                 "<name>\n" with `x-served-by: <name>`; appends
+//!                                                 "<METHOD> <path>" per request to record-file.
+//!                                                 behaviour: ok | 503 (always) | 503x<N> (the
+//!                                                 first N requests) | reset (RST instead of an
+//!                                                 answer) | hang (never answers) | slow<ms>;
+//!                                                 a request with `Upgrade: echo` gets 101 and
+//!                                                 its raw bytes echoed
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -37,7 +46,13 @@ fn main() -> Result<()> {
         ["hold", addr, text, secs] => hold(addr.parse()?, text, secs.parse()?),
         ["send", addr, bytes] => send(addr.parse()?, bytes.parse()?),
         ["bench", addr, secs, workers] => bench(addr.parse()?, secs.parse()?, workers.parse()?),
-        _ => bail!("usage: meshprobe serve <port> <name> [record] | connect <ip:port> <text> [count] [timeout-ms] | hold <ip:port> <text> <seconds> | send <ip:port> <bytes> | bench <ip:port> <seconds> <workers>"),
+        ["http", port, name, behaviour, rest @ ..] => http_serve(
+            port.parse()?,
+            name,
+            behaviour.parse()?,
+            rest.first().copied(),
+        ),
+        _ => bail!("usage: meshprobe serve <port> <name> [record] | connect <ip:port> <text> [count] [timeout-ms] | hold <ip:port> <text> <seconds> | send <ip:port> <bytes> | bench <ip:port> <seconds> <workers> | http <port> <name> <behaviour> [record]"),
     }
 }
 
@@ -237,4 +252,180 @@ fn bench(addr: SocketAddr, secs: u64, workers: usize) -> Result<()> {
     };
     println!("{}", serde_json::to_string(&result)?);
     Ok(())
+}
+
+/// How the HTTP server misbehaves (fault injection for the traffic-policy tests).
+#[derive(Clone, Copy, Debug)]
+enum Behaviour {
+    Ok,
+    Always503,
+    /// The first N requests get 503.
+    First503(u64),
+    Reset,
+    Hang,
+    Slow(Duration),
+}
+
+impl std::str::FromStr for Behaviour {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "ok" => Behaviour::Ok,
+            "503" => Behaviour::Always503,
+            "reset" => Behaviour::Reset,
+            "hang" => Behaviour::Hang,
+            _ => {
+                if let Some(n) = s.strip_prefix("503x") {
+                    Behaviour::First503(n.parse()?)
+                } else if let Some(ms) = s.strip_prefix("slow") {
+                    Behaviour::Slow(Duration::from_millis(ms.parse()?))
+                } else {
+                    bail!("unknown behaviour {s:?}")
+                }
+            }
+        })
+    }
+}
+
+fn http_serve(port: u16, name: &str, behaviour: Behaviour, record: Option<&str>) -> Result<()> {
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+    let listener = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("bind :{port}"))?;
+    println!("listening on {port}");
+    std::io::stdout().flush()?;
+    let served = Arc::new(AtomicU64::new(0));
+    let record = record.map(|r| {
+        Arc::new(std::sync::Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(r)
+                .expect("record file"),
+        ))
+    });
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let (name, served, record) = (name.to_owned(), served.clone(), record.clone());
+        std::thread::spawn(move || {
+            let _ = http_connection(stream, &name, behaviour, &served, record.as_deref());
+        });
+    }
+    Ok(())
+}
+
+/// Serves requests on one keep-alive connection.
+fn http_connection(
+    stream: TcpStream,
+    name: &str,
+    behaviour: Behaviour,
+    served: &std::sync::atomic::AtomicU64,
+    record: Option<&std::sync::Mutex<std::fs::File>>,
+) -> Result<()> {
+    use std::io::BufRead;
+    let _ = stream.set_nodelay(true);
+    let mut reader = std::io::BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line)? == 0 {
+            return Ok(());
+        }
+        let mut length = 0usize;
+        let mut close = false;
+        let mut upgrade = false;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            let lower = line.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+            if lower.starts_with("connection:") && lower.contains("close") {
+                close = true;
+            }
+            if lower.starts_with("upgrade:") && lower.contains("echo") {
+                upgrade = true;
+            }
+        }
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body)?;
+        let mut parts = request_line.split_whitespace();
+        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        if let Some(record) = record {
+            let mut f = record.lock().unwrap_or_else(|p| p.into_inner());
+            writeln!(f, "{method} {path}")?;
+        }
+        if upgrade {
+            // `Upgrade: echo`: switch protocols, then echo raw bytes until the peer half-closes.
+            write!(
+                writer,
+                "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\nx-served-by: {name}\r\n\r\n"
+            )?;
+            writer.flush()?;
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = reader.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                writer.write_all(&buf[..n])?;
+            }
+            writer.shutdown(Shutdown::Write)?;
+            return Ok(());
+        }
+        let n = served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let status = match behaviour {
+            Behaviour::Ok => 200,
+            Behaviour::Always503 => 503,
+            Behaviour::First503(k) if n < k => 503,
+            Behaviour::First503(_) => 200,
+            Behaviour::Reset => {
+                // SO_LINGER 0: close() sends RST instead of FIN.
+                let linger = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                // SAFETY: valid fd and a live linger struct of the given size.
+                unsafe {
+                    libc::setsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(&writer),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&linger as *const libc::linger).cast(),
+                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                    );
+                }
+                return Ok(());
+            }
+            Behaviour::Hang => {
+                std::thread::sleep(Duration::from_secs(3600));
+                return Ok(());
+            }
+            Behaviour::Slow(d) => {
+                std::thread::sleep(d);
+                200
+            }
+        };
+        let text = format!("{name}\n");
+        let reason = if status == 200 {
+            "OK"
+        } else {
+            "Service Unavailable"
+        };
+        write!(
+            writer,
+            "HTTP/1.1 {status} {reason}\r\nx-served-by: {name}\r\ncontent-length: {}\r\n{}\r\n{text}",
+            text.len(),
+            if close { "connection: close\r\n" } else { "" }
+        )?;
+        writer.flush()?;
+        if close {
+            return Ok(());
+        }
+    }
 }

@@ -1,0 +1,585 @@
+//! L7 path: a captured connection that speaks HTTP is served request by request (hyper,
+//! HTTP/1.1 keep-alive or HTTP/2), and every request runs the service's traffic policy on its
+//! own: rate limit / concurrency -> retries (budgeted, backoff) -> request timeout -> balancer
+//! -> per-endpoint breaker -> pooled upstream connection (direct or over HBONE).
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus::IntCounter;
+use tokio::net::TcpStream;
+use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::time::Instant;
+
+use super::outbound::Caller;
+use super::upstream::{BoxError, ProxyBody, UpstreamError};
+use crate::config::service_policy::RetryOn;
+use crate::policy::authz::Authorize;
+use crate::state::AgentState;
+use crate::traffic::endpoint::CallGuard;
+use crate::traffic::{retry, ServiceRoute};
+
+/// Bodies up to this size are buffered so the request can be retried; larger or unsized
+/// bodies stream through and the request gets one attempt.
+const MAX_REPLAY_BODY: u64 = 64 * 1024;
+/// Set on responses the agent makes itself, saying why.
+pub const REASON_HEADER: &str = "x-nodemesh-reason";
+
+/// One client connection's context, shared by its requests.
+struct Conn {
+    state: Arc<AgentState>,
+    service_id: u32,
+    caller: Caller,
+    /// This agent's authorization decision, made on the first request to a same-node endpoint
+    /// (other nodes' agents decide for theirs).
+    local_allowed: OnceLock<bool>,
+    /// Request counters by response code, taken once per code.
+    requests: Mutex<Vec<(u16, IntCounter)>>,
+}
+
+/// Serves HTTP on `client` until it closes; on agent shutdown, requests in flight finish and
+/// the connection is closed (idle keep-alive connections at once).
+pub async fn serve(
+    client: TcpStream,
+    state: Arc<AgentState>,
+    service_id: u32,
+    caller: Caller,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let conn = Arc::new(Conn {
+        state,
+        service_id,
+        caller,
+        local_allowed: OnceLock::new(),
+        requests: Mutex::default(),
+    });
+    let service = hyper::service::service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(&conn, req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
+    tokio::pin!(connection);
+    let stopping = async move {
+        // The guard `wait_for` returns must not live across an await.
+        let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
+    };
+    let result = tokio::select! {
+        r = connection.as_mut() => r,
+        _ = stopping => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "HTTP client connection ended with error");
+    }
+}
+
+async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
+    let Some(route) = conn.state.traffic.route(conn.service_id) else {
+        return local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service no longer configured",
+        );
+    };
+    let response = proxy(conn, &route, req).await;
+    conn.count(&route, response.status().as_u16());
+    response
+}
+
+impl Conn {
+    fn count(&self, route: &ServiceRoute, code: u16) {
+        let mut cache = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, c)) = cache.iter().find(|(k, _)| *k == code) {
+            c.inc();
+            return;
+        }
+        let c = self.state.traffic.metrics.requests.with_label_values(&[
+            &*route.name,
+            self.caller.key.as_str(),
+            code.to_string().as_str(),
+        ]);
+        c.inc();
+        cache.push((code, c));
+    }
+
+    fn locally_allowed(&self, route: &ServiceRoute) -> bool {
+        *self.local_allowed.get_or_init(|| {
+            let d = self.state.security.authz.authorize(
+                &self.caller.id,
+                Some(&self.caller.service),
+                &route.name,
+            );
+            if !d.allowed {
+                self.state.metrics.service(&route.name).denied.inc();
+                tracing::warn!(caller = %self.caller.id, service = %route.name, policy = %d.policy, reason = %d.reason, "request denied");
+            }
+            d.allowed
+        })
+    }
+}
+
+/// The policy layers for one request, outermost first.
+async fn proxy(conn: &Conn, route: &ServiceRoute, req: Request<Incoming>) -> Response<ProxyBody> {
+    if let Some(limiter) = &route.limiter {
+        if let Err(wait) = limiter.try_acquire(conn.caller.identity) {
+            route.counters.rate_limited.inc();
+            let mut r = local(StatusCode::TOO_MANY_REQUESTS, "rate limit");
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+            return r;
+        }
+    }
+    let permit = match &route.concurrency {
+        Some(cap) => match cap.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                route.counters.shed.inc();
+                return local(StatusCode::SERVICE_UNAVAILABLE, "concurrency limit");
+            }
+        },
+        None => None,
+    };
+    let deadline = Instant::now() + route.rules.request_timeout;
+    if is_upgrade(&req) {
+        return upgrade(conn, route, req, deadline).await;
+    }
+    match tokio::time::timeout_at(deadline, attempts(conn, route, req, deadline)).await {
+        Ok(Ok((response, _call))) if small(&response) => {
+            buffered(response, deadline, &route.counters).await
+        }
+        Ok(Ok((response, guard))) => guarded(response, guard, permit),
+        Ok(Err(reply)) => reply,
+        Err(_) => {
+            route.counters.timeouts.inc();
+            local(StatusCode::GATEWAY_TIMEOUT, "request timeout")
+        }
+    }
+}
+
+/// The request as sent, replayable when its body was buffered.
+struct Outgoing {
+    head: hyper::http::request::Parts,
+    body: Option<Bytes>,
+    /// A body too large (or unsized) to buffer, sent once.
+    stream: Option<Incoming>,
+    /// Whether a second attempt can happen at all; if not, the head is moved, not copied.
+    may_retry: bool,
+    sent: bool,
+}
+
+impl Outgoing {
+    async fn new(req: Request<Incoming>) -> Result<Self, Response<ProxyBody>> {
+        let (mut head, body) = req.into_parts();
+        strip_hop_by_hop(&mut head.headers);
+        let sized = body.size_hint().exact().filter(|n| *n <= MAX_REPLAY_BODY);
+        if sized.is_none() {
+            return Ok(Self {
+                head,
+                body: None,
+                stream: Some(body),
+                may_retry: false,
+                sent: false,
+            });
+        }
+        match Limited::new(body, MAX_REPLAY_BODY as usize).collect().await {
+            Ok(b) => Ok(Self {
+                head,
+                body: Some(b.to_bytes()),
+                stream: None,
+                may_retry: true,
+                sent: false,
+            }),
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the request body");
+                Err(local(StatusCode::BAD_REQUEST, "unreadable request body"))
+            }
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        self.stream.is_none()
+    }
+
+    /// The next attempt's request; None when it cannot be sent again.
+    fn attempt(&mut self) -> Option<Request<ProxyBody>> {
+        if self.sent && !self.may_retry {
+            return None;
+        }
+        self.sent = true;
+        let body: ProxyBody = match (&self.body, self.stream.take()) {
+            (Some(b), _) if b.is_empty() => {
+                http_body_util::Empty::new().map_err(|e| match e {}).boxed()
+            }
+            (Some(b), _) => Full::new(b.clone()).map_err(|e| match e {}).boxed(),
+            (None, Some(s)) => s.map_err(BoxError::from).boxed(),
+            (None, None) => return None,
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = self.head.method.clone();
+        *req.version_mut() = self.head.version;
+        if self.may_retry {
+            *req.uri_mut() = self.head.uri.clone();
+            *req.headers_mut() = self.head.headers.clone();
+        } else {
+            *req.uri_mut() = std::mem::take(&mut self.head.uri);
+            *req.headers_mut() = std::mem::take(&mut self.head.headers);
+        }
+        Some(req)
+    }
+}
+
+/// Retries around attempts; returns the response to relay (with its endpoint's call guard) or
+/// a reply the agent makes itself.
+async fn attempts(
+    conn: &Conn,
+    route: &ServiceRoute,
+    req: Request<Incoming>,
+    deadline: Instant,
+) -> Result<(Response<Incoming>, CallGuard), Response<ProxyBody>> {
+    let method = req.method().clone();
+    let mut out = Outgoing::new(req).await?;
+    let rules = &route.rules;
+    out.may_retry &= rules.retry.is_some();
+    if let Some(budget) = &route.budget {
+        budget.deposit();
+    }
+    let mut tried = Vec::new();
+    let mut retries = 0u32;
+    loop {
+        let Some(guard) = route.pick(&tried) else {
+            return Err(local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no available endpoint",
+            ));
+        };
+        let addr = guard.endpoint().addr;
+        let Some(endpoint) = route.endpoints.iter().find(|e| e.entry.addr == addr) else {
+            return Err(local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "endpoint left the service",
+            ));
+        };
+        if endpoint.entry.node.is_none() && !conn.locally_allowed(route) {
+            return Err(local(StatusCode::FORBIDDEN, "denied by authorization"));
+        }
+        let Some(request) = out.attempt() else {
+            return Err(local(StatusCode::BAD_GATEWAY, "request body already sent"));
+        };
+        let send = route.upstreams.send(endpoint, &conn.caller.id, request);
+        // Bounded here too (not only by the caller's request timeout), so an attempt that runs
+        // out of time still counts against its endpoint's breaker and latency estimate.
+        let try_deadline = rules
+            .per_try_timeout
+            .map_or(deadline, |t| (Instant::now() + t).min(deadline));
+        let result = tokio::time::timeout_at(try_deadline, send)
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout));
+        let (failure, fallback) = match result {
+            Ok(resp) => {
+                let code = resp.status().as_u16();
+                let gateway_error = matches!(code, 502..=504);
+                guard.record(!gateway_error);
+                let listed = rules
+                    .retry
+                    .as_ref()
+                    .is_some_and(|r| r.retries(RetryOn::Status(code)));
+                if !listed {
+                    return Ok((resp, guard));
+                }
+                (RetryOn::Status(code), Ok((resp, guard)))
+            }
+            Err(UpstreamError::Denied { reason }) => {
+                guard.record(true);
+                conn.state.metrics.service(&route.name).denied.inc();
+                tracing::warn!(caller = %conn.caller.id, service = %route.name, %reason, "denied by the destination agent");
+                return Err(local(
+                    StatusCode::FORBIDDEN,
+                    "denied by the destination agent",
+                ));
+            }
+            Err(e) => {
+                guard.record(false);
+                if matches!(e, UpstreamError::Timeout) && Instant::now() >= deadline {
+                    route.counters.timeouts.inc();
+                    return Err(local(StatusCode::GATEWAY_TIMEOUT, "request timeout"));
+                }
+                let (kind, status, reason) = match &e {
+                    UpstreamError::Connect { .. } => {
+                        conn.state
+                            .metrics
+                            .service(&route.name)
+                            .connect_failures
+                            .inc();
+                        (
+                            RetryOn::ConnectFailure,
+                            StatusCode::BAD_GATEWAY,
+                            "endpoint connect failed",
+                        )
+                    }
+                    UpstreamError::Timeout => (
+                        RetryOn::Reset,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "per-try timeout",
+                    ),
+                    _ => (RetryOn::Reset, StatusCode::BAD_GATEWAY, "endpoint reset"),
+                };
+                tracing::debug!(service = %route.name, endpoint = %addr, error = %e, "attempt failed");
+                (kind, Err(local(status, reason)))
+            }
+        };
+        // Retry? Only listed, allowed conditions, with a replayable body and budget left.
+        let Some(retry_rules) = rules.retry.as_ref() else {
+            return fallback;
+        };
+        let allowed = retries < retry_rules.max
+            && out.replayable()
+            && retry::retryable(retry_rules, &method, failure);
+        if !allowed {
+            return fallback;
+        }
+        if !route.budget.as_ref().is_none_or(|b| b.withdraw()) {
+            route.counters.budget_exhausted.inc();
+            return fallback;
+        }
+        if let Ok((response, _guard)) = fallback {
+            drain(response).await;
+        }
+        retries += 1;
+        route.counters.retries.inc();
+        tried.push(addr);
+        let pause = retry::backoff(retry_rules, retries);
+        if Instant::now() + pause >= deadline {
+            // The timeout would fire during the pause anyway; let it.
+            tokio::time::sleep_until(deadline).await;
+        } else {
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+/// Reads a response that will not be relayed (a retried 5xx) to its end, so its upstream
+/// connection goes back to the pool instead of being closed; bounded in size and time.
+async fn drain(response: Response<Incoming>) {
+    const MAX_DRAIN: usize = 64 * 1024;
+    const DRAIN_TIME: Duration = Duration::from_millis(100);
+    let body = Limited::new(response.into_body(), MAX_DRAIN).collect();
+    let _ = tokio::time::timeout(DRAIN_TIME, body).await;
+}
+
+/// An HTTP/1.1 upgrade request (WebSocket and the like): `Connection: upgrade` plus `Upgrade`.
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.headers().contains_key(hyper::header::UPGRADE)
+        && req
+            .headers()
+            .get_all(hyper::header::CONNECTION)
+            .iter()
+            .any(|v| {
+                v.to_str()
+                    .is_ok_and(|v| v.to_ascii_lowercase().contains("upgrade"))
+            })
+}
+
+/// Upgrades get one attempt (the request timeout bounds the handshake, not the upgraded
+/// stream); after a 101 the two upgraded connections are relayed as bytes, holding the
+/// endpoint call until they close.
+async fn upgrade(
+    conn: &Conn,
+    route: &ServiceRoute,
+    mut req: Request<Incoming>,
+    deadline: Instant,
+) -> Response<ProxyBody> {
+    let client_side = hyper::upgrade::on(&mut req);
+    let Some(guard) = route.pick(&[]) else {
+        return local(StatusCode::SERVICE_UNAVAILABLE, "no available endpoint");
+    };
+    let addr = guard.endpoint().addr;
+    let Some(endpoint) = route.endpoints.iter().find(|e| e.entry.addr == addr) else {
+        return local(StatusCode::SERVICE_UNAVAILABLE, "endpoint left the service");
+    };
+    if endpoint.entry.node.is_none() && !conn.locally_allowed(route) {
+        return local(StatusCode::FORBIDDEN, "denied by authorization");
+    }
+    // Connection and Upgrade are what this request is about: they are passed on, not stripped.
+    let (head, body) = req.into_parts();
+    let outgoing = Request::from_parts(head, body.map_err(BoxError::from).boxed());
+    let send = route.upstreams.send(endpoint, &conn.caller.id, outgoing);
+    let mut response = match tokio::time::timeout_at(deadline, send).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(UpstreamError::Denied { .. })) => {
+            guard.record(true);
+            return local(StatusCode::FORBIDDEN, "denied by the destination agent");
+        }
+        Ok(Err(e)) => {
+            guard.record(false);
+            tracing::debug!(service = %route.name, endpoint = %addr, error = %e, "upgrade attempt failed");
+            return local(StatusCode::BAD_GATEWAY, "endpoint connect failed");
+        }
+        Err(_) => {
+            guard.record(false);
+            route.counters.timeouts.inc();
+            return local(StatusCode::GATEWAY_TIMEOUT, "request timeout");
+        }
+    };
+    guard.record(!matches!(response.status().as_u16(), 502..=504));
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return guarded(response, guard, None);
+    }
+    let upstream_side = hyper::upgrade::on(&mut response);
+    tokio::spawn(async move {
+        let _call = guard;
+        match (client_side.await, upstream_side.await) {
+            (Ok(client), Ok(upstream)) => {
+                let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            }
+            (c, u) => {
+                tracing::debug!(client = ?c.err(), upstream = ?u.err(), "upgrade did not complete")
+            }
+        }
+    });
+    let (head, _) = response.into_parts();
+    Response::from_parts(
+        head,
+        http_body_util::Empty::new().map_err(|e| match e {}).boxed(),
+    )
+}
+
+/// A response the agent makes itself.
+pub fn local(status: StatusCode, reason: &'static str) -> Response<ProxyBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("nodemesh: {reason}\n")))
+            .map_err(|e| match e {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        HeaderName::from_static(REASON_HEADER),
+        HeaderValue::from_static(reason),
+    );
+    r
+}
+
+/// Connection-specific headers (RFC 9110 §7.6.1) do not cross the proxy.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    use hyper::header::{
+        CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING,
+        UPGRADE,
+    };
+    if let Some(listed) = headers.get(CONNECTION).cloned() {
+        if let Ok(listed) = listed.to_str() {
+            for name in listed.split(',') {
+                headers.remove(name.trim());
+            }
+        }
+    }
+    for h in [
+        CONNECTION,
+        PROXY_AUTHENTICATE,
+        PROXY_AUTHORIZATION,
+        TE,
+        TRAILER,
+        TRANSFER_ENCODING,
+        UPGRADE,
+    ] {
+        headers.remove(h);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// A small response (known length up to [`MAX_BUFFERED_RESPONSE`]) is read whole before it is
+/// relayed: hyper then writes head and body to the client in one write (one packet, one
+/// wake-up of the client) instead of the head first and the body when the upstream
+/// connection's task hands it over.
+const MAX_BUFFERED_RESPONSE: u64 = 16 * 1024;
+
+/// HTTP/2 responses always stream (they may carry trailers, as gRPC's do).
+fn small(response: &Response<Incoming>) -> bool {
+    response.version() != hyper::Version::HTTP_2
+        && response
+            .body()
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= MAX_BUFFERED_RESPONSE)
+}
+
+async fn buffered(
+    response: Response<Incoming>,
+    deadline: Instant,
+    counters: &crate::traffic::metrics::ServiceCounters,
+) -> Response<ProxyBody> {
+    let (mut head, body) = response.into_parts();
+    strip_hop_by_hop(&mut head.headers);
+    let read = Limited::new(body, MAX_BUFFERED_RESPONSE as usize).collect();
+    match tokio::time::timeout_at(deadline, read).await {
+        Ok(Ok(body)) => Response::from_parts(
+            head,
+            Full::new(body.to_bytes()).map_err(|e| match e {}).boxed(),
+        ),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "reading the upstream response body");
+            local(StatusCode::BAD_GATEWAY, "upstream response body failed")
+        }
+        Err(_) => {
+            counters.timeouts.inc();
+            local(StatusCode::GATEWAY_TIMEOUT, "request timeout")
+        }
+    }
+}
+
+/// The upstream response for the client; the endpoint call and the concurrency slot last
+/// until its body is done.
+fn guarded(
+    response: Response<Incoming>,
+    guard: CallGuard,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Response<ProxyBody> {
+    let (mut head, body) = response.into_parts();
+    strip_hop_by_hop(&mut head.headers);
+    let body = Guarded {
+        inner: body,
+        _guards: (guard, permit),
+    };
+    Response::from_parts(head, body.map_err(BoxError::from).boxed())
+}
+
+pin_project_lite::pin_project! {
+    struct Guarded<B> {
+        #[pin]
+        inner: B,
+        _guards: (CallGuard, Option<OwnedSemaphorePermit>),
+    }
+}
+
+impl<B: Body> Body for Guarded<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,307 @@
+//! Pooled upstream HTTP connections per endpoint, for one service: direct (from the agent
+//! address) for endpoints on this node, over HBONE (one CONNECT stream per upstream HTTP
+//! connection, presenting the caller's certificate) for endpoints on other nodes. HTTP/2
+//! clients (prior knowledge) get HTTP/2 upstream, HTTP/1 clients HTTP/1.1 with keep-alive.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper::{Request, Response, Uri, Version};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use thiserror::Error;
+use tokio::net::TcpStream;
+
+use super::connect::connect_from;
+use super::hbone::{HboneError, HboneStream};
+use crate::identity::SpiffeId;
+use crate::state::AgentState;
+use crate::traffic::RouteEndpoint;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Request and response bodies on the proxy path.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Idle pooled connections are closed after this long.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+
+#[derive(Debug, Error)]
+pub enum UpstreamError {
+    #[error("connecting to {endpoint}: {reason}")]
+    Connect {
+        endpoint: SocketAddrV4,
+        reason: String,
+    },
+    #[error("the destination agent refused the call: {reason}")]
+    Denied { reason: String },
+    #[error("the per-try timeout fired")]
+    Timeout,
+    #[error("{endpoint} failed before answering: {source}")]
+    Reset {
+        endpoint: SocketAddrV4,
+        source: hyper_util::client::legacy::Error,
+    },
+}
+
+type HttpClient<C> = Client<C, ProxyBody>;
+
+/// HTTP/1.1 and HTTP/2 clients over one connector.
+struct Clients<C> {
+    h1: HttpClient<C>,
+    h2: HttpClient<C>,
+}
+
+impl<C> Clients<C>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    fn new(connector: C) -> Self {
+        let build = |h2: bool| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(POOL_IDLE)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                // The client's own Host header is passed through.
+                .set_host(false)
+                .http2_only(h2)
+                .build(connector.clone())
+        };
+        Self {
+            h1: build(false),
+            h2: build(true),
+        }
+    }
+
+    fn for_version(&self, version: Version) -> &HttpClient<C> {
+        if version == Version::HTTP_2 {
+            &self.h2
+        } else {
+            &self.h1
+        }
+    }
+}
+
+pub struct Upstreams {
+    agent: Weak<AgentState>,
+    service: Arc<str>,
+    connect_timeout: Duration,
+    agent_ip: std::net::Ipv4Addr,
+    direct: Clients<DirectConnector>,
+    /// One pool per calling identity: an HBONE tunnel carries one workload's certificate.
+    hbone: Mutex<HashMap<SpiffeId, Arc<Clients<HboneConnector>>>>,
+}
+
+impl Upstreams {
+    /// `agent_ip` is the source of direct connects (the config being applied, which the agent
+    /// state may not hold yet).
+    pub fn new(
+        agent: Weak<AgentState>,
+        service: Arc<str>,
+        connect_timeout: Duration,
+        agent_ip: std::net::Ipv4Addr,
+    ) -> Self {
+        Self {
+            direct: Clients::new(DirectConnector {
+                agent_ip,
+                timeout: connect_timeout,
+            }),
+            agent,
+            service,
+            connect_timeout,
+            agent_ip,
+            hbone: Mutex::default(),
+        }
+    }
+
+    /// Whether these pools were made for this connect timeout and source address.
+    pub fn fits(&self, connect_timeout: Duration, agent_ip: std::net::Ipv4Addr) -> bool {
+        self.connect_timeout == connect_timeout && self.agent_ip == agent_ip
+    }
+
+    /// Sends one attempt to `endpoint`; `req` has the client's method, path, headers and body.
+    pub async fn send(
+        &self,
+        target: &RouteEndpoint,
+        caller: &SpiffeId,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let endpoint = &target.entry;
+        // Shared, reference-counted parts: no string is built per request.
+        let mut parts = hyper::http::uri::Parts::default();
+        parts.scheme = Some(hyper::http::uri::Scheme::HTTP);
+        parts.authority = Some(target.authority.clone());
+        parts.path_and_query = Some(
+            req.uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
+        );
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|e| UpstreamError::Connect {
+            endpoint: endpoint.addr,
+            reason: e.to_string(),
+        })?;
+        let version = req.version();
+        // The upstream request is HTTP/1.1 or HTTP/2 by the client pool, not the client's.
+        *req.version_mut() = if version == Version::HTTP_2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        let result = match &endpoint.node {
+            None => self.direct.for_version(version).request(req).await,
+            Some(_) => {
+                let clients = self.hbone_clients(caller);
+                clients.for_version(version).request(req).await
+            }
+        };
+        result.map_err(|e| classify(endpoint.addr, e))
+    }
+
+    fn hbone_clients(&self, caller: &SpiffeId) -> Arc<Clients<HboneConnector>> {
+        let mut map = self.hbone.lock().unwrap_or_else(PoisonError::into_inner);
+        map.entry(caller.clone())
+            .or_insert_with(|| {
+                Arc::new(Clients::new(HboneConnector {
+                    agent: self.agent.clone(),
+                    caller: caller.clone(),
+                    service: self.service.clone(),
+                    timeout: self.connect_timeout,
+                }))
+            })
+            .clone()
+    }
+}
+
+fn classify(endpoint: SocketAddrV4, e: hyper_util::client::legacy::Error) -> UpstreamError {
+    if e.is_connect() {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
+        while let Some(s) = source {
+            if let Some(HboneError::Denied { reason }) = s.downcast_ref::<HboneError>() {
+                return UpstreamError::Denied {
+                    reason: reason.clone(),
+                };
+            }
+            source = s.source();
+        }
+        let reason = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+        return UpstreamError::Connect { endpoint, reason };
+    }
+    UpstreamError::Reset {
+        endpoint,
+        source: e,
+    }
+}
+
+fn endpoint_of(uri: &Uri) -> Result<SocketAddrV4, BoxError> {
+    uri.authority()
+        .and_then(|a| a.as_str().parse().ok())
+        .ok_or_else(|| format!("upstream URI {uri} has no endpoint address").into())
+}
+
+type ConnectFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>;
+
+/// Same-node endpoints: TCP from the agent address (strict workloads accept only that).
+#[derive(Clone)]
+struct DirectConnector {
+    agent_ip: std::net::Ipv4Addr,
+    timeout: Duration,
+}
+
+impl tower::Service<Uri> for DirectConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = BoxError;
+    type Future = ConnectFuture<Self::Response>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let (agent_ip, timeout) = (self.agent_ip, self.timeout);
+        Box::pin(async move {
+            let endpoint = endpoint_of(&uri)?;
+            let stream = tokio::time::timeout(timeout, connect_from(agent_ip, endpoint))
+                .await
+                .map_err(|_| format!("timed out after {timeout:?}"))??;
+            let _ = stream.set_nodelay(true);
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+/// Endpoints on other nodes: a CONNECT stream through that node's agent.
+#[derive(Clone)]
+struct HboneConnector {
+    agent: Weak<AgentState>,
+    caller: SpiffeId,
+    service: Arc<str>,
+    timeout: Duration,
+}
+
+impl tower::Service<Uri> for HboneConnector {
+    type Response = TokioIo<HboneStream>;
+    type Error = BoxError;
+    type Future = ConnectFuture<Self::Response>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let endpoint = endpoint_of(&uri)?;
+            let agent = this.agent.upgrade().ok_or("agent is shutting down")?;
+            let (node, node_addr) = hbone_node(&agent, &this.service, endpoint)?;
+            let tls = agent.security.client_tls(&this.caller, &node)?;
+            let target = SocketAddr::V4(endpoint);
+            let open =
+                agent
+                    .security
+                    .pool
+                    .connect(&this.caller, tls, node_addr, target, &this.service);
+            let stream = tokio::time::timeout(this.timeout, open)
+                .await
+                .map_err(|_| format!("HBONE tunnel timed out after {:?}", this.timeout))??;
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+/// The node running `endpoint` and its agent's HBONE address, from the current snapshot.
+fn hbone_node(
+    agent: &AgentState,
+    service: &str,
+    endpoint: SocketAddrV4,
+) -> Result<(String, SocketAddr), BoxError> {
+    let model = agent.model();
+    let node = model
+        .services
+        .get(service)
+        .and_then(|s| s.endpoints.iter().find(|e| e.addr == endpoint))
+        .and_then(|e| e.node.clone())
+        .ok_or_else(|| format!("{endpoint} is no longer a remote endpoint of {service}"))?;
+    let addr = agent
+        .config()
+        .nodes
+        .iter()
+        .find(|n| n.name == node)
+        .map(|n| n.hbone)
+        .ok_or_else(|| format!("endpoint names an unknown node {node:?}"))?;
+    Ok((node, addr))
+}
+
+impl Connection for HboneStream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
