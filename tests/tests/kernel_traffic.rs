@@ -1,5 +1,5 @@
-//! End-to-end: per-identity bytes and packets counted by the cgroup_skb programs, with and without
-//! the agent on the path. Runs for real: network namespaces, cgroup v2, eBPF attached by the agent.
+//! End-to-end: per-identity bytes and packets counted in the kernel by the cgroup_skb programs
+//! (no agent involved in the counting). Runs for real: network namespaces, cgroup v2, eBPF attached by the agent.
 //!
 //! The counters count IP packets as on the wire (IPv4 header + TCP header + payload, offload
 //! super-packets split into their segments), so every packet adds a header overhead on top of the
