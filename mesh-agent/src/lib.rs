@@ -3,9 +3,12 @@
 pub mod admission;
 pub mod app;
 pub mod config;
+pub mod ctl;
 pub mod ebpf;
+pub mod flows;
 pub mod http_server;
 pub mod identity;
+pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use crate::app::security::Security;
 use crate::config::Config;
 use crate::ebpf::{KernelMaps, MeshEbpf, OrigDstTable};
+use crate::flows::FlowTable;
 use crate::metrics::AgentMetrics;
 use crate::registry::MeshModel;
 use crate::traffic::Traffic;
@@ -32,6 +33,8 @@ pub struct AgentState {
     pub mesh: crate::registry::reconcile::MeshSource,
     /// The local registry agent (Consul API, health checks), set once at start.
     pub registry: OnceLock<Arc<crate::registry::agent::LocalAgent>>,
+    /// Active proxied connections (admin /flows).
+    pub flows: Arc<FlowTable>,
 }
 
 impl AgentState {
@@ -60,6 +63,7 @@ impl AgentState {
             security,
             mesh: Default::default(),
             registry: OnceLock::new(),
+            flows: Arc::default(),
         }
     }
 

@@ -9,8 +9,9 @@ pub mod cmd;
 pub mod etcd;
 pub mod http;
 pub mod l7;
+pub mod prometheus;
 pub mod registry;
 pub mod topology;
 pub mod two_nodes;
 
-pub use topology::{AgentHandle, Attempt, Node, Pod, Topology};
+pub use topology::{AgentHandle, Attempt, Node, Pod, Sent, Topology};

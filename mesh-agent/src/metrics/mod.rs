@@ -3,6 +3,7 @@
 //! per-CPU counters, HBONE pool, authorization decisions, certificates) are read at scrape time
 //! by [`scrape::StateCollector`].
 
+pub mod kernel_traffic;
 pub mod scrape;
 
 use std::collections::HashMap;

@@ -18,6 +18,7 @@ use super::hbone::{HboneError, HboneStream};
 use super::sniff::{self, Detected};
 use crate::admission::AcceptErrors;
 use crate::config::service_policy::{Protocol, RetryOn};
+use crate::flows::FlowGuard;
 use crate::identity::SpiffeId;
 use crate::metrics::{AgentMetrics, ServiceMetrics};
 use crate::policy::authz::Authorize;
@@ -224,9 +225,19 @@ async fn tcp(
                 if matches!(upstream, Upstream::Tunnel(_)) {
                     counters.hbone_connections.inc();
                 }
+                let flow = state.flows.open(
+                    caller.id.to_string(),
+                    &*route.name,
+                    addr.to_string(),
+                    endpoint.entry.node.clone(),
+                );
                 match upstream {
-                    Upstream::Direct(s) => relay(client, s, &state.metrics, &counters, guard).await,
-                    Upstream::Tunnel(s) => relay(client, s, &state.metrics, &counters, guard).await,
+                    Upstream::Direct(s) => {
+                        relay(client, s, &state.metrics, &counters, guard, flow).await
+                    }
+                    Upstream::Tunnel(s) => {
+                        relay(client, s, &state.metrics, &counters, guard, flow).await
+                    }
                 }
                 return;
             }
@@ -329,14 +340,16 @@ async fn via_hbone(
 
 /// Copies bytes both ways until both sides are done, recording the traffic.
 async fn relay<S>(
-    mut client: TcpStream,
+    client: TcpStream,
     mut upstream: S,
     metrics: &AgentMetrics,
     counters: &ServiceMetrics,
     _call: CallGuard,
+    flow: FlowGuard,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut client = flow.count(client);
     counters.connections.inc();
     metrics.outbound_active.inc();
     let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
