@@ -4,19 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::proxy::sniff::{classify, Detected};
-
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const METHODS: &[&[u8]] = &[
-    b"GET ",
-    b"HEAD ",
-    b"POST ",
-    b"PUT ",
-    b"DELETE ",
-    b"OPTIONS ",
-    b"PATCH ",
-    b"TRACE ",
-];
+use mesh_agent::proxy::sniff::{classify, Detected, H2_PREFACE, METHODS};
 
 fuzz_target!(|data: &[u8]| {
     let data = &data[..data.len().min(64)];

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use mesh_tests::http::{metric, promtool_check};
+use mesh_tests::http::metric;
+use mesh_tests::prometheus::promtool_check_metrics;
 use mesh_tests::{AgentHandle, Node, Topology};
 
 const ECHO_VIP: &str = "10.96.0.10:80";
@@ -101,7 +102,7 @@ fn pod_reaches_service_vip_through_the_agent() -> Result<()> {
         "{m}"
     );
     // The whole scrape (kernel, pool, authz and certificate families too) is valid exposition.
-    promtool_check(&m)?;
+    promtool_check_metrics(&m)?;
     Ok(())
 }
 

@@ -12,8 +12,10 @@ pub const SNIFF_WINDOW: Duration = Duration::from_millis(100);
 /// How often a partial prefix (e.g. "GE") is peeked again.
 const REPEEK: Duration = Duration::from_millis(1);
 
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const METHODS: &[&[u8]] = &[
+/// The HTTP/2 prior-knowledge client preface.
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Request-line starts that make a connection HTTP/1.x.
+pub const METHODS: &[&[u8]] = &[
     b"GET ",
     b"HEAD ",
     b"POST ",
