@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use crate::identity::SpiffeId;
 use crate::policy::authz::{Authorize, Decision};
-use crate::proxy::hbone::InboundTargets;
+use crate::metrics::istio::{PeerLabels, Reporter, Security, TcpSeries};
+use crate::proxy::hbone::{InboundTargets, PeerIdentity, TunnelMetrics};
 use crate::state::AgentState;
 
 /// Delegates to the current (hot-reloaded) authorizer and registry of the agent.
@@ -36,5 +37,20 @@ impl InboundTargets for StateView {
                 .iter()
                 .any(|e| e.node.is_none() && e.addr == target)
         })
+    }
+}
+
+impl TunnelMetrics for StateView {
+    fn opened(&self, peer: &PeerIdentity, service: &str) -> TcpSeries {
+        let model = self.0.model();
+        let namespace = model
+            .services
+            .get(service)
+            .map_or("default", |s| s.namespace.as_str());
+        let labels = PeerLabels::new(&peer.id, peer.service.as_deref(), service, namespace);
+        self.0
+            .metrics
+            .istio
+            .tcp_opened(&labels, Reporter::Destination, Security::MutualTls)
     }
 }

@@ -136,7 +136,8 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let view = Arc::new(inbound::StateView(state.clone()));
     let inbound_server = HboneServer::new(server_tls, view.clone())
         .with_stats(state.security.inbound.clone())
-        .with_targets(view)
+        .with_targets(view.clone())
+        .with_tunnel_metrics(view)
         .with_source_ip(config.node.agent_ip)
         .with_target_connect_timeout(config.proxy.connect_timeout);
     let mut hbone_stop = stop_rx.clone();

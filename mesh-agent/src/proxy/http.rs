@@ -21,6 +21,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 use super::outbound::Caller;
+use crate::metrics::istio::{HttpSeries, PeerLabels, Reporter, Security};
 use super::upstream::{BoxError, ProxyBody, UpstreamError};
 use crate::config::service_policy::RetryOn;
 use crate::policy::authz::Authorize;
@@ -42,8 +43,12 @@ struct Conn {
     /// This agent's authorization decision, made on the first request to a same-node endpoint
     /// (other nodes' agents decide for theirs).
     local_allowed: OnceLock<bool>,
-    /// Request counters by response code, taken once per code.
-    requests: Mutex<Vec<(u16, IntCounter)>>,
+    /// Request counters (nodemesh, Istio) by response code and security, taken once each.
+    requests: Mutex<Vec<((u16, Security), (IntCounter, IntCounter))>>,
+    /// Istio label values of this caller and service, made once per connection.
+    peer: PeerLabels,
+    /// Istio HTTP series for same-node ([0]) and cross-node ([1]) endpoints, taken on first use.
+    series: [OnceLock<HttpSeries>; 2],
 }
 
 /// Serves HTTP on `client` until it closes; on agent shutdown, requests in flight finish and
@@ -53,6 +58,7 @@ pub async fn serve(
     state: Arc<AgentState>,
     service_id: u32,
     caller: Caller,
+    peer: PeerLabels,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let conn = Arc::new(Conn {
@@ -61,6 +67,8 @@ pub async fn serve(
         caller,
         local_allowed: OnceLock::new(),
         requests: Mutex::default(),
+        peer,
+        series: Default::default(),
     });
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
@@ -94,16 +102,53 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
             "service no longer configured",
         );
     };
-    let response = proxy(conn, &route, req).await;
-    conn.count(&route, response.status().as_u16());
-    response
+    let start = Instant::now();
+    // Declared (Content-Length) or, for a chunked body, what is known before it streams.
+    let request_bytes = req.body().size_hint().lower();
+    let mut outcome = Outcome::default();
+    let response = proxy(conn, &route, req, &mut outcome).await;
+    let security = Security::of_remote(outcome.remote);
+    conn.count(&route, response.status().as_u16(), security);
+    let series = conn.series(security);
+    series.request_bytes.observe(request_bytes as f64);
+    match response.body().size_hint().exact() {
+        Some(n) => {
+            series.response_bytes.observe(n as f64);
+            series.duration_ms.observe(millis_since(start));
+            response
+        }
+        // A streamed body: measured when it ends.
+        None => response.map(|body| {
+            Metered {
+                inner: body,
+                meter: Meter {
+                    series: series.clone(),
+                    start,
+                    bytes: 0,
+                },
+            }
+            .boxed()
+        }),
+    }
+}
+
+/// What happened to one request, for metrics and the access log.
+#[derive(Default)]
+struct Outcome {
+    /// The last endpoint tried was on another node (so the request crossed HBONE).
+    remote: bool,
+}
+
+fn millis_since(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64() * 1000.0
 }
 
 impl Conn {
-    fn count(&self, route: &ServiceRoute, code: u16) {
+    fn count(&self, route: &ServiceRoute, code: u16, security: Security) {
         let mut cache = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, c)) = cache.iter().find(|(k, _)| *k == code) {
+        if let Some((_, (c, i))) = cache.iter().find(|(k, _)| *k == (code, security)) {
             c.inc();
+            i.inc();
             return;
         }
         let c = self.state.traffic.metrics.requests.with_label_values(&[
@@ -111,8 +156,23 @@ impl Conn {
             self.caller.key.as_str(),
             code.to_string().as_str(),
         ]);
+        let i = self
+            .state
+            .metrics
+            .istio
+            .requests(&self.peer, Reporter::Source, security, code);
         c.inc();
-        cache.push((code, c));
+        i.inc();
+        cache.push(((code, security), (c, i)));
+    }
+
+    fn series(&self, security: Security) -> &HttpSeries {
+        self.series[(security == Security::MutualTls) as usize].get_or_init(|| {
+            self.state
+                .metrics
+                .istio
+                .http(&self.peer, Reporter::Source, security)
+        })
     }
 
     fn locally_allowed(&self, route: &ServiceRoute) -> bool {
@@ -132,7 +192,12 @@ impl Conn {
 }
 
 /// The policy layers for one request, outermost first.
-async fn proxy(conn: &Conn, route: &ServiceRoute, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn proxy(
+    conn: &Conn,
+    route: &ServiceRoute,
+    req: Request<Incoming>,
+    outcome: &mut Outcome,
+) -> Response<ProxyBody> {
     if let Some(limiter) = &route.limiter {
         if let Err(wait) = limiter.try_acquire(conn.caller.identity) {
             route.counters.rate_limited.inc();
@@ -154,9 +219,10 @@ async fn proxy(conn: &Conn, route: &ServiceRoute, req: Request<Incoming>) -> Res
     };
     let deadline = Instant::now() + route.rules.request_timeout;
     if is_upgrade(&req) {
-        return upgrade(conn, route, req, deadline).await;
+        return upgrade(conn, route, req, deadline, outcome).await;
     }
-    match tokio::time::timeout_at(deadline, attempts(conn, route, req, deadline)).await {
+    let attempts = attempts(conn, route, req, deadline, outcome);
+    match tokio::time::timeout_at(deadline, attempts).await {
         Ok(Ok((response, _call))) if small(&response) => {
             buffered(response, deadline, &route.counters).await
         }
@@ -248,6 +314,7 @@ async fn attempts(
     route: &ServiceRoute,
     req: Request<Incoming>,
     deadline: Instant,
+    outcome: &mut Outcome,
 ) -> Result<(Response<Incoming>, CallGuard), Response<ProxyBody>> {
     let method = req.method().clone();
     let mut out = Outgoing::new(req).await?;
@@ -272,6 +339,7 @@ async fn attempts(
                 "endpoint left the service",
             ));
         };
+        outcome.remote = endpoint.entry.node.is_some();
         if endpoint.entry.node.is_none() && !conn.locally_allowed(route) {
             return Err(local(StatusCode::FORBIDDEN, "denied by authorization"));
         }
@@ -400,6 +468,7 @@ async fn upgrade(
     route: &ServiceRoute,
     mut req: Request<Incoming>,
     deadline: Instant,
+    outcome: &mut Outcome,
 ) -> Response<ProxyBody> {
     let client_side = hyper::upgrade::on(&mut req);
     let Some(guard) = route.pick(&[]) else {
@@ -409,6 +478,7 @@ async fn upgrade(
     let Some(endpoint) = route.endpoints.iter().find(|e| e.entry.addr == addr) else {
         return local(StatusCode::SERVICE_UNAVAILABLE, "endpoint left the service");
     };
+    outcome.remote = endpoint.entry.node.is_some();
     if endpoint.entry.node.is_none() && !conn.locally_allowed(route) {
         return local(StatusCode::FORBIDDEN, "denied by authorization");
     }
@@ -573,6 +643,55 @@ impl<B: Body> Body for Guarded<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A streamed response body that records its size and the request's duration when done.
+    struct Metered<B> {
+        #[pin]
+        inner: B,
+        meter: Meter,
+    }
+}
+
+struct Meter {
+    series: HttpSeries,
+    start: Instant,
+    bytes: u64,
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        self.series.response_bytes.observe(self.bytes as f64);
+        self.series.duration_ms.observe(millis_since(self.start));
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for Metered<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.meter.bytes += data.len() as u64;
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -18,6 +18,7 @@ use super::hbone::{HboneError, HboneStream};
 use super::sniff::{self, Detected};
 use crate::config::service_policy::{Protocol, RetryOn};
 use crate::identity::SpiffeId;
+use crate::metrics::istio::{PeerLabels, Reporter, Security, TcpSeries};
 use crate::metrics::{AgentMetrics, ServiceMetrics};
 use crate::policy::authz::Authorize;
 use crate::state::AgentState;
@@ -112,14 +113,25 @@ async fn handle(
     };
     tracing::debug!(caller = %caller.id, %peer, %original, service = %route.name, http, "proxying");
     let counters = metrics.service(&route.name);
+    let peer = peer_labels(&state, &route, &caller);
     if http {
         counters.connections.inc();
         metrics.outbound_active.inc();
-        super::http::serve(client, state.clone(), route.id, caller, shutdown).await;
+        super::http::serve(client, state.clone(), route.id, caller, peer, shutdown).await;
         metrics.outbound_active.dec();
     } else {
-        tcp(client, &state, &route, &caller, counters).await;
+        tcp(client, &state, &route, &caller, &peer, counters).await;
     }
+}
+
+/// The Istio label values of this caller calling `route`'s service.
+fn peer_labels(state: &AgentState, route: &ServiceRoute, caller: &Caller) -> PeerLabels {
+    let model = state.model();
+    let namespace = model
+        .services
+        .get(&*route.name)
+        .map_or("default", |s| s.namespace.as_str());
+    PeerLabels::new(&caller.id, Some(&caller.service), &route.name, namespace)
 }
 
 /// The calling workload as authorization and metrics see it.
@@ -165,6 +177,7 @@ async fn tcp(
     state: &AgentState,
     route: &ServiceRoute,
     caller: &Caller,
+    peer: &PeerLabels,
     counters: ServiceMetrics,
 ) {
     if let Some(limiter) = &route.limiter {
@@ -216,12 +229,19 @@ async fn tcp(
         match attempt {
             Ok(upstream) => {
                 guard.record(true);
-                if matches!(upstream, Upstream::Tunnel(_)) {
+                let remote = matches!(upstream, Upstream::Tunnel(_));
+                if remote {
                     counters.hbone_connections.inc();
                 }
+                let tcp = state.metrics.istio.tcp_opened(
+                    peer,
+                    Reporter::Source,
+                    Security::of_remote(remote),
+                );
+                let metrics = (&state.metrics, &counters, &tcp);
                 match upstream {
-                    Upstream::Direct(s) => relay(client, s, &state.metrics, &counters, guard).await,
-                    Upstream::Tunnel(s) => relay(client, s, &state.metrics, &counters, guard).await,
+                    Upstream::Direct(s) => relay(client, s, metrics, guard).await,
+                    Upstream::Tunnel(s) => relay(client, s, metrics, guard).await,
                 }
                 return;
             }
@@ -326,8 +346,7 @@ async fn via_hbone(
 async fn relay<S>(
     mut client: TcpStream,
     mut upstream: S,
-    metrics: &AgentMetrics,
-    counters: &ServiceMetrics,
+    (metrics, counters, tcp): (&AgentMetrics, &ServiceMetrics, &TcpSeries),
     _call: CallGuard,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -340,7 +359,12 @@ async fn relay<S>(
         Ok((to_endpoint, from_endpoint)) => {
             counters.bytes_to_endpoint.inc_by(to_endpoint);
             counters.bytes_from_endpoint.inc_by(from_endpoint);
+            tcp.finished(to_endpoint, from_endpoint);
         }
-        Err(e) => tracing::debug!(error = %e, "connection ended with error"),
+        Err(e) => {
+            // copy_bidirectional does not say how much went through before the error.
+            tcp.finished(0, 0);
+            tracing::debug!(error = %e, "connection ended with error")
+        }
     }
 }

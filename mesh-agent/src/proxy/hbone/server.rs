@@ -23,6 +23,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{PeerIdentity, ALPN_H2, SERVICE_HEADER};
 use crate::policy::authz::Authorize;
+use crate::metrics::istio::TcpSeries;
 use crate::proxy::connect::connect_from;
 
 /// A peer that cannot finish the handshake in this time is dropped.
@@ -67,8 +68,15 @@ impl InboundStats {
     }
 }
 
+/// Per-tunnel TCP metrics at the destination (`reporter="destination"`).
+pub trait TunnelMetrics: Send + Sync {
+    /// Counts a tunnel to `service` from `peer` as opened and returns its series.
+    fn opened(&self, peer: &PeerIdentity, service: &str) -> TcpSeries;
+}
+
 pub struct HboneServer {
     stats: Arc<InboundStats>,
+    tunnel_metrics: Option<Arc<dyn TunnelMetrics>>,
     acceptor: TlsAcceptor,
     authorizer: Arc<dyn Authorize>,
     target_connect_timeout: Duration,
@@ -88,6 +96,7 @@ impl HboneServer {
         };
         Self {
             stats: Arc::default(),
+            tunnel_metrics: None,
             acceptor: TlsAcceptor::from(tls),
             authorizer,
             target_connect_timeout: Duration::from_secs(5),
@@ -99,6 +108,12 @@ impl HboneServer {
     /// Counts into `stats` (shared with the metrics endpoint).
     pub fn with_stats(mut self, stats: Arc<InboundStats>) -> Self {
         self.stats = stats;
+        self
+    }
+
+    /// Reports each tunnel's TCP metrics to `metrics`.
+    pub fn with_tunnel_metrics(mut self, metrics: Arc<dyn TunnelMetrics>) -> Self {
+        self.tunnel_metrics = Some(metrics);
         self
     }
 
@@ -294,18 +309,27 @@ impl HboneServer {
         };
         let _ = upstream.set_nodelay(true);
 
+        let tcp = self.tunnel_metrics.as_ref().map(|m| m.opened(peer, service));
         let on_upgrade = hyper::upgrade::on(req);
         let source = peer.id.clone();
         tokio::spawn(async move {
             let mut tunnel = match on_upgrade.await {
                 Ok(upgraded) => TokioIo::new(upgraded),
                 Err(e) => {
+                    if let Some(tcp) = &tcp {
+                        tcp.finished(0, 0);
+                    }
                     tracing::debug!(target = %target, error = %e, "HBONE upgrade failed");
                     return;
                 }
             };
             // copy_bidirectional forwards EOF as a write shutdown on the other side.
-            match tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await {
+            let copied = tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await;
+            if let Some(tcp) = &tcp {
+                let (sent, received) = copied.as_ref().map_or((0, 0), |c| *c);
+                tcp.finished(sent, received);
+            }
+            match copied {
                 Ok((to_target, from_target)) => tracing::debug!(source = %source, target = %target,
                     to_target, from_target, "HBONE stream closed"),
                 Err(e) => tracing::debug!(source = %source, target = %target, error = %e,
