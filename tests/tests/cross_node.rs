@@ -79,6 +79,29 @@ fn cross_node_call_crosses_the_link_only_as_mtls() -> Result<()> {
         metric(&m2, "nodemesh_authz_decisions_total", &allowed) == Some(1),
         "{m2}"
     );
+    // Istio's TCP families: the caller's agent reports the connection as source, node 2's
+    // agent the tunnel as destination, both mutual_tls, with the exact bytes each way (the
+    // echo server answers "srv:" + what it got).
+    let (sent, received) = (secret.len() as u64, secret.len() as u64 + 4);
+    for (m, reporter) in [(&m1, "source"), (&m2, "destination")] {
+        let labels = [
+            ("reporter", reporter),
+            ("source_workload", "client"),
+            ("source_workload_namespace", "shop"),
+            ("source_principal", "spiffe://cluster.local/ns/shop/sa/client"),
+            ("destination_service", "echo.shop.svc.cluster.local"),
+            ("destination_workload", "echo"),
+            ("connection_security_policy", "mutual_tls"),
+        ];
+        let tcp = |name| metric(m, name, &labels);
+        ensure!(
+            tcp("istio_tcp_connections_opened_total") == Some(1)
+                && tcp("istio_tcp_connections_closed_total") == Some(1)
+                && tcp("istio_tcp_sent_bytes_total") == Some(sent)
+                && tcp("istio_tcp_received_bytes_total") == Some(received),
+            "{reporter}: {m}"
+        );
+    }
     Ok(())
 }
 

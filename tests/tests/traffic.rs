@@ -145,6 +145,40 @@ fn transient_503s_are_retried_and_post_is_not_by_default() -> Result<()> {
         requests("get", "200") == Some(1) && requests("post", "503") == Some(1),
         "{m}"
     );
+    // The same requests in Istio's families (one per client request, retries not counted),
+    // reported by the caller's agent; same-node endpoints, so no mTLS.
+    let istio = |service: &'static str, code: Option<&'static str>| {
+        let mut labels = vec![
+            ("reporter", "source"),
+            ("source_workload", "client"),
+            ("source_workload_namespace", "shop"),
+            ("source_principal", "spiffe://cluster.local/ns/shop/sa/client"),
+            ("destination_workload", service),
+            ("connection_security_policy", "none"),
+        ];
+        labels.extend(code.map(|c| ("response_code", c)));
+        labels
+    };
+    let get = istio("get", Some("200"));
+    let post = istio("post", Some("503"));
+    ensure!(
+        metric(&m, "istio_requests_total", &get) == Some(1)
+            && metric(&m, "istio_requests_total", &post) == Some(1)
+            && metric(&m, "istio_requests_total", &istio("get", Some("503"))).is_none(),
+        "{m}"
+    );
+    let post = istio("post", None);
+    ensure!(
+        metric(&m, "istio_request_duration_milliseconds_count", &post) == Some(1)
+            && metric(&m, "istio_request_bytes_sum", &post) == Some(3)
+            && metric(&m, "istio_response_bytes_count", &post) == Some(1),
+        "{m}"
+    );
+    ensure!(
+        m.contains("destination_service=\"get.shop.svc.cluster.local\""),
+        "{m}"
+    );
+    mesh_tests::http::promtool_check(&m)?;
     Ok(())
 }
 
@@ -504,6 +538,28 @@ fn retries_across_nodes_over_hbone() -> Result<()> {
     let allowed = [("policy", "web-callers"), ("decision", "allow")];
     ensure!(
         metric(&m2, "nodemesh_authz_decisions_total", &allowed) == Some(1),
+        "{m2}"
+    );
+    // Three client requests, each answered 200 from node 2: Istio counts them once each (not
+    // the retried attempts), over mTLS; node 2 sees the one pooled tunnel.
+    let http = [
+        ("reporter", "source"),
+        ("destination_service", "web.shop.svc.cluster.local"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let ok = [http.as_slice(), &[("response_code", "200")]].concat();
+    ensure!(
+        metric(&m1, "istio_requests_total", &ok) == Some(3)
+            && metric(&m1, "istio_request_duration_milliseconds_count", &http) == Some(3),
+        "{m1}"
+    );
+    let tunnel = [
+        ("reporter", "destination"),
+        ("destination_service", "web.shop.svc.cluster.local"),
+        ("source_principal", "spiffe://cluster.local/ns/shop/sa/client"),
+    ];
+    ensure!(
+        metric(&m2, "istio_tcp_connections_opened_total", &tunnel) == Some(1),
         "{m2}"
     );
     Ok(())
