@@ -1,7 +1,7 @@
 //! State shared by the agent's tasks: current config and model, kernel handles, metrics.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use crate::app::security::Security;
 use crate::config::Config;
@@ -26,6 +26,8 @@ pub struct AgentState {
     pub ready: AtomicBool,
     pub kernel: Mutex<Option<Kernel>>,
     pub security: Security,
+    /// The JSON access log, when `observability.access_log.enabled` (set once at start).
+    pub access_log: OnceLock<crate::access_log::AccessLog>,
 }
 
 impl AgentState {
@@ -47,6 +49,7 @@ impl AgentState {
             ready: AtomicBool::new(false),
             kernel: Mutex::new(Some(kernel)),
             security,
+            access_log: OnceLock::new(),
         }
     }
 

@@ -59,6 +59,8 @@ pub enum AppError {
     Identity(#[from] IdentityError),
     #[error("the config does not fit this node:\n  - {}", .0.join("\n  - "))]
     NodeChecks(Vec<String>),
+    #[error(transparent)]
+    AccessLog(#[from] crate::access_log::AccessLogError),
 }
 
 async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
@@ -82,6 +84,11 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         return Err(AppError::NodeChecks(report.failed));
     }
     let object = object_bytes(config.node.ebpf_object.as_deref())?;
+    let access = &config.observability.access_log;
+    let access_log = match access.enabled {
+        true => Some(crate::access_log::AccessLog::start(access.path.as_deref())?),
+        false => None,
+    };
     tracing::info!(path = %config_path.display(), contents = %changes::counts(&config), "config loaded");
     tracing::debug!(effective = %serde_json::to_string(&config).unwrap_or_default(), "effective config");
     let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
@@ -118,6 +125,12 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         security,
     ));
     state.metrics.config_generation.inc();
+    if let Some(log) = access_log {
+        if let Err(e) = state.metrics.register(Box::new(log.dropped())) {
+            tracing::error!(error = %e, "registering the access log's metric");
+        }
+        let _ = state.access_log.set(log);
+    }
     state.traffic.attach(Arc::downgrade(&state));
     state.traffic.update(&state.config(), &state.model());
     if let Err(e) = state

@@ -111,6 +111,10 @@ fn check_immutable(old: &Config, new: &Config) -> Result<(), ConfigError> {
             old.node.trust_domain != new.node.trust_domain,
         ),
         ("identity", old.identity != new.identity),
+        (
+            "observability.access_log",
+            old.observability.access_log != new.observability.access_log,
+        ),
     ];
     match fields.iter().find(|(_, changed)| *changed) {
         Some((field, _)) => Err(ConfigError::invalid(

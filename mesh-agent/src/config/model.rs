@@ -35,6 +35,28 @@ pub struct Config {
     /// Mesh-wide traffic policy; each service's `policy` overrides it field by field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_defaults: Option<super::TrafficDefaults>,
+    /// Access logs.
+    #[serde(default)]
+    pub observability: ObservabilityConfig,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ObservabilityConfig {
+    #[serde(default)]
+    pub access_log: AccessLogConfig,
+}
+
+/// One JSON line per proxied TCP connection and per HTTP request.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// Off by default.
+    #[serde(default)]
+    pub enabled: bool,
+    /// File the lines are appended to; stdout when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
 }
 
 impl Config {

@@ -72,7 +72,7 @@ impl Security {
         }
     }
 
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Security::None => "none",
             Security::MutualTls => "mutual_tls",

@@ -4,6 +4,7 @@
 //! -> per-endpoint breaker -> pooled upstream connection (direct or over HBONE).
 
 use std::convert::Infallible;
+use std::net::SocketAddrV4;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
@@ -95,7 +96,7 @@ pub async fn serve(
     }
 }
 
-async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(conn: &Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody> {
     let Some(route) = conn.state.traffic.route(conn.service_id) else {
         return local(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -105,16 +106,34 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
     let start = Instant::now();
     // Declared (Content-Length) or, for a chunked body, what is known before it streams.
     let request_bytes = req.body().size_hint().lower();
+    // Only made when the access log is on: the one per-request allocation it costs.
+    let line = conn
+        .state
+        .access_log
+        .get()
+        .map(|_| Box::new(RequestLine::new(&req)));
     let mut outcome = Outcome::default();
     let response = proxy(conn, &route, req, &mut outcome).await;
+    let code = response.status().as_u16();
     let security = Security::of_remote(outcome.remote);
-    conn.count(&route, response.status().as_u16(), security);
+    conn.count(&route, code, security);
     let series = conn.series(security);
     series.request_bytes.observe(request_bytes as f64);
+    let pending = line.map(|line| Pending {
+        conn: conn.clone(),
+        line,
+        code,
+        outcome,
+        request_bytes,
+    });
     match response.body().size_hint().exact() {
         Some(n) => {
+            let millis = millis_since(start);
             series.response_bytes.observe(n as f64);
-            series.duration_ms.observe(millis_since(start));
+            series.duration_ms.observe(millis);
+            if let Some(p) = pending {
+                p.log(n, millis);
+            }
             response
         }
         // A streamed body: measured when it ends.
@@ -125,6 +144,7 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
                     series: series.clone(),
                     start,
                     bytes: 0,
+                    pending,
                 },
             }
             .boxed()
@@ -137,6 +157,70 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
 struct Outcome {
     /// The last endpoint tried was on another node (so the request crossed HBONE).
     remote: bool,
+    endpoint: Option<SocketAddrV4>,
+    retries: u32,
+    /// Authorization: this agent's (same-node endpoint) or the destination agent's.
+    allowed: Option<bool>,
+}
+
+/// The parts of a request the access log keeps (taken before the request is sent on).
+struct RequestLine {
+    method: hyper::Method,
+    path: String,
+    trace_id: Option<String>,
+}
+
+impl RequestLine {
+    fn new(req: &Request<Incoming>) -> Self {
+        let trace_id = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::access_log::trace_id)
+            .map(str::to_owned);
+        Self {
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            trace_id,
+        }
+    }
+}
+
+/// An access-log line waiting for the response to end.
+struct Pending {
+    conn: Arc<Conn>,
+    line: Box<RequestLine>,
+    code: u16,
+    outcome: Outcome,
+    request_bytes: u64,
+}
+
+impl Pending {
+    fn log(self, response_bytes: u64, millis: f64) {
+        let Some(log) = self.conn.state.access_log.get() else {
+            return;
+        };
+        let peer = &self.conn.peer;
+        log.log(&crate::access_log::Entry {
+            time: crate::access_log::now(),
+            kind: "http",
+            reporter: "source",
+            source_principal: &peer.source_principal,
+            source_workload: &peer.source_workload,
+            destination_service: &peer.destination_service,
+            endpoint: self.outcome.endpoint,
+            method: Some(self.line.method.as_str()),
+            path: Some(&self.line.path),
+            response_code: Some(self.code),
+            bytes_sent: self.request_bytes,
+            bytes_received: response_bytes,
+            duration_ms: millis,
+            retries: self.outcome.retries,
+            policy: self.outcome.allowed.map(|a| if a { "allow" } else { "deny" }),
+            connection_security_policy: Security::of_remote(self.outcome.remote).label(),
+            trace_id: self.line.trace_id.as_deref(),
+        });
+    }
 }
 
 fn millis_since(start: Instant) -> f64 {
@@ -340,8 +424,13 @@ async fn attempts(
             ));
         };
         outcome.remote = endpoint.entry.node.is_some();
-        if endpoint.entry.node.is_none() && !conn.locally_allowed(route) {
-            return Err(local(StatusCode::FORBIDDEN, "denied by authorization"));
+        outcome.endpoint = Some(addr);
+        if endpoint.entry.node.is_none() {
+            let allowed = conn.locally_allowed(route);
+            outcome.allowed = Some(allowed);
+            if !allowed {
+                return Err(local(StatusCode::FORBIDDEN, "denied by authorization"));
+            }
         }
         let Some(request) = out.attempt() else {
             return Err(local(StatusCode::BAD_GATEWAY, "request body already sent"));
@@ -357,6 +446,7 @@ async fn attempts(
             .unwrap_or(Err(UpstreamError::Timeout));
         let (failure, fallback) = match result {
             Ok(resp) => {
+                outcome.allowed = Some(true);
                 let code = resp.status().as_u16();
                 let gateway_error = matches!(code, 502..=504);
                 guard.record(!gateway_error);
@@ -371,6 +461,7 @@ async fn attempts(
             }
             Err(UpstreamError::Denied { reason }) => {
                 guard.record(true);
+                outcome.allowed = Some(false);
                 conn.state.metrics.service(&route.name).denied.inc();
                 tracing::warn!(caller = %conn.caller.id, service = %route.name, %reason, "denied by the destination agent");
                 return Err(local(
@@ -426,6 +517,7 @@ async fn attempts(
             drain(response).await;
         }
         retries += 1;
+        outcome.retries = retries;
         route.counters.retries.inc();
         tried.push(addr);
         let pause = retry::backoff(retry_rules, retries);
@@ -479,8 +571,13 @@ async fn upgrade(
         return local(StatusCode::SERVICE_UNAVAILABLE, "endpoint left the service");
     };
     outcome.remote = endpoint.entry.node.is_some();
-    if endpoint.entry.node.is_none() && !conn.locally_allowed(route) {
-        return local(StatusCode::FORBIDDEN, "denied by authorization");
+    outcome.endpoint = Some(addr);
+    if endpoint.entry.node.is_none() {
+        let allowed = conn.locally_allowed(route);
+        outcome.allowed = Some(allowed);
+        if !allowed {
+            return local(StatusCode::FORBIDDEN, "denied by authorization");
+        }
     }
     // Connection and Upgrade are what this request is about: they are passed on, not stripped.
     let (head, body) = req.into_parts();
@@ -667,12 +764,17 @@ struct Meter {
     series: HttpSeries,
     start: Instant,
     bytes: u64,
+    pending: Option<Pending>,
 }
 
 impl Drop for Meter {
     fn drop(&mut self) {
+        let millis = millis_since(self.start);
         self.series.response_bytes.observe(self.bytes as f64);
-        self.series.duration_ms.observe(millis_since(self.start));
+        self.series.duration_ms.observe(millis);
+        if let Some(p) = self.pending.take() {
+            p.log(self.bytes, millis);
+        }
     }
 }
 

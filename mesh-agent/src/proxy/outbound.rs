@@ -204,6 +204,11 @@ async fn tcp(
         .map_or(0, |r| r.max);
     let mut tried = Vec::new();
     let mut local_decision = None;
+    let log = TcpLog {
+        state,
+        peer,
+        start: tokio::time::Instant::now(),
+    };
     loop {
         let Some(guard) = route.pick(&tried) else {
             counters.connect_failures.inc();
@@ -220,6 +225,7 @@ async fn tcp(
                     *local_decision.get_or_insert_with(|| authorize(state, route, caller));
                 if !allowed {
                     counters.denied.inc();
+                    log.write(Some(addr), (0, 0), tried.len(), Some(false), false);
                     return;
                 }
                 direct(state, route, addr).await
@@ -239,16 +245,18 @@ async fn tcp(
                     Security::of_remote(remote),
                 );
                 let metrics = (&state.metrics, &counters, &tcp);
-                match upstream {
+                let bytes = match upstream {
                     Upstream::Direct(s) => relay(client, s, metrics, guard).await,
                     Upstream::Tunnel(s) => relay(client, s, metrics, guard).await,
-                }
+                };
+                log.write(Some(addr), bytes, tried.len(), Some(true), remote);
                 return;
             }
             Err(HboneError::Denied { reason }) => {
                 guard.record(true);
                 counters.denied.inc();
                 tracing::warn!(caller = %caller.id, service = %route.name, %reason, "denied by the destination agent");
+                log.write(Some(addr), (0, 0), tried.len(), Some(false), true);
                 return;
             }
             Err(e) => {
@@ -256,6 +264,7 @@ async fn tcp(
                 counters.connect_failures.inc();
                 tracing::warn!(service = %route.name, endpoint = %addr, error = %e, "endpoint connect failed");
                 if tried.len() as u32 >= retries {
+                    log.write(Some(addr), (0, 0), tried.len(), local_decision, false);
                     return;
                 }
                 route.counters.retries.inc();
@@ -348,7 +357,8 @@ async fn relay<S>(
     mut upstream: S,
     (metrics, counters, tcp): (&AgentMetrics, &ServiceMetrics, &TcpSeries),
     _call: CallGuard,
-) where
+) -> (u64, u64)
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     counters.connections.inc();
@@ -360,11 +370,54 @@ async fn relay<S>(
             counters.bytes_to_endpoint.inc_by(to_endpoint);
             counters.bytes_from_endpoint.inc_by(from_endpoint);
             tcp.finished(to_endpoint, from_endpoint);
+            (to_endpoint, from_endpoint)
         }
         Err(e) => {
             // copy_bidirectional does not say how much went through before the error.
             tcp.finished(0, 0);
-            tracing::debug!(error = %e, "connection ended with error")
+            tracing::debug!(error = %e, "connection ended with error");
+            (0, 0)
         }
+    }
+}
+
+/// The access-log line of one opaque TCP connection (written only when the log is on).
+struct TcpLog<'a> {
+    state: &'a AgentState,
+    peer: &'a PeerLabels,
+    start: tokio::time::Instant,
+}
+
+impl TcpLog<'_> {
+    fn write(
+        &self,
+        endpoint: Option<SocketAddrV4>,
+        (sent, received): (u64, u64),
+        retries: usize,
+        allowed: Option<bool>,
+        remote: bool,
+    ) {
+        let Some(log) = self.state.access_log.get() else {
+            return;
+        };
+        log.log(&crate::access_log::Entry {
+            time: crate::access_log::now(),
+            kind: "tcp",
+            reporter: "source",
+            source_principal: &self.peer.source_principal,
+            source_workload: &self.peer.source_workload,
+            destination_service: &self.peer.destination_service,
+            endpoint,
+            method: None,
+            path: None,
+            response_code: None,
+            bytes_sent: sent,
+            bytes_received: received,
+            duration_ms: self.start.elapsed().as_secs_f64() * 1000.0,
+            retries: retries as u32,
+            policy: allowed.map(|a| if a { "allow" } else { "deny" }),
+            connection_security_policy: Security::of_remote(remote).label(),
+            trace_id: None,
+        });
     }
 }
