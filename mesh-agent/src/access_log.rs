@@ -149,9 +149,9 @@ mod tests {
 
     #[test]
     fn writes_one_json_line_per_entry_to_the_file() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let path = dir.path().join("access.log");
-        let log = AccessLog::start(Some(&path)).unwrap();
+        let log = AccessLog::start(Some(&path)).expect("test setup");
         for code in [200, 503] {
             log.log(&Entry {
                 time: now(),
@@ -160,7 +160,7 @@ mod tests {
                 source_principal: "spiffe://cluster.local/ns/shop/sa/client",
                 source_workload: "client",
                 destination_service: "echo.shop.svc.cluster.local",
-                endpoint: Some("10.0.0.2:8080".parse().unwrap()),
+                endpoint: Some("10.0.0.2:8080".parse().expect("test setup")),
                 method: Some("GET"),
                 path: Some("/"),
                 response_code: Some(code),
@@ -183,13 +183,16 @@ mod tests {
         };
         let parsed: Vec<serde_json::Value> = lines
             .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
+            .map(|l| serde_json::from_str(l).expect("test setup"))
             .collect();
         assert_eq!(parsed.len(), 2, "{lines}");
         assert_eq!(parsed[1]["response_code"], 503);
         assert_eq!(parsed[0]["endpoint"], "10.0.0.2:8080");
         assert_eq!(parsed[0]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert!(parsed[0]["time"].as_str().unwrap().ends_with('Z'));
+        assert!(parsed[0]["time"]
+            .as_str()
+            .expect("test setup")
+            .ends_with('Z'));
         assert_eq!(log.dropped().get(), 0);
     }
 

@@ -46,7 +46,8 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
 
 /// promtool's one expected finding on the agent's output: Istio's duration metric is named in
 /// milliseconds (dashboards query that name), where Prometheus prefers seconds.
-const ISTIO_UNIT_LINT: &str = "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\"";
+const ISTIO_UNIT_LINT: &str =
+    "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\"";
 
 /// Runs `promtool check metrics` (Debian's prometheus package) on `text`; fails on any parse
 /// error or lint finding other than [`ISTIO_UNIT_LINT`].

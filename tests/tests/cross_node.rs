@@ -88,7 +88,10 @@ fn cross_node_call_crosses_the_link_only_as_mtls() -> Result<()> {
             ("reporter", reporter),
             ("source_workload", "client"),
             ("source_workload_namespace", "shop"),
-            ("source_principal", "spiffe://cluster.local/ns/shop/sa/client"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/shop/sa/client",
+            ),
             ("destination_service", "echo.shop.svc.cluster.local"),
             ("destination_workload", "echo"),
             ("connection_security_policy", "mutual_tls"),

@@ -153,11 +153,16 @@ fn dashboard_queries_only_documented_metrics() -> Result<()> {
         .iter()
         .filter(|n| !reference.contains(&format!("| `{n}` |")))
         .collect();
-    ensure!(missing.is_empty(), "undocumented metrics in the dashboard: {missing:?}");
+    ensure!(
+        missing.is_empty(),
+        "undocumented metrics in the dashboard: {missing:?}"
+    );
     for q in ["0.5", "0.95", "0.99"] {
         ensure!(
-            exprs.iter().any(|e| e.starts_with(&format!("histogram_quantile({q},"))
-                && e.contains("istio_request_duration_milliseconds_bucket")),
+            exprs
+                .iter()
+                .any(|e| e.starts_with(&format!("histogram_quantile({q},"))
+                    && e.contains("istio_request_duration_milliseconds_bucket")),
             "no p{q} latency panel"
         );
     }

@@ -152,7 +152,10 @@ fn transient_503s_are_retried_and_post_is_not_by_default() -> Result<()> {
             ("reporter", "source"),
             ("source_workload", "client"),
             ("source_workload_namespace", "shop"),
-            ("source_principal", "spiffe://cluster.local/ns/shop/sa/client"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/shop/sa/client",
+            ),
             ("destination_workload", service),
             ("connection_security_policy", "none"),
         ];
@@ -556,7 +559,10 @@ fn retries_across_nodes_over_hbone() -> Result<()> {
     let tunnel = [
         ("reporter", "destination"),
         ("destination_service", "web.shop.svc.cluster.local"),
-        ("source_principal", "spiffe://cluster.local/ns/shop/sa/client"),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/shop/sa/client",
+        ),
     ];
     ensure!(
         metric(&m2, "istio_tcp_connections_opened_total", &tunnel) == Some(1),

@@ -52,12 +52,19 @@ pub fn run() -> Result<()> {
             println!("{scope}: L7 / L4 requests/s = {:.2}", l7 / l4);
         }
     }
-    let rate = |prefix: &str| http.iter().find(|r| r.name.starts_with(prefix)).map(|r| r.rate);
+    let rate = |prefix: &str| {
+        http.iter()
+            .find(|r| r.name.starts_with(prefix))
+            .map(|r| r.rate)
+    };
     if let (Some(on), Some(off)) = (
         rate("same node, L7 + JSON access log"),
         rate("same node, L7: "),
     ) {
-        println!("same node: L7 with access log / without requests/s = {:.2}", on / off);
+        println!(
+            "same node: L7 with access log / without requests/s = {:.2}",
+            on / off
+        );
     }
     Ok(())
 }

@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::identity::SpiffeId;
-use crate::policy::authz::{Authorize, Decision};
 use crate::metrics::istio::{PeerLabels, Reporter, Security, TcpSeries};
+use crate::policy::authz::{Authorize, Decision};
 use crate::proxy::hbone::{InboundTargets, PeerIdentity, TunnelMetrics};
 use crate::state::AgentState;
 

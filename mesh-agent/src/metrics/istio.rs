@@ -19,15 +19,18 @@ use crate::identity::SpiffeId;
 
 /// promtool's lint of Istio's duration name (Prometheus prefers seconds); the name is Istio's
 /// and dashboards query it, so this one finding is expected.
-pub const ISTIO_UNIT_LINT: &str = "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\"";
+pub const ISTIO_UNIT_LINT: &str =
+    "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\"";
 
 /// Istio's default buckets of `istio_request_duration_milliseconds`.
 const DURATION_BUCKETS_MS: [f64; 19] = [
-    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
-    30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 /// Istio's default buckets of the request and response size histograms.
-const BYTES_BUCKETS: [f64; 8] = [1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0, 1000000.0, 10000000.0];
+const BYTES_BUCKETS: [f64; 8] = [
+    1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0, 1000000.0, 10000000.0,
+];
 
 /// Labels of the HTTP families, in order; the TCP families have all but `response_code`.
 const HTTP_LABELS: [&str; 8] = [
@@ -113,7 +116,7 @@ impl PeerLabels {
         }
     }
 
-    fn values<'a>(&'a self, reporter: Reporter, security: Security) -> [&'a str; 7] {
+    fn values(&self, reporter: Reporter, security: Security) -> [&str; 7] {
         [
             reporter.label(),
             &self.source_workload,
@@ -246,7 +249,12 @@ impl IstioMetrics {
     }
 
     /// Counts the connection as opened and returns its series.
-    pub fn tcp_opened(&self, peer: &PeerLabels, reporter: Reporter, security: Security) -> TcpSeries {
+    pub fn tcp_opened(
+        &self,
+        peer: &PeerLabels,
+        reporter: Reporter,
+        security: Security,
+    ) -> TcpSeries {
         let l = peer.values(reporter, security);
         let series = TcpSeries {
             opened: self.tcp_opened.with_label_values(&l),
@@ -277,7 +285,7 @@ mod tests {
     use crate::metrics::AgentMetrics;
 
     fn peer() -> PeerLabels {
-        let id = SpiffeId::new("cluster.local", "shop", "client").unwrap();
+        let id = SpiffeId::new("cluster.local", "shop", "client").expect("test setup");
         PeerLabels::new(&id, Some("client"), "echo", "shop")
     }
 
@@ -295,7 +303,9 @@ mod tests {
         m.istio
             .requests(&p, Reporter::Source, Security::MutualTls, 200)
             .inc();
-        let tcp = m.istio.tcp_opened(&p, Reporter::Destination, Security::None);
+        let tcp = m
+            .istio
+            .tcp_opened(&p, Reporter::Destination, Security::None);
         tcp.finished(10, 20);
         let text = m.render();
         for line in [
@@ -324,13 +334,19 @@ mod tests {
                 let Some((name, rest)) = line.split_once('{') else {
                     return line.to_owned();
                 };
-                let (labels, value) = rest.rsplit_once('}').unwrap();
+                let (labels, value) = rest.rsplit_once('}').expect("test setup");
                 let mut labels: Vec<&str> = labels.split("\",").collect();
                 let last = labels.len() - 1;
                 let mut owned: Vec<String> = labels
                     .drain(..)
                     .enumerate()
-                    .map(|(i, l)| if i == last { l.to_owned() } else { format!("{l}\"") })
+                    .map(|(i, l)| {
+                        if i == last {
+                            l.to_owned()
+                        } else {
+                            format!("{l}\"")
+                        }
+                    })
                     .collect();
                 owned.sort();
                 format!("{name}{{{}}}{value}", owned.join(","))

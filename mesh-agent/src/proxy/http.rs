@@ -22,9 +22,9 @@ use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 use super::outbound::Caller;
-use crate::metrics::istio::{HttpSeries, PeerLabels, Reporter, Security};
 use super::upstream::{BoxError, ProxyBody, UpstreamError};
 use crate::config::service_policy::RetryOn;
+use crate::metrics::istio::{HttpSeries, PeerLabels, Reporter, Security};
 use crate::policy::authz::Authorize;
 use crate::state::AgentState;
 use crate::traffic::endpoint::CallGuard;
@@ -36,6 +36,9 @@ const MAX_REPLAY_BODY: u64 = 64 * 1024;
 /// Set on responses the agent makes itself, saying why.
 pub const REASON_HEADER: &str = "x-nodemesh-reason";
 
+/// (code, security) -> (nodemesh_requests_total, istio_requests_total) children.
+type CodeCounters = ((u16, Security), (IntCounter, IntCounter));
+
 /// One client connection's context, shared by its requests.
 struct Conn {
     state: Arc<AgentState>,
@@ -45,7 +48,7 @@ struct Conn {
     /// (other nodes' agents decide for theirs).
     local_allowed: OnceLock<bool>,
     /// Request counters (nodemesh, Istio) by response code and security, taken once each.
-    requests: Mutex<Vec<((u16, Security), (IntCounter, IntCounter))>>,
+    requests: Mutex<Vec<CodeCounters>>,
     /// Istio label values of this caller and service, made once per connection.
     peer: PeerLabels,
     /// Istio HTTP series for same-node ([0]) and cross-node ([1]) endpoints, taken on first use.
@@ -216,7 +219,10 @@ impl Pending {
             bytes_received: response_bytes,
             duration_ms: millis,
             retries: self.outcome.retries,
-            policy: self.outcome.allowed.map(|a| if a { "allow" } else { "deny" }),
+            policy: self
+                .outcome
+                .allowed
+                .map(|a| if a { "allow" } else { "deny" }),
             connection_security_policy: Security::of_remote(self.outcome.remote).label(),
             trace_id: self.line.trace_id.as_deref(),
         });

@@ -22,8 +22,8 @@ use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 
 use super::{PeerIdentity, ALPN_H2, SERVICE_HEADER};
-use crate::policy::authz::Authorize;
 use crate::metrics::istio::TcpSeries;
+use crate::policy::authz::Authorize;
 use crate::proxy::connect::connect_from;
 
 /// A peer that cannot finish the handshake in this time is dropped.
@@ -309,7 +309,10 @@ impl HboneServer {
         };
         let _ = upstream.set_nodelay(true);
 
-        let tcp = self.tunnel_metrics.as_ref().map(|m| m.opened(peer, service));
+        let tcp = self
+            .tunnel_metrics
+            .as_ref()
+            .map(|m| m.opened(peer, service));
         let on_upgrade = hyper::upgrade::on(req);
         let source = peer.id.clone();
         tokio::spawn(async move {
