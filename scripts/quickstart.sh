@@ -160,8 +160,14 @@ stop_pid() {
 
 down() {
   stop_pid "$DIR/agent.pid"
+  # Stopping the agent keeps its kernel programs and maps in force (fail closed); this removes them.
+  if [[ -f $DIR/config.yaml ]]; then
+    "$(agent_bin)" --uninstall --config "$DIR/config.yaml" >/dev/null || true
+  fi
   stop_pid "$DIR/echo.pid"
   local cg2; cg2=$(cgroup2_mount)
+  # An agent started from the root cgroup moved itself into a cgroup of its own.
+  [[ -d $cg2/nodemesh-agent.$NAME ]] && rmdir "$cg2/nodemesh-agent.$NAME" 2>/dev/null || true
   local pod
   for pod in "${PODS[@]}"; do
     if [[ -f $cg2/$NAME/$pod/cgroup.procs ]]; then

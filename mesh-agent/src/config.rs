@@ -1,8 +1,10 @@
 //! Agent configuration: one YAML file, environment overrides, validation that names the field.
 
+pub mod egress;
 mod env;
 pub mod fields;
 mod model;
+pub mod sanity;
 pub mod service_policy;
 mod validate;
 
@@ -44,6 +46,7 @@ pub fn parse(
     origin: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
+    sanity::check_nesting(text)?;
     // serde_path_to_error names the exact field (`services[2].policy.rate_limit`), where the YAML
     // parser alone names the map around it.
     let mut config: Config = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(
@@ -51,7 +54,7 @@ pub fn parse(
     ))
     .map_err(|e| ConfigError::Parse {
         path: origin.to_owned(),
-        message: parse_message(&e),
+        message: validate::short_message(&parse_message(&e)),
     })?;
     apply_env_overrides(&mut config, env)?;
     validate(&config)?;

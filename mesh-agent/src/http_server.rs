@@ -6,9 +6,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{body::Incoming, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+use crate::admission;
 
 /// A response as the endpoint handlers produce it.
 pub struct Reply {
@@ -29,8 +31,12 @@ impl Reply {
 
 pub type Handler = Arc<dyn Fn(&str) -> Reply + Send + Sync>;
 
-/// Serves `handler` (called with the request path) until `shutdown` turns true.
+/// Serves `handler` (called with the request path) until `shutdown` turns true. At most
+/// [`admission::MAX_HTTP_CONNECTIONS`] connections at once (more are closed right away), and a
+/// client gets [`admission::HTTP_HEADER_READ_TIMEOUT`] to send its headers.
 pub async fn serve(listener: TcpListener, handler: Handler, mut shutdown: watch::Receiver<bool>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(admission::MAX_HTTP_CONNECTIONS));
+    let mut errors = admission::AcceptErrors::new("http");
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -39,12 +45,18 @@ pub async fn serve(listener: TcpListener, handler: Handler, mut shutdown: watch:
         let (stream, _) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!(error = %e, "http accept");
+                errors.failed(&e).await;
                 continue;
             }
         };
+        errors.accepted();
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Dropping the stream closes it: a flood of idle clients cannot hold the port.
+            continue;
+        };
         let handler = handler.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let reply = handler(req.uri().path());
                 let response = Response::builder()
@@ -55,6 +67,8 @@ pub async fn serve(listener: TcpListener, handler: Handler, mut shutdown: watch:
                 async move { Ok::<_, Infallible>(response) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(admission::HTTP_HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

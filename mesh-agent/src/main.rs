@@ -21,6 +21,10 @@ struct Args {
     /// Validate the config (with environment overrides), print the effective config and exit.
     #[arg(long)]
     check: bool,
+    /// Detach the kernel programs and remove the pinned maps and links of the configured
+    /// instance, then exit. Stopping the agent alone keeps them (fail closed).
+    #[arg(long, conflicts_with = "check")]
+    uninstall: bool,
     /// With --check: skip the checks that need the node itself (cgroups exist, addresses are
     /// local, CA files readable, kernel BTF), e.g. when validating in CI.
     #[arg(long, requires = "check")]
@@ -57,6 +61,18 @@ fn main() -> ExitCode {
         return match mesh_agent::app::check(&args.config, args.off_node) {
             Ok(effective) => {
                 print!("{effective}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {}", error_chain(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if args.uninstall {
+        return match mesh_agent::app::uninstall(&args.config) {
+            Ok(dir) => {
+                println!("removed {}", dir.display());
                 ExitCode::SUCCESS
             }
             Err(e) => {

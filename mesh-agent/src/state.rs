@@ -17,6 +17,8 @@ pub struct Kernel {
 }
 
 pub struct AgentState {
+    /// Outbound (capture port) connections per calling identity id and in total.
+    pub outbound_limits: Arc<crate::admission::ConnLimiter<u32>>,
     config: RwLock<Arc<Config>>,
     model: RwLock<Arc<MeshModel>>,
     pub orig_dst: OrigDstTable,
@@ -38,9 +40,14 @@ impl AgentState {
         orig_dst: OrigDstTable,
         security: Security,
     ) -> Self {
+        let outbound_limits = crate::admission::ConnLimiter::new(
+            config.proxy.max_connections,
+            config.proxy.max_connections_per_identity,
+        );
         let metrics = AgentMetrics::new(&config.node.name);
         let traffic = Traffic::new(metrics.registry());
         Self {
+            outbound_limits,
             metrics,
             traffic,
             config: RwLock::new(Arc::new(config)),

@@ -266,6 +266,49 @@ async fn concurrent_streams_share_one_connection() {
     assert_eq!(accepted.load(Ordering::SeqCst), STREAMS);
 }
 
+/// More tunnels at once than one HTTP/2 connection carries (the server allows 200 streams): the
+/// pool dials more connections instead of making the 201st wait and fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_beyond_one_connections_stream_limit_get_more_connections() {
+    const TUNNELS: usize = 250;
+    let ca = TestCa::new("mesh ca");
+    let (echo, accepted) = echo_target().await;
+    let server = hbone_server(&ca).await;
+    let client = checkout(&ca);
+    let tls = client_tls(&ca, &client);
+    let pool = HbonePool::new(PoolConfig::default());
+    let mut open = Vec::new();
+    for _ in 0..TUNNELS {
+        let stream = timeout(
+            TEST_TIMEOUT,
+            pool.connect(&client.id, tls.clone(), server.addr, echo, "echo"),
+        )
+        .await
+        .expect("in time")
+        .expect("tunnel");
+        open.push(stream);
+    }
+    let stats = pool.stats();
+    assert_eq!(stats.active_streams, TUNNELS as u64, "{stats:?}");
+    let per_connection = PoolConfig::default().streams_per_connection;
+    assert_eq!(
+        stats.connections_opened,
+        TUNNELS.div_ceil(per_connection) as u64,
+        "{stats:?}"
+    );
+    // Every tunnel works, the last ones too.
+    let last = open.pop().expect("a tunnel");
+    assert_eq!(round_trip(last, b"last").await, b"last");
+    drop(open);
+    timeout(TEST_TIMEOUT, async {
+        while accepted.load(Ordering::SeqCst) < TUNNELS {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("every tunnel reached the target");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connection_is_released_but_busy_one_is_kept() {
     let idle = Duration::from_millis(200);
@@ -739,4 +782,41 @@ async fn callers_queued_behind_a_hung_dial_fail_together() {
     // Serial dials would take CALLERS * connect_timeout (2.4 s).
     assert!(elapsed < connect_timeout * 3, "took {elapsed:?}");
     assert_eq!(pool.stats().connections_opened, 0);
+}
+
+/// Pending TLS handshakes are capped per source address: silent connections from one source
+/// beyond the cap are closed at once instead of each holding memory for the 10 s handshake
+/// timeout; once the silent ones go, a real tunnel gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_handshakes_from_one_source_are_capped() {
+    use mesh_agent::admission::MAX_PENDING_HANDSHAKES_PER_SOURCE;
+    let ca = TestCa::new("mesh ca");
+    let (echo, _) = echo_target().await;
+    let server = hbone_server(&ca).await;
+    let mut silent = Vec::new();
+    for _ in 0..MAX_PENDING_HANDSHAKES_PER_SOURCE {
+        silent.push(TcpStream::connect(server.addr).await.expect("connect"));
+    }
+    // Let the server accept them all: each now holds a pending-handshake slot.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut over = TcpStream::connect(server.addr).await.expect("connect");
+    let mut byte = [0u8; 1];
+    let closed = timeout(Duration::from_secs(2), over.read(&mut byte)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "connection beyond the cap was not closed: {closed:?}"
+    );
+    drop(silent);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = checkout(&ca);
+    let tls = client_tls(&ca, &client);
+    let pool = HbonePool::new(PoolConfig::default());
+    let stream = timeout(
+        TEST_TIMEOUT,
+        pool.connect(&client.id, tls, server.addr, echo, "echo"),
+    )
+    .await
+    .expect("in time")
+    .expect("tunnel after the silent connections left");
+    assert_eq!(round_trip(stream, b"after").await, b"after");
 }

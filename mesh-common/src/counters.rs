@@ -14,6 +14,8 @@ pub struct ConnCounters {
     /// New inbound TCP connections to this (strict) workload dropped because they bypassed the
     /// agent; counted per SYN, so a client's retransmissions count again.
     pub inbound_dropped: u64,
+    /// connect()/sendmsg() calls to non-mesh destinations refused: no egress rule allows them.
+    pub egress_denied: u64,
 }
 
 impl ConnCounters {
@@ -23,6 +25,7 @@ impl ConnCounters {
         self.redirected = self.redirected.wrapping_add(other.redirected);
         self.denied = self.denied.wrapping_add(other.denied);
         self.inbound_dropped = self.inbound_dropped.wrapping_add(other.inbound_dropped);
+        self.egress_denied = self.egress_denied.wrapping_add(other.egress_denied);
     }
 }
 
@@ -34,7 +37,7 @@ mod tests {
 
     #[test]
     fn layout_has_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<ConnCounters>(), 4 * 8);
+        assert_eq!(core::mem::size_of::<ConnCounters>(), 5 * 8);
     }
 
     #[test]
@@ -44,6 +47,7 @@ mod tests {
             redirected: 2,
             denied: 3,
             inbound_dropped: 4,
+            egress_denied: 5,
         };
         let mut total = ConnCounters::default();
         total.accumulate(&one);
@@ -55,6 +59,7 @@ mod tests {
                 redirected: 4,
                 denied: 6,
                 inbound_dropped: 8,
+                egress_denied: 10,
             }
         );
     }

@@ -7,6 +7,8 @@
 pub mod addr;
 pub mod counters;
 pub mod deny;
+pub mod egress;
+pub mod flows;
 pub mod orig_dst;
 pub mod services;
 pub mod workloads;
@@ -16,16 +18,24 @@ pub mod map_names {
     pub const WORKLOADS: &str = "WORKLOADS";
     pub const SERVICES: &str = "SERVICES";
     pub const DENY: &str = "DENY";
+    pub const ALLOW: &str = "ALLOW";
     pub const PENDING_DST: &str = "PENDING_DST";
     pub const ORIG_DST: &str = "ORIG_DST";
     pub const CONN_COUNTERS: &str = "CONN_COUNTERS";
     pub const AGENT_ADDR: &str = "AGENT_ADDR";
+    pub const AGENT_FLOWS: &str = "AGENT_FLOWS";
+    pub const EGRESS: &str = "EGRESS";
 }
 
 /// Names of the programs in the eBPF object.
 pub mod program_names {
     pub const CONNECT4: &str = "mesh_connect4";
+    pub const CONNECT6: &str = "mesh_connect6";
+    pub const SENDMSG4: &str = "mesh_sendmsg4";
+    pub const SENDMSG6: &str = "mesh_sendmsg6";
     pub const SOCKOPS: &str = "mesh_sockops";
+    /// sock_ops on the agent's own cgroup: records the agent's connects for strict mode.
+    pub const AGENT_SOCKOPS: &str = "mesh_agent_sockops";
     pub const INGRESS: &str = "mesh_ingress";
 }
 
@@ -34,9 +44,13 @@ pub mod limits {
     pub const MAX_WORKLOADS: u32 = 4096;
     pub const MAX_SERVICES: u32 = 8192;
     pub const MAX_DENY_RULES: u32 = 65536;
+    /// Allowed (identity, service) pairs of default-deny services.
+    pub const MAX_ALLOW_RULES: u32 = 65536;
     /// Identity ids index the per-CPU counter array, so they must stay below this.
     pub const MAX_IDENTITIES: u32 = 4096;
     pub const MAX_IN_FLIGHT: u32 = 65536;
+    /// (identity, CIDR) egress entries.
+    pub const MAX_EGRESS_RULES: u32 = 16384;
 }
 
 /// Implements `aya::Pod` for map types when built for userspace.
@@ -70,7 +84,9 @@ mod tests {
         assert_eq!(size_of::<AgentAddr>(), 8);
         assert_eq!(size_of::<DenyKey>(), 8);
         assert_eq!(size_of::<DenyRule>(), 8);
+        assert_eq!(size_of::<crate::deny::AllowEntry>(), 8);
         assert_eq!(size_of::<ClientKey>(), 8);
+        assert_eq!(size_of::<crate::flows::FlowKey>(), 12);
         assert_eq!(size_of::<OrigDst>(), 16);
         assert_eq!(size_of::<WorkloadIdentity>(), 8);
         assert_eq!(size_of::<ConnCounters>() % 8, 0);

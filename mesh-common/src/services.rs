@@ -25,19 +25,32 @@ impl ServiceKey {
 pub struct ServiceValue {
     /// Service id assigned by the agent (1-based).
     pub service: u32,
-    pub _pad: u32,
+    /// Bit set of `ServiceValue::DEFAULT_DENY`, ... (unknown bits are ignored by the kernel).
+    pub flags: u32,
 }
 
 impl ServiceValue {
+    /// Callers not in the ALLOW map are refused (the service's callers are exactly its allow-list).
+    pub const DEFAULT_DENY: u32 = 1;
+
     pub const fn new(service: u32) -> Self {
-        Self { service, _pad: 0 }
+        Self { service, flags: 0 }
+    }
+
+    pub const fn with_default_deny(self, default_deny: bool) -> Self {
+        let flags = if default_deny {
+            self.flags | Self::DEFAULT_DENY
+        } else {
+            self.flags & !Self::DEFAULT_DENY
+        };
+        Self { flags, ..self }
     }
 }
 
 /// Single entry of the AGENT_ADDR array: the agent's outbound listener as pods reach it.
-/// `ip == 0` or `port == 0` means "no redirect" and mesh connects pass through unchanged. Strict
-/// mode admits new inbound connections from `ip` whatever the port, so draining the agent (port
-/// cleared, ip kept) stops capture without cutting off its own in-flight upstream connects.
+/// `ip == 0` or `port == 0` means "no redirect" and mesh connects pass through unchanged (only
+/// before the agent first writes it). Strict mode does not look at it: it trusts the agent's
+/// recorded flows (see [`crate::flows`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(serde::Serialize))]

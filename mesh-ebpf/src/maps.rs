@@ -2,11 +2,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray},
 };
 use mesh_common::{
     counters::ConnCounters,
-    deny::{DenyKey, DenyRule},
+    deny::{AllowEntry, DenyKey, DenyRule},
+    egress::{EgressData, EgressPorts},
+    flows::FlowKey,
     limits,
     orig_dst::{ClientKey, OrigDst},
     services::{AgentAddr, ServiceKey, ServiceValue},
@@ -25,6 +27,14 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(limits:
 #[map]
 pub static DENY: HashMap<DenyKey, DenyRule> = HashMap::pinned(limits::MAX_DENY_RULES, 0);
 
+/// (identity, service) pairs a default-deny service admits.
+#[map]
+pub static ALLOW: HashMap<DenyKey, AllowEntry> = HashMap::pinned(limits::MAX_ALLOW_RULES, 0);
+
+/// (identity, CIDR) -> ports: the non-mesh destinations a workload may reach.
+#[map]
+pub static EGRESS: LpmTrie<EgressData, EgressPorts> = LpmTrie::pinned(limits::MAX_EGRESS_RULES, 0);
+
 /// socket cookie -> original destination, between connect() and ESTABLISHED.
 #[map]
 pub static PENDING_DST: LruHashMap<u64, OrigDst> = LruHashMap::pinned(limits::MAX_IN_FLIGHT, 0);
@@ -37,6 +47,10 @@ pub static ORIG_DST: LruHashMap<ClientKey, OrigDst> = LruHashMap::pinned(limits:
 #[map]
 pub static CONN_COUNTERS: PerCpuArray<ConnCounters> =
     PerCpuArray::pinned(limits::MAX_IDENTITIES, 0);
+
+/// TCP connections the agent opened (4-tuple), for strict mode; LRU so they need no cleanup.
+#[map]
+pub static AGENT_FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::pinned(limits::MAX_IN_FLIGHT, 0);
 
 /// Index 0: the agent's outbound listener as pods reach it.
 #[map]

@@ -2,12 +2,42 @@
 //! the client's (ip, port), which is what the agent sees as the peer address on accept.
 
 use aya_ebpf::{
-    bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, helpers::bpf_get_socket_cookie, macros::sock_ops,
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    helpers::bpf_get_socket_cookie,
+    macros::sock_ops,
     programs::SockOpsContext,
 };
-use mesh_common::orig_dst::ClientKey;
+use mesh_common::{flows::FlowKey, orig_dst::ClientKey};
 
-use crate::maps::{ORIG_DST, PENDING_DST};
+use crate::maps::{AGENT_FLOWS, ORIG_DST, PENDING_DST};
+
+const AF_INET: u32 = 2;
+
+/// Attached to the agent's own cgroup: records every TCP connect the agent starts (the source
+/// port is already chosen when the kernel calls TCP_CONNECT_CB, before the SYN goes out).
+#[sock_ops]
+pub fn mesh_agent_sockops(ctx: SockOpsContext) -> u32 {
+    let _ = try_agent_sockops(&ctx);
+    1
+}
+
+fn try_agent_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
+    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB || ctx.family() != AF_INET {
+        return Ok(());
+    }
+    // remote_port is the network-order port shifted into the upper 16 bits on little-endian
+    // kernels (older ones left it in the lower 16); local_port is in host order.
+    let raw = ctx.remote_port();
+    let remote_be = if raw > 0xffff { raw >> 16 } else { raw };
+    let key = FlowKey::new(
+        ctx.local_ip4(),
+        ctx.local_port() as u16,
+        ctx.remote_ip4(),
+        u16::from_be(remote_be as u16),
+    );
+    AGENT_FLOWS.insert(key, 1, 0)?;
+    Ok(())
+}
 
 #[sock_ops]
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {

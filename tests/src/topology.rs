@@ -412,9 +412,32 @@ impl Topology {
         config_yaml: &str,
         extra_env: &[(&str, &str)],
     ) -> Result<AgentHandle> {
+        self.start_agent_logged(node, config_yaml, extra_env, &node.instance)
+    }
+
+    /// Like [`Topology::start_agent`] with its own log file `<log_name>.log`, for a second agent
+    /// of the same node (a rolling restart runs the new one beside the old one).
+    pub fn start_agent_logged(
+        &self,
+        node: &Node,
+        config_yaml: &str,
+        extra_env: &[(&str, &str)],
+        log_name: &str,
+    ) -> Result<AgentHandle> {
         let config = self.config_path(node);
         std::fs::write(&config, config_yaml)?;
-        let log = self.workdir.join(format!("{}.log", node.instance));
+        let log = self.workdir.join(format!("{log_name}.log"));
+        // Each agent in a cgroup of its own, as a DaemonSet pod is: strict mode trusts the
+        // connects made from the agent's cgroup, so it must not be the test runner's.
+        let agent_cgroup = self.cgroup_root.join(format!("agent-{log_name}"));
+        std::fs::create_dir_all(&agent_cgroup)?;
+        self.containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(agent_cgroup.clone());
+        let procs = OpenOptions::new()
+            .write(true)
+            .open(agent_cgroup.join("cgroup.procs"))?;
         let mut command = Command::new(agent_binary()?);
         command
             .arg("--config")
@@ -431,7 +454,7 @@ impl Topology {
         for (k, v) in extra_env {
             command.env(k, v);
         }
-        let pid = self.spawn_in_node(node, &mut command)?;
+        let pid = self.spawn_in(&node.netns, Some(procs), &mut command)?;
         Ok(AgentHandle {
             pid,
             log,
@@ -515,6 +538,98 @@ impl Topology {
 impl AgentHandle {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Topology {
+    /// Waits until this agent itself logged "agent ready" (a /ready probe could be answered by
+    /// another agent sharing the ports through SO_REUSEPORT).
+    pub fn wait_logged_ready(&self, agent: &AgentHandle) -> Result<()> {
+        self.wait_for("agent ready in its log", Duration::from_secs(20), || {
+            if self.has_exited(agent.pid) {
+                bail!("agent exited; log:\n{}", agent.log_text());
+            }
+            Ok(agent.log_text().contains("agent ready"))
+        })
+    }
+
+    /// Gives a pod an IPv6 address `fd00:<n>:<p>::2/64` (the node side gets `::1`) and returns it.
+    pub fn add_ipv6(&self, pod: &Pod) -> Result<std::net::Ipv6Addr> {
+        let [_, n, p, _] = pod.ip.octets();
+        let node_ns = format!("{}-n{n}", self.prefix);
+        let host_if = last15(&format!("{}n{n}p{p}", self.prefix));
+        let pod_ip: std::net::Ipv6Addr = format!("fd00:{n}:{p}::2").parse()?;
+        ip(&[
+            "-n",
+            &node_ns,
+            "-6",
+            "addr",
+            "add",
+            &format!("fd00:{n}:{p}::1/64"),
+            "dev",
+            &host_if,
+            "nodad",
+        ])?;
+        ip(&[
+            "-n",
+            &pod.netns,
+            "-6",
+            "addr",
+            "add",
+            &format!("{pod_ip}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        Ok(pod_ip)
+    }
+
+    /// Runs `meshprobe` with `args` in a node's netns (a host process, outside any pod and the
+    /// agent's cgroup) and parses its one JSON attempt line.
+    pub fn probe_from_node(&self, node: &Node, args: &[&str]) -> Result<Attempt> {
+        let out_path = self.workdir.join(format!(
+            "node-probe-{}",
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        let mut command = Command::new(probe_binary()?);
+        command
+            .args(args)
+            .stdout(File::create(&out_path)?)
+            .stderr(Stdio::inherit());
+        let pid = self.spawn_in_node(node, &mut command)?;
+        let status = self.wait(pid, Duration::from_secs(30))?;
+        let out = std::fs::read_to_string(&out_path)?;
+        if !status.success() {
+            bail!(
+                "meshprobe {args:?} in node {} exited with {status}: {out}",
+                node.netns
+            );
+        }
+        serde_json::from_str(out.trim()).with_context(|| format!("bad probe line {out:?}"))
+    }
+
+    /// kube-proxy style service path inside a pod's netns: nftables DNAT of `vip` (ip:port) to
+    /// `target`. A connect that escapes capture then really reaches the target, which makes a
+    /// bypass measurable instead of failing on an unroutable VIP.
+    pub fn dnat_in_pod(&self, pod: &Pod, vip: &str, target: &str) -> Result<()> {
+        let (ip, port) = vip.split_once(':').context("vip must be ip:port")?;
+        let rules = format!(
+            "table ip nodemesh_test_nat {{\n chain output {{\n  type nat hook output priority -100;\n  ip daddr {ip} tcp dport {port} dnat to {target}\n  ip daddr {ip} udp dport {port} dnat to {target}\n }}\n}}\n"
+        );
+        let path = self.workdir.join(format!("dnat-{}.nft", pod.name));
+        std::fs::write(&path, rules)?;
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &pod.netns,
+                "nft",
+                "-f",
+                &path.to_string_lossy(),
+            ],
+        )?;
+        Ok(())
     }
 }
 
@@ -639,6 +754,46 @@ impl Topology {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(record)
+    }
+
+    /// Starts `meshprobe udpserve` in a pod and waits until it listens.
+    pub fn start_udp_echo_server(&self, pod: &Pod, port: u16, name: &str) -> Result<PathBuf> {
+        let record = self.workdir.join(format!("udprecord-{}-{port}", pod.name));
+        let out = self
+            .workdir
+            .join(format!("udpserve-{}-{port}.out", pod.name));
+        let mut command = Command::new(probe_binary()?);
+        command
+            .args(["udpserve", &port.to_string(), name])
+            .arg(&record)
+            .stdout(File::create(&out)?)
+            .stderr(Stdio::inherit());
+        self.spawn_in_pod(pod, &mut command)?;
+        self.wait_for("udp echo server", Duration::from_secs(10), || {
+            Ok(std::fs::read_to_string(&out)
+                .unwrap_or_default()
+                .contains("listening"))
+        })?;
+        Ok(record)
+    }
+
+    /// One UDP datagram from a pod (`connect` or sendto), with its reply.
+    pub fn udp_from(
+        &self,
+        pod: &Pod,
+        target: &str,
+        text: &str,
+        connect: bool,
+        timeout: Duration,
+    ) -> Result<Attempt> {
+        let probe = probe_binary()?;
+        let mode = if connect { "connect" } else { "sendto" };
+        let out = self.run_in_pod(
+            pod,
+            &probe.to_string_lossy(),
+            &["udp", target, text, mode, &timeout.as_millis().to_string()],
+        )?;
+        serde_json::from_str(out.trim()).with_context(|| format!("bad probe line {out:?}"))
     }
 
     /// Runs `meshprobe connect` in a pod and returns one result per attempt.

@@ -1,7 +1,8 @@
 //! Two nodes joined by an uplink, each with its own agent (own pinned maps, own certificates from
 //! one mesh CA). Node 1 runs pods `client` (shop/client) and `intruder` (shop/intruder); node 2
 //! runs `server` (shop/server) with an echo server on 8080 behind the service `echo`, whose
-//! authorization policy on node 2 admits only shop/client.
+//! authorization policy on node 2 admits only shop/client. Node 1 relaxes the mesh default
+//! (`policy.default: allow`) so that these tests exercise the destination agent's check.
 
 use std::path::PathBuf;
 
@@ -12,6 +13,9 @@ use crate::{AgentHandle, Topology};
 
 pub const ECHO_VIP: &str = "10.96.0.10:80";
 pub const ECHO_PORT: u16 = 8080;
+/// A second echo server on the server pod that is no service endpoint: a connect to it really
+/// bypasses the mesh (an endpoint address is captured like the VIP).
+pub const BYPASS_PORT: u16 = 9090;
 
 #[derive(Default, Clone)]
 pub struct Options {
@@ -36,6 +40,8 @@ pub struct TwoNodes {
     pub agent2: AgentHandle,
     /// What the echo server received, one line per chunk: "<peer> <data>".
     pub server_record: PathBuf,
+    /// The same for the echo server on [`BYPASS_PORT`].
+    pub bypass_record: PathBuf,
     /// Name of node 1's uplink interface (inside node 1's namespace).
     pub uplink1: String,
 }
@@ -49,6 +55,7 @@ impl TwoNodes {
         let (n1, n2) = (topo.node(1), topo.node(2));
         let server = n2.pod("server");
         let server_record = topo.start_echo_server(server, ECHO_PORT, "srv")?;
+        let bypass_record = topo.start_echo_server(server, BYPASS_PORT, "srv")?;
         let identity = |ca: Option<&PathBuf>| {
             let mut block = options
                 .identity_yaml
@@ -83,7 +90,9 @@ impl TwoNodes {
         let config1 = n1.agent_config(&format!(
             "services:\n{}  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n    endpoints:\n      - {{address: \"{}:{ECHO_PORT}\", node: node-2}}\n\
              workloads:\n{}{}\
-             nodes:\n  - {{name: node-2, hbone: \"10.0.0.2:15008\"}}\n{}",
+             nodes:\n  - {{name: node-2, hbone: \"10.0.0.2:15008\"}}\n\
+             policy:\n  default: allow\n\
+             egress:\n  rules:\n    - {{name: node-2-pods, cidr: 10.2.0.0/16}}\n{}",
             web(true),
             server.ip,
             n1.pod("client").workload_yaml("shop", "client"),
@@ -123,6 +132,7 @@ impl TwoNodes {
             agent1,
             agent2,
             server_record,
+            bypass_record,
             uplink1,
         })
     }

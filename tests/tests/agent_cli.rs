@@ -83,14 +83,28 @@ fn env_selects_the_format_and_text_logs_have_no_colour_in_a_pipe() {
     );
 }
 
+/// A non-loopback IPv4 address of this host (validation refuses a loopback agent_ip: pods cannot
+/// reach it); nothing is sent to it, `--check` only verifies that it is local.
+fn local_address() -> String {
+    let out = mesh_tests::cmd::run("ip", &["-4", "-o", "addr", "show", "scope", "global"])
+        .expect("ip addr");
+    out.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .expect("a global IPv4 address on this host")
+        .to_owned()
+}
+
 fn write_config(dir: &std::path::Path, cgroup: &str) -> std::path::PathBuf {
     let path = dir.join("config.yaml");
     let text = format!(
-        "node: {{name: n1, instance: agentcli-{pid}, agent_ip: 127.0.0.1}}\n\
+        "node: {{name: n1, instance: agentcli-{pid}, agent_ip: {ip}}}\n\
          listen: {{outbound: '127.0.0.1:0', hbone: '127.0.0.1:0', metrics: '127.0.0.1:0', health: '127.0.0.1:0', admin: '127.0.0.1:0'}}\n\
          identity: {{state_dir: {state}}}\n\
          workloads:\n  - {{name: w, service_account: w, cgroup: {cgroup}}}\n",
         pid = std::process::id(),
+        ip = local_address(),
         state = dir.join("state").display(),
     );
     std::fs::write(&path, text).expect("write config");
@@ -143,7 +157,10 @@ fn check_validates_cgroups_on_the_node_and_says_what_it_skipped() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("# check ok: node.agent_ip: 127.0.0.1 is local"),
+        stdout.contains(&format!(
+            "# check ok: node.agent_ip: {} is local",
+            local_address()
+        )),
         "{stdout}"
     );
     assert!(stdout.contains("# check skipped: kernel:"), "{stdout}");

@@ -19,12 +19,17 @@ fn config(node: &Node, deny: &str) -> String {
          \x20 - name: echo\n    namespace: demo\n    vip: {ECHO_VIP}\n    endpoints: [\"{server}:8080\"]\n\
          \x20 - name: wallet\n    namespace: demo\n    vip: {WALLET_VIP}\n    endpoints: [\"{server}:9090\"]\n\
          workloads:\n{}{}{}\
+         authorization:\n{ALLOW_DEMO}\
          policy:\n  deny:\n{deny}",
         node.pod("client").workload_yaml("demo", "client"),
         node.pod("server").workload_yaml("demo", "server"),
         node.pod("other").workload_yaml("demo", "other"),
     ))
 }
+
+/// Default deny: every caller in namespace demo may call both services (kernel deny rules
+/// still apply on top).
+const ALLOW_DEMO: &str = "  - name: echo-callers\n    service: echo\n    allow: [{from_namespace: demo}]\n  - name: wallet-callers\n    service: wallet\n    allow: [{from_namespace: demo}]\n";
 
 const DENY_CLIENT_WALLET: &str =
     "    - name: client-not-wallet\n      from: demo/client\n      to: wallet\n";
@@ -151,13 +156,17 @@ fn kernel_counters_match_what_was_sent() -> Result<()> {
 
     let redirected = topo.connect_from(client, ECHO_VIP, "a", 5)?;
     let denied = topo.connect_from(client, WALLET_VIP, "b", 3)?;
-    let passthrough = topo.connect_from(client, &server_direct, "c", 2)?;
+    // The endpoint's pod address is under the same rule as the VIP: captured too.
+    let endpoint = topo.connect_from(client, &server_direct, "c", 2)?;
     ensure!(
         redirected.iter().all(|a| a.ok && a.reply == "srv:a"),
         "{redirected:?}"
     );
     ensure!(denied.iter().all(|a| a.errno == Some(EPERM)), "{denied:?}");
-    ensure!(passthrough.iter().all(|a| a.ok), "{passthrough:?}");
+    ensure!(
+        endpoint.iter().all(|a| a.ok && a.reply == "srv:c"),
+        "{endpoint:?}"
+    );
     topo.connect_from(node.pod("other"), ECHO_VIP, "d", 4)?;
 
     let m = topo.metrics(&agent)?;
@@ -170,7 +179,7 @@ fn kernel_counters_match_what_was_sent() -> Result<()> {
         kernel(
             "nodemesh_kernel_connections_redirected_total",
             "demo/client"
-        ) == Some(5),
+        ) == Some(7),
         "{m}"
     );
     ensure!(
@@ -194,7 +203,7 @@ fn kernel_counters_match_what_was_sent() -> Result<()> {
             &m,
             "nodemesh_outbound_connections_total",
             &[("service", "echo")]
-        ) == Some(9),
+        ) == Some(11),
         "{m}"
     );
     Ok(())

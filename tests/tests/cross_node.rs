@@ -9,7 +9,7 @@ use anyhow::{ensure, Context, Result};
 use mesh_tests::capture::{contains, packets_on_port};
 use mesh_tests::http::metric;
 use mesh_tests::topology::probe_binary;
-use mesh_tests::two_nodes::{Options, TwoNodes, ECHO_PORT, ECHO_VIP};
+use mesh_tests::two_nodes::{Options, TwoNodes, BYPASS_PORT, ECHO_VIP};
 
 #[test]
 fn cross_node_call_crosses_the_link_only_as_mtls() -> Result<()> {
@@ -29,7 +29,7 @@ fn cross_node_call_crosses_the_link_only_as_mtls() -> Result<()> {
     );
     // Control: the same capture does see plaintext that bypasses the mesh (server is not strict).
     let plain = "CANARY-plain-c0ffee";
-    let direct = format!("{}:{ECHO_PORT}", topo.node(2).pod("server").ip);
+    let direct = format!("{}:{BYPASS_PORT}", topo.node(2).pod("server").ip);
     let bypass = topo.connect_from(client, &direct, plain, 1)?;
     ensure!(
         bypass[0].ok,
@@ -178,7 +178,7 @@ fn bypass_to_a_strict_pod_is_dropped_while_the_mesh_path_works() -> Result<()> {
         "{:?}",
         via_mesh[0]
     );
-    let direct = format!("{}:{ECHO_PORT}", topo.node(2).pod("server").ip);
+    let direct = format!("{}:{BYPASS_PORT}", topo.node(2).pod("server").ip);
     let bypass =
         topo.connect_from_with_timeout(client, &direct, "around", 1, Duration::from_millis(1500))?;
     ensure!(
@@ -187,7 +187,9 @@ fn bypass_to_a_strict_pod_is_dropped_while_the_mesh_path_works() -> Result<()> {
         bypass[0]
     );
     ensure!(
-        !mesh.server_record().contains("around"),
+        !std::fs::read_to_string(&mesh.bypass_record)
+            .unwrap_or_default()
+            .contains("around"),
         "strict pod saw bypass bytes"
     );
     ensure!(

@@ -63,6 +63,59 @@ fn check_rejects_a_bad_config_naming_the_field() -> Result<()> {
     Ok(())
 }
 
+/// The nonsense `--check` used to accept (issue 9): each is refused, naming the field, and the
+/// deeply nested file is refused before parsing (no 20 s stall).
+#[test]
+fn check_refuses_the_configs_that_make_no_sense_for_an_agent() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("nodemesh-sanity-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let base = "node:\n  name: n\n  agent_ip: 10.0.0.1\n";
+    let cases = [
+        (
+            "listen.hbone",
+            format!("{base}listen:\n  outbound: 0.0.0.0:15001\n  hbone: 0.0.0.0:15001\n"),
+        ),
+        (
+            "services[0].vip",
+            format!("{base}services:\n  - {{name: s, vip: \"10.0.0.1:15001\"}}\n"),
+        ),
+        (
+            "services[0].endpoints[0]",
+            format!("{base}services:\n  - {{name: s, vip: \"10.96.0.1:80\", endpoints: [\"127.0.0.1:15000\"]}}\n"),
+        ),
+        ("node.agent_ip", base.replace("10.0.0.1", "127.0.0.1")),
+        ("node.agent_ip", base.replace("10.0.0.1", "239.1.1.1")),
+        (
+            "workloads[0].cgroup",
+            format!("{base}workloads:\n  - {{name: w, service_account: w, cgroup: \"pods/../../etc\"}}\n"),
+        ),
+        ("line 4", format!("{base}x: {}\n", "[".repeat(100_000))),
+    ];
+    let mut refused = 0;
+    for (i, (field, text)) in cases.iter().enumerate() {
+        let path = dir.join(format!("case{i}.yaml"));
+        std::fs::write(&path, text)?;
+        let out = Command::new(agent_binary()?)
+            .arg("--check")
+            .arg("--config")
+            .arg(&path)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "case {i} accepted:\n{:.300}", text);
+        ensure!(
+            stderr.contains(&format!("`{field}`")),
+            "case {i}: error does not name `{field}`: {stderr:.300}"
+        );
+        refused += 1;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!(
+        "--check refused {refused} of {} nonsense configs",
+        cases.len()
+    );
+    Ok(())
+}
+
 /// The seed 001 §13 traffic profiles pass `--check` and keep their rules in the effective
 /// config.
 #[test]

@@ -1,5 +1,6 @@
 //! End-to-end agent lifecycle: config errors at start and on reload, hot reload reaching the
-//! kernel, clean detach on SIGTERM, refusal to run unprivileged.
+//! kernel, enforcement kept on SIGTERM and removed only by `--uninstall`, refusal to run
+//! unprivileged.
 
 use std::os::unix::process::CommandExt;
 use std::process::Command;
@@ -14,7 +15,8 @@ const EPERM: i32 = 1;
 fn config(node: &Node, deny: &str) -> String {
     node.agent_config(&format!(
         "services:\n  - name: echo\n    vip: {ECHO_VIP}\n    endpoints: [\"{}:8080\"]\n\
-         workloads:\n{}policy:\n  deny:\n{deny}",
+         workloads:\n{}authorization:\n  - name: echo-callers\n    service: echo\n    allow: [{{from_namespace: demo}}]\n\
+         policy:\n  deny:\n{deny}",
         node.pod("server").ip,
         node.pod("client").workload_yaml("demo", "client"),
     ))
@@ -127,9 +129,13 @@ fn bad_reload_keeps_the_old_config_and_a_good_one_reaches_the_kernel() -> Result
 }
 
 #[test]
-fn sigterm_detaches_programs_and_removes_pins() -> Result<()> {
-    let (topo, agent) = setup()?;
+fn sigterm_keeps_enforcement_and_only_uninstall_detaches() -> Result<()> {
+    let mut topo = Topology::new()?;
+    topo.add_node(&["client", "server"])?;
     let node = topo.node(1);
+    topo.start_echo_server(node.pod("server"), 8080, "srv")?;
+    let agent = topo.start_agent(node, &config(node, DENY_ECHO), &[])?;
+    topo.wait_ready(&agent)?;
     let client = node.pod("client");
     let pins = std::path::Path::new("/sys/fs/bpf/nodemesh").join(&node.instance);
     let attached = || {
@@ -139,8 +145,8 @@ fn sigterm_detaches_programs_and_removes_pins() -> Result<()> {
         )
     };
     ensure!(
-        pins.join("DENY").exists(),
-        "maps not pinned in {}",
+        pins.join("DENY").exists() && pins.join("links").is_dir(),
+        "maps and links not pinned in {}",
         pins.display()
     );
     let before = attached()?;
@@ -158,10 +164,32 @@ fn sigterm_detaches_programs_and_removes_pins() -> Result<()> {
     );
     let after = attached()?;
     ensure!(
-        !after.contains("connect4") && !after.contains("sock_ops"),
-        "programs still attached:\n{after}"
+        after.contains("connect4") && after.contains("sock_ops"),
+        "SIGTERM detached the programs (fail open):\n{after}"
     );
-    ensure!(!pins.exists(), "pinned maps left in {}", pins.display());
+    let denied = topo.connect_from(client, ECHO_VIP, "stopped", 1)?;
+    ensure!(
+        denied[0].errno == Some(EPERM),
+        "deny-list not enforced with the agent stopped: {:?}",
+        denied[0]
+    );
+
+    let out = Command::new(topology::agent_binary()?)
+        .arg("--uninstall")
+        .arg("--config")
+        .arg(topo.config_path(node))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "uninstall failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gone = attached()?;
+    ensure!(
+        !gone.contains("connect4") && !gone.contains("sock_ops"),
+        "programs still attached after uninstall:\n{gone}"
+    );
+    ensure!(!pins.exists(), "pins left in {}", pins.display());
 
     // Without capture the VIP is just an unroutable address: no EPERM, no agent.
     let direct = topo.connect_from(client, ECHO_VIP, "gone", 1)?;

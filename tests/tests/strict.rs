@@ -55,6 +55,8 @@ fn config(node: &Node, strict: Strict) -> String {
         "services:\n\
          \x20 - name: echo\n    namespace: demo\n    vip: {ECHO_VIP}\n    endpoints: [\"{server}:8080\"]\n\
          workloads:\n{client_yaml}{server_yaml}{other_yaml}\
+         authorization:\n  - name: echo-callers\n    service: echo\n    allow: [{{from_namespace: demo}}]\n\
+         egress:\n  rules:\n    - {{name: node-pods, cidr: 10.1.0.0/16}}\n\
          policy:\n  strict_default: {default}\n"
     ))
 }
@@ -77,12 +79,21 @@ fn server_direct(node: &Node) -> String {
     format!("{}:8080", node.pod("server").ip)
 }
 
+/// A port of the server pod that is no service endpoint (dialing an endpoint address is captured
+/// like the VIP), so a connect to it really bypasses the mesh.
+fn server_bypass(node: &Node) -> String {
+    format!("{}:{BYPASS_PORT}", node.pod("server").ip)
+}
+
+const BYPASS_PORT: u16 = 9090;
+
 /// Through the VIP (via the agent) works; straight to the pod IP is dropped and counted.
 #[test]
 fn strict_pod_accepts_the_agent_and_drops_the_bypass() -> Result<()> {
     let topo = setup()?;
     let node = topo.node(1);
     let record = topo.start_echo_server(node.pod("server"), 8080, "srv")?;
+    let bypass_record = topo.start_echo_server(node.pod("server"), BYPASS_PORT, "srv")?;
     let agent = topo.start_agent(node, &config(node, Strict::Server), &[])?;
     topo.wait_ready(&agent)?;
     ensure!(
@@ -104,7 +115,7 @@ fn strict_pod_accepts_the_agent_and_drops_the_bypass() -> Result<()> {
 
     let bypass = topo.connect_from_with_timeout(
         node.pod("client"),
-        &server_direct(node),
+        &server_bypass(node),
         "bypass",
         1,
         BYPASS_TIMEOUT,
@@ -114,11 +125,12 @@ fn strict_pod_accepts_the_agent_and_drops_the_bypass() -> Result<()> {
         "bypass reached the strict server: {:?}",
         bypass[0]
     );
-    let seen = std::fs::read_to_string(&record).unwrap_or_default();
+    let bypassed = std::fs::read_to_string(&bypass_record).unwrap_or_default();
     ensure!(
-        !seen.contains("bypass"),
-        "server recorded bypass bytes: {seen:?}"
+        !bypassed.contains("bypass"),
+        "server recorded bypass bytes: {bypassed:?}"
     );
+    let seen = std::fs::read_to_string(&record).unwrap_or_default();
     ensure!(seen.contains("via-agent"), "server record: {seen:?}");
 
     let drops = dropped(&topo, &agent, SERVER_IDENTITY)?;
@@ -135,13 +147,13 @@ fn strict_pod_accepts_the_agent_and_drops_the_bypass() -> Result<()> {
 fn bypass_works_without_strict_and_stops_after_reload() -> Result<()> {
     let topo = setup()?;
     let node = topo.node(1);
-    let record = topo.start_echo_server(node.pod("server"), 8080, "srv")?;
+    let record = topo.start_echo_server(node.pod("server"), BYPASS_PORT, "srv")?;
     let agent = topo.start_agent(node, &config(node, Strict::Off), &[])?;
     topo.wait_ready(&agent)?;
 
     let bypass = topo.connect_from_with_timeout(
         node.pod("client"),
-        &server_direct(node),
+        &server_bypass(node),
         "open",
         1,
         BYPASS_TIMEOUT,
@@ -168,7 +180,7 @@ fn bypass_works_without_strict_and_stops_after_reload() -> Result<()> {
     wait_generation(&topo, &agent, 2)?;
     let after = topo.connect_from_with_timeout(
         node.pod("client"),
-        &server_direct(node),
+        &server_bypass(node),
         "closed",
         1,
         BYPASS_TIMEOUT,
@@ -193,6 +205,7 @@ fn strict_pod_outbound_and_self_connections_still_work() -> Result<()> {
     let node = topo.node(1);
     let server = node.pod("server");
     topo.start_echo_server(server, 8080, "srv")?;
+    topo.start_echo_server(server, BYPASS_PORT, "srv")?;
     topo.start_echo_server(node.pod("other"), 7070, "oth")?;
     let agent = topo.start_agent(node, &config(node, Strict::DefaultWithOtherOptOut), &[])?;
     topo.wait_ready(&agent)?;
@@ -229,7 +242,7 @@ fn strict_pod_outbound_and_self_connections_still_work() -> Result<()> {
     // strict_default really applies to the server: a bypass from client is dropped.
     let bypass = topo.connect_from_with_timeout(
         node.pod("client"),
-        &server_direct(node),
+        &server_bypass(node),
         "bypass",
         1,
         BYPASS_TIMEOUT,
@@ -273,4 +286,82 @@ fn wait_generation(topo: &Topology, agent: &AgentHandle, generation: u64) -> Res
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Strict mode trusts the agent by its cgroup, not its address, and covers IPv6 and UDP: a host
+/// process bound to the agent's IP, an IPv6 connection and a UDP datagram to a server socket all
+/// reach the pod before the agent runs and are all dropped once it does, while the mesh path and
+/// the pod's own connected UDP keep working.
+#[test]
+fn strict_trusts_the_agent_cgroup_not_its_address_and_covers_ipv6_and_udp() -> Result<()> {
+    let topo = setup()?;
+    let node = topo.node(1);
+    let server = node.pod("server");
+    topo.start_echo_server(server, 8080, "srv")?;
+    topo.start_udp_echo_server(server, 8080, "udp")?;
+    topo.start_udp_echo_server(node.pod("other"), 5353, "oth")?;
+    let v6 = topo.add_ipv6(server)?;
+    let out = topo.workdir.join("serve6.out");
+    let mut serve6 = std::process::Command::new(mesh_tests::topology::probe_binary()?);
+    serve6
+        .args(["serve6", "8086", "six"])
+        .stdout(std::fs::File::create(&out)?);
+    topo.spawn_in_pod(server, &mut serve6)?;
+    topo.wait_for("serve6", Duration::from_secs(10), || {
+        Ok(std::fs::read_to_string(&out)?.contains("listening"))
+    })?;
+
+    let agent_ip = node.agent_ip.to_string();
+    let v6_target = format!("[{v6}]:8086");
+    let udp_target = server_direct(node);
+    let timeout = BYPASS_TIMEOUT.as_millis().to_string();
+    let attempts = |expect_ok: bool| -> Result<()> {
+        let spoof = topo.probe_from_node(
+            node,
+            &[
+                "connectfrom",
+                &agent_ip,
+                &server_direct(node),
+                "spoof",
+                &timeout,
+            ],
+        )?;
+        let six = topo.probe_from_node(node, &["connect", &v6_target, "six", "1", &timeout])?;
+        let udp = topo.probe_from_node(node, &["udp", &udp_target, "dgram", "sendto", &timeout])?;
+        for (what, a) in [
+            ("bound to the agent IP", &spoof),
+            ("IPv6", &six),
+            ("UDP", &udp),
+        ] {
+            ensure!(
+                a.ok == expect_ok,
+                "host process {what}: expected ok={expect_ok}, got {a:?}"
+            );
+        }
+        Ok(())
+    };
+    // Before the agent: every path reaches the pod (what strict mode has to stop).
+    attempts(true)?;
+
+    let agent = topo.start_agent(node, &config(node, Strict::Server), &[])?;
+    topo.wait_ready(&agent)?;
+    attempts(false)?;
+    ensure!(
+        dropped(&topo, &agent, SERVER_IDENTITY)? >= 3,
+        "drops not counted"
+    );
+    // The agent's own connects still pass; the pod's connected UDP still gets its replies.
+    let vip = topo.connect_from(node.pod("client"), ECHO_VIP, "vip", 1)?;
+    ensure!(
+        vip[0].ok && vip[0].reply == "srv:vip",
+        "mesh path: {:?}",
+        vip[0]
+    );
+    let other_udp = format!("{}:5353", node.pod("other").ip);
+    let reply = topo.udp_from(server, &other_udp, "q", true, Duration::from_secs(2))?;
+    ensure!(
+        reply.ok && reply.reply == "oth:q",
+        "strict pod's own UDP: {reply:?}"
+    );
+    Ok(())
 }

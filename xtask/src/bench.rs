@@ -12,9 +12,12 @@ use anyhow::{Context, Result};
 use mesh_agent::app::security::agent_identity;
 use mesh_agent::identity::{client_config, CertStore, MeshCa, SpiffeId, WorkloadSpec};
 use mesh_tests::topology::probe_binary;
-use mesh_tests::two_nodes::{Options, TwoNodes, ECHO_PORT, ECHO_VIP, WEB_VIP};
+use mesh_tests::two_nodes::{Options, TwoNodes, BYPASS_PORT, ECHO_VIP, WEB_VIP};
 
-use crate::http_bench::{self, HTTP_PORT};
+use crate::http_bench::{self, BASELINE_HTTP_PORT, HTTP_PORT};
+
+/// Echo server port for the plain same-node baseline (no service endpoint).
+const BASELINE_PORT: u16 = 9090;
 use mesh_tests::{Pod, Topology};
 
 const SECONDS: u64 = 5;
@@ -151,10 +154,14 @@ fn same_node(http: &mut Vec<HttpRow>) -> Result<()> {
     let node = topo.node(1);
     let (client, server) = (node.pod("client"), node.pod("server"));
     topo.start_echo_server(server, 8080, "s")?;
+    // The plain baselines use ports that are no service endpoint (an endpoint address is
+    // captured like the VIP); the egress rule above lets the client reach them.
+    topo.start_echo_server(server, BASELINE_PORT, "s")?;
     let config = node.agent_config(&format!(
         "services:\n  - name: echo\n    vip: {VIP}\n    endpoints: [\"{}:8080\"]\n\
          \x20 - name: web\n    vip: {WEB_VIP}\n    endpoints: [\"{}:{HTTP_PORT}\"]\n    policy: {{protocol: http}}\n\
-         \x20 - name: web-l4\n    vip: {WEB_L4_VIP}\n    endpoints: [\"{}:{HTTP_PORT}\"]\n    policy: {{protocol: tcp}}\nworkloads:\n{}{}{}",
+         \x20 - name: web-l4\n    vip: {WEB_L4_VIP}\n    endpoints: [\"{}:{HTTP_PORT}\"]\n    policy: {{protocol: tcp}}\n\
+         egress:\n  rules:\n    - {{name: bench-baseline, cidr: 10.1.0.0/16}}\nworkloads:\n{}{}{}",
         server.ip,
         server.ip,
         server.ip,
@@ -164,7 +171,7 @@ fn same_node(http: &mut Vec<HttpRow>) -> Result<()> {
     ));
     let agent = topo.start_agent(node, &config, &[("NODEMESH_LOG", "warn")])?;
     topo.wait_ready(&agent)?;
-    let direct = format!("{}:8080", server.ip);
+    let direct = format!("{}:{BASELINE_PORT}", server.ip);
     row(
         &topo,
         client,
@@ -173,7 +180,7 @@ fn same_node(http: &mut Vec<HttpRow>) -> Result<()> {
     )?;
     row(&topo, client, "same node, pod -> VIP -> agent -> pod", VIP)?;
     let nginx = http_bench::start_nginx(&topo, server)?;
-    let direct = format!("{}:{HTTP_PORT}", server.ip);
+    let direct = format!("{}:{BASELINE_HTTP_PORT}", server.ip);
     http.push(http_row(
         &topo,
         client,
@@ -225,7 +232,7 @@ fn cross_node(http: &mut Vec<HttpRow>) -> Result<()> {
         ..Default::default()
     })?;
     let client = mesh.topo.node(1).pod("client");
-    let direct = format!("{}:{ECHO_PORT}", mesh.topo.node(2).pod("server").ip);
+    let direct = format!("{}:{BYPASS_PORT}", mesh.topo.node(2).pod("server").ip);
     row(
         &mesh.topo,
         client,
@@ -242,7 +249,7 @@ fn cross_node(http: &mut Vec<HttpRow>) -> Result<()> {
     println!("| cross node, new mTLS connections to the agent's 15008 (TCP + TLS 1.3 handshake with client cert) | {rate:.0} | {p50} | {p99} | {errors} |");
     let server = mesh.topo.node(2).pod("server");
     let nginx = http_bench::start_nginx(&mesh.topo, server)?;
-    let direct = format!("{}:{HTTP_PORT}", server.ip);
+    let direct = format!("{}:{BASELINE_HTTP_PORT}", server.ip);
     let agents = [mesh.agent1.pid, mesh.agent2.pid];
     http.push(http_row(
         &mesh.topo,

@@ -27,8 +27,8 @@ fn single_node() -> Result<()> {
 
     let config = node.agent_config(&format!(
         "services:\n\
-         \x20 - name: checkout\n    namespace: shop\n    vip: {CHECKOUT_VIP}\n    endpoints: [\"{}:8080\"]\n\
-         \x20 - name: wallet\n    namespace: shop\n    vip: {WALLET_VIP}\n    endpoints: [\"{}:8080\"]\n\
+         \x20 - name: checkout\n    namespace: shop\n    vip: {CHECKOUT_VIP}\n    endpoints: [\"{}:8080\"]\n    policy: {{allow: [web]}}\n\
+         \x20 - name: wallet\n    namespace: shop\n    vip: {WALLET_VIP}\n    endpoints: [\"{}:8080\"]\n    policy: {{allow: [checkout]}}\n\
          workloads:\n{}{}{}\
          policy:\n  deny:\n    - name: web-may-not-touch-wallet\n      from: shop/web\n      to: wallet\n",
         checkout.ip,

@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | e2e | demo | bench | quickstart | image`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | e2e | demo | bench | quickstart | image | fuzz`.
 
 mod bench;
 mod build;
 mod demo;
+mod fuzz;
 mod http_bench;
 mod image;
 mod setup;
@@ -43,6 +44,13 @@ enum Task {
         #[arg(long)]
         down: bool,
     },
+    /// Run every fuzz target (config parsing, HBONE request, HBONE peer certificate) for a
+    /// bounded time on nightly.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -59,7 +67,12 @@ fn main() -> Result<()> {
         Task::BuildEbpf => build::ebpf(),
         Task::Test => {
             prepare()?;
-            sh::cargo(&["test", "--workspace", "--all-targets"])
+            sh::cargo(&["test", "--workspace", "--all-targets"])?;
+            fuzz::run(fuzz::test_seconds()?)
+        }
+        Task::Fuzz { seconds } => {
+            setup::run()?;
+            fuzz::run(seconds)
         }
         Task::E2e => {
             prepare()?;

@@ -18,6 +18,8 @@ const PACKAGES: &[&str] = &[
     "wrk",
     // promtool checks the /metrics exposition in tests.
     "prometheus",
+    // kube-proxy style DNAT of service VIPs in the fail-closed tests.
+    "nftables",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -26,6 +28,7 @@ pub fn run() -> Result<()> {
     nightly_rust_src()?;
     debian_packages(PACKAGES)?;
     bpf_linker()?;
+    cargo_fuzz()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -93,6 +96,14 @@ pub fn debian_packages(wanted: &[&str]) -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// cargo-fuzz runs the fuzz targets (`cargo xtask fuzz`, and briefly in `cargo xtask test`).
+fn cargo_fuzz() -> Result<()> {
+    if sh::output("cargo", &["+nightly", "fuzz", "--version"]).is_ok() {
+        return Ok(());
+    }
+    sh::run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
 }
 
 fn bpf_linker() -> Result<()> {

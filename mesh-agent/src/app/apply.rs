@@ -4,13 +4,15 @@
 use std::collections::HashMap;
 
 use mesh_common::addr::ip4_to_raw;
+use mesh_common::deny::{AllowEntry, DenyKey};
 use mesh_common::services::{AgentAddr, ServiceKey, ServiceValue};
 use mesh_common::workloads::WorkloadIdentity;
 use thiserror::Error;
 
 use crate::config::Config;
 use crate::ebpf::{DesiredMaps, EbpfError, SyncStats};
-use crate::policy::deny;
+use crate::policy::kernel;
+use crate::registry::model::ModelIds;
 use crate::registry::MeshModel;
 use crate::state::Kernel;
 
@@ -22,6 +24,15 @@ pub enum ApplyError {
     Kernel(#[from] EbpfError),
 }
 
+/// Whether a workload runs in strict mode: its own setting, else the policy default; a service
+/// with `policy.mTLS: required` makes the workloads serving it strict in any case.
+fn strict(config: &Config, w: &crate::config::Workload) -> bool {
+    let mtls_required = config.services.iter().any(|s| {
+        s.name == w.service_name() && s.policy.as_ref().is_some_and(|p| p.requires_mtls())
+    });
+    mtls_required || w.is_strict(&config.policy)
+}
+
 pub fn desired_maps(config: &Config, model: &MeshModel, cgroup_ids: &[u64]) -> DesiredMaps {
     let workloads = config
         .workloads
@@ -29,31 +40,56 @@ pub fn desired_maps(config: &Config, model: &MeshModel, cgroup_ids: &[u64]) -> D
         .zip(cgroup_ids)
         .map(|(w, id)| {
             let identity = WorkloadIdentity::new(model.identities[&w.identity()]);
-            (*id, identity.with_strict(w.is_strict(&config.policy)))
+            (*id, identity.with_strict(strict(config, w)))
         })
         .collect();
-    let services = model
-        .services
-        .values()
-        .map(|s| {
-            (
-                ServiceKey::new(ip4_to_raw(s.vip.ip().octets()), s.vip.port()),
-                ServiceValue::new(s.id),
-            )
-        })
+    let policy = kernel::compile(config, model);
+    // Each service's VIP and every endpoint address: a caller dialing a pod IP directly meets
+    // the same allow/deny decision (and capture) as one dialing the VIP. An address two services
+    // share keeps the first service's id (by name); VIPs win over endpoints.
+    let mut services: HashMap<ServiceKey, ServiceValue> = HashMap::new();
+    for s in model.services.values() {
+        let value = ServiceValue::new(s.id).with_default_deny(policy.default_deny.contains(&s.id));
+        services.insert(
+            ServiceKey::new(ip4_to_raw(s.vip.ip().octets()), s.vip.port()),
+            value,
+        );
+    }
+    for s in model.services.values() {
+        let value = ServiceValue::new(s.id).with_default_deny(policy.default_deny.contains(&s.id));
+        for e in &s.endpoints {
+            services
+                .entry(ServiceKey::new(
+                    ip4_to_raw(e.addr.ip().octets()),
+                    e.addr.port(),
+                ))
+                .or_insert(value);
+        }
+    }
+    let deny: HashMap<_, _> = policy
+        .deny
+        .iter()
+        .map(|(&(i, s), v)| (DenyKey::new(i, s), *v))
         .collect();
-    let deny: HashMap<_, _> = deny::compile(config, model)
-        .into_iter()
-        .map(|(k, v)| (deny::key(k), v))
+    let allow: HashMap<_, _> = policy
+        .allow
+        .iter()
+        .map(|&(i, s)| (DenyKey::new(i, s), AllowEntry::new()))
         .collect();
     let agent = AgentAddr::new(
         ip4_to_raw(config.node.agent_ip.octets()),
         config.listen.outbound.port(),
     );
+    let egress =
+        crate::policy::egress::kernel_entries(&crate::policy::egress::compile(config, model))
+            .into_iter()
+            .collect();
     DesiredMaps {
         workloads,
         services,
         deny,
+        allow,
+        egress,
         agent,
     }
 }
@@ -73,6 +109,30 @@ fn resolve(kernel: &Kernel, config: &Config) -> Result<Vec<(std::path::PathBuf, 
         .collect()
 }
 
+/// The ids an earlier agent left in the kernel maps for the names in `config`, so that a
+/// restarted agent keeps them (in-flight ORIG_DST entries and counters keep their meaning, and a
+/// draining old agent and the new one agree on every id).
+pub fn kernel_ids(kernel: &Kernel, config: &Config) -> ModelIds {
+    let mut ids = ModelIds::default();
+    for w in &config.workloads {
+        let id = kernel
+            .ebpf
+            .resolve_cgroup(&w.cgroup)
+            .ok()
+            .and_then(|(_, cgroup)| kernel.maps.workload_identity(cgroup));
+        if let Some(id) = id {
+            ids.identities.entry(w.identity()).or_insert(id);
+        }
+    }
+    for s in &config.services {
+        let key = ServiceKey::new(ip4_to_raw(s.vip.ip().octets()), s.vip.port());
+        if let Some(id) = kernel.maps.service_id(&key) {
+            ids.services.insert(s.name.clone(), id);
+        }
+    }
+    ids
+}
+
 /// Applies `config`; on a failure after attaching, re-applies `previous` so nothing is half-done.
 pub fn apply(
     kernel: &mut Kernel,
@@ -81,12 +141,11 @@ pub fn apply(
     previous: Option<(&Config, &MeshModel)>,
 ) -> Result<SyncStats, ApplyError> {
     let resolved = resolve(kernel, config)?;
-    let dirs: Vec<_> = resolved.iter().map(|(d, _)| d.clone()).collect();
     let ids: Vec<u64> = resolved.iter().map(|(_, id)| *id).collect();
     let desired = desired_maps(config, model, &ids);
     // Maps first: a newly attached cgroup must find its identity the moment programs run.
     match kernel.maps.sync(&desired) {
-        Ok(stats) => match kernel.ebpf.attach_to(&dirs) {
+        Ok(stats) => match kernel.ebpf.attach_to(&resolved) {
             Ok(()) => Ok(stats),
             Err(e) => {
                 rollback(kernel, previous);

@@ -34,8 +34,10 @@ use crate::state::{AgentState, Kernel};
 use crate::{http_server, proxy};
 use security::{Security, SecurityError};
 
-/// How long SIGTERM waits for proxied connections to finish before detaching.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Lets a closing listener hand its pending connections to another listener of its SO_REUSEPORT
+/// group (kernel >= 5.14), so a rolling restart loses none of the connections queued on the old
+/// agent's listeners when it stops accepting.
+const TCP_MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 
 #[derive(Debug, Error)]
 pub enum AppError {
@@ -63,14 +65,33 @@ pub enum AppError {
     AccessLog(#[from] crate::access_log::AccessLogError),
 }
 
+/// Binds with SO_REUSEPORT: during a rolling restart the new agent listens on the same ports
+/// while the old one still runs and drains, so no redirected connect ever finds no listener.
 async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind {
-            field,
-            addr,
-            source,
-        })
+    let err = |source| AppError::Bind {
+        field,
+        addr,
+        source,
+    };
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.set_reuseport(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)
+}
+
+/// Accept queue length of every listener (the kernel caps it at net.core.somaxconn).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Best effort: without it a rolling restart can reset connections queued on the old listener.
+fn enable_listener_migration() {
+    if let Err(e) = std::fs::write(TCP_MIGRATE_REQ, "1") {
+        tracing::warn!(path = TCP_MIGRATE_REQ, error = %e, "cannot enable migration of queued connections between listeners; a rolling restart may reset a few connections");
+    }
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -78,6 +99,10 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let config = config::load(&config_path)?;
     // Before binding ports or writing the CA: an unprivileged start fails with the real reason.
     crate::ebpf::preflight::check_root()?;
+    match crate::admission::raise_nofile_limit() {
+        Ok((old, new)) => tracing::info!(old, new, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
     // Everything checkable without the kernel, before any side effect (ports, CA, eBPF).
     let report = node_checks::node_checks(&config, true);
     if !report.failed.is_empty() {
@@ -96,6 +121,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let mut hangup = signal(SignalKind::hangup()).map_err(AppError::Signal)?;
 
     // Ports first: nothing is attached if one is taken, and redirected connects always find a listener.
+    enable_listener_migration();
     let outbound = bind("listen.outbound", config.listen.outbound).await?;
     let metrics = bind("listen.metrics", config.listen.metrics).await?;
     let health = bind("listen.health", config.listen.health).await?;
@@ -110,12 +136,29 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let (ebpf, maps, orig_dst) = MeshEbpf::load(&object.bytes, &config.node.instance)?;
     tracing::info!(object = %object.source, pins = %ebpf.pin_dir().display(), cgroup_root = %ebpf.cgroup_root().display(), "eBPF programs loaded");
     let mut kernel = Kernel { ebpf, maps };
-    let model = MeshModel::build(&config, None);
+    // Before any workload is attached: strict mode admits exactly the connects recorded here.
+    match kernel.ebpf.trust_own_cgroup(&config.node.instance) {
+        Ok(dir) => {
+            tracing::info!(cgroup = %dir.display(), "strict mode trusts connects from the agent's cgroup")
+        }
+        Err(e) => {
+            if !kernel.ebpf.adopted() {
+                kernel.ebpf.uninstall();
+            }
+            return Err(e.into());
+        }
+    }
+    // Ids an earlier agent left in the kernel are kept, so it and this one agree on them.
+    let model = MeshModel::build_seeded(&config, apply::kernel_ids(&kernel, &config));
     if let Err(e) = apply(&mut kernel, &config, &model, None) {
-        kernel.ebpf.shutdown();
+        // An earlier agent's pinned state stays in force (fail closed); a first start leaves
+        // nothing behind.
+        if !kernel.ebpf.adopted() {
+            kernel.ebpf.uninstall();
+        }
         return Err(e.into());
     }
-    tracing::info!(cgroups = ?kernel.ebpf.attached(), "capture attached");
+    tracing::info!(cgroups = ?kernel.ebpf.attached(), adopted = kernel.ebpf.adopted(), "capture attached");
 
     let state = Arc::new(AgentState::new(
         config.clone(),
@@ -152,7 +195,8 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         .with_targets(view.clone())
         .with_tunnel_metrics(view)
         .with_source_ip(config.node.agent_ip)
-        .with_target_connect_timeout(config.proxy.connect_timeout);
+        .with_target_connect_timeout(config.proxy.connect_timeout)
+        .with_idle_timeout(config.proxy.idle_timeout);
     let mut hbone_stop = stop_rx.clone();
     tasks.spawn(inbound_server.serve(hbone, async move {
         let _ = hbone_stop.wait_for(|stop| *stop).await;
@@ -172,6 +216,15 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         endpoints::health_handler(state.clone()),
         stop_rx.clone(),
     ));
+    let counted = state.clone();
+    tasks.spawn(crate::admission::return_memory(move || {
+        counted.outbound_limits.active() as u64
+            + counted
+                .security
+                .inbound
+                .connections_active
+                .load(Ordering::Relaxed)
+    }));
     state.ready.store(true, Ordering::Relaxed);
     tracing::info!(
         node = %config.node.name,
@@ -199,35 +252,50 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         }
     }
 
-    tracing::info!("shutting down: draining connections");
+    // Fail closed: the pinned programs and maps stay, so captured connects keep going to the
+    // agent address (a new agent's listener, or refused while none runs) and deny-lists and
+    // strict mode stay enforced. Only `--uninstall` detaches.
+    tracing::info!("shutting down: no longer accepting; draining connections");
     state.ready.store(false, Ordering::Relaxed);
-    // Stop capturing new connects first, so pods fall through to their original destinations.
-    state.with_kernel(|k| {
-        k.maps
-            .clear_agent_addr()
-            .map_err(|e| tracing::warn!(error = %e, "clearing redirect"))
-    });
     let _ = stop_tx.send(true);
-    drain(&state).await;
-    if let Some(kernel) = state
-        .kernel
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-    {
-        kernel.ebpf.shutdown();
-    }
+    drain(&state, state.config().proxy.drain_timeout).await;
     state.security.shutdown();
     tasks.abort_all();
-    tracing::info!("detached; bye");
+    tracing::info!("stopped; kernel enforcement stays pinned; bye");
     Ok(())
 }
 
-async fn drain(state: &AgentState) {
-    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
-    while state.metrics.outbound_active.get() > 0 && tokio::time::Instant::now() < deadline {
+/// Waits until proxied connections (outbound and inbound HBONE) have finished, or `timeout`.
+async fn drain(state: &AgentState, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let busy = || {
+        state.metrics.outbound_active.get() > 0
+            || state
+                .security
+                .inbound
+                .connections_active
+                .load(Ordering::Relaxed)
+                > 0
+    };
+    while busy() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    if busy() {
+        tracing::warn!(
+            ?timeout,
+            "drain deadline reached; closing the remaining connections"
+        );
+    }
+}
+
+/// Removes this instance's pinned programs and maps (`mesh-agent --uninstall`): capture and
+/// kernel enforcement end. Run it after the agent has stopped.
+pub fn uninstall(config_path: &Path) -> Result<PathBuf, AppError> {
+    let config = config::load(config_path)?;
+    crate::ebpf::preflight::check_root()?;
+    let dir = crate::ebpf::pin_dir(&config.node.instance);
+    crate::ebpf::uninstall(&dir)?;
+    Ok(dir)
 }
 
 /// Validates a config file without touching the kernel (`mesh-agent --check`): the effective

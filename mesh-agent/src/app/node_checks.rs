@@ -170,8 +170,12 @@ mod tests {
     use super::*;
 
     fn config(extra: &str) -> Config {
-        let text = format!("node: {{name: n1, agent_ip: 127.0.0.1}}\n{extra}");
-        crate::config::parse(&text, "test", &|_| None).expect("valid config")
+        let text = format!("node: {{name: n1, agent_ip: 10.1.255.1}}\n{extra}");
+        let mut config = crate::config::parse(&text, "test", &|_| None).expect("valid config");
+        // Validation refuses a loopback agent_ip (pods cannot reach it); these checks only need
+        // an address that is surely local to the test process.
+        config.node.agent_ip = "127.0.0.1".parse().expect("ip");
+        config
     }
 
     #[test]

@@ -111,6 +111,32 @@ fn check_immutable(old: &Config, new: &Config) -> Result<(), ConfigError> {
             old.node.trust_domain != new.node.trust_domain,
         ),
         ("identity", old.identity != new.identity),
+        // Bound into the HBONE listener, pool and reload ticker at start.
+        ("node.agent_ip", old.node.agent_ip != new.node.agent_ip),
+        (
+            "proxy.connect_timeout",
+            old.proxy.connect_timeout != new.proxy.connect_timeout,
+        ),
+        (
+            "proxy.reload_poll",
+            old.proxy.reload_poll != new.proxy.reload_poll,
+        ),
+        (
+            "proxy.max_connections",
+            old.proxy.max_connections != new.proxy.max_connections,
+        ),
+        (
+            "proxy.max_connections_per_identity",
+            old.proxy.max_connections_per_identity != new.proxy.max_connections_per_identity,
+        ),
+        (
+            "proxy.idle_timeout",
+            old.proxy.idle_timeout != new.proxy.idle_timeout,
+        ),
+        (
+            "proxy.drain_timeout",
+            old.proxy.drain_timeout != new.proxy.drain_timeout,
+        ),
         (
             "observability.access_log",
             old.observability.access_log != new.observability.access_log,
@@ -119,8 +145,54 @@ fn check_immutable(old: &Config, new: &Config) -> Result<(), ConfigError> {
     match fields.iter().find(|(_, changed)| *changed) {
         Some((field, _)) => Err(ConfigError::invalid(
             *field,
-            "cannot change on reload; restart the agent",
+            "cannot be applied live; it needs a restart of the agent",
         )),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_immutable;
+
+    fn config(extra: &str) -> crate::config::Config {
+        let text = format!("node: {{name: n1, agent_ip: 10.1.255.1}}\n{extra}");
+        crate::config::parse(&text, "t", &|_| None).expect("valid")
+    }
+
+    /// Values bound at start (listeners, pool, limits, timers) are refused on reload with a
+    /// message saying a restart is needed, instead of being accepted and silently ignored.
+    #[test]
+    fn values_bound_at_start_are_refused_with_needs_a_restart() {
+        let base = config("");
+        for (field, extra) in [
+            ("node.agent_ip", String::new()),
+            (
+                "proxy.connect_timeout",
+                "proxy: {connect_timeout: 1s}\n".into(),
+            ),
+            ("proxy.reload_poll", "proxy: {reload_poll: 5s}\n".into()),
+            (
+                "proxy.max_connections",
+                "proxy: {max_connections: 100, max_connections_per_identity: 10}\n".into(),
+            ),
+            ("proxy.idle_timeout", "proxy: {idle_timeout: 1m}\n".into()),
+            ("proxy.drain_timeout", "proxy: {drain_timeout: 1s}\n".into()),
+            ("listen.hbone", "listen: {hbone: 0.0.0.0:16008}\n".into()),
+        ] {
+            let new = if field == "node.agent_ip" {
+                crate::config::parse("node: {name: n1, agent_ip: 10.1.255.2}\n", "t", &|_| None)
+                    .expect("valid")
+            } else {
+                config(&extra)
+            };
+            let e = check_immutable(&base, &new).expect_err(field).to_string();
+            assert!(
+                e.contains(&format!("`{field}`")) && e.contains("needs a restart"),
+                "{e}"
+            );
+        }
+        // Live-applicable changes pass.
+        check_immutable(&base, &config("policy: {strict_default: true}\n")).expect("live");
     }
 }

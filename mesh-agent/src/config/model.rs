@@ -35,6 +35,9 @@ pub struct Config {
     /// Mesh-wide traffic policy; each service's `policy` overrides it field by field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_defaults: Option<super::TrafficDefaults>,
+    /// Non-mesh destinations workloads may reach (the rest is refused in the kernel).
+    #[serde(default)]
+    pub egress: super::egress::EgressConfig,
     /// Access logs.
     #[serde(default)]
     pub observability: ObservabilityConfig,
@@ -65,11 +68,18 @@ impl Config {
         self.nodes.iter().filter(|n| n.name != self.node.name)
     }
 
-    /// The authorization part of the config, in the shape the authorizer compiles.
+    /// The authorization part of the config, in the shape the authorizer compiles: the
+    /// `authorization` list plus one policy per service whose `policy` block has allow/deny.
     pub fn authz(&self) -> crate::policy::authz_config::AuthzConfig {
+        let mut authorization = self.authorization.clone();
+        authorization.extend(self.services.iter().filter_map(|s| {
+            let p = s.policy.as_ref().filter(|p| p.has_authorization())?;
+            Some(p.to_authorization(&s.name, self.policy.default))
+        }));
         crate::policy::authz_config::AuthzConfig {
-            authorization: self.authorization.clone(),
+            authorization,
             service_keys: self.service_keys.clone(),
+            mesh_default: self.policy.default,
         }
     }
 }
@@ -138,6 +148,22 @@ pub struct ProxyConfig {
     #[serde(default = "default_reload_poll", with = "duration_text")]
     #[schemars(with = "String")]
     pub reload_poll: Duration,
+    /// On SIGTERM, how long established connections (outbound and inbound HBONE) may take to
+    /// finish before the agent exits; the kernel programs stay pinned either way.
+    #[serde(default = "default_drain_timeout", with = "duration_text")]
+    #[schemars(with = "String")]
+    pub drain_timeout: Duration,
+    /// Concurrent connections on the outbound (capture) listener, all callers together.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Concurrent outbound connections of one calling identity; below `max_connections`, so
+    /// one workload cannot take the share every other workload needs.
+    #[serde(default = "default_max_connections_per_identity")]
+    pub max_connections_per_identity: usize,
+    /// A relayed inbound (HBONE) tunnel with no bytes either way for this long is closed.
+    #[serde(default = "default_idle_timeout", with = "duration_text")]
+    #[schemars(with = "String")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -145,6 +171,10 @@ impl Default for ProxyConfig {
         Self {
             connect_timeout: default_connect_timeout(),
             reload_poll: default_reload_poll(),
+            drain_timeout: default_drain_timeout(),
+            max_connections: default_max_connections(),
+            max_connections_per_identity: default_max_connections_per_identity(),
+            idle_timeout: default_idle_timeout(),
         }
     }
 }
@@ -159,7 +189,8 @@ pub struct Service {
     pub vip: SocketAddrV4,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
-    /// Traffic policy of calls to this service (timeouts, retries, breaker, limits, balancing).
+    /// Policy of calls to this service: traffic (timeouts, retries, breaker, limits, balancing)
+    /// and who may call it (seed 001 §18 form: `allow`, `deny`, `mTLS: required`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<super::ServicePolicy>,
 }
@@ -208,6 +239,14 @@ pub struct PolicyConfig {
     /// Strict mode for workloads that do not set `strict` themselves.
     #[serde(default)]
     pub strict_default: bool,
+    /// Mesh-wide default for a service without an authorization policy: `deny` (its callers
+    /// are exactly its allow-list, so none) unless an operator relaxes it to `allow`.
+    #[serde(default = "default_mesh_authz")]
+    pub default: crate::policy::authz_config::DefaultAction,
+}
+
+fn default_mesh_authz() -> crate::policy::authz_config::DefaultAction {
+    crate::policy::authz_config::DefaultAction::Deny
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
@@ -354,6 +393,18 @@ pub fn agent_service_account(node: &str) -> String {
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(3)
+}
+fn default_max_connections() -> usize {
+    16384
+}
+fn default_max_connections_per_identity() -> usize {
+    4096
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_reload_poll() -> Duration {
     Duration::from_secs(2)

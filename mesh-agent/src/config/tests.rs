@@ -203,3 +203,96 @@ fn cert_ttl_is_bounded_unless_short_ttls_are_allowed() {
     ));
     assert_eq!(c.identity.cert_ttl, Duration::from_secs(4));
 }
+
+/// GOOD with one line replaced (the replaced text must be present).
+fn good_with(from: &str, to: &str) -> String {
+    assert!(GOOD.contains(from), "{from:?} not in GOOD");
+    GOOD.replacen(from, to, 1)
+}
+
+#[test]
+fn listeners_on_one_port_are_refused() {
+    let text = format!("{GOOD}listen:\n  outbound: 0.0.0.0:15001\n  hbone: 0.0.0.0:15001\n");
+    let e = parse_err(&text);
+    assert!(
+        e.contains("`listen.hbone`") && e.contains("listen.outbound"),
+        "{e}"
+    );
+    // A wildcard overlaps a specific address on the same port.
+    let text = format!("{GOOD}listen:\n  metrics: 0.0.0.0:15020\n  admin: 127.0.0.1:15020\n");
+    assert!(parse_err(&text).contains("`listen.admin`"));
+    // Port 0 takes a free port each time: never a clash.
+    parse_ok(&format!(
+        "{GOOD}listen:\n  outbound: 127.0.0.1:0\n  hbone: 127.0.0.1:0\n"
+    ));
+}
+
+#[test]
+fn vip_or_endpoint_on_the_agents_own_ports_is_refused() {
+    let e = parse_err(&good_with("vip: 10.96.0.10:80", "vip: 10.1.255.1:15001"));
+    assert!(
+        e.contains("`services[0].vip`") && e.contains("listen.outbound"),
+        "{e}"
+    );
+    let e = parse_err(&good_with("\"10.1.2.2:8080\"", "\"10.1.255.1:15020\""));
+    assert!(
+        e.contains("`services[0].endpoints[0]`") && e.contains("listen.metrics"),
+        "{e}"
+    );
+    // The admin port listens on loopback only: a loopback endpoint is refused outright.
+    let e = parse_err(&good_with("\"10.1.2.2:8080\"", "\"127.0.0.1:15000\""));
+    assert!(
+        e.contains("`services[0].endpoints[0]`") && e.contains("loopback"),
+        "{e}"
+    );
+    // The agent's address on another port is a legitimate endpoint (a host-network pod).
+    parse_ok(&good_with("\"10.1.2.2:8080\"", "\"10.1.255.1:8080\""));
+}
+
+#[test]
+fn loopback_or_multicast_agent_ip_is_refused() {
+    for ip in ["127.0.0.1", "224.0.0.1", "255.255.255.255"] {
+        let e = parse_err(&good_with(
+            "agent_ip: 10.1.255.1",
+            &format!("agent_ip: {ip}"),
+        ));
+        assert!(e.contains("`node.agent_ip`"), "{ip}: {e}");
+    }
+}
+
+#[test]
+fn cgroup_paths_cannot_leave_the_cgroup_root() {
+    let e = parse_err(&good_with(
+        "cgroup: /kubepods/client",
+        "cgroup: /kubepods/../../etc",
+    ));
+    assert!(
+        e.contains("`workloads[0].cgroup`") && e.contains(".."),
+        "{e}"
+    );
+}
+
+#[test]
+fn deeply_nested_yaml_is_refused_before_parsing() {
+    let flow = format!("{GOOD}x: {}\n", "[".repeat(100_000));
+    assert!(parse_err(&flow).contains("nested too deeply"));
+    let mut block = GOOD.to_owned();
+    for depth in 0..300 {
+        block.push_str(&format!("{}k{depth}:\n", " ".repeat(depth)));
+    }
+    assert!(parse_err(&block).contains("nested too deeply"));
+    let dashes = format!("{GOOD}x: \n{}1\n", "- ".repeat(1000));
+    assert!(parse_err(&dashes).contains("nested too deeply"));
+    // Brackets inside quotes or comments are not nesting.
+    parse_ok(&format!("{GOOD}# {}\n", "[".repeat(1000)));
+}
+
+#[test]
+fn errors_quote_only_a_short_prefix_of_a_bad_value() {
+    let long = "x".repeat(10_000);
+    let e = parse_err(&good_with("name: wallet", &format!("name: {long}")));
+    assert!(e.contains("`services[1].name`"), "{e}");
+    assert!(e.len() < 300, "{} bytes: {e:.200}", e.len());
+    let e = parse_err(&format!("{GOOD}bogus_{long}: 1\n"));
+    assert!(e.len() < 500, "{} bytes", e.len());
+}

@@ -26,9 +26,13 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
         ));
     }
 
+    super::sanity::validate(config)?;
+    validate_limits(config)?;
     validate_identity(config)?;
     validate_nodes(config)?;
+    validate_service_policies(config)?;
     validate_authorization(config)?;
+    validate_egress(config)?;
     let mut names = HashSet::new();
     let mut vips = HashSet::new();
     for (i, s) in config.services.iter().enumerate() {
@@ -260,6 +264,147 @@ fn validate_identity(config: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `services[].policy` allow/deny entries, checked here so errors name the service's field (the
+/// block compiles into an `authorization` entry that has no place in the file).
+fn validate_service_policies(config: &Config) -> Result<(), ConfigError> {
+    use super::service_policy::NAMESPACE_PREFIX;
+    for (i, s) in config.services.iter().enumerate() {
+        let Some(policy) = s.policy.as_ref().filter(|p| p.has_authorization()) else {
+            continue;
+        };
+        if let Some(other) = config.authorization.iter().find(|a| a.service == s.name) {
+            return Err(ConfigError::invalid(
+                format!("services[{i}].policy"),
+                format!(
+                    "service {:?} already has authorization policy {:?}; write its callers in one place",
+                    s.name, other.name
+                ),
+            ));
+        }
+        for (list, entries) in [("allow", &policy.allow), ("deny", &policy.deny)] {
+            for (j, entry) in entries.iter().enumerate() {
+                let field = format!("services[{i}].policy.{list}[{j}]");
+                if entry.starts_with("spiffe://") {
+                    entry.parse::<crate::identity::SpiffeId>().map_err(|e| {
+                        ConfigError::invalid(
+                            &field,
+                            format!("{} is not a SPIFFE ID ({e})", short(entry)),
+                        )
+                    })?;
+                } else if let Some(ns) = entry.strip_prefix(NAMESPACE_PREFIX) {
+                    check_name(&field, ns)?;
+                } else {
+                    check_name(&field, entry)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_limits(config: &Config) -> Result<(), ConfigError> {
+    let p = &config.proxy;
+    if p.max_connections == 0 {
+        return Err(ConfigError::invalid(
+            "proxy.max_connections",
+            "must be greater than 0",
+        ));
+    }
+    if p.max_connections_per_identity == 0 || p.max_connections_per_identity > p.max_connections {
+        return Err(ConfigError::invalid(
+            "proxy.max_connections_per_identity",
+            format!(
+                "{} must be 1..=proxy.max_connections ({})",
+                p.max_connections_per_identity, p.max_connections
+            ),
+        ));
+    }
+    if p.idle_timeout.is_zero() {
+        return Err(ConfigError::invalid(
+            "proxy.idle_timeout",
+            "must be greater than 0",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_egress(config: &Config) -> Result<(), ConfigError> {
+    use mesh_common::egress::MAX_EGRESS_PORTS;
+    for (i, d) in config.egress.dns.iter().enumerate() {
+        if d.port() == 0 || d.ip().is_unspecified() {
+            return Err(ConfigError::invalid(
+                format!("egress.dns[{i}]"),
+                format!("{d} is not a resolver address (ip:port)"),
+            ));
+        }
+    }
+    let mut names = HashSet::new();
+    for (i, r) in config.egress.rules.iter().enumerate() {
+        let at = format!("egress.rules[{i}]");
+        check_name(&format!("{at}.name"), &r.name)?;
+        if !names.insert(r.name.as_str()) {
+            return Err(ConfigError::invalid(
+                format!("{at}.name"),
+                format!("duplicate egress rule name {}", short(&r.name)),
+            ));
+        }
+        super::egress::parse_cidr(&r.cidr).map_err(|e| {
+            ConfigError::invalid(format!("{at}.cidr"), format!("{}: {e}", short(&r.cidr)))
+        })?;
+        if r.ports.len() > MAX_EGRESS_PORTS {
+            return Err(ConfigError::invalid(
+                format!("{at}.ports"),
+                format!("at most {MAX_EGRESS_PORTS} ports per rule; use more rules"),
+            ));
+        }
+        if let Some(j) = r.ports.iter().position(|p| *p == 0) {
+            return Err(ConfigError::invalid(
+                format!("{at}.ports[{j}]"),
+                "0 is not a port; leave `ports` out to allow every port",
+            ));
+        }
+        match (&r.from, &r.from_namespace) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    at,
+                    "set at most one of from, from_namespace",
+                ))
+            }
+            (Some(id), None) => {
+                let Some((ns, sa)) = id.split_once('/') else {
+                    return Err(ConfigError::invalid(
+                        format!("{at}.from"),
+                        format!("{} must be <namespace>/<service-account>", short(id)),
+                    ));
+                };
+                check_name(&format!("{at}.from"), ns)?;
+                check_name(&format!("{at}.from"), sa)?;
+            }
+            (None, Some(ns)) => check_name(&format!("{at}.from_namespace"), ns)?,
+            (None, None) => {}
+        }
+    }
+    Ok(())
+}
+
+/// A parser message, which may quote a bad value whole, cut to a readable length.
+pub(crate) fn short_message(message: &str) -> String {
+    const MAX: usize = 300;
+    match message.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}... (cut)", &message[..cut]),
+        None => message.to_owned(),
+    }
+}
+
+/// A bad value quoted in an error: at most a short prefix, so a huge value cannot flood logs.
+pub(crate) fn short(value: &str) -> String {
+    const MAX: usize = 64;
+    match value.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{:?}...", &value[..cut]),
+        None => format!("{value:?}"),
+    }
+}
+
 fn validate_authorization(config: &Config) -> Result<(), ConfigError> {
     use crate::policy::authz_config::AuthzConfigError;
     config.authz().compile().map_err(|e| match e {
@@ -309,7 +454,10 @@ fn check_name(field: &str, value: &str) -> Result<(), ConfigError> {
     } else {
         Err(ConfigError::invalid(
             field,
-            format!("{value:?} must be 1-63 characters of a-z, 0-9, '-', '.', '_'"),
+            format!(
+                "{} must be 1-63 characters of a-z, 0-9, '-', '.', '_'",
+                short(value)
+            ),
         ))
     }
 }

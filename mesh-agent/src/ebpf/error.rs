@@ -46,6 +46,11 @@ pub enum EbpfError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("pinned link {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("attaching to cgroup {path}: {source}")]
     Attach {
         path: PathBuf,

@@ -15,6 +15,15 @@ pub struct MeshEbpf {
     attachments: Attachments,
     cgroup_root: PathBuf,
     pin_dir: PathBuf,
+    /// Whether the pins existed before this start: an earlier agent's state is being adopted.
+    adopted: bool,
+}
+
+/// Where an instance pins its maps and links.
+pub fn pin_dir(instance: &str) -> PathBuf {
+    Path::new(preflight::BPFFS_PATH)
+        .join("nodemesh")
+        .join(instance)
 }
 
 impl MeshEbpf {
@@ -29,7 +38,8 @@ impl MeshEbpf {
         let cgroup_root = preflight::cgroup2_root(&mounts)?;
         let bpffs = Path::new(preflight::BPFFS_PATH);
         preflight::ensure_bpffs(&mounts, bpffs)?;
-        let pin_dir = bpffs.join("nodemesh").join(instance);
+        let pin_dir = pin_dir(instance);
+        let adopted = pin_dir.exists();
         std::fs::create_dir_all(&pin_dir).map_err(|source| EbpfError::Io {
             path: pin_dir.clone(),
             source,
@@ -39,12 +49,21 @@ impl MeshEbpf {
             .default_map_pin_directory(&pin_dir)
             .load(object)?;
         start_kernel_logger(&mut bpf);
-        program_mut::<CgroupSockAddr>(&mut bpf, program_names::CONNECT4)?
-            .load()
-            .map_err(EbpfError::program(program_names::CONNECT4))?;
-        program_mut::<SockOps>(&mut bpf, program_names::SOCKOPS)?
-            .load()
-            .map_err(EbpfError::program(program_names::SOCKOPS))?;
+        for name in [
+            program_names::CONNECT4,
+            program_names::CONNECT6,
+            program_names::SENDMSG4,
+            program_names::SENDMSG6,
+        ] {
+            program_mut::<CgroupSockAddr>(&mut bpf, name)?
+                .load()
+                .map_err(EbpfError::program(name))?;
+        }
+        for name in [program_names::SOCKOPS, program_names::AGENT_SOCKOPS] {
+            program_mut::<SockOps>(&mut bpf, name)?
+                .load()
+                .map_err(EbpfError::program(name))?;
+        }
         // Section cgroup_skb/ingress gives it the expected attach type the kernel checks on attach.
         program_mut::<CgroupSkb>(&mut bpf, program_names::INGRESS)?
             .load()
@@ -52,9 +71,10 @@ impl MeshEbpf {
         let (maps, orig) = KernelMaps::take_from(&mut bpf)?;
         let ebpf = MeshEbpf {
             bpf,
-            attachments: Attachments::default(),
+            attachments: Attachments::new(&pin_dir),
             cgroup_root,
             pin_dir,
+            adopted,
         };
         Ok((ebpf, maps, orig))
     }
@@ -73,7 +93,21 @@ impl MeshEbpf {
         cgroup_id(&dir).map(|id| (dir, id))
     }
 
-    pub fn attach_to(&mut self, cgroups: &[PathBuf]) -> Result<(), EbpfError> {
+    /// Whether this start found an earlier agent's pinned state and adopted it.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Attaches the program that records this agent's own connects (strict mode trusts exactly
+    /// those) to the agent's cgroup. Run by the agent process itself.
+    pub fn trust_own_cgroup(&mut self, instance: &str) -> Result<PathBuf, EbpfError> {
+        let dir = super::own_cgroup::own_cgroup(&self.cgroup_root, instance)?;
+        let id = cgroup_id(&dir)?;
+        self.attachments.attach_agent(&mut self.bpf, &dir, id)?;
+        Ok(dir)
+    }
+
+    pub fn attach_to(&mut self, cgroups: &[(PathBuf, u64)]) -> Result<(), EbpfError> {
         self.attachments.reconcile(&mut self.bpf, cgroups)
     }
 
@@ -81,11 +115,13 @@ impl MeshEbpf {
         self.attachments.attached().map(Path::to_owned).collect()
     }
 
-    /// Detaches from every cgroup and removes the pinned maps: nothing of this agent stays in the kernel.
-    pub fn shutdown(mut self) {
-        self.attachments.detach_all(&mut self.bpf);
-        if let Err(e) = std::fs::remove_dir_all(&self.pin_dir) {
-            tracing::warn!(path = %self.pin_dir.display(), error = %e, "removing pinned maps");
+    /// Detaches from every cgroup and removes the pinned maps and links: nothing of this agent
+    /// stays in the kernel. Only for an explicit uninstall, or a first start that failed.
+    pub fn uninstall(self) {
+        let MeshEbpf { bpf, pin_dir, .. } = self;
+        drop(bpf);
+        if let Err(e) = super::attach::uninstall(&pin_dir) {
+            tracing::warn!(path = %pin_dir.display(), error = %e, "removing pinned maps and links");
         }
     }
 }

@@ -5,12 +5,14 @@ use std::hash::Hash;
 use std::net::SocketAddrV4;
 use std::sync::Mutex;
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use aya::Pod;
 use mesh_common::{
     addr::ip4_to_raw,
     counters::ConnCounters,
-    deny::{DenyKey, DenyRule},
+    deny::{AllowEntry, DenyKey, DenyRule},
+    egress::{EgressData, EgressPorts},
     map_names,
     orig_dst::{ClientKey, OrigDst},
     services::{AgentAddr, ServiceKey, ServiceValue},
@@ -25,6 +27,9 @@ pub struct DesiredMaps {
     pub workloads: StdHashMap<u64, WorkloadIdentity>,
     pub services: StdHashMap<ServiceKey, ServiceValue>,
     pub deny: StdHashMap<DenyKey, DenyRule>,
+    pub allow: StdHashMap<DenyKey, AllowEntry>,
+    /// (prefix length, data) -> ports.
+    pub egress: StdHashMap<(u32, EgressData), EgressPorts>,
     pub agent: AgentAddr,
 }
 
@@ -46,6 +51,8 @@ pub struct KernelMaps {
     workloads: HashMap<MapData, u64, WorkloadIdentity>,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     deny: HashMap<MapData, DenyKey, DenyRule>,
+    allow: HashMap<MapData, DenyKey, AllowEntry>,
+    egress: LpmTrie<MapData, EgressData, EgressPorts>,
     agent_addr: Array<MapData, AgentAddr>,
     counters: PerCpuArray<MapData, ConnCounters>,
 }
@@ -66,6 +73,8 @@ impl KernelMaps {
             workloads: take(bpf, map_names::WORKLOADS)?,
             services: take(bpf, map_names::SERVICES)?,
             deny: take(bpf, map_names::DENY)?,
+            allow: take(bpf, map_names::ALLOW)?,
+            egress: take(bpf, map_names::EGRESS)?,
             agent_addr: take(bpf, map_names::AGENT_ADDR)?,
             counters: take(bpf, map_names::CONN_COUNTERS)?,
         };
@@ -75,17 +84,31 @@ impl KernelMaps {
         Ok((maps, orig))
     }
 
-    /// Brings the maps to `desired`: writes new and changed entries first, then removes stale
-    /// ones, so a key that stays never disappears in between.
+    /// Brings the maps to `desired` in two phases: every new and changed entry is written
+    /// (SERVICES last, so a service's DEFAULT_DENY flag changes only once its ALLOW and DENY
+    /// entries are in place), then stale entries are removed. A key that stays never disappears
+    /// in between, and a policy change never passes through a state that admits more than
+    /// either the old or the new policy.
     pub fn sync(&mut self, desired: &DesiredMaps) -> Result<SyncStats, EbpfError> {
         let mut stats = SyncStats::default();
-        stats += sync_hash(
+        stats.written += write_entries(
             &mut self.workloads,
             &desired.workloads,
             map_names::WORKLOADS,
         )?;
-        stats += sync_hash(&mut self.services, &desired.services, map_names::SERVICES)?;
-        stats += sync_hash(&mut self.deny, &desired.deny, map_names::DENY)?;
+        stats.written += write_entries(&mut self.allow, &desired.allow, map_names::ALLOW)?;
+        stats.written += write_entries(&mut self.deny, &desired.deny, map_names::DENY)?;
+        stats.written += self.write_egress(&desired.egress)?;
+        stats.written += write_entries(&mut self.services, &desired.services, map_names::SERVICES)?;
+        stats.removed += remove_stale(&mut self.services, &desired.services, map_names::SERVICES)?;
+        stats.removed += remove_stale(&mut self.deny, &desired.deny, map_names::DENY)?;
+        stats.removed += remove_stale(&mut self.allow, &desired.allow, map_names::ALLOW)?;
+        stats.removed += self.remove_stale_egress(&desired.egress)?;
+        stats.removed += remove_stale(
+            &mut self.workloads,
+            &desired.workloads,
+            map_names::WORKLOADS,
+        )?;
         let current = self.agent_addr.get(&0, 0).ok();
         if current != Some(desired.agent) {
             self.agent_addr
@@ -99,17 +122,53 @@ impl KernelMaps {
         Ok(stats)
     }
 
-    /// Stops redirection so connects pass through unchanged. Only the port is cleared: strict
-    /// mode keeps admitting connections from the agent address while the agent drains.
-    pub fn clear_agent_addr(&mut self) -> Result<(), EbpfError> {
-        let err = |source| EbpfError::Map {
-            name: map_names::AGENT_ADDR,
-            source,
-        };
-        let current = self.agent_addr.get(&0, 0).map_err(err)?;
-        self.agent_addr
-            .set(0, AgentAddr::new(current.ip, 0), 0)
-            .map_err(err)
+    fn write_egress(
+        &mut self,
+        desired: &StdHashMap<(u32, EgressData), EgressPorts>,
+    ) -> Result<usize, EbpfError> {
+        let mut written = 0;
+        for ((len, data), ports) in desired {
+            let key = LpmKey::new(*len, *data);
+            if self.egress.get(&key, 0).ok().as_ref() != Some(ports) {
+                self.egress
+                    .insert(&key, ports, 0)
+                    .map_err(|source| EbpfError::Map {
+                        name: map_names::EGRESS,
+                        source,
+                    })?;
+                written += 1;
+            }
+        }
+        Ok(written)
+    }
+
+    fn remove_stale_egress(
+        &mut self,
+        desired: &StdHashMap<(u32, EgressData), EgressPorts>,
+    ) -> Result<usize, EbpfError> {
+        let stale: Vec<LpmKey<EgressData>> = self
+            .egress
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !desired.contains_key(&(k.prefix_len(), k.data())))
+            .collect();
+        for key in &stale {
+            self.egress.remove(key).map_err(|source| EbpfError::Map {
+                name: map_names::EGRESS,
+                source,
+            })?;
+        }
+        Ok(stale.len())
+    }
+
+    /// Identity id the WORKLOADS map holds for a cgroup (written by this or an earlier agent).
+    pub fn workload_identity(&self, cgroup: u64) -> Option<u32> {
+        self.workloads.get(&cgroup, 0).ok().map(|w| w.identity)
+    }
+
+    /// Service id the SERVICES map holds for a destination (written by this or an earlier agent).
+    pub fn service_id(&self, key: &ServiceKey) -> Option<u32> {
+        self.services.get(key, 0).ok().map(|s| s.service)
     }
 
     /// Per-identity counters summed over CPUs.
@@ -129,33 +188,45 @@ impl KernelMaps {
     }
 }
 
-fn sync_hash<K, V>(
+fn write_entries<K, V>(
     map: &mut HashMap<MapData, K, V>,
     desired: &StdHashMap<K, V>,
     name: &'static str,
-) -> Result<SyncStats, EbpfError>
+) -> Result<usize, EbpfError>
 where
     K: Pod + Hash + Eq,
     V: Pod + PartialEq,
 {
-    let err = |source| EbpfError::Map { name, source };
-    let mut stats = SyncStats::default();
+    let mut written = 0;
     for (key, value) in desired {
         if map.get(key, 0).ok().as_ref() != Some(value) {
-            map.insert(key, value, 0).map_err(err)?;
-            stats.written += 1;
+            map.insert(key, value, 0)
+                .map_err(|source| EbpfError::Map { name, source })?;
+            written += 1;
         }
     }
+    Ok(written)
+}
+
+fn remove_stale<K, V>(
+    map: &mut HashMap<MapData, K, V>,
+    desired: &StdHashMap<K, V>,
+    name: &'static str,
+) -> Result<usize, EbpfError>
+where
+    K: Pod + Hash + Eq,
+    V: Pod,
+{
     let stale: Vec<K> = map
         .keys()
         .filter_map(Result::ok)
         .filter(|k| !desired.contains_key(k))
         .collect();
-    for key in stale {
-        map.remove(&key).map_err(err)?;
-        stats.removed += 1;
+    for key in &stale {
+        map.remove(key)
+            .map_err(|source| EbpfError::Map { name, source })?;
     }
-    Ok(stats)
+    Ok(stale.len())
 }
 
 /// ORIG_DST, shared with the outbound proxy: on accept it takes the entry for the peer address.

@@ -2,12 +2,14 @@
 
 pub mod attach;
 mod error;
+mod links;
 mod loader;
 mod maps;
 pub mod object;
+mod own_cgroup;
 pub mod preflight;
 
-pub use attach::Attachments;
+pub use attach::{uninstall, Attachments};
 pub use error::EbpfError;
-pub use loader::MeshEbpf;
+pub use loader::{pin_dir, MeshEbpf};
 pub use maps::{DesiredMaps, KernelMaps, OrigDstTable, SyncStats};

@@ -17,7 +17,9 @@ pub struct StateCollector {
     state: Weak<AgentState>,
     /// Scrapes reset and refill the families; one at a time.
     scraping: Mutex<()>,
-    kernel: [IntCounterVec; 4],
+    kernel: [IntCounterVec; 5],
+    /// Outbound connections refused by the connection limits.
+    outbound_refused: IntCounter,
     authz: IntCounterVec,
     pool_opened: [IntCounter; 2],
     pool_active: [IntGauge; 2],
@@ -63,7 +65,15 @@ impl StateCollector {
                     "nodemesh_kernel_inbound_dropped_total",
                     "Inbound TCP SYNs to strict workloads dropped for bypassing the agent, by destination identity.",
                 ),
+                kernel(
+                    "nodemesh_kernel_egress_denied_total",
+                    "connect()/sendmsg() calls to non-mesh destinations refused for lack of an egress rule, by source identity.",
+                ),
             ],
+            outbound_refused: counter(
+                "nodemesh_outbound_refused_total",
+                "Outbound connections refused by the connection limits (per calling identity or total).",
+            ),
             authz: counter_vec(
                 "nodemesh_authz_decisions_total",
                 "Authorization decisions by policy and result.",
@@ -111,8 +121,8 @@ impl StateCollector {
         }
     }
 
-    fn collectors(&self) -> [&dyn Collector; 13] {
-        let [k0, k1, k2, k3] = &self.kernel;
+    fn collectors(&self) -> [&dyn Collector; 15] {
+        let [k0, k1, k2, k3, k4] = &self.kernel;
         let [p0, p1] = &self.pool_opened;
         let [a0, a1] = &self.pool_active;
         [
@@ -120,6 +130,8 @@ impl StateCollector {
             k1,
             k2,
             k3,
+            k4,
+            &self.outbound_refused,
             &self.authz,
             p0,
             p1,
@@ -134,6 +146,7 @@ impl StateCollector {
 
     fn refill(&self, state: &AgentState) {
         self.refill_kernel(state);
+        set_counter(&self.outbound_refused, state.outbound_limits.refused());
         let security = &state.security;
         self.authz.reset();
         for d in security.authz.counters().snapshot() {
@@ -200,7 +213,13 @@ impl StateCollector {
                 let Ok(c) = k.maps.counters(*id) else {
                     continue;
                 };
-                let values = [c.opened, c.redirected, c.denied, c.inbound_dropped];
+                let values = [
+                    c.opened,
+                    c.redirected,
+                    c.denied,
+                    c.inbound_dropped,
+                    c.egress_denied,
+                ];
                 for (family, value) in self.kernel.iter().zip(values) {
                     set_counter(&family.with_label_values(&[name]), value);
                 }

@@ -1,6 +1,7 @@
 //! Inbound authorization: decides whether a source identity may reach a destination service.
 //!
-//! Order: no policy for the service -> allow; a matching deny rule -> deny; a matching allow
+//! Order: no policy for the service -> the mesh default (`policy.default`, deny unless relaxed);
+//! a matching deny rule -> deny; a matching allow
 //! rule or the policy default -> allow/deny; an allowed request must then hold every required
 //! capability (granted to identities by `service_keys`).
 
@@ -11,7 +12,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use crate::identity::SpiffeId;
 use crate::policy::authz_config::{AuthzConfig, AuthzConfigError, CompiledAuthz, Policy};
 
-/// Policy name reported when the destination service has no policy (allowed by default).
+/// Policy name reported when the destination service has no policy (the mesh default decides).
 pub const NO_POLICY: &str = "<none>";
 
 /// Decides whether `source` may open a connection to `dest_service`.
@@ -112,9 +113,36 @@ impl Authorizer {
         &self.counters
     }
 
+    /// The decision without counting or logging it (the kernel policy is compiled from it).
+    pub fn evaluate(
+        &self,
+        source: &SpiffeId,
+        source_service: Option<&str>,
+        dest: &str,
+    ) -> Decision {
+        self.decide(source, source_service, dest)
+    }
+
+    /// What a caller no rule names gets from `dest`: the policy default, else the mesh default.
+    pub fn default_allows(&self, dest: &str) -> bool {
+        self.rules
+            .policies
+            .get(dest)
+            .map_or(self.rules.default_allow, |p| p.default_allow)
+    }
+
     fn decide(&self, source: &SpiffeId, source_service: Option<&str>, dest: &str) -> Decision {
         let Some(policy) = self.rules.policies.get(dest) else {
-            return verdict(true, NO_POLICY, format!("no policy for service {dest}"));
+            let default = if self.rules.default_allow {
+                "allow"
+            } else {
+                "deny"
+            };
+            return verdict(
+                self.rules.default_allow,
+                NO_POLICY,
+                format!("no policy for service {dest}, mesh default {default}"),
+            );
         };
         if let Some((i, rule)) = policy
             .deny
@@ -318,10 +346,21 @@ service_keys:
     }
 
     #[test]
-    fn service_without_policy_is_allowed() {
+    fn service_without_policy_follows_the_mesh_default_deny_unless_relaxed() {
         let d = authorizer().authorize(&id("spiffe://cluster.local/ns/a/sa/b"), None, "unknown");
-        assert!(d.allowed);
+        assert!(!d.allowed, "default deny: {d:?}");
         assert_eq!(d.policy, NO_POLICY);
+        assert!(d.reason.contains("mesh default deny"), "{d:?}");
+        let relaxed = AuthzConfig {
+            mesh_default: crate::policy::authz_config::DefaultAction::Allow,
+            ..Default::default()
+        };
+        let d = Authorizer::new(&relaxed).expect("valid").authorize(
+            &id("spiffe://cluster.local/ns/a/sa/b"),
+            None,
+            "unknown",
+        );
+        assert!(d.allowed, "explicit policy.default: allow: {d:?}");
     }
 
     #[test]
@@ -372,7 +411,7 @@ service_keys:
             vec![
                 DecisionCount {
                     policy: NO_POLICY.into(),
-                    allowed: true,
+                    allowed: false,
                     count: 1
                 },
                 DecisionCount {

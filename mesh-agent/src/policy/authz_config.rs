@@ -28,6 +28,9 @@ pub struct AuthzConfig {
     pub authorization: Vec<PolicyConfig>,
     #[serde(default)]
     pub service_keys: Vec<ServiceKeyConfig>,
+    /// For services without a policy; set from `policy.default` of the agent config.
+    #[serde(skip)]
+    pub mesh_default: DefaultAction,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
@@ -46,10 +49,14 @@ pub struct PolicyConfig {
     pub capabilities: Option<CapabilitiesConfig>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum DefaultAction {
     Allow,
+    /// The mesh-wide default: a service's callers are exactly its allow-list.
+    #[default]
     Deny,
 }
 
@@ -119,6 +126,8 @@ pub struct Policy {
 pub struct CompiledAuthz {
     pub policies: HashMap<String, Policy>,
     pub capabilities: HashMap<SpiffeId, HashSet<String>>,
+    /// Decision for a service without a policy (`policy.default`).
+    pub default_allow: bool,
 }
 
 impl AuthzConfig {
@@ -194,6 +203,7 @@ impl AuthzConfig {
         Ok(CompiledAuthz {
             policies,
             capabilities,
+            default_allow: self.mesh_default == DefaultAction::Allow,
         })
     }
 }

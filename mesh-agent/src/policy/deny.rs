@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use mesh_common::deny::{DenyKey, DenyRule};
+use mesh_common::deny::DenyRule;
 
 use crate::config::{Config, WILDCARD};
 use crate::registry::MeshModel;
@@ -40,9 +40,4 @@ pub fn compile(config: &Config, model: &MeshModel) -> BTreeMap<(u32, u32), DenyR
         }
     }
     entries
-}
-
-/// Map key for a compiled pair.
-pub fn key((identity, service): (u32, u32)) -> DenyKey {
-    DenyKey::new(identity, service)
 }

@@ -3,3 +3,5 @@
 pub mod authz;
 pub mod authz_config;
 pub mod deny;
+pub mod egress;
+pub mod kernel;

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use super::connect::connect_from;
 use super::hbone::{HboneError, HboneStream};
 use super::sniff::{self, Detected};
+use crate::admission::AcceptErrors;
 use crate::config::service_policy::{Protocol, RetryOn};
 use crate::identity::SpiffeId;
 use crate::metrics::istio::{PeerLabels, Reporter, Security, TcpSeries};
@@ -37,6 +38,7 @@ pub async fn run(
     state: Arc<AgentState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut errors = AcceptErrors::new("outbound");
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -44,13 +46,11 @@ pub async fn run(
         };
         match accepted {
             Ok((stream, peer)) => {
+                errors.accepted();
                 let (state, shutdown) = (state.clone(), shutdown.clone());
                 tokio::spawn(async move { handle(stream, peer, state, shutdown).await });
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "outbound accept");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            Err(e) => errors.failed(&e).await,
         }
     }
 }
@@ -88,6 +88,11 @@ async fn handle(
     let Some(orig) = lookup_orig_dst(&state, peer).await else {
         metrics.outbound_unknown_destination.inc();
         tracing::warn!(%peer, "no original destination recorded; closing");
+        return;
+    };
+    // Admission per calling identity and in total; held until the connection ends.
+    let Ok(_permit) = state.outbound_limits.try_acquire(orig.identity) else {
+        tracing::debug!(%peer, identity = orig.identity, "connection limit reached; refusing");
         return;
     };
     let original = SocketAddrV4::new(ip4_from_raw(orig.ip).into(), orig.port);

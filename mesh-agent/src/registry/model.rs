@@ -54,16 +54,31 @@ pub struct MeshModel {
 impl MeshModel {
     /// Builds the model for `config`, reusing the ids `previous` gave to names that still exist.
     pub fn build(config: &Config, previous: Option<&MeshModel>) -> MeshModel {
+        let ids = previous.map(MeshModel::ids).unwrap_or_default();
+        MeshModel::build_seeded(config, ids)
+    }
+
+    /// The ids of this model, to seed the next one.
+    pub fn ids(&self) -> ModelIds {
+        ModelIds {
+            identities: self.identities.clone(),
+            services: self
+                .services
+                .iter()
+                .map(|(n, s)| (n.clone(), s.id))
+                .collect(),
+        }
+    }
+
+    /// Builds the model reusing the ids in `seed` (e.g. those an earlier agent left in the
+    /// kernel maps, so that ids stay stable across agent restarts too). Ids in `seed` that two
+    /// names share are honoured for the first name only.
+    pub fn build_seeded(config: &Config, seed: ModelIds) -> MeshModel {
         let identity_names: Vec<String> = config.workloads.iter().map(|w| w.identity()).collect();
-        let identities = assign_ids(
-            identity_names,
-            previous.map(|p| p.identities.clone()).unwrap_or_default(),
-        );
+        let identities = assign_ids(identity_names, unique_ids(seed.identities));
         let service_ids = assign_ids(
             config.services.iter().map(|s| s.name.clone()).collect(),
-            previous
-                .map(|p| p.services.iter().map(|(n, s)| (n.clone(), s.id)).collect())
-                .unwrap_or_default(),
+            unique_ids(seed.services),
         );
         let services = config
             .services
@@ -123,6 +138,19 @@ impl MeshModel {
     }
 }
 
+/// Ids to keep when building a model: identity key -> id, service name -> id.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ModelIds {
+    pub identities: BTreeMap<String, u32>,
+    pub services: BTreeMap<String, u32>,
+}
+
+/// Drops entries whose id an earlier name already has (ids must stay unique).
+fn unique_ids(ids: BTreeMap<String, u32>) -> BTreeMap<String, u32> {
+    let mut seen = std::collections::BTreeSet::new();
+    ids.into_iter().filter(|(_, id)| seen.insert(*id)).collect()
+}
+
 /// Gives every name an id: previous ids are kept, new names get the lowest free ids (from 1).
 fn assign_ids(names: Vec<String>, previous: BTreeMap<String, u32>) -> BTreeMap<String, u32> {
     let mut result = BTreeMap::new();
@@ -160,6 +188,19 @@ mod tests {
         assert_eq!(second["c"], 3, "kept");
         assert_eq!(second["d"], 2, "lowest free id");
         assert!(!second.contains_key("b"));
+    }
+
+    #[test]
+    fn seeded_ids_are_kept_and_duplicates_dropped() {
+        let seed = BTreeMap::from([
+            ("a".to_owned(), 5),
+            ("b".to_owned(), 5),
+            ("c".to_owned(), 1),
+        ]);
+        let ids = assign_ids(vec!["a".into(), "b".into(), "c".into()], unique_ids(seed));
+        assert_eq!(ids["a"], 5);
+        assert_eq!(ids["c"], 1);
+        assert_eq!(ids["b"], 2, "duplicate seed id dropped; lowest free id");
     }
 
     #[test]

@@ -7,6 +7,20 @@
 //!                                                 prints one JSON line per attempt; connect and
 //!                                                 read give up after timeout-ms (default 5000)
 //!   meshprobe hold <ip:port> <text> <seconds>      one connection that exchanges text every 100 ms
+//!   meshprobe serve6 <port> <name>                 IPv6-only echo server
+//!   meshprobe udpserve <port> <name> [record-file] UDP echo server (same replies and record)
+//!   meshprobe udp <ip:port> <text> <connect|sendto> [timeout-ms]
+//!                                                 one datagram (connected socket or sendto), one
+//!                                                 JSON attempt line; `[::ffff:a.b.c.d]:p` uses an
+//!                                                 IPv6 socket with a v4-mapped address
+//!   meshprobe connectfrom <src-ip> <ip:port> <text> <timeout-ms>
+//!                                                 one TCP attempt from a bound source address
+//!   meshprobe many <ip:port> <count> <hold-ms>     opens `count` connections one after another,
+//!                                                 each exchanging one byte, holds the ones that
+//!                                                 worked open for hold-ms, prints a JSON summary
+//!   meshprobe loop <ip:port> <text> <millis> <timeout-ms>
+//!                                                 new connections back to back for `millis`,
+//!                                                 printed as one JSON summary line
 //!   meshprobe bench <ip:port> <seconds> <workers>  new connections per second (connect, 1 byte
 //!                                                 each way, close), printed as one JSON line
 //!   meshprobe http <port> <name> <behaviour> [record-file]
@@ -41,6 +55,39 @@ fn main() -> Result<()> {
             connect(addr.parse()?, text, count, timeout)
         }
         ["hold", addr, text, secs] => hold(addr.parse()?, text, secs.parse()?),
+        ["serve6", port, name] => serve6(port.parse()?, name),
+        ["udpserve", port, name, rest @ ..] => udp_serve(port.parse()?, name, rest.first().copied()),
+        ["udp", addr, text, mode, rest @ ..] => {
+            let timeout = rest
+                .first()
+                .map(|t| t.parse().map(Duration::from_millis))
+                .transpose()?
+                .unwrap_or(DEFAULT_TIMEOUT);
+            let a = udp_attempt(addr.parse()?, text, *mode == "connect", timeout);
+            println!("{}", serde_json::to_string(&a)?);
+            Ok(())
+        }
+        ["connectfrom", src, addr, text, timeout] => {
+            let a = attempt_from(
+                src.parse()?,
+                addr.parse()?,
+                text,
+                Duration::from_millis(timeout.parse()?),
+            );
+            println!("{}", serde_json::to_string(&a)?);
+            Ok(())
+        }
+        ["many", addr, count, hold] => many(
+            addr.parse()?,
+            count.parse()?,
+            Duration::from_millis(hold.parse()?),
+        ),
+        ["loop", addr, text, millis, timeout] => connect_loop(
+            addr.parse()?,
+            text,
+            Duration::from_millis(millis.parse()?),
+            Duration::from_millis(timeout.parse()?),
+        ),
         ["bench", addr, secs, workers] => bench(addr.parse()?, secs.parse()?, workers.parse()?),
         ["http", port, name, behaviour, rest @ ..] => http_serve(
             port.parse()?,
@@ -93,6 +140,97 @@ fn serve(port: u16, name: &str, record: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// IPv6-only TCP echo server (for strict-mode checks over IPv6).
+fn serve6(port: u16, name: &str) -> Result<()> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+    socket.set_only_v6(true)?;
+    let addr: SocketAddr = format!("[::]:{port}").parse()?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    let listener: TcpListener = socket.into();
+    println!("listening on [::]:{port}");
+    std::io::stdout().flush()?;
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let reply = format!("{name}:{}", String::from_utf8_lossy(&buf[..n]));
+                if stream.write_all(reply.as_bytes()).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn udp_serve(port: u16, name: &str, record: Option<&str>) -> Result<()> {
+    let socket = std::net::UdpSocket::bind(("0.0.0.0", port))
+        .with_context(|| format!("bind udp :{port}"))?;
+    println!("listening on udp {port}");
+    std::io::stdout().flush()?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let Ok((n, peer)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        let data = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if let Some(path) = record {
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            {
+                let _ = writeln!(f, "{peer} {data}");
+            }
+        }
+        let _ = socket.send_to(format!("{name}:{data}").as_bytes(), peer);
+    }
+}
+
+/// One datagram to `addr` and its reply: on a connected socket (`connect`) or with sendto.
+fn udp_attempt(addr: SocketAddr, text: &str, connect: bool, timeout: Duration) -> Attempt {
+    let result = (|| -> std::io::Result<String> {
+        let local: SocketAddr = if addr.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()
+        .map_err(std::io::Error::other)?;
+        let s = std::net::UdpSocket::bind(local)?;
+        s.set_read_timeout(Some(timeout))?;
+        if connect {
+            s.connect(addr)?;
+            s.send(text.as_bytes())?;
+        } else {
+            s.send_to(text.as_bytes(), addr)?;
+        }
+        let mut buf = [0u8; 4096];
+        let n = s.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })();
+    match result {
+        Ok(reply) => Attempt {
+            ok: true,
+            reply,
+            errno: None,
+            error: None,
+        },
+        Err(e) => Attempt {
+            ok: false,
+            reply: String::new(),
+            errno: e.raw_os_error(),
+            error: Some(e.to_string()),
+        },
+    }
+}
+
 #[derive(serde::Serialize)]
 struct Attempt {
     ok: bool,
@@ -127,10 +265,107 @@ fn attempt(addr: SocketAddr, text: &str, timeout: Duration) -> Attempt {
     }
 }
 
+/// Like [`attempt`] from a chosen source address (e.g. a host process posing as the agent).
+fn attempt_from(src: std::net::IpAddr, addr: SocketAddr, text: &str, timeout: Duration) -> Attempt {
+    let result = (|| -> std::io::Result<String> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        socket.bind(&SocketAddr::new(src, 0).into())?;
+        socket.connect_timeout(&addr.into(), timeout)?;
+        let mut s: TcpStream = socket.into();
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(text.as_bytes())?;
+        s.shutdown(Shutdown::Write)?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)?;
+        Ok(reply)
+    })();
+    match result {
+        Ok(reply) => Attempt {
+            ok: true,
+            reply,
+            errno: None,
+            error: None,
+        },
+        Err(e) => Attempt {
+            ok: false,
+            reply: String::new(),
+            errno: e.raw_os_error(),
+            error: Some(e.to_string()),
+        },
+    }
+}
+
 fn connect(addr: SocketAddr, text: &str, count: u32, timeout: Duration) -> Result<()> {
     for _ in 0..count {
         println!("{}", serde_json::to_string(&attempt(addr, text, timeout))?);
     }
+    Ok(())
+}
+
+/// Outcome counts of `meshprobe loop`.
+#[derive(serde::Serialize, Default)]
+struct LoopSummary {
+    attempts: u64,
+    ok: u64,
+    failed: u64,
+    /// errno (or "timeout"/"other") -> count.
+    errors: std::collections::BTreeMap<String, u64>,
+    /// reply -> count of successful attempts.
+    replies: std::collections::BTreeMap<String, u64>,
+}
+
+/// Continuous traffic: back-to-back connections (a short pause between them) for `length`.
+fn connect_loop(addr: SocketAddr, text: &str, length: Duration, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + length;
+    let mut summary = LoopSummary::default();
+    while Instant::now() < deadline {
+        let a = attempt(addr, text, timeout);
+        summary.attempts += 1;
+        if a.ok {
+            summary.ok += 1;
+            *summary.replies.entry(a.reply).or_default() += 1;
+        } else {
+            summary.failed += 1;
+            let key = a
+                .errno
+                .map_or_else(|| "other".to_owned(), |e| e.to_string());
+            *summary.errors.entry(key).or_default() += 1;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
+/// Many concurrent connections from one process (one calling identity).
+fn many(addr: SocketAddr, count: usize, hold: Duration) -> Result<()> {
+    let mut open = Vec::new();
+    let mut failed = 0usize;
+    for _ in 0..count {
+        let attempt = (|| -> std::io::Result<TcpStream> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(b"m")?;
+            let mut buf = [0u8; 64];
+            if s.read(&mut buf)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            Ok(s)
+        })();
+        match attempt {
+            Ok(s) => open.push(s),
+            Err(_) => failed += 1,
+        }
+    }
+    let ok = open.len();
+    println!("{{\"ok\":{ok},\"failed\":{failed}}}");
+    std::io::stdout().flush()?;
+    std::thread::sleep(hold);
+    drop(open);
     Ok(())
 }
 

@@ -8,6 +8,7 @@ mod client;
 mod error;
 mod peer;
 mod pool;
+pub mod request;
 mod server;
 mod stream;
 

@@ -1,4 +1,7 @@
-//! Pool of HTTP/2 connections to other node agents, one per (source identity, node).
+//! Pool of HTTP/2 connections to other node agents per (source identity, node). A connection
+//! carries up to `streams_per_connection` tunnels; when every pooled connection is that busy, one
+//! more is dialed, so the number of concurrent tunnels is bounded by fds, not by one connection's
+//! stream limit.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,6 +26,9 @@ pub struct PoolConfig {
     /// New streams stop using a connection this old; a fresh one is dialed, so every new tunnel
     /// rides a handshake made with a current certificate. Open tunnels are not affected.
     pub max_reuse_age: Duration,
+    /// Tunnels one connection carries before another is dialed; below the peer's HTTP/2
+    /// max_concurrent_streams (hyper's default 200), so a stream never waits for a free slot.
+    pub streams_per_connection: usize,
 }
 
 impl Default for PoolConfig {
@@ -31,6 +37,7 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
             max_reuse_age: Duration::from_secs(3600),
+            streams_per_connection: 100,
         }
     }
 }
@@ -65,7 +72,7 @@ struct Pooled {
 
 #[derive(Default)]
 struct SlotState {
-    pooled: Option<Pooled>,
+    pooled: Vec<Pooled>,
     /// When and why the last dial failed; callers that queued behind it fail fast.
     last_failure: Option<(Instant, String)>,
 }
@@ -191,12 +198,20 @@ impl HbonePool {
             });
         }
         let max_age = self.inner.config.max_reuse_age;
-        let usable = |p: &&Pooled| {
+        let budget = self.inner.config.streams_per_connection;
+        // Connections that cannot take new streams leave the slot (their open tunnels go on).
+        slot.pooled.retain(|p| {
             p.sender.is_ready()
                 && p.opened_at.elapsed() < max_age
                 && !stale.is_some_and(|s| Arc::ptr_eq(s, &p.usage))
-        };
-        if let Some(pooled) = slot.pooled.as_ref().filter(usable) {
+        });
+        // The least busy connection with room for one more stream.
+        if let Some(pooled) = slot
+            .pooled
+            .iter()
+            .filter(|p| p.usage.active() < budget)
+            .min_by_key(|p| p.usage.active())
+        {
             pooled.usage.acquire();
             return Ok((pooled.sender.clone(), pooled.usage.clone(), true));
         }
@@ -229,7 +244,7 @@ impl HbonePool {
         tracing::debug!(node = %node, source = %source, "HBONE connection opened");
         let usage = Arc::new(Usage::new());
         usage.acquire();
-        slot.pooled = Some(Pooled {
+        slot.pooled.push(Pooled {
             sender: sender.clone(),
             usage: usage.clone(),
             opened_at: Instant::now(),
@@ -274,15 +289,15 @@ impl Inner {
             let Ok(mut state) = slot.try_lock() else {
                 return true;
             };
-            let expired = state.pooled.as_ref().is_some_and(|p| {
-                !p.sender.is_ready() || p.usage.idle_for().is_some_and(|d| d >= idle_timeout)
+            let before = state.pooled.len();
+            state.pooled.retain(|p| {
+                p.sender.is_ready() && p.usage.idle_for().is_none_or(|d| d < idle_timeout)
             });
-            if expired {
-                tracing::debug!(node = %key.1, source = %key.0, "releasing idle HBONE connection");
-                state.pooled = None;
+            if state.pooled.len() < before {
+                tracing::debug!(node = %key.1, source = %key.0, released = before - state.pooled.len(), "releasing idle HBONE connections");
             }
             // Keep an empty slot only while a caller still holds it (cloned under this lock).
-            state.pooled.is_some() || Arc::strong_count(slot) > 1
+            !state.pooled.is_empty() || Arc::strong_count(slot) > 1
         });
     }
 }

@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
@@ -21,15 +21,14 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 
-use super::{PeerIdentity, ALPN_H2, SERVICE_HEADER};
+use super::{PeerIdentity, ALPN_H2};
+use crate::admission::{self, AcceptErrors, ConnLimiter};
 use crate::metrics::istio::TcpSeries;
 use crate::policy::authz::Authorize;
 use crate::proxy::connect::connect_from;
 
 /// A peer that cannot finish the handshake in this time is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Back-off after an accept error (e.g. out of file descriptors) instead of spinning.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Which targets a CONNECT may name: without this check, a caller allowed to reach one service
 /// could point its tunnel at any address the node can reach.
@@ -41,6 +40,8 @@ pub trait InboundTargets: Send + Sync {
 #[derive(Debug, Default)]
 pub struct InboundStats {
     pub connections_accepted: AtomicU64,
+    /// Connections (TLS or still handshaking) being served now; a stopping agent drains them.
+    pub connections_active: AtomicU64,
     /// TLS failed, or the peer had no certificate, no SPIFFE ID, or no h2.
     pub handshakes_refused: AtomicU64,
     pub streams_opened: AtomicU64,
@@ -82,6 +83,10 @@ pub struct HboneServer {
     target_connect_timeout: Duration,
     targets: Option<Arc<dyn InboundTargets>>,
     source_ip: Option<Ipv4Addr>,
+    /// TLS handshakes in progress, in total and per source address.
+    handshakes: Arc<ConnLimiter<IpAddr>>,
+    /// A tunnel with no bytes either way for this long is closed.
+    idle_timeout: Duration,
 }
 
 impl HboneServer {
@@ -102,7 +107,18 @@ impl HboneServer {
             target_connect_timeout: Duration::from_secs(5),
             targets: None,
             source_ip: None,
+            handshakes: ConnLimiter::new(
+                admission::MAX_PENDING_HANDSHAKES,
+                admission::MAX_PENDING_HANDSHAKES_PER_SOURCE,
+            ),
+            idle_timeout: Duration::from_secs(3600),
         }
+    }
+
+    /// Closes a relayed tunnel after `idle` without bytes either way (default 1 h).
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = idle;
+        self
     }
 
     /// Counts into `stats` (shared with the metrics endpoint).
@@ -141,19 +157,18 @@ impl HboneServer {
         let (drain_tx, drain_rx) = watch::channel(false);
         let this = Arc::new(self);
         tokio::pin!(shutdown);
+        let mut errors = AcceptErrors::new("hbone");
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, remote)) => {
+                        errors.accepted();
                         let this = this.clone();
                         let drain = drain_rx.clone();
                         tokio::spawn(async move { this.handle_connection(tcp, remote, drain).await });
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "HBONE accept failed");
-                        tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-                    }
+                    Err(e) => errors.failed(&e).await,
                 },
             }
         }
@@ -167,6 +182,13 @@ impl HboneServer {
         remote: SocketAddr,
         mut drain: watch::Receiver<bool>,
     ) {
+        let _active = ActiveGuard::enter(&self.stats.connections_active);
+        // Bounded handshakes: one source cannot hold them all (each costs memory and CPU).
+        let Ok(pending) = self.handshakes.try_acquire(remote.ip()) else {
+            self.stats.refuse();
+            tracing::debug!(remote = %remote, "too many pending HBONE handshakes; refusing");
+            return;
+        };
         // Tunnels carry small interactive HTTP/2 frames; Nagle plus delayed ACKs would add
         // tens of milliseconds to each exchange.
         let _ = tcp.set_nodelay(true);
@@ -183,6 +205,7 @@ impl HboneServer {
                 return;
             }
         };
+        drop(pending);
         let session = tls.get_ref().1;
         if session.alpn_protocol() != Some(ALPN_H2) {
             self.stats.refuse();
@@ -240,30 +263,11 @@ impl HboneServer {
         peer: &PeerIdentity,
         req: Request<Incoming>,
     ) -> Response<Full<Bytes>> {
-        if req.method() != Method::CONNECT {
-            return respond(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "only CONNECT is supported".into(),
-            );
-        }
-        let Some(target) = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        else {
-            return respond(StatusCode::BAD_REQUEST, "authority must be ip:port".into());
-        };
-        let Some(service) = req
-            .headers()
-            .get(SERVICE_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .filter(|s| !s.is_empty())
-        else {
-            return respond(
-                StatusCode::BAD_REQUEST,
-                format!("missing {SERVICE_HEADER} header"),
-            );
-        };
+        let (target, service) =
+            match super::request::parse_connect(req.method(), req.uri(), req.headers()) {
+                Ok(parsed) => parsed,
+                Err((status, message)) => return respond(status, message),
+            };
 
         let decision = self
             .authorizer
@@ -315,6 +319,7 @@ impl HboneServer {
             .map(|m| m.opened(peer, service));
         let on_upgrade = hyper::upgrade::on(req);
         let source = peer.id.clone();
+        let idle = self.idle_timeout;
         tokio::spawn(async move {
             let mut tunnel = match on_upgrade.await {
                 Ok(upgraded) => TokioIo::new(upgraded),
@@ -327,7 +332,7 @@ impl HboneServer {
                 }
             };
             // copy_bidirectional forwards EOF as a write shutdown on the other side.
-            let copied = tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await;
+            let copied = admission::relay_with_idle_timeout(&mut tunnel, &mut upstream, idle).await;
             if let Some(tcp) = &tcp {
                 let (sent, received) = copied.as_ref().map_or((0, 0), |c| *c);
                 tcp.finished(sent, received);
@@ -344,6 +349,22 @@ impl HboneServer {
 }
 
 /// Resolves when the server shuts down (or the serve future was dropped).
+/// Counts a connection as active for as long as it lives.
+struct ActiveGuard<'a>(&'a AtomicU64);
+
+impl<'a> ActiveGuard<'a> {
+    fn enter(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(counter)
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn draining(drain: &mut watch::Receiver<bool>) {
     // The guard returned by wait_for is not Send; drop it here, not across an await.
     let _ = drain.wait_for(|draining| *draining).await.map(|_| ());

@@ -28,6 +28,11 @@ impl Usage {
         }
     }
 
+    /// Streams open on the connection now.
+    pub(crate) fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn acquire(&self) {
         self.active.fetch_add(1, Ordering::SeqCst);
     }

@@ -1,0 +1,28 @@
+//! The HBONE CONNECT request checks on arbitrary method, authority and service header bytes
+//! (split at the first two newlines).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use mesh_agent::proxy::hbone::{request::parse_connect, SERVICE_HEADER};
+
+fuzz_target!(|data: &[u8]| {
+    let mut parts = data.splitn(3, |b| *b == b'\n');
+    let (Some(method), Some(uri), Some(service)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return;
+    };
+    let Ok(method) = hyper::Method::from_bytes(method) else {
+        return;
+    };
+    let Ok(uri) = hyper::Uri::try_from(uri) else {
+        return;
+    };
+    let mut headers = hyper::HeaderMap::new();
+    if let Ok(value) = hyper::header::HeaderValue::from_bytes(service) {
+        headers.insert(SERVICE_HEADER, value);
+    }
+    if let Ok((_, service)) = parse_connect(&method, &uri, &headers) {
+        assert!(!service.is_empty());
+        assert_eq!(method, hyper::Method::CONNECT);
+    }
+});
