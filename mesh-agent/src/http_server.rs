@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{body::Incoming, Request, Response, StatusCode};
+use hyper::{body::Incoming, Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -31,10 +31,27 @@ impl Reply {
 
 pub type Handler = Arc<dyn Fn(&str) -> Reply + Send + Sync>;
 
-/// Serves `handler` (called with the request path) until `shutdown` turns true. At most
+/// A handler that also sees the method and the query string (admin writes such as PUT /logging).
+pub type RequestHandler = Arc<dyn Fn(&Method, &str, Option<&str>) -> Reply + Send + Sync>;
+
+/// Serves `handler` (called with the request path) until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, handler: Handler, shutdown: watch::Receiver<bool>) {
+    serve_requests(
+        listener,
+        Arc::new(move |_, path, _| handler(path)),
+        shutdown,
+    )
+    .await
+}
+
+/// Serves `handler` (called with method, path and query) until `shutdown` turns true. At most
 /// [`admission::MAX_HTTP_CONNECTIONS`] connections at once (more are closed right away), and a
 /// client gets [`admission::HTTP_HEADER_READ_TIMEOUT`] to send its headers.
-pub async fn serve(listener: TcpListener, handler: Handler, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve_requests(
+    listener: TcpListener,
+    handler: RequestHandler,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(admission::MAX_HTTP_CONNECTIONS));
     let mut errors = admission::AcceptErrors::new("http");
     loop {
@@ -58,7 +75,7 @@ pub async fn serve(listener: TcpListener, handler: Handler, mut shutdown: watch:
         tokio::spawn(async move {
             let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let reply = handler(req.uri().path());
+                let reply = handler(req.method(), req.uri().path(), req.uri().query());
                 let response = Response::builder()
                     .status(reply.status)
                     .header("content-type", reply.content_type)

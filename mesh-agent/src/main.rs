@@ -32,6 +32,14 @@ struct Args {
     /// Log format: `text` (colour only when stderr is a terminal) or `json` (one object per line).
     #[arg(long, env = mesh_agent::config::ENV_LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Query or steer a running agent through its admin port.
+    Ctl(mesh_agent::ctl::CtlArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -44,17 +52,41 @@ enum LogFormat {
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env(mesh_agent::config::ENV_LOG)
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Reloadable so the admin port can change the filter at runtime (PUT /logging).
+    let initial = filter.to_string();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => builder.json().with_ansi(false).init(),
+        LogFormat::Text => {
+            let builder = builder
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_filter_reloading();
+            mesh_agent::logging::install(builder.reload_handle(), &initial);
+            builder.init();
+        }
+        LogFormat::Json => {
+            let builder = builder.json().with_ansi(false).with_filter_reloading();
+            mesh_agent::logging::install(builder.reload_handle(), &initial);
+            builder.init();
+        }
     }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Ctl(ctl)) = &args.command {
+        return match mesh_agent::ctl::run(ctl) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {}", error_chain(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
     init_logging(args.log_format);
 
     if args.check {

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use crate::app::security::Security;
 use crate::config::Config;
 use crate::ebpf::{KernelMaps, MeshEbpf, OrigDstTable};
+use crate::flows::FlowTable;
 use crate::metrics::AgentMetrics;
 use crate::registry::MeshModel;
 use crate::traffic::Traffic;
@@ -28,6 +29,8 @@ pub struct AgentState {
     pub ready: AtomicBool,
     pub kernel: Mutex<Option<Kernel>>,
     pub security: Security,
+    /// Active proxied connections (admin /flows).
+    pub flows: Arc<FlowTable>,
     /// The JSON access log, when `observability.access_log.enabled` (set once at start).
     pub access_log: OnceLock<crate::access_log::AccessLog>,
 }
@@ -56,6 +59,7 @@ impl AgentState {
             ready: AtomicBool::new(false),
             kernel: Mutex::new(Some(kernel)),
             security,
+            flows: Arc::default(),
             access_log: OnceLock::new(),
         }
     }

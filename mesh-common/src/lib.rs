@@ -11,6 +11,7 @@ pub mod egress;
 pub mod flows;
 pub mod orig_dst;
 pub mod services;
+pub mod traffic;
 pub mod workloads;
 
 /// Names of the maps in the eBPF object; the agent looks them up by these names.
@@ -23,6 +24,7 @@ pub mod map_names {
     pub const ORIG_DST: &str = "ORIG_DST";
     pub const CONN_COUNTERS: &str = "CONN_COUNTERS";
     pub const AGENT_ADDR: &str = "AGENT_ADDR";
+    pub const TRAFFIC_COUNTERS: &str = "TRAFFIC_COUNTERS";
     pub const AGENT_FLOWS: &str = "AGENT_FLOWS";
     pub const EGRESS: &str = "EGRESS";
 }
@@ -37,6 +39,8 @@ pub mod program_names {
     /// sock_ops on the agent's own cgroup: records the agent's connects for strict mode.
     pub const AGENT_SOCKOPS: &str = "mesh_agent_sockops";
     pub const INGRESS: &str = "mesh_ingress";
+    pub const COUNT_EGRESS: &str = "mesh_count_egress";
+    pub const COUNT_INGRESS: &str = "mesh_count_ingress";
 }
 
 /// Capacity of the maps; the agent validates config against these before writing anything.

@@ -6,6 +6,7 @@ mod connect;
 mod maps;
 mod sockops;
 mod strict;
+mod traffic;
 mod workload;
 
 #[cfg(not(test))]

@@ -12,6 +12,7 @@ use mesh_common::{
     limits,
     orig_dst::{ClientKey, OrigDst},
     services::{AgentAddr, ServiceKey, ServiceValue},
+    traffic::TrafficCounters,
     workloads::WorkloadIdentity,
 };
 
@@ -48,6 +49,10 @@ pub static ORIG_DST: LruHashMap<ClientKey, OrigDst> = LruHashMap::pinned(limits:
 pub static CONN_COUNTERS: PerCpuArray<ConnCounters> =
     PerCpuArray::pinned(limits::MAX_IDENTITIES, 0);
 
+/// Per-identity bytes and packets sent and received (cgroup_skb egress/ingress).
+#[map]
+pub static TRAFFIC_COUNTERS: PerCpuArray<TrafficCounters> =
+    PerCpuArray::pinned(limits::MAX_IDENTITIES, 0);
 /// TCP connections the agent opened (4-tuple), for strict mode; LRU so they need no cleanup.
 #[map]
 pub static AGENT_FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::pinned(limits::MAX_IN_FLIGHT, 0);

@@ -34,18 +34,29 @@ fn lookup(cgroup_id: u64) -> Option<WorkloadIdentity> {
     unsafe { WORKLOADS.get(cgroup_id) }.copied()
 }
 
-/// Walks from the root's children downwards and keeps the deepest configured ancestor. Level 0
-/// is the root cgroup, never a workload; past the task's own depth the helpers return 0.
+/// The nearest configured ancestor. Level 0 is the root cgroup, never a workload; past the
+/// task's own depth the helper returns 0. The depth is found with helper calls only, then the
+/// map is searched from the parent upwards, so a process in a container cgroup right below its
+/// pod costs one lookup (the cgroup_skb counters run this for every packet).
 fn nearest_ancestor(ancestor_id: impl Fn(i32) -> u64) -> Option<WorkloadIdentity> {
-    let mut found = None;
+    let mut depth = MAX_DEPTH;
     for level in 1..MAX_DEPTH {
-        let id = ancestor_id(level);
-        if id == 0 {
+        if ancestor_id(level) == 0 {
+            depth = level - 1;
             break;
         }
-        if let Some(w) = lookup(id) {
-            found = Some(w);
-        }
     }
-    found
+    // `depth` is the cgroup itself, already looked up by the caller.
+    let mut level = depth - 1;
+    while level >= 1 {
+        let id = ancestor_id(level);
+        if id == 0 {
+            return None;
+        }
+        if let Some(w) = lookup(id) {
+            return Some(w);
+        }
+        level -= 1;
+    }
+    None
 }

@@ -8,7 +8,8 @@ pub mod capture;
 pub mod cmd;
 pub mod http;
 pub mod l7;
+pub mod prometheus;
 pub mod topology;
 pub mod two_nodes;
 
-pub use topology::{AgentHandle, Attempt, Node, Pod, Topology};
+pub use topology::{AgentHandle, Attempt, Node, Pod, Sent, Topology};

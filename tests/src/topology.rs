@@ -860,3 +860,61 @@ pub fn probe_binary() -> Result<PathBuf> {
         )
     }
 }
+
+/// What `meshprobe send` reports: payload bytes written and reply bytes read.
+#[derive(Debug, serde::Deserialize)]
+pub struct Sent {
+    pub sent: u64,
+    pub received: u64,
+}
+
+impl Topology {
+    /// Runs `meshprobe send` in a pod: one connection carrying `bytes` bytes of payload.
+    pub fn send_from(&self, pod: &Pod, target: &str, bytes: u64) -> Result<Sent> {
+        let probe = probe_binary()?;
+        let out = self.run_in_pod(
+            pod,
+            &probe.to_string_lossy(),
+            &["send", target, &bytes.to_string()],
+        )?;
+        serde_json::from_str(out.trim()).with_context(|| format!("bad probe output {out:?}"))
+    }
+}
+
+impl Topology {
+    /// Runs a command in a node's namespace (outside any pod) to completion; returns its exit
+    /// status, stdout and stderr (a failing command is not an error here).
+    pub fn run_in_node(
+        &self,
+        node: &Node,
+        program: &Path,
+        args: &[&str],
+    ) -> Result<(std::process::ExitStatus, String, String)> {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let out_path = self.workdir.join(format!("out-{}-{n}", node.instance));
+        let err_path = self.workdir.join(format!("err-{}-{n}", node.instance));
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdout(File::create(&out_path)?)
+            .stderr(File::create(&err_path)?);
+        let pid = self.spawn_in_node(node, &mut command)?;
+        let status = self.wait(pid, Duration::from_secs(30))?;
+        Ok((
+            status,
+            std::fs::read_to_string(&out_path)?,
+            std::fs::read_to_string(&err_path)?,
+        ))
+    }
+
+    /// Starts `meshprobe hold` in a pod: one connection exchanging `text` every 100 ms for
+    /// `seconds`. Returns the pid (wait for it with [`Topology::wait`]).
+    pub fn start_hold(&self, pod: &Pod, target: &str, text: &str, seconds: u32) -> Result<u32> {
+        let mut command = Command::new(probe_binary()?);
+        command
+            .args(["hold", target, text, &seconds.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        self.spawn_in_pod(pod, &mut command)
+    }
+}

@@ -9,7 +9,12 @@ use anyhow::{bail, Context, Result};
 
 use crate::sh;
 
-pub const TARGETS: [&str; 3] = ["config_parse", "hbone_request", "hbone_peer_cert"];
+pub const TARGETS: [&str; 4] = [
+    "config_parse",
+    "hbone_request",
+    "hbone_peer_cert",
+    "protocol_detect",
+];
 pub const DEFAULT_TEST_SECONDS: u64 = 10;
 
 /// Seconds per target for `xtask test` (NODEMESH_FUZZ_SECONDS).

@@ -16,7 +16,7 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "wrk",
-    // promtool checks the /metrics exposition in tests.
+    // The Prometheus server the metrics tests scrape, and promtool that checks /metrics.
     "prometheus",
     // kube-proxy style DNAT of service VIPs in the fail-closed tests.
     "nftables",

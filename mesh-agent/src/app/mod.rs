@@ -195,13 +195,14 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         .with_targets(view.clone())
         .with_tunnel_metrics(view)
         .with_source_ip(config.node.agent_ip)
+        .with_flows(state.flows.clone())
         .with_target_connect_timeout(config.proxy.connect_timeout)
         .with_idle_timeout(config.proxy.idle_timeout);
     let mut hbone_stop = stop_rx.clone();
     tasks.spawn(inbound_server.serve(hbone, async move {
         let _ = hbone_stop.wait_for(|stop| *stop).await;
     }));
-    tasks.spawn(http_server::serve(
+    tasks.spawn(http_server::serve_requests(
         admin,
         admin::admin_handler(state.clone()),
         stop_rx.clone(),

@@ -27,7 +27,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::ConfigError;
-use crate::policy::authz_config::{DefaultAction, PolicyConfig, RuleConfig};
+use crate::policy::authz_config::{DefaultAction, PolicyConfig, PolicyMode, RuleConfig};
 
 /// The `policy` block of one service. Other policy kinds (authorization) join this struct.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
@@ -719,6 +719,7 @@ impl ServicePolicy {
             allow: self.allow.iter().map(|e| rule(e)).collect(),
             deny: self.deny.iter().map(|e| rule(e)).collect(),
             capabilities: None,
+            mode: PolicyMode::Enforce,
         }
     }
 }

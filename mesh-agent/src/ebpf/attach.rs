@@ -9,21 +9,21 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use aya::programs::{
-    links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps,
-};
+use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSockAddr, SockOps};
 use mesh_common::program_names;
 
-use super::{links, EbpfError};
+use super::{links, traffic_links, EbpfError};
 
 /// The programs attached to every workload cgroup.
-const PROGRAMS: [&str; 6] = [
+const PROGRAMS: [&str; 8] = [
     program_names::CONNECT4,
     program_names::CONNECT6,
     program_names::SENDMSG4,
     program_names::SENDMSG6,
     program_names::SOCKOPS,
     program_names::INGRESS,
+    program_names::COUNT_EGRESS,
+    program_names::COUNT_INGRESS,
 ];
 
 /// The cgroup/sock_addr programs (their attach type comes from their section name).
@@ -318,7 +318,11 @@ fn attach_pinned(
         _ => {
             let p = program_mut::<CgroupSkb>(bpf, name)?;
             let id = p
-                .attach(dir, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+                .attach(
+                    dir,
+                    traffic_links::attach_type(name),
+                    CgroupAttachMode::Single,
+                )
                 .map_err(attach_err)?;
             let link = p.take_link(id).map_err(EbpfError::program(name))?;
             link.try_into().map_err(|e| pin_err(&e))?

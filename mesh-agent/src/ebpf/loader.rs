@@ -68,6 +68,7 @@ impl MeshEbpf {
         program_mut::<CgroupSkb>(&mut bpf, program_names::INGRESS)?
             .load()
             .map_err(EbpfError::program(program_names::INGRESS))?;
+        super::traffic_links::load(&mut bpf)?;
         let (maps, orig) = KernelMaps::take_from(&mut bpf)?;
         let ebpf = MeshEbpf {
             bpf,

@@ -16,6 +16,7 @@ use mesh_common::{
     map_names,
     orig_dst::{ClientKey, OrigDst},
     services::{AgentAddr, ServiceKey, ServiceValue},
+    traffic::TrafficCounters,
     workloads::WorkloadIdentity,
 };
 
@@ -55,6 +56,7 @@ pub struct KernelMaps {
     egress: LpmTrie<MapData, EgressData, EgressPorts>,
     agent_addr: Array<MapData, AgentAddr>,
     counters: PerCpuArray<MapData, ConnCounters>,
+    traffic: PerCpuArray<MapData, TrafficCounters>,
 }
 
 fn take<T>(bpf: &mut aya::Ebpf, name: &'static str) -> Result<T, EbpfError>
@@ -77,6 +79,7 @@ impl KernelMaps {
             egress: take(bpf, map_names::EGRESS)?,
             agent_addr: take(bpf, map_names::AGENT_ADDR)?,
             counters: take(bpf, map_names::CONN_COUNTERS)?,
+            traffic: take(bpf, map_names::TRAFFIC_COUNTERS)?,
         };
         let orig = OrigDstTable {
             map: Mutex::new(take(bpf, map_names::ORIG_DST)?),
@@ -181,6 +184,22 @@ impl KernelMaps {
                 source,
             })?;
         let mut total = ConnCounters::default();
+        for value in per_cpu.iter() {
+            total.accumulate(value);
+        }
+        Ok(total)
+    }
+
+    /// Per-identity bytes and packets summed over CPUs.
+    pub fn traffic(&self, identity: u32) -> Result<TrafficCounters, EbpfError> {
+        let per_cpu = self
+            .traffic
+            .get(&identity, 0)
+            .map_err(|source| EbpfError::Map {
+                name: map_names::TRAFFIC_COUNTERS,
+                source,
+            })?;
+        let mut total = TrafficCounters::default();
         for value in per_cpu.iter() {
             total.accumulate(value);
         }

@@ -8,6 +8,7 @@ mod maps;
 pub mod object;
 mod own_cgroup;
 pub mod preflight;
+mod traffic_links;
 
 pub use attach::{uninstall, Attachments};
 pub use error::EbpfError;

@@ -4,6 +4,7 @@
 //! by [`scrape::StateCollector`].
 
 pub mod istio;
+pub mod kernel_traffic;
 pub mod scrape;
 
 use std::collections::HashMap;

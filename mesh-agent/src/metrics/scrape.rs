@@ -20,6 +20,8 @@ pub struct StateCollector {
     kernel: [IntCounterVec; 5],
     /// Outbound connections refused by the connection limits.
     outbound_refused: IntCounter,
+    /// Bytes and packets per identity ([`super::kernel_traffic::FAMILIES`], same order).
+    kernel_traffic: [IntCounterVec; 4],
     authz: IntCounterVec,
     pool_opened: [IntCounter; 2],
     pool_active: [IntGauge; 2],
@@ -45,8 +47,11 @@ impl StateCollector {
     /// Holds the state weakly: the state owns the registry this collector is registered in.
     pub fn new(state: Weak<AgentState>) -> Self {
         let kernel = |name, help| counter_vec(name, help, &["identity"]);
+        let kernel_traffic =
+            super::kernel_traffic::FAMILIES.map(|(name, help, _)| kernel(name, help));
         Self {
             state,
+            kernel_traffic,
             scraping: Mutex::new(()),
             kernel: [
                 kernel(
@@ -121,8 +126,9 @@ impl StateCollector {
         }
     }
 
-    fn collectors(&self) -> [&dyn Collector; 15] {
+    fn collectors(&self) -> [&dyn Collector; 19] {
         let [k0, k1, k2, k3, k4] = &self.kernel;
+        let [t0, t1, t2, t3] = &self.kernel_traffic;
         let [p0, p1] = &self.pool_opened;
         let [a0, a1] = &self.pool_active;
         [
@@ -132,6 +138,10 @@ impl StateCollector {
             k3,
             k4,
             &self.outbound_refused,
+            t0,
+            t1,
+            t2,
+            t3,
             &self.authz,
             p0,
             p1,
@@ -154,6 +164,13 @@ impl StateCollector {
             set_counter(
                 &self.authz.with_label_values(&[&d.policy, decision]),
                 d.count,
+            );
+        }
+        // Audit mode: allowed, but the policy would have denied.
+        for (policy, count) in security.authz.counters().audit_deny_snapshot() {
+            set_counter(
+                &self.authz.with_label_values(&[&policy, "audit_deny"]),
+                count,
             );
         }
         let pool = security.pool.stats();
@@ -225,6 +242,22 @@ impl StateCollector {
                 }
             }
         });
+        for family in &self.kernel_traffic {
+            family.reset();
+        }
+        let owned: Vec<(String, u32)> = identities
+            .iter()
+            .map(|(name, id)| ((*name).to_owned(), *id))
+            .collect();
+        for (name, c) in super::kernel_traffic::read(state, &owned) {
+            for (family, (_, _, get)) in self
+                .kernel_traffic
+                .iter()
+                .zip(super::kernel_traffic::FAMILIES)
+            {
+                set_counter(&family.with_label_values(&[&name]), get(&c));
+            }
+        }
     }
 }
 

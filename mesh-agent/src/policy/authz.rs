@@ -31,6 +31,8 @@ pub struct Decision {
     /// Name of the policy that decided, or [`NO_POLICY`].
     pub policy: String,
     pub reason: String,
+    /// Allowed only because the policy is in audit mode: enforcing it would deny.
+    pub audit_deny: bool,
 }
 
 /// One counter of the decision snapshot.
@@ -42,12 +44,49 @@ pub struct DecisionCount {
 }
 
 /// Decision counters keyed by (policy, allow|deny); shared across reloads so they stay monotonic.
+/// Audit-mode would-deny decisions count apart, by policy.
 #[derive(Debug, Default)]
 pub struct DecisionCounters {
     counts: RwLock<HashMap<(String, bool), AtomicU64>>,
+    audit_denies: RwLock<HashMap<String, AtomicU64>>,
 }
 
 impl DecisionCounters {
+    fn record_audit_deny(&self, policy: &str) {
+        {
+            let counts = self
+                .audit_denies
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(c) = counts.get(policy) {
+                c.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        let mut counts = self
+            .audit_denies
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        counts
+            .entry(policy.to_owned())
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (policy, count) of audit-mode would-deny decisions, sorted by policy.
+    pub fn audit_deny_snapshot(&self) -> Vec<(String, u64)> {
+        let counts = self
+            .audit_denies
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<(String, u64)> = counts
+            .iter()
+            .map(|(p, c)| (p.clone(), c.load(Ordering::Relaxed)))
+            .collect();
+        out.sort();
+        out
+    }
+
     fn record(&self, policy: &str, allowed: bool) {
         // Fast path under the read lock; the write lock is only taken for a new key.
         {
@@ -120,15 +159,17 @@ impl Authorizer {
         source_service: Option<&str>,
         dest: &str,
     ) -> Decision {
-        self.decide(source, source_service, dest)
+        // Audit mode allows (the kernel compiles this: an audited policy must not enforce there).
+        self.decide_with_mode(source, source_service, dest)
     }
 
-    /// What a caller no rule names gets from `dest`: the policy default, else the mesh default.
+    /// What a caller no rule names gets from `dest`: the policy default (allow for a policy in
+    /// audit mode), else the mesh default.
     pub fn default_allows(&self, dest: &str) -> bool {
         self.rules
             .policies
             .get(dest)
-            .map_or(self.rules.default_allow, |p| p.default_allow)
+            .map_or(self.rules.default_allow, |p| p.default_allow || p.audit)
     }
 
     fn decide(&self, source: &SpiffeId, source_service: Option<&str>, dest: &str) -> Decision {
@@ -178,6 +219,26 @@ impl Authorizer {
         }
     }
 
+    /// A policy in audit mode turns its would-deny into an allow that says so.
+    fn decide_with_mode(
+        &self,
+        source: &SpiffeId,
+        source_service: Option<&str>,
+        dest: &str,
+    ) -> Decision {
+        let d = self.decide(source, source_service, dest);
+        let audit = self.rules.policies.get(dest).is_some_and(|p| p.audit);
+        if d.allowed || !audit {
+            return d;
+        }
+        Decision {
+            allowed: true,
+            audit_deny: true,
+            reason: format!("audit mode, would deny: {}", d.reason),
+            ..d
+        }
+    }
+
     fn missing_capability<'p>(&self, policy: &'p Policy, source: &SpiffeId) -> Option<&'p str> {
         let held = self.rules.capabilities.get(source);
         policy
@@ -193,12 +254,18 @@ fn verdict(allowed: bool, policy: &str, reason: String) -> Decision {
         allowed,
         policy: policy.to_owned(),
         reason,
+        audit_deny: false,
     }
 }
 
 impl Authorize for Authorizer {
     fn authorize(&self, source: &SpiffeId, source_service: Option<&str>, dest: &str) -> Decision {
-        let d = self.decide(source, source_service, dest);
+        let d = self.decide_with_mode(source, source_service, dest);
+        if d.audit_deny {
+            self.counters.record_audit_deny(&d.policy);
+            tracing::info!(policy = %d.policy, source = %source, destination = dest, decision = "audit_deny", reason = %d.reason, "authorization");
+            return d;
+        }
         self.counters.record(&d.policy, d.allowed);
         // Denials are rare and operator-relevant; allows are per connection, so debug level.
         if d.allowed {
@@ -498,5 +565,42 @@ service_keys:
         )
         .expect_err("bad default");
         assert!(err.to_string().contains("maybe"), "{err}");
+    }
+
+    #[test]
+    fn audit_mode_allows_would_deny_decisions_and_counts_them_apart() {
+        let cfg = AuthzConfig::from_yaml(
+            "authorization:\n  - name: dry\n    service: wallet\n    mode: audit\n    default: deny\n    allow:\n      - from_namespace: shop\n",
+        )
+        .expect("yaml");
+        let a = Authorizer::new(&cfg).expect("valid");
+        let outsider = id("spiffe://cluster.local/ns/other/sa/x");
+        let d = a.authorize(&outsider, None, "wallet");
+        assert!(d.allowed && d.audit_deny, "{d:?}");
+        assert!(
+            d.reason
+                .contains("would deny: no rule matched, default deny"),
+            "{d:?}"
+        );
+        let insider = id("spiffe://cluster.local/ns/shop/sa/checkout");
+        let d = a.authorize(&insider, None, "wallet");
+        assert!(d.allowed && !d.audit_deny, "{d:?}");
+        let c = a.counters();
+        assert_eq!(c.audit_deny_snapshot(), vec![("dry".to_owned(), 1)]);
+        assert_eq!((c.get("dry", true), c.get("dry", false)), (1, 0));
+
+        // The same policy enforced denies; enforce is the default mode.
+        let enforced = AuthzConfig::from_yaml(
+            "authorization:\n  - name: dry\n    service: wallet\n    default: deny\n    allow:\n      - from_namespace: shop\n",
+        )
+        .expect("yaml");
+        let d = Authorizer::new(&enforced)
+            .expect("valid")
+            .authorize(&outsider, None, "wallet");
+        assert!(!d.allowed && !d.audit_deny, "{d:?}");
+        let bad = AuthzConfig::from_yaml(
+            "authorization:\n  - name: dry\n    service: wallet\n    mode: maybe\n",
+        );
+        assert!(bad.is_err(), "unknown mode accepted");
     }
 }

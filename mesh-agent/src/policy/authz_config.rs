@@ -47,6 +47,20 @@ pub struct PolicyConfig {
     pub deny: Vec<RuleConfig>,
     #[serde(default)]
     pub capabilities: Option<CapabilitiesConfig>,
+    /// `audit`: a connection the policy would deny is logged and counted as `audit_deny`, then
+    /// allowed (dry run before enforcing).
+    #[serde(default)]
+    pub mode: PolicyMode,
+}
+
+#[derive(
+    Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    #[default]
+    Enforce,
+    Audit,
 }
 
 #[derive(
@@ -119,6 +133,8 @@ pub struct Policy {
     pub allow: Vec<Rule>,
     pub deny: Vec<Rule>,
     pub required_capabilities: Vec<String>,
+    /// Dry run: would-deny decisions are allowed (and counted as such).
+    pub audit: bool,
 }
 
 /// The validated config: policies keyed by destination service, capabilities by identity.
@@ -184,6 +200,7 @@ impl AuthzConfig {
                     allow,
                     deny,
                     required_capabilities,
+                    audit: p.mode == PolicyMode::Audit,
                 },
             );
         }

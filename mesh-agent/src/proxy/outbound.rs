@@ -18,6 +18,7 @@ use super::hbone::{HboneError, HboneStream};
 use super::sniff::{self, Detected};
 use crate::admission::AcceptErrors;
 use crate::config::service_policy::{Protocol, RetryOn};
+use crate::flows::FlowGuard;
 use crate::identity::SpiffeId;
 use crate::metrics::istio::{PeerLabels, Reporter, Security, TcpSeries};
 use crate::metrics::{AgentMetrics, ServiceMetrics};
@@ -244,6 +245,12 @@ async fn tcp(
                 if remote {
                     counters.hbone_connections.inc();
                 }
+                let flow = state.flows.open(
+                    caller.id.to_string(),
+                    &*route.name,
+                    addr.to_string(),
+                    endpoint.entry.node.clone(),
+                );
                 let tcp = state.metrics.istio.tcp_opened(
                     peer,
                     Reporter::Source,
@@ -251,8 +258,8 @@ async fn tcp(
                 );
                 let metrics = (&state.metrics, &counters, &tcp);
                 let bytes = match upstream {
-                    Upstream::Direct(s) => relay(client, s, metrics, guard).await,
-                    Upstream::Tunnel(s) => relay(client, s, metrics, guard).await,
+                    Upstream::Direct(s) => relay(client, s, metrics, guard, flow).await,
+                    Upstream::Tunnel(s) => relay(client, s, metrics, guard, flow).await,
                 };
                 log.write(Some(addr), bytes, tried.len(), Some(true), remote);
                 return;
@@ -358,14 +365,16 @@ async fn via_hbone(
 
 /// Copies bytes both ways until both sides are done, recording the traffic.
 async fn relay<S>(
-    mut client: TcpStream,
+    client: TcpStream,
     mut upstream: S,
     (metrics, counters, tcp): (&AgentMetrics, &ServiceMetrics, &TcpSeries),
     _call: CallGuard,
+    flow: FlowGuard,
 ) -> (u64, u64)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut client = flow.count(client);
     counters.connections.inc();
     metrics.outbound_active.inc();
     let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;

@@ -30,8 +30,9 @@ pub enum Detected {
     Tcp,
 }
 
-/// What the bytes so far say: decided, or still a prefix of something HTTP.
-fn classify(bytes: &[u8]) -> Option<Detected> {
+/// What the bytes so far say: decided, or still a prefix of something HTTP. Public for the
+/// protocol-detection fuzz target.
+pub fn classify(bytes: &[u8]) -> Option<Detected> {
     let candidates = METHODS.iter().copied().chain([H2_PREFACE]);
     let mut ambiguous = false;
     for c in candidates {

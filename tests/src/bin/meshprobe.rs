@@ -7,6 +7,9 @@
 //!                                                 prints one JSON line per attempt; connect and
 //!                                                 read give up after timeout-ms (default 5000)
 //!   meshprobe hold <ip:port> <text> <seconds>      one connection that exchanges text every 100 ms
+//!   meshprobe send <ip:port> <bytes>                 one connection that sends <bytes> bytes ("x"),
+//!                                                 half-closes and reads to EOF while sending;
+//!                                                 prints {"sent":..,"received":..}
 //!   meshprobe serve6 <port> <name>                 IPv6-only echo server
 //!   meshprobe udpserve <port> <name> [record-file] UDP echo server (same replies and record)
 //!   meshprobe udp <ip:port> <text> <connect|sendto> [timeout-ms]
@@ -55,6 +58,7 @@ fn main() -> Result<()> {
             connect(addr.parse()?, text, count, timeout)
         }
         ["hold", addr, text, secs] => hold(addr.parse()?, text, secs.parse()?),
+        ["send", addr, bytes] => send(addr.parse()?, bytes.parse()?),
         ["serve6", port, name] => serve6(port.parse()?, name),
         ["udpserve", port, name, rest @ ..] => udp_serve(port.parse()?, name, rest.first().copied()),
         ["udp", addr, text, mode, rest @ ..] => {
@@ -95,7 +99,7 @@ fn main() -> Result<()> {
             behaviour.parse()?,
             rest.first().copied(),
         ),
-        _ => bail!("usage: meshprobe serve <port> <name> [record] | connect <ip:port> <text> [count] [timeout-ms] | hold <ip:port> <text> <seconds> | bench <ip:port> <seconds> <workers> | http <port> <name> <behaviour> [record]"),
+        _ => bail!("usage: meshprobe serve <port> <name> [record] | connect <ip:port> <text> [count] [timeout-ms] | hold <ip:port> <text> <seconds> | send <ip:port> <bytes> | bench <ip:port> <seconds> <workers> | http <port> <name> <behaviour> [record]"),
     }
 }
 
@@ -303,6 +307,31 @@ fn connect(addr: SocketAddr, text: &str, count: u32, timeout: Duration) -> Resul
     for _ in 0..count {
         println!("{}", serde_json::to_string(&attempt(addr, text, timeout))?);
     }
+    Ok(())
+}
+
+/// Sends `bytes` bytes on one connection and counts the reply bytes; reading on another thread so
+/// neither side blocks on a full buffer whatever the size.
+fn send(addr: SocketAddr, bytes: usize) -> Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, DEFAULT_TIMEOUT)?;
+    s.set_read_timeout(Some(DEFAULT_TIMEOUT))?;
+    s.set_write_timeout(Some(DEFAULT_TIMEOUT))?;
+    let mut reader = s.try_clone()?;
+    let received = std::thread::spawn(move || -> std::io::Result<u64> {
+        std::io::copy(&mut reader, &mut std::io::sink())
+    });
+    let chunk = [b'x'; 16 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        s.write_all(&chunk[..n])?;
+        left -= n;
+    }
+    s.shutdown(Shutdown::Write)?;
+    let received = received
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    println!("{{\"sent\":{bytes},\"received\":{received}}}");
     Ok(())
 }
 

@@ -23,6 +23,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{PeerIdentity, ALPN_H2};
 use crate::admission::{self, AcceptErrors, ConnLimiter};
+use crate::flows::FlowTable;
 use crate::metrics::istio::TcpSeries;
 use crate::policy::authz::Authorize;
 use crate::proxy::connect::connect_from;
@@ -83,6 +84,8 @@ pub struct HboneServer {
     target_connect_timeout: Duration,
     targets: Option<Arc<dyn InboundTargets>>,
     source_ip: Option<Ipv4Addr>,
+    /// Open tunnels, listed as inbound flows (admin /flows).
+    flows: Arc<FlowTable>,
     /// TLS handshakes in progress, in total and per source address.
     handshakes: Arc<ConnLimiter<IpAddr>>,
     /// A tunnel with no bytes either way for this long is closed.
@@ -112,12 +115,19 @@ impl HboneServer {
                 admission::MAX_PENDING_HANDSHAKES_PER_SOURCE,
             ),
             idle_timeout: Duration::from_secs(3600),
+            flows: Arc::default(),
         }
     }
 
     /// Closes a relayed tunnel after `idle` without bytes either way (default 1 h).
     pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
         self.idle_timeout = idle;
+        self
+    }
+
+    /// Lists open tunnels in `flows` (shared with the admin endpoint).
+    pub fn with_flows(mut self, flows: Arc<FlowTable>) -> Self {
+        self.flows = flows;
         self
     }
 
@@ -313,6 +323,10 @@ impl HboneServer {
         };
         let _ = upstream.set_nodelay(true);
 
+        // Registered before `req` is consumed: `service` borrows from its headers.
+        let flow = self
+            .flows
+            .open_inbound(peer.id.to_string(), service, target.to_string());
         let tcp = self
             .tunnel_metrics
             .as_ref()
@@ -322,7 +336,7 @@ impl HboneServer {
         let idle = self.idle_timeout;
         tokio::spawn(async move {
             let mut tunnel = match on_upgrade.await {
-                Ok(upgraded) => TokioIo::new(upgraded),
+                Ok(upgraded) => flow.count(TokioIo::new(upgraded)),
                 Err(e) => {
                     if let Some(tcp) = &tcp {
                         tcp.finished(0, 0);
