@@ -74,6 +74,20 @@ impl InboundStats {
 pub trait TunnelMetrics: Send + Sync {
     /// Counts a tunnel to `service` from `peer` as opened and returns its series.
     fn opened(&self, peer: &PeerIdentity, service: &str) -> TcpSeries;
+
+    /// A tunnel ended, or was refused by authorization (for the access log).
+    fn finished(&self, _tunnel: &TunnelEnd<'_>) {}
+}
+
+/// One tunnel as the destination agent saw it.
+pub struct TunnelEnd<'a> {
+    pub peer: &'a PeerIdentity,
+    pub service: &'a str,
+    pub target: SocketAddr,
+    /// (towards the target, back to the peer)
+    pub bytes: (u64, u64),
+    pub duration: Duration,
+    pub allowed: bool,
 }
 
 pub struct HboneServer {
@@ -273,6 +287,7 @@ impl HboneServer {
         peer: &PeerIdentity,
         req: Request<Incoming>,
     ) -> Response<Full<Bytes>> {
+        let started = tokio::time::Instant::now();
         let (target, service) =
             match super::request::parse_connect(req.method(), req.uri(), req.headers()) {
                 Ok(parsed) => parsed,
@@ -285,6 +300,16 @@ impl HboneServer {
         if !decision.allowed {
             tracing::warn!(source = %peer.id, service, target = %target, policy = %decision.policy,
                 reason = %decision.reason, "HBONE stream denied");
+            if let Some(m) = &self.tunnel_metrics {
+                m.finished(&TunnelEnd {
+                    peer,
+                    service,
+                    target,
+                    bytes: (0, 0),
+                    duration: started.elapsed(),
+                    allowed: false,
+                });
+            }
             return respond(
                 StatusCode::FORBIDDEN,
                 format!("policy {}: {}", decision.policy, decision.reason),
@@ -327,10 +352,14 @@ impl HboneServer {
         let flow = self
             .flows
             .open_inbound(peer.id.to_string(), service, target.to_string());
-        let tcp = self
-            .tunnel_metrics
-            .as_ref()
-            .map(|m| m.opened(peer, service));
+        let tcp = self.tunnel_metrics.as_ref().map(|m| {
+            (
+                m.opened(peer, service),
+                m.clone(),
+                peer.clone(),
+                service.to_owned(),
+            )
+        });
         let on_upgrade = hyper::upgrade::on(req);
         let source = peer.id.clone();
         let idle = self.idle_timeout;
@@ -338,7 +367,7 @@ impl HboneServer {
             let mut tunnel = match on_upgrade.await {
                 Ok(upgraded) => flow.count(TokioIo::new(upgraded)),
                 Err(e) => {
-                    if let Some(tcp) = &tcp {
+                    if let Some((tcp, ..)) = &tcp {
                         tcp.finished(0, 0);
                     }
                     tracing::debug!(target = %target, error = %e, "HBONE upgrade failed");
@@ -347,9 +376,17 @@ impl HboneServer {
             };
             // copy_bidirectional forwards EOF as a write shutdown on the other side.
             let copied = admission::relay_with_idle_timeout(&mut tunnel, &mut upstream, idle).await;
-            if let Some(tcp) = &tcp {
-                let (sent, received) = copied.as_ref().map_or((0, 0), |c| *c);
-                tcp.finished(sent, received);
+            if let Some((tcp, metrics, peer, service)) = &tcp {
+                let bytes = copied.as_ref().map_or((0, 0), |c| *c);
+                tcp.finished(bytes.0, bytes.1);
+                metrics.finished(&TunnelEnd {
+                    peer,
+                    service,
+                    target,
+                    bytes,
+                    duration: started.elapsed(),
+                    allowed: true,
+                });
             }
             match copied {
                 Ok((to_target, from_target)) => tracing::debug!(source = %source, target = %target,
