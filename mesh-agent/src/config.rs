@@ -4,14 +4,16 @@ pub mod egress;
 mod env;
 pub mod fields;
 mod model;
+mod registry;
 pub mod sanity;
 pub mod service_policy;
 mod validate;
 
 pub use env::{apply_env_overrides, ENV_CONFIG, ENV_LOG, ENV_LOG_FORMAT, OVERRIDES, PROCESS_VARS};
 pub use model::*;
+pub use registry::*;
 pub use service_policy::{ServicePolicy, TrafficDefaults, TrafficRules};
-pub use validate::validate;
+pub use validate::{is_dns_label, validate};
 
 use std::path::Path;
 

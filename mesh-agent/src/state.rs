@@ -29,6 +29,10 @@ pub struct AgentState {
     pub ready: AtomicBool,
     pub kernel: Mutex<Option<Kernel>>,
     pub security: Security,
+    /// Inputs of the one reconciler (config file + registry view).
+    pub mesh: crate::registry::reconcile::MeshSource,
+    /// The local registry agent (Consul API, health checks), set once at start.
+    pub registry: OnceLock<Arc<crate::registry::agent::LocalAgent>>,
     /// Active proxied connections (admin /flows).
     pub flows: Arc<FlowTable>,
     /// The JSON access log, when `observability.access_log.enabled` (set once at start).
@@ -59,6 +63,8 @@ impl AgentState {
             ready: AtomicBool::new(false),
             kernel: Mutex::new(Some(kernel)),
             security,
+            mesh: Default::default(),
+            registry: OnceLock::new(),
             flows: Arc::default(),
             access_log: OnceLock::new(),
         }

@@ -18,6 +18,11 @@ impl ServiceKey {
     }
 }
 
+/// Service id of the agent's registry API (agent_ip:8500) in the SERVICES map: connect4 records
+/// the caller's identity for it (as for captured connects) but does not redirect the connect, so
+/// the agent knows which workload registers, heartbeats or deregisters.
+pub const REGISTRY_SERVICE: u32 = u32::MAX;
+
 /// Value of the SERVICES map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -19,7 +19,7 @@ use mesh_common::{
     deny::{kernel_allows, DenyKey},
     egress::{EgressData, IDENTITY_BITS},
     orig_dst::OrigDst,
-    services::ServiceKey,
+    services::{ServiceKey, REGISTRY_SERVICE},
 };
 
 use crate::maps::{AGENT_ADDR, ALLOW, CONN_COUNTERS, DENY, EGRESS, PENDING_DST, SERVICES};
@@ -89,6 +89,23 @@ fn decide(
         Some(s) => (s.service, s.flags),
         None => return Ok(egress(identity, dst_ip, dst_port)),
     };
+    if service == REGISTRY_SERVICE {
+        // The agent's registry API: open to every workload and not redirected, but the caller's
+        // identity is recorded (re-keyed by sock_ops) so the agent knows who registers.
+        if redirect {
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
+            let orig = OrigDst {
+                ip: dst_ip,
+                port: dst_port,
+                _pad: 0,
+                service,
+                identity,
+            };
+            PENDING_DST.insert(cookie, orig, 0)?;
+        }
+        count(identity, Outcome::Passed);
+        return Ok(Verdict::Pass);
+    }
     let pair = DenyKey::new(identity, service);
     let denied = unsafe { DENY.get(pair) }.is_some();
     let allowed = unsafe { ALLOW.get(pair) }.is_some();

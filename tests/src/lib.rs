@@ -6,9 +6,11 @@
 
 pub mod capture;
 pub mod cmd;
+pub mod etcd;
 pub mod http;
 pub mod l7;
 pub mod prometheus;
+pub mod registry;
 pub mod topology;
 pub mod two_nodes;
 

@@ -3,9 +3,11 @@
 mod bench;
 mod build;
 mod demo;
+mod demo_registry;
 mod fuzz;
 mod http_bench;
 mod image;
+mod registry_bench;
 mod setup;
 mod sh;
 
@@ -30,10 +32,18 @@ enum Task {
     /// Setup, build, run only the end-to-end suites in network namespaces.
     E2e,
     /// Setup, build, and show allowed and denied traffic with kernel counters, then a cross-node
-    /// call over HBONE mTLS and an identity the destination agent refuses.
-    Demo,
-    /// Setup, build (release), and measure connection rates through the data path.
-    Bench,
+    /// call over HBONE mTLS and an identity the destination agent refuses. With
+    /// `--registry etcd`: registration through the Consul API, a failing check, traffic moving.
+    Demo {
+        #[arg(long)]
+        registry: Option<String>,
+    },
+    /// Setup, build (release), and measure connection rates through the data path, then the
+    /// registry at scale (etcd with 100,000 instances). `--scale`: only the registry rows.
+    Bench {
+        #[arg(long)]
+        scale: bool,
+    },
     /// Setup, build the release agent, and run scripts/quickstart.sh: example pods (netns + cgroup
     /// v2) on this machine, a config for them, the agent, and the curl commands to try.
     /// Setup, build the release agent (eBPF embedded) into target/image/ for deploy/Dockerfile,
@@ -78,11 +88,14 @@ fn main() -> Result<()> {
             prepare()?;
             sh::cargo(&["test", "-p", "mesh-tests"])
         }
-        Task::Demo => {
+        Task::Demo { registry } => {
             prepare()?;
-            demo::run()
+            match registry {
+                Some(backend) => demo_registry::run(&backend),
+                None => demo::run(),
+            }
         }
-        Task::Bench => {
+        Task::Bench { scale } => {
             setup::run()?;
             build::ebpf()?;
             sh::cargo(&[
@@ -97,7 +110,10 @@ fn main() -> Result<()> {
             let bins = sh::workspace_root().join("target/release");
             std::env::set_var("NODEMESH_AGENT_BIN", bins.join("mesh-agent"));
             std::env::set_var("NODEMESH_PROBE_BIN", bins.join("meshprobe"));
-            bench::run()
+            if !scale {
+                bench::run()?;
+            }
+            registry_bench::run()
         }
     }
 }

@@ -20,6 +20,11 @@ const PACKAGES: &[&str] = &[
     "prometheus",
     // kube-proxy style DNAT of service VIPs in the fail-closed tests.
     "nftables",
+    // Registry: a real etcd for the tests and demo, protoc for etcd-client's build script, curl
+    // for registrations from inside pods.
+    "etcd-server",
+    "protobuf-compiler",
+    "curl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -29,6 +34,7 @@ pub fn run() -> Result<()> {
     debian_packages(PACKAGES)?;
     bpf_linker()?;
     cargo_fuzz()?;
+    python_packages()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -123,4 +129,12 @@ fn bpf_linker() -> Result<()> {
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", LLVM_PREFIX),
     )
+}
+
+/// py-consul (PyPI): the real Consul client the registry tests drive the agent's API with.
+fn python_packages() -> Result<()> {
+    if sh::output("python3", &["-c", "import consul"]).is_ok() {
+        return Ok(());
+    }
+    sh::run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "py-consul"]))
 }

@@ -21,6 +21,7 @@ const CERTS: &str = "/certs";
 const POLICY: &str = "/policy";
 const FLOWS: &str = "/flows";
 const LOGGING: &str = "/logging";
+/// Also `/endpoints/<service>` for one service.
 const ENDPOINTS: &str = "/endpoints";
 /// Every admin route; the handler serves these and docs/REFERENCE.md must list them.
 pub const ADMIN_ROUTES: &[&str] = &[
@@ -57,7 +58,8 @@ pub fn admin_handler(state: Arc<AgentState>) -> RequestHandler {
             SERVICES => services(&state),
             CERTS => certs(&state),
             POLICY => policy(&state),
-            ENDPOINTS => endpoints(&state),
+            ENDPOINTS => endpoints(&state, None),
+            p if p.starts_with("/endpoints/") => endpoints(&state, p.strip_prefix("/endpoints/")),
             FLOWS => json!({ "flows": state.flows.snapshot() }),
             "/" => return Reply::text(StatusCode::OK, index()),
             _ => return Reply::text(StatusCode::NOT_FOUND, index()),
@@ -253,12 +255,14 @@ fn policy(state: &AgentState) -> Value {
     })
 }
 
-/// Each service's endpoints with their breaker state, latency estimate and ejection.
-fn endpoints(state: &AgentState) -> Value {
+/// Each service's endpoints with their breaker state, latency estimate and ejection (`only`: one
+/// service).
+fn endpoints(state: &AgentState, only: Option<&str>) -> Value {
     let services: Vec<Value> = state
         .traffic
         .routes()
         .iter()
+        .filter(|route| only.is_none_or(|o| o == &*route.name))
         .map(|route| {
             let endpoints: Vec<Value> = route
                 .endpoints

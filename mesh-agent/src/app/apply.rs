@@ -66,6 +66,14 @@ pub fn desired_maps(config: &Config, model: &MeshModel, cgroup_ids: &[u64]) -> D
                 .or_insert(value);
         }
     }
+    // The registry API port: connect4 records the caller's identity for it (not redirected,
+    // open to every workload).
+    if let std::net::SocketAddr::V4(registry) = config.registry_addr() {
+        services.insert(
+            ServiceKey::new(ip4_to_raw(registry.ip().octets()), registry.port()),
+            ServiceValue::new(mesh_common::services::REGISTRY_SERVICE),
+        );
+    }
     let deny: HashMap<_, _> = policy
         .deny
         .iter()

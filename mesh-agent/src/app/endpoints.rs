@@ -51,10 +51,28 @@ fn health_report(state: &AgentState) -> Reply {
         "attached_cgroups": attached.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "services": config.services.len(),
         "workloads": config.workloads.len(),
+        "registry": registry_health(state),
     });
     Reply {
         status: StatusCode::OK,
         content_type: "application/json",
         body: format!("{body}\n"),
     }
+}
+/// The registry's part of /health: which backend, and whether lookups come from a cache the
+/// backend still confirms or from the last known view (extend-cache).
+fn registry_health(state: &AgentState) -> serde_json::Value {
+    let Some(agent) = state.registry.get() else {
+        return serde_json::Value::Null;
+    };
+    let catalog = state.mesh.catalog();
+    let connected = agent.backend.connected();
+    serde_json::json!({
+        "backend": agent.backend.kind(),
+        "connected": connected,
+        "cache": if connected { "fresh" } else { "extend-cache" },
+        "instances": catalog.instances().count(),
+        "nodes": catalog.nodes.len(),
+        "local_registrations": agent.locals().len(),
+    })
 }

@@ -6,6 +6,7 @@ mod changes;
 mod endpoints;
 mod inbound;
 pub mod node_checks;
+mod registry_start;
 mod reload;
 pub mod security;
 
@@ -127,6 +128,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let health = bind("listen.health", config.listen.health).await?;
     let hbone = bind("listen.hbone", config.listen.hbone).await?;
     let admin = bind("listen.admin", config.listen.admin).await?;
+    let registry_listener = bind("listen.registry", config.registry_addr()).await?;
 
     let ca = security::load_ca(&config)?;
     let security = Security::new(&config, ca)?;
@@ -149,7 +151,15 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         }
     }
     // Ids an earlier agent left in the kernel are kept, so it and this one agree on them.
-    let model = MeshModel::build_seeded(&config, apply::kernel_ids(&kernel, &config));
+    let seeded = MeshModel::build_seeded(&config, apply::kernel_ids(&kernel, &config));
+    let registry = registry_start::start(&config).await;
+    let base_config = config.clone();
+    // The one reconciler's view: the file merged with the registry's nodes and endpoints.
+    let (config, model) = crate::registry::reconcile::effective(
+        &base_config,
+        &registry.backend.subscribe().borrow(),
+        Some(&seeded),
+    );
     if let Err(e) = apply(&mut kernel, &config, &model, None) {
         // An earlier agent's pinned state stays in force (fail closed); a first start leaves
         // nothing behind.
@@ -174,6 +184,9 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         }
         let _ = state.access_log.set(log);
     }
+    let catalog = registry.backend.subscribe();
+    state.mesh.init(base_config, catalog.clone());
+    let _ = state.registry.set(registry.clone());
     state.traffic.attach(Arc::downgrade(&state));
     state.traffic.update(&state.config(), &state.model());
     if let Err(e) = state
@@ -182,8 +195,25 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     {
         tracing::error!(error = %e, "registering the scrape-time metrics");
     }
+    if let Err(e) =
+        state
+            .metrics
+            .register(Box::new(crate::registry::metrics::RegistryCollector::new(
+                Arc::downgrade(&state),
+            )))
+    {
+        tracing::error!(error = %e, "registering the registry metrics");
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(crate::registry::reconcile::run(state.clone(), catalog));
+    tasks.spawn(crate::registry::api::serve(
+        registry_listener,
+        state.clone(),
+        registry.clone(),
+        stop_rx.clone(),
+    ));
+    registry_start::announce(&registry, &config).await;
     tasks.spawn(proxy::outbound::run(
         outbound,
         state.clone(),
@@ -234,6 +264,8 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         health = %config.listen.health,
         hbone = %config.listen.hbone,
         admin = %config.listen.admin,
+        registry = %config.registry_addr(),
+        registry_backend = registry.backend.kind(),
         "agent ready"
     );
 
@@ -253,6 +285,8 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         }
     }
 
+    // Deregister first so other nodes stop routing here while this agent still serves.
+    registry.shutdown().await;
     // Fail closed: the pinned programs and maps stay, so captured connects keep going to the
     // agent address (a new agent's listener, or refused while none runs) and deny-lists and
     // strict mode stay enforced. Only `--uninstall` detaches.

@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::{self, Config, ConfigError};
-use crate::registry::MeshModel;
 use crate::state::AgentState;
 
 use super::{apply, AppError};
@@ -71,10 +70,13 @@ impl Watcher {
         let new = config::parse(text, &self.path.display().to_string(), &|n| {
             std::env::var(n).ok()
         })?;
+        let _serialized = state.mesh.lock();
         let old = state.config();
         check_immutable(&old, &new)?;
         let old_model = state.model();
-        let model = MeshModel::build(&new, Some(&old_model));
+        // The one reconciler's view: the new file merged with the registry's nodes and endpoints.
+        let base = new.clone();
+        let (new, model) = state.mesh.effective(&base, Some(&old_model));
         let applied = state.with_kernel(|k| apply(k, &new, &model, Some((&old, &old_model))));
         if let Some(result) = applied {
             result?;
@@ -84,6 +86,7 @@ impl Watcher {
             state.with_kernel(|k| apply(k, &old, &old_model, None));
             return Err(e.into());
         }
+        state.mesh.set_base(base);
         state.publish(new, model);
         Ok(())
     }
@@ -111,6 +114,11 @@ fn check_immutable(old: &Config, new: &Config) -> Result<(), ConfigError> {
             old.node.trust_domain != new.node.trust_domain,
         ),
         ("identity", old.identity != new.identity),
+        (
+            "listen.registry",
+            old.listen.registry != new.listen.registry,
+        ),
+        ("registry", old.registry != new.registry),
         // Bound into the HBONE listener, pool and reload ticker at start.
         ("node.agent_ip", old.node.agent_ip != new.node.agent_ip),
         (

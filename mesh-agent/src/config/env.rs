@@ -77,6 +77,27 @@ pub const OVERRIDES: &[(&str, &str, Setter)] = &[
         c.identity.ca_cert = Some(v.into());
         Ok(())
     }),
+    ("NODEMESH_REGISTRY_ADDR", "listen.registry", |c, v| {
+        c.listen.registry = Some(addr(v)?);
+        Ok(())
+    }),
+    ("NODEMESH_REGISTRY_BACKEND", "registry.backend", |c, v| {
+        c.registry.backend = match v {
+            "file" => crate::config::RegistryBackendKind::File,
+            "embedded" => crate::config::RegistryBackendKind::Embedded,
+            "etcd" => crate::config::RegistryBackendKind::Etcd,
+            _ => return Err("is not file, embedded or etcd".to_owned()),
+        };
+        Ok(())
+    }),
+    (
+        "NODEMESH_ETCD_ENDPOINTS",
+        "registry.etcd.endpoints",
+        |c, v| {
+            c.registry.etcd.endpoints = v.split(',').map(|e| e.trim().to_owned()).collect();
+            Ok(())
+        },
+    ),
     ("NODEMESH_CA_KEY", "identity.ca_key", |c, v| {
         c.identity.ca_key = Some(v.into());
         Ok(())

@@ -32,6 +32,9 @@ pub struct Config {
     /// Capabilities granted to identities, required by policies that name them.
     #[serde(default)]
     pub service_keys: Vec<crate::policy::authz_config::ServiceKeyConfig>,
+    /// Service registry: where dynamic mesh state (instances, nodes) comes from.
+    #[serde(default)]
+    pub registry: super::registry::RegistryConfig,
     /// Mesh-wide traffic policy; each service's `policy` overrides it field by field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_defaults: Option<super::TrafficDefaults>,
@@ -123,6 +126,9 @@ pub struct ListenConfig {
     /// Admin endpoints (config dump, workloads, certificates, policy); keep it on loopback.
     #[serde(default = "default_admin")]
     pub admin: SocketAddr,
+    /// Consul-compatible registry API for pods; default `<node.agent_ip>:8500`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<SocketAddr>,
 }
 
 impl Default for ListenConfig {
@@ -133,6 +139,7 @@ impl Default for ListenConfig {
             health: default_health(),
             hbone: default_hbone(),
             admin: default_admin(),
+            registry: None,
         }
     }
 }

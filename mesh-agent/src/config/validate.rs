@@ -30,6 +30,15 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
     validate_limits(config)?;
     validate_identity(config)?;
     validate_nodes(config)?;
+    super::registry::validate_registry(&config.registry)?;
+    if let Some(zone) = &config.node.zone {
+        if !is_dns_label(zone) {
+            return Err(ConfigError::invalid(
+                "node.zone",
+                format!("{zone:?} must be a lowercase DNS label"),
+            ));
+        }
+    }
     validate_service_policies(config)?;
     validate_authorization(config)?;
     validate_egress(config)?;
@@ -89,13 +98,14 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
             super::service_policy::validate(&format!("services[{i}].policy"), &p.traffic())?;
         }
     }
-    if config.services.len() > limits::MAX_SERVICES as usize {
+    // One SERVICES entry is the registry API's (caller identity for registrations).
+    if config.services.len() >= limits::MAX_SERVICES as usize {
         return Err(ConfigError::invalid(
             "services",
             format!(
-                "{} services exceed the kernel map capacity {}",
+                "{} services exceed the kernel map capacity {} (one entry is the registry API's)",
                 config.services.len(),
-                limits::MAX_SERVICES
+                limits::MAX_SERVICES - 1
             ),
         ));
     }
@@ -122,13 +132,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
         }
         // The service name becomes the certificate CN and DNS SAN <service>.<namespace>.svc.
         let service = w.service_name();
-        let dns_label = service.len() <= 63
-            && service
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !service.starts_with('-')
-            && !service.ends_with('-');
-        if !dns_label {
+        if !is_dns_label(service) {
             let which = if w.service.is_some() {
                 "service"
             } else {
@@ -460,4 +464,16 @@ fn check_name(field: &str, value: &str) -> Result<(), ConfigError> {
             ),
         ))
     }
+}
+
+/// A lowercase DNS label (RFC 1123): 1-63 of a-z, 0-9, '-', not starting or ending with '-'.
+/// The one check for names that become DNS names (services, registry records).
+pub fn is_dns_label(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-')
 }

@@ -1,0 +1,94 @@
+//! Registry metrics, read at scrape time from the discovery cache and the reconciler.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, PoisonError, Weak};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{IntCounter, IntGaugeVec, Opts};
+
+use crate::state::AgentState;
+
+pub struct RegistryCollector {
+    state: Weak<AgentState>,
+    scraping: Mutex<()>,
+    connected: IntGaugeVec,
+    instances: IntGaugeVec,
+    updates: IntCounter,
+}
+
+impl RegistryCollector {
+    /// Holds the state weakly: the state owns the registry this collector is registered in.
+    pub fn new(state: Weak<AgentState>) -> Self {
+        let gauge_vec = |name: &str, help: &str, label: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric name")
+        };
+        Self {
+            state,
+            scraping: Mutex::new(()),
+            connected: gauge_vec(
+                "nodemesh_registry_backend_connected",
+                "1 when the registry cache is in sync with its backend, 0 while serving the last known view (extend-cache).",
+                "backend",
+            ),
+            instances: gauge_vec(
+                "nodemesh_registry_instances",
+                "Instances in the registry cache by health status.",
+                "status",
+            ),
+            updates: IntCounter::new(
+                "nodemesh_registry_updates_total",
+                "Registry changes applied to the endpoint sets (no kernel, certificate or authz change).",
+            )
+            .expect("valid metric name"),
+        }
+    }
+
+    fn collectors(&self) -> [&dyn Collector; 3] {
+        [&self.connected, &self.instances, &self.updates]
+    }
+
+    fn refill(&self, state: &AgentState) {
+        let Some(agent) = state.registry.get() else {
+            return;
+        };
+        self.connected.reset();
+        self.connected
+            .with_label_values(&[agent.backend.kind()])
+            .set(i64::from(agent.backend.connected()));
+        let catalog = state.mesh.catalog();
+        for status in ["passing", "warning", "critical"] {
+            let n = catalog
+                .instances()
+                .filter(|i| i.status.as_str() == status)
+                .count();
+            self.instances
+                .with_label_values(&[status])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        self.updates.reset();
+        self.updates
+            .inc_by(state.mesh.updates.load(Ordering::Relaxed));
+    }
+}
+
+impl Collector for RegistryCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.collectors()
+            .into_iter()
+            .flat_map(|c| c.desc())
+            .collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Some(state) = self.state.upgrade() else {
+            return Vec::new();
+        };
+        let _one_scrape = self.scraping.lock().unwrap_or_else(PoisonError::into_inner);
+        self.refill(&state);
+        self.collectors()
+            .into_iter()
+            .flat_map(|c| c.collect())
+            .collect()
+    }
+}

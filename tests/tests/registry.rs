@@ -1,0 +1,555 @@
+//! Service registry end to end: two agents sharing a real etcd, registrations through the
+//! Consul-compatible API from inside pods, TTL heartbeats, identity checks on writes, etcd
+//! restarts served from the cache, and the seeds' flow through the real py-consul client.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use mesh_tests::etcd::Etcd;
+use mesh_tests::{Pod, Topology};
+
+const ECHO_VIP: &str = "10.96.0.10:80";
+const ECHO_PORT: u16 = 8080;
+const ETCD_PORT: u16 = 23790;
+
+fn curl(topo: &Topology, pod: &Pod, method: &str, url: &str, body: &str) -> Result<(u16, String)> {
+    topo.curl_in_pod(pod, method, url, body)
+}
+
+fn node_get(topo: &Topology, netns: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    topo.get_in_netns(netns, addr, path)
+}
+
+fn passing_echo(topo: &Topology, netns: &str, registry: SocketAddr) -> Result<usize> {
+    let (status, body) = node_get(topo, netns, registry, "/v1/health/service/echo?passing")?;
+    if status != 200 {
+        bail!("health query answered {status}: {body}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    Ok(v.as_array().map_or(0, Vec::len))
+}
+
+fn echo_registration(ttl: &str, server_ip: &str) -> String {
+    format!(
+        r#"{{"Name":"echo","ID":"echo-1","Address":"{server_ip}","Port":{ECHO_PORT},"Tags":["v1"],
+            "Meta":{{"service_version":"1.0.0","service_type":"tcp","environment":"test","zone":"zone-b"}},
+            "Check":{{"TTL":"{ttl}","DeregisterCriticalServiceAfter":"1m"}}}}"#
+    )
+}
+
+#[test]
+fn etcd_registry_across_two_nodes() -> Result<()> {
+    let mut topo = Topology::new()?;
+    topo.add_node(&["client"])?;
+    topo.add_node(&["server", "intruder"])?;
+    topo.link_nodes(1, 2)?;
+    let (n1, n2) = (topo.node(1), topo.node(2));
+    let mut etcd = Etcd::start(&topo, n1, n1.agent_ip, ETCD_PORT)?;
+    let server = n2.pod("server");
+    topo.start_echo_server(server, ECHO_PORT, "srv")?;
+    let registry_block = format!(
+        "registry:\n  backend: etcd\n  etcd:\n    endpoints: [\"{}\"]\n    lease_ttl: 3s\n",
+        etcd.client_url
+    );
+    let authz = "authorization:\n  - name: echo-callers\n    service: echo\n    default: deny\n    allow:\n      - from: spiffe://cluster.local/ns/shop/sa/client\n";
+    let service = format!("services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n");
+    // No `nodes:` anywhere: each node learns the other from the registry.
+    let config1 = n1.agent_config(&format!(
+        "{service}workloads:\n{}{authz}{registry_block}",
+        n1.pod("client").workload_yaml("shop", "client"),
+    ));
+    let agent1 = topo.start_agent(n1, &config1, &[])?;
+    topo.wait_ready(&agent1)?;
+    let ca = topo.state_dir(n1);
+    let config2 = n2.agent_config(&format!(
+        "{service}workloads:\n{}    service: echo\n{}{authz}{registry_block}identity:\n  ca_cert: {}\n  ca_key: {}\n",
+        server.workload_yaml("shop", "server"),
+        n2.pod("intruder").workload_yaml("shop", "intruder"),
+        ca.join("ca.crt").display(),
+        ca.join("ca.key").display(),
+    ));
+    let agent2 = topo.start_agent(n2, &config2, &[])?;
+    topo.wait_ready(&agent2)?;
+    let cert_changes = |agent: &mesh_tests::AgentHandle| -> Result<Option<u64>> {
+        let m = topo.metrics(agent)?;
+        Ok(mesh_tests::http::metric(
+            &m,
+            "nodemesh_identity_cert_changes_total",
+            &[],
+        ))
+    };
+    let certs_before = cert_changes(&agent1)?;
+    assert!(certs_before.is_some());
+    let reg1 = SocketAddr::from((n1.agent_ip, 8500));
+    let reg2 = format!("http://{}:8500", n2.agent_ip);
+    let client = n1.pod("client");
+    let intruder = n2.pod("intruder");
+    let echo = |text: &str| -> Result<bool> {
+        let attempts =
+            topo.connect_from_with_timeout(client, ECHO_VIP, text, 1, Duration::from_secs(3))?;
+        Ok(attempts
+            .iter()
+            .all(|a| a.ok && a.reply == format!("srv:{text}")))
+    };
+
+    // Bad records are refused with the field named; nothing is registered.
+    let (status, body) = curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg2}/v1/agent/service/register"),
+        &echo_registration("3s", &server.ip.to_string()).replace(r#""environment":"test","#, ""),
+    )?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("Meta.environment"), "{body}");
+    let (status, body) = curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg2}/v1/agent/service/register"),
+        &echo_registration("3s", &server.ip.to_string())
+            .replace(r#""ID":"echo-1""#, r#""ID":"Echo_1""#),
+    )?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("`ID`"), "{body}");
+
+    // A pod cannot register under another identity's service.
+    let (status, body) = curl(
+        &topo,
+        intruder,
+        "PUT",
+        &format!("{reg2}/v1/agent/service/register"),
+        &echo_registration("3s", &intruder.ip.to_string()),
+    )?;
+    assert_eq!(status, 403, "{body}");
+    assert!(agent2.log_text().contains("registry request refused"));
+
+    // The server registers itself with a TTL check and heartbeats: node 1 sees it within 1 s.
+    let (status, body) = curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg2}/v1/agent/service/register"),
+        &echo_registration("3s", &server.ip.to_string()),
+    )?;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg2}/v1/agent/check/pass/service:echo-1"),
+        "",
+    )?;
+    assert_eq!(status, 200, "{body}");
+    let started = Instant::now();
+    while passing_echo(&topo, &n1.netns, reg1)? == 0 {
+        if started.elapsed() > Duration::from_secs(1) {
+            bail!("node 1 did not see the registration within 1 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!(
+        "registration visible on the other node after {:?}",
+        started.elapsed()
+    );
+    // Routed over HBONE to a node that only the registry announced.
+    assert!(echo("hello")?, "client reaches the registered endpoint");
+
+    // Reads follow the allow-lists: the client may look echo up, the intruder may not.
+    let (status, body) = curl(
+        &topo,
+        client,
+        "GET",
+        &format!("http://{}:8500/v1/health/service/echo", n1.agent_ip),
+        "",
+    )?;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("echo-1"), "{body}");
+    let (status, _) = curl(
+        &topo,
+        intruder,
+        "GET",
+        &format!("{reg2}/v1/health/service/echo"),
+        "",
+    )?;
+    assert_eq!(status, 403, "the intruder is not on echo's allow-list");
+    let (_, body) = curl(
+        &topo,
+        intruder,
+        "GET",
+        &format!("{reg2}/v1/catalog/services"),
+        "",
+    )?;
+    assert!(
+        !body.contains("echo"),
+        "catalog listing filtered by the allow-list: {body}"
+    );
+
+    // The intruder can neither heartbeat nor deregister the server's instance.
+    let (status, _) = curl(
+        &topo,
+        intruder,
+        "PUT",
+        &format!("{reg2}/v1/agent/check/fail/service:echo-1"),
+        "",
+    )?;
+    assert_eq!(status, 403);
+    let (status, _) = curl(
+        &topo,
+        intruder,
+        "PUT",
+        &format!("{reg2}/v1/agent/service/deregister/echo-1"),
+        "",
+    )?;
+    assert_eq!(status, 403);
+
+    // etcd dies: routing continues from the cache, /health says extend-cache.
+    etcd.kill(&topo)?;
+    topo.wait_for("extend-cache in /health", Duration::from_secs(5), || {
+        let (_, body) = node_get(&topo, &n1.netns, agent1.health, "/health")?;
+        Ok(body.contains("extend-cache"))
+    })?;
+    curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg2}/v1/agent/check/pass/service:echo-1"),
+        "",
+    )?;
+    assert!(
+        echo("cached")?,
+        "routing continues from the cache while etcd is down"
+    );
+    etcd.restart(&topo, n1)?;
+    topo.wait_for("node 1 back in sync", Duration::from_secs(10), || {
+        let (_, body) = node_get(&topo, &n1.netns, agent1.health, "/health")?;
+        Ok(body.contains("\"cache\":\"fresh\""))
+    })?;
+    curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg2}/v1/agent/check/pass/service:echo-1"),
+        "",
+    )?;
+    assert_eq!(
+        passing_echo(&topo, &n1.netns, reg1)?,
+        1,
+        "no registration lost"
+    );
+    assert!(echo("after-restart")?);
+
+    // Heartbeats stop: after the TTL the instance is critical and out of routing.
+    topo.wait_for("TTL expiry seen on node 1", Duration::from_secs(6), || {
+        Ok(passing_echo(&topo, &n1.netns, reg1)? == 0)
+    })?;
+    assert!(!echo("expired")?, "a critical instance is not routed");
+    // A heartbeat (the newer update form, with output) brings it back.
+    let (status, body) = curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg2}/v1/agent/check/update/service:echo-1"),
+        r#"{"Status":"passing","Output":"back"}"#,
+    )?;
+    assert_eq!(status, 200, "{body}");
+    topo.wait_for("instance passing again", Duration::from_secs(2), || {
+        Ok(passing_echo(&topo, &n1.netns, reg1)? == 1)
+    })?;
+    assert!(echo("back")?);
+
+    // Endpoint churn did not touch the kernel maps or certificates: one config generation.
+    let m = topo.metrics(&agent1)?;
+    assert_eq!(
+        mesh_tests::http::metric(&m, "nodemesh_config_generation", &[]),
+        Some(1)
+    );
+    assert_eq!(
+        cert_changes(&agent1)?,
+        certs_before,
+        "no certificate re-issued"
+    );
+    assert!(mesh_tests::http::metric(&m, "nodemesh_registry_updates_total", &[]).unwrap_or(0) >= 3);
+
+    // The owner deregisters: gone everywhere.
+    let (status, _) = curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg2}/v1/agent/service/deregister/echo-1"),
+        "",
+    )?;
+    assert_eq!(status, 200);
+    topo.wait_for(
+        "deregistration seen on node 1",
+        Duration::from_secs(1),
+        || {
+            let (_, body) = node_get(&topo, &n1.netns, reg1, "/v1/catalog/service/echo")?;
+            Ok(body.trim() == "[]")
+        },
+    )?;
+
+    // SIGTERM on node 2: its node record and hosted instances leave the registry at once.
+    let (status, _) = curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg2}/v1/agent/service/register"),
+        &echo_registration("30s", &server.ip.to_string()),
+    )?;
+    assert_eq!(status, 200);
+    topo.wait_for("re-registration on node 1", Duration::from_secs(1), || {
+        let (_, body) = node_get(&topo, &n1.netns, reg1, "/v1/catalog/service/echo")?;
+        Ok(body.contains("echo-1"))
+    })?;
+    topo.signal(agent2.pid, libc::SIGTERM)?;
+    topo.wait(agent2.pid, Duration::from_secs(10))?;
+    let (_, body) = node_get(&topo, &n1.netns, reg1, "/v1/catalog/service/echo")?;
+    assert_eq!(
+        body.trim(),
+        "[]",
+        "deregistered on SIGTERM, not after the lease TTL"
+    );
+    let (_, health) = node_get(&topo, &n1.netns, agent1.health, "/health")?;
+    assert!(
+        health.contains("\"nodes\":1"),
+        "node-2 left the registry: {health}"
+    );
+    Ok(())
+}
+
+fn serve(topo: &Topology, pod: &Pod, port: u16, name: &str) -> Result<u32> {
+    topo.serve_probe(pod, port, name)
+}
+
+#[test]
+fn failing_active_check_moves_traffic_without_failed_requests() -> Result<()> {
+    let mut topo = Topology::new()?;
+    topo.add_node(&["client", "sa", "sb"])?;
+    let n1 = topo.node(1);
+    let (client, sa, sb) = (n1.pod("client"), n1.pod("sa"), n1.pod("sb"));
+    serve(&topo, sa, ECHO_PORT, "a")?;
+    serve(&topo, sb, ECHO_PORT, "b")?;
+    // A separate health port: failing it takes `a` out of routing while it still serves.
+    let health_a = serve(&topo, sa, 8081, "health")?;
+    serve(&topo, sb, 8081, "health")?;
+    let config = n1.agent_config(&format!(
+        "services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n    policy: {{load_balancer: round_robin}}\nworkloads:\n{}{}    service: echo\n{}    service: echo\n\
+         authorization:\n  - name: echo-callers\n    service: echo\n    default: deny\n    allow:\n      - from_service: client\n",
+        client.workload_yaml("shop", "client"),
+        sa.workload_yaml("shop", "server"),
+        sb.workload_yaml("shop", "server"),
+    ));
+    let agent = topo.start_agent(n1, &config, &[])?;
+    topo.wait_ready(&agent)?;
+    let reg = format!("http://{}:8500", n1.agent_ip);
+    let registry = SocketAddr::from((n1.agent_ip, 8500));
+    for (pod, id) in [(sa, "echo-a"), (sb, "echo-b")] {
+        // No Address: the caller's own address is used.
+        let body = format!(
+            r#"{{"Name":"echo","ID":"{id}","Port":{ECHO_PORT},"Meta":{{"service_version":"1","service_type":"tcp","environment":"test"}},
+                "Check":{{"TCP":"{}:8081","Interval":"200ms","Timeout":"1s"}}}}"#,
+            pod.ip
+        );
+        let (status, text) = curl(
+            &topo,
+            pod,
+            "PUT",
+            &format!("{reg}/v1/agent/service/register"),
+            &body,
+        )?;
+        assert_eq!(status, 200, "{text}");
+    }
+    topo.wait_for("both instances passing", Duration::from_secs(5), || {
+        Ok(passing_echo(&topo, &n1.netns, registry)? == 2)
+    })?;
+    let round = |seen: &mut Vec<String>| -> Result<()> {
+        for a in topo.connect_from(client, ECHO_VIP, "x", 4)? {
+            assert!(a.ok, "request failed: {a:?}");
+            seen.push(a.reply);
+        }
+        Ok(())
+    };
+    let mut seen = Vec::new();
+    round(&mut seen)?;
+    assert!(
+        seen.contains(&"a:x".to_owned()) && seen.contains(&"b:x".to_owned()),
+        "{seen:?}"
+    );
+
+    topo.signal(health_a, libc::SIGKILL)?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut seen = Vec::new();
+        round(&mut seen)?;
+        if seen.iter().all(|r| r == "b:x") && passing_echo(&topo, &n1.netns, registry)? == 1 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("traffic did not leave the failing instance: {seen:?}");
+        }
+    }
+    let mut seen = Vec::new();
+    round(&mut seen)?;
+    assert!(
+        seen.iter().all(|r| r == "b:x"),
+        "critical instance not routed: {seen:?}"
+    );
+
+    // Healthy again: it comes back.
+    serve(&topo, sa, 8081, "health")?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut seen = Vec::new();
+        round(&mut seen)?;
+        if seen.contains(&"a:x".to_owned()) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the recovered instance did not come back: {seen:?}");
+        }
+    }
+
+    // A config reload goes through the same reconciler: registered endpoints survive it.
+    let reloaded = config.replace(
+        "workloads:",
+        "  - name: other\n    namespace: shop\n    vip: 10.96.0.99:80\nworkloads:",
+    );
+    std::fs::write(topo.config_path(n1), reloaded)?;
+    topo.wait_for("reload applied", Duration::from_secs(5), || {
+        Ok(topo.reloads(&agent, "ok")? == 1)
+    })?;
+    let admin = SocketAddr::from(([127, 0, 0, 1], 15000));
+    let (_, endpoints) = node_get(&topo, &n1.netns, admin, "/endpoints/echo")?;
+    for pod in [sa, sb] {
+        assert!(
+            endpoints.contains(&format!("{}:{ECHO_PORT}", pod.ip)),
+            "{endpoints}"
+        );
+    }
+    let (_, all) = node_get(&topo, &n1.netns, admin, "/endpoints")?;
+    assert!(
+        all.contains("\"other\""),
+        "the new service is there too: {all}"
+    );
+    Ok(())
+}
+
+/// py-consul from PyPI, installed here (idempotent) so a fresh machine and CI have it.
+fn ensure_py_consul() -> Result<()> {
+    let ok = Command::new("python3")
+        .args(["-c", "import consul"])
+        .status()?
+        .success();
+    if !ok {
+        let status = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "py-consul"])
+            .status()?;
+        if !status.success() {
+            bail!("pip install py-consul failed");
+        }
+    }
+    Ok(())
+}
+
+const SEED_FLOW: &str = r#"
+import sys, threading, time, consul
+c = consul.Consul(host=sys.argv[1], port=8500)
+meta = {"service_version": "2.1.0", "service_type": "http", "environment": "prod", "zone": "zone-a"}
+assert c.agent.service.register("wallet", service_id="wallet-1", address=sys.argv[2], port=9000,
+    tags=["primary"], meta=meta, check=consul.Check.ttl("10s"))
+assert c.agent.check.ttl_pass("service:wallet-1", "ready")
+index, nodes = c.health.service("wallet", passing=True)
+assert len(nodes) == 1 and nodes[0]["Service"]["ID"] == "wallet-1", nodes
+assert nodes[0]["Service"]["Meta"]["zone"] == "zone-a"
+index2, nodes = c.health.service("wallet", passing=True, tag="other")
+assert nodes == [], nodes
+# A blocking query with nothing changing waits for `wait`.
+t = time.time()
+index2, _ = c.health.service("wallet", index=index, wait="1s")
+assert time.time() - t >= 0.9 and index2 == index, (time.time() - t, index, index2)
+# A change wakes it at once.
+threading.Timer(0.3, lambda: c.agent.check.ttl_fail("service:wallet-1", "draining")).start()
+t = time.time()
+index3, nodes = c.health.service("wallet", index=index, wait="10s")
+assert time.time() - t < 5 and int(index3) > int(index), (index, index3)
+assert c.health.service("wallet", passing=True)[1] == []
+_, services = c.catalog.services()
+assert "wallet" in services and services["wallet"] == ["primary"], services
+assert "wallet-1" in c.agent.services()
+assert c.agent.service.deregister("wallet-1")
+assert "wallet" not in c.catalog.services()[1]
+print("seed flow ok")
+"#;
+
+#[test]
+fn py_consul_seed_flow_on_embedded_registry() -> Result<()> {
+    ensure_py_consul()?;
+    let mut topo = Topology::new()?;
+    topo.add_node(&["app"])?;
+    let n1 = topo.node(1);
+    let app = n1.pod("app");
+    let config = n1.agent_config(&format!(
+        "services:\n  - name: wallet\n    namespace: shop\n    vip: 10.96.0.20:80\nworkloads:\n{}    service: wallet\n\
+         authorization:\n  - name: wallet-callers\n    service: wallet\n    default: deny\n    allow:\n      - from_service: wallet\n",
+        app.workload_yaml("shop", "app"),
+    ));
+    let agent = topo.start_agent(n1, &config, &[])?;
+    topo.wait_ready(&agent)?;
+    let out = topo.run_in_pod(
+        app,
+        "python3",
+        &[
+            "-c",
+            SEED_FLOW,
+            &n1.agent_ip.to_string(),
+            &app.ip.to_string(),
+        ],
+    )?;
+    assert!(out.contains("seed flow ok"), "{out}");
+
+    // Embedded backend: a registration survives an agent restart.
+    let reg = format!("http://{}:8500", n1.agent_ip);
+    let body = r#"{"Name":"wallet","ID":"wallet-2","Port":9000,"Meta":{"service_version":"1","service_type":"http","environment":"prod"}}"#;
+    let (status, text) = curl(
+        &topo,
+        app,
+        "PUT",
+        &format!("{reg}/v1/agent/service/register"),
+        body,
+    )?;
+    assert_eq!(status, 200, "{text}");
+    topo.signal(agent.pid, libc::SIGTERM)?;
+    topo.wait(agent.pid, Duration::from_secs(10))?;
+    let agent = topo.start_agent(n1, &config, &[])?;
+    topo.wait_ready(&agent)?;
+    let (_, services) = node_get(
+        &topo,
+        &n1.netns,
+        SocketAddr::from((n1.agent_ip, 8500)),
+        "/v1/agent/services",
+    )?;
+    assert!(
+        services.contains("wallet-2"),
+        "restored after restart: {services}"
+    );
+    // The served OpenAPI document is the file in docs/.
+    let (status, served) = node_get(
+        &topo,
+        &n1.netns,
+        SocketAddr::from((n1.agent_ip, 8500)),
+        "/v1/openapi.json",
+    )?;
+    assert_eq!(status, 200);
+    let file = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/registry-openapi.json"
+    ))?;
+    assert_eq!(
+        served, file,
+        "served OpenAPI equals docs/registry-openapi.json"
+    );
+    Ok(())
+}
