@@ -1,5 +1,6 @@
 //! nodemesh node agent library. See docs/ARCHITECTURE.md in the repository for the architecture.
 
+pub mod access_log;
 pub mod admission;
 pub mod app;
 pub mod config;

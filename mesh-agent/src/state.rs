@@ -35,6 +35,8 @@ pub struct AgentState {
     pub registry: OnceLock<Arc<crate::registry::agent::LocalAgent>>,
     /// Active proxied connections (admin /flows).
     pub flows: Arc<FlowTable>,
+    /// The JSON access log, when `observability.access_log.enabled` (set once at start).
+    pub access_log: OnceLock<crate::access_log::AccessLog>,
 }
 
 impl AgentState {
@@ -64,6 +66,7 @@ impl AgentState {
             mesh: Default::default(),
             registry: OnceLock::new(),
             flows: Arc::default(),
+            access_log: OnceLock::new(),
         }
     }
 

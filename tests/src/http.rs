@@ -43,3 +43,38 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
             }
         })
 }
+
+/// promtool's one expected finding on the agent's output: Istio's duration metric is named in
+/// milliseconds (dashboards query that name), where Prometheus prefers seconds.
+const ISTIO_UNIT_LINT: &str =
+    "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\"";
+
+/// Runs `promtool check metrics` (Debian's prometheus package) on `text`; fails on any parse
+/// error or lint finding other than [`ISTIO_UNIT_LINT`].
+pub fn promtool_check(text: &str) -> Result<()> {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("promtool (Debian package prometheus, installed by `cargo xtask setup`)")?;
+    child
+        .stdin
+        .take()
+        .context("promtool stdin")?
+        .write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let problems: Vec<&str> = stdout
+        .lines()
+        .chain(stderr.lines())
+        .filter(|l| !l.trim().is_empty() && *l != ISTIO_UNIT_LINT)
+        .collect();
+    if !out.status.success() && !problems.is_empty() {
+        bail!("promtool check metrics: {problems:?}\n{text}");
+    }
+    Ok(())
+}

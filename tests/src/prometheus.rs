@@ -197,31 +197,10 @@ fn url_encode(s: &str) -> String {
         .collect()
 }
 
-/// Runs `promtool check metrics` on an exposition text; Err with promtool's complaints if any.
+/// Runs `promtool check metrics` on an exposition text; Err with promtool's complaints if any
+/// (except the one expected finding on Istio's duration name, see [`crate::http::promtool_check`]).
 pub fn promtool_check_metrics(text: &str) -> Result<()> {
-    use std::io::Write;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting promtool (install prometheus with `cargo xtask setup`)")?;
-    child
-        .stdin
-        .take()
-        .context("promtool stdin")?
-        .write_all(text.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "promtool check metrics failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
+    crate::http::promtool_check(text)
 }
 
 #[cfg(test)]

@@ -79,6 +79,32 @@ fn cross_node_call_crosses_the_link_only_as_mtls() -> Result<()> {
         metric(&m2, "nodemesh_authz_decisions_total", &allowed) == Some(1),
         "{m2}"
     );
+    // Istio's TCP families: the caller's agent reports the connection as source, node 2's
+    // agent the tunnel as destination, both mutual_tls, with the exact bytes each way (the
+    // echo server answers "srv:" + what it got).
+    let (sent, received) = (secret.len() as u64, secret.len() as u64 + 4);
+    for (m, reporter) in [(&m1, "source"), (&m2, "destination")] {
+        let labels = [
+            ("reporter", reporter),
+            ("source_workload", "client"),
+            ("source_workload_namespace", "shop"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/shop/sa/client",
+            ),
+            ("destination_service", "echo.shop.svc.cluster.local"),
+            ("destination_workload", "echo"),
+            ("connection_security_policy", "mutual_tls"),
+        ];
+        let tcp = |name| metric(m, name, &labels);
+        ensure!(
+            tcp("istio_tcp_connections_opened_total") == Some(1)
+                && tcp("istio_tcp_connections_closed_total") == Some(1)
+                && tcp("istio_tcp_sent_bytes_total") == Some(sent)
+                && tcp("istio_tcp_received_bytes_total") == Some(received),
+            "{reporter}: {m}"
+        );
+    }
     Ok(())
 }
 
@@ -304,5 +330,73 @@ fn capability_requirement_and_service_key_grant_apply_on_reload() -> Result<()> 
         count("deny") == Some(1) && count("allow") == Some(1),
         "{m2}"
     );
+    Ok(())
+}
+
+/// With the access log on, a cross-node connection gets a line from each agent (the caller's as
+/// `source`, the destination's as `destination`, both mTLS, the same bytes), and a refused
+/// identity's tunnel gets `policy: deny` lines naming it.
+#[test]
+fn access_log_has_both_ends_of_a_cross_node_connection() -> Result<()> {
+    let path = std::env::temp_dir().join(format!("nodemesh-access-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let mesh = TwoNodes::start(Options {
+        // Appended to both configs; it must end with the `identity:` block the fixture fills.
+        identity_yaml: Some(format!(
+            "observability:\n  access_log: {{enabled: true, path: {}}}\nidentity:\n",
+            path.display()
+        )),
+        ..Options::default()
+    })?;
+    let topo = &mesh.topo;
+    let text = "through-the-tunnel";
+    let reply = topo.connect_from(topo.node(1).pod("client"), ECHO_VIP, text, 1)?;
+    ensure!(
+        reply[0].ok && reply[0].reply == format!("srv:{text}"),
+        "{reply:?}"
+    );
+    let refused = topo.connect_from(topo.node(1).pod("intruder"), ECHO_VIP, "let-me-in", 1)?;
+    ensure!(refused[0].reply.is_empty(), "{refused:?}");
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let lines: Vec<serde_json::Value> = loop {
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("not JSON lines: {log}"))?;
+        if lines.len() >= 4 || Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = std::fs::remove_file(&path);
+    let find = |reporter: &str, sa: &str| {
+        lines.iter().find(|l| {
+            l["reporter"] == reporter
+                && l["source_principal"]
+                    == format!("spiffe://cluster.local/ns/shop/sa/{sa}").as_str()
+        })
+    };
+    let server = format!("{}:8080", topo.node(2).pod("server").ip);
+    let (sent, received) = (text.len() as u64, text.len() as u64 + 4);
+    for reporter in ["source", "destination"] {
+        let l =
+            find(reporter, "client").with_context(|| format!("no {reporter} line: {lines:#?}"))?;
+        ensure!(
+            l["kind"] == "tcp"
+                && l["destination_service"] == "echo.shop.svc.cluster.local"
+                && l["endpoint"] == server.as_str()
+                && l["policy"] == "allow"
+                && l["connection_security_policy"] == "mutual_tls"
+                && l["bytes_sent"] == sent
+                && l["bytes_received"] == received,
+            "{l}"
+        );
+        let denied = find(reporter, "intruder")
+            .with_context(|| format!("no {reporter} line for the intruder: {lines:#?}"))?;
+        ensure!(denied["policy"] == "deny", "{denied}");
+    }
     Ok(())
 }

@@ -172,3 +172,52 @@ fn traffic_profiles_pass_agent_check() -> Result<()> {
 fn serde_yaml_to_json(text: &str) -> Result<serde_json::Value> {
     Ok(serde_yaml::from_str(text)?)
 }
+
+/// Every metric the Grafana dashboard queries is one the agent documents in docs/REFERENCE.md
+/// (histogram series by their family name), and the latency panels use histogram_quantile over
+/// Istio's duration histogram.
+#[test]
+fn dashboard_queries_only_documented_metrics() -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        root.join("deploy/grafana-dashboard.json"),
+    )?)?;
+    let reference = std::fs::read_to_string(root.join("docs/REFERENCE.md"))?;
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            exprs.extend(target["expr"].as_str().map(str::to_owned));
+        }
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for expr in &exprs {
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("nodemesh_") || word.starts_with("istio_") {
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| word.strip_suffix(s))
+                    .filter(|_| !reference.contains(&format!("| `{word}` |")))
+                    .unwrap_or(word);
+                names.insert(family.to_owned());
+            }
+        }
+    }
+    let missing: Vec<_> = names
+        .iter()
+        .filter(|n| !reference.contains(&format!("| `{n}` |")))
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "undocumented metrics in the dashboard: {missing:?}"
+    );
+    for q in ["0.5", "0.95", "0.99"] {
+        ensure!(
+            exprs
+                .iter()
+                .any(|e| e.starts_with(&format!("histogram_quantile({q},"))
+                    && e.contains("istio_request_duration_milliseconds_bucket")),
+            "no p{q} latency panel"
+        );
+    }
+    Ok(())
+}

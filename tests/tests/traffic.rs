@@ -145,6 +145,43 @@ fn transient_503s_are_retried_and_post_is_not_by_default() -> Result<()> {
         requests("get", "200") == Some(1) && requests("post", "503") == Some(1),
         "{m}"
     );
+    // The same requests in Istio's families (one per client request, retries not counted),
+    // reported by the caller's agent; same-node endpoints, so no mTLS.
+    let istio = |service: &'static str, code: Option<&'static str>| {
+        let mut labels = vec![
+            ("reporter", "source"),
+            ("source_workload", "client"),
+            ("source_workload_namespace", "shop"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/shop/sa/client",
+            ),
+            ("destination_workload", service),
+            ("connection_security_policy", "none"),
+        ];
+        labels.extend(code.map(|c| ("response_code", c)));
+        labels
+    };
+    let get = istio("get", Some("200"));
+    let post = istio("post", Some("503"));
+    ensure!(
+        metric(&m, "istio_requests_total", &get) == Some(1)
+            && metric(&m, "istio_requests_total", &post) == Some(1)
+            && metric(&m, "istio_requests_total", &istio("get", Some("503"))).is_none(),
+        "{m}"
+    );
+    let post = istio("post", None);
+    ensure!(
+        metric(&m, "istio_request_duration_milliseconds_count", &post) == Some(1)
+            && metric(&m, "istio_request_bytes_sum", &post) == Some(3)
+            && metric(&m, "istio_response_bytes_count", &post) == Some(1),
+        "{m}"
+    );
+    ensure!(
+        m.contains("destination_service=\"get.shop.svc.cluster.local\""),
+        "{m}"
+    );
+    mesh_tests::http::promtool_check(&m)?;
     Ok(())
 }
 
@@ -506,6 +543,31 @@ fn retries_across_nodes_over_hbone() -> Result<()> {
         metric(&m2, "nodemesh_authz_decisions_total", &allowed) == Some(1),
         "{m2}"
     );
+    // Three client requests, each answered 200 from node 2: Istio counts them once each (not
+    // the retried attempts), over mTLS; node 2 sees the one pooled tunnel.
+    let http = [
+        ("reporter", "source"),
+        ("destination_service", "web.shop.svc.cluster.local"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let ok = [http.as_slice(), &[("response_code", "200")]].concat();
+    ensure!(
+        metric(&m1, "istio_requests_total", &ok) == Some(3)
+            && metric(&m1, "istio_request_duration_milliseconds_count", &http) == Some(3),
+        "{m1}"
+    );
+    let tunnel = [
+        ("reporter", "destination"),
+        ("destination_service", "web.shop.svc.cluster.local"),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/shop/sa/client",
+        ),
+    ];
+    ensure!(
+        metric(&m2, "istio_tcp_connections_opened_total", &tunnel) == Some(1),
+        "{m2}"
+    );
     Ok(())
 }
 
@@ -778,6 +840,95 @@ fn http_upgrade_is_relayed_after_101() -> Result<()> {
             &[("service", "ws"), ("code", "101")]
         ) == Some(1),
         "{m}"
+    );
+    Ok(())
+}
+
+/// The JSON access log (observability.access_log) has one line per HTTP request and per TCP
+/// connection, with the caller's identity, the service and endpoint, the code, the retries,
+/// the policy decision, the bytes and the trace id the request carried.
+#[test]
+fn access_log_has_one_line_per_request_and_connection() -> Result<()> {
+    let topo = setup()?;
+    let node = topo.node(1);
+    let (a, b) = (node.pod("a"), node.pod("b"));
+    let _server = start_http_server(&topo, a, 8080, "a", "503x1")?;
+    topo.start_echo_server(b, 9090, "raw")?;
+    let services = [
+        service(
+            "echo",
+            VIP,
+            &format!("[\"{}:8080\"]", a.ip),
+            &format!("{{{QUICK_RETRIES}}}"),
+        ),
+        service(
+            "raw",
+            VIP2,
+            &format!("[\"{}:9090\"]", b.ip),
+            "{protocol: tcp}",
+        ),
+    ];
+    let path = topo.workdir.join("access.log");
+    let extra = format!(
+        "observability:\n  access_log: {{enabled: true, path: {}}}\n",
+        path.display()
+    );
+    let agent = start(&topo, &config(node, &services, &["echo", "raw"], &extra))?;
+
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("traceparent: 00-{trace}-00f067aa0ba902b7-01");
+    let got = curl(&topo, node.pod("client"), URL, 3, &["-H", &traceparent])?;
+    ensure!(count_code(&got, 200) == 3, "{got:?}");
+    let reply = topo.connect_from(node.pod("client"), &format!("{VIP2}:80"), "hello", 1)?;
+    ensure!(reply[0].ok && reply[0].reply == "raw:hello", "{reply:?}");
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let lines: Vec<serde_json::Value> = loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("access log is not JSON lines: {text}"))?;
+        if lines.len() >= 4 || Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let http: Vec<_> = lines.iter().filter(|l| l["kind"] == "http").collect();
+    let tcp: Vec<_> = lines.iter().filter(|l| l["kind"] == "tcp").collect();
+    ensure!(
+        http.len() == 3 && tcp.len() == 1,
+        "3 HTTP lines and 1 TCP line: {lines:#?}\n{}",
+        agent.log_text()
+    );
+    let endpoint = format!("{}:8080", a.ip);
+    for (i, l) in http.iter().enumerate() {
+        ensure!(
+            l["source_principal"] == "spiffe://cluster.local/ns/shop/sa/client"
+                && l["source_workload"] == "client"
+                && l["destination_service"] == "echo.shop.svc.cluster.local"
+                && l["endpoint"] == endpoint.as_str()
+                && l["response_code"] == 200
+                && l["method"] == "GET"
+                && l["policy"] == "allow"
+                && l["trace_id"] == trace
+                && l["retries"] == if i == 0 { 1 } else { 0 }
+                && l["bytes_received"].as_u64() > Some(0)
+                && l["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "line {i}: {l}"
+        );
+    }
+    let t = tcp[0];
+    ensure!(
+        t["source_principal"] == "spiffe://cluster.local/ns/shop/sa/client"
+            && t["destination_service"] == "raw.shop.svc.cluster.local"
+            && t["endpoint"] == format!("{}:9090", b.ip).as_str()
+            && t["bytes_sent"] == 5
+            && t["bytes_received"] == 9
+            && t["policy"] == "allow"
+            && t["connection_security_policy"] == "none",
+        "{t}"
     );
     Ok(())
 }

@@ -62,6 +62,8 @@ pub enum AppError {
     Identity(#[from] IdentityError),
     #[error("the config does not fit this node:\n  - {}", .0.join("\n  - "))]
     NodeChecks(Vec<String>),
+    #[error(transparent)]
+    AccessLog(#[from] crate::access_log::AccessLogError),
 }
 
 /// Binds with SO_REUSEPORT: during a rolling restart the new agent listens on the same ports
@@ -108,6 +110,11 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         return Err(AppError::NodeChecks(report.failed));
     }
     let object = object_bytes(config.node.ebpf_object.as_deref())?;
+    let access = &config.observability.access_log;
+    let access_log = match access.enabled {
+        true => Some(crate::access_log::AccessLog::start(access.path.as_deref())?),
+        false => None,
+    };
     tracing::info!(path = %config_path.display(), contents = %changes::counts(&config), "config loaded");
     tracing::debug!(effective = %serde_json::to_string(&config).unwrap_or_default(), "effective config");
     let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
@@ -171,6 +178,12 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         security,
     ));
     state.metrics.config_generation.inc();
+    if let Some(log) = access_log {
+        if let Err(e) = state.metrics.register(Box::new(log.dropped())) {
+            tracing::error!(error = %e, "registering the access log's metric");
+        }
+        let _ = state.access_log.set(log);
+    }
     let catalog = registry.backend.subscribe();
     state.mesh.init(base_config, catalog.clone());
     let _ = state.registry.set(registry.clone());
@@ -209,7 +222,8 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let view = Arc::new(inbound::StateView(state.clone()));
     let inbound_server = HboneServer::new(server_tls, view.clone())
         .with_stats(state.security.inbound.clone())
-        .with_targets(view)
+        .with_targets(view.clone())
+        .with_tunnel_metrics(view)
         .with_source_ip(config.node.agent_ip)
         .with_flows(state.flows.clone())
         .with_target_connect_timeout(config.proxy.connect_timeout)

@@ -145,6 +145,10 @@ fn check_immutable(old: &Config, new: &Config) -> Result<(), ConfigError> {
             "proxy.drain_timeout",
             old.proxy.drain_timeout != new.proxy.drain_timeout,
         ),
+        (
+            "observability.access_log",
+            old.observability.access_log != new.observability.access_log,
+        ),
     ];
     match fields.iter().find(|(_, changed)| *changed) {
         Some((field, _)) => Err(ConfigError::invalid(

@@ -41,6 +41,28 @@ pub struct Config {
     /// Non-mesh destinations workloads may reach (the rest is refused in the kernel).
     #[serde(default)]
     pub egress: super::egress::EgressConfig,
+    /// Access logs.
+    #[serde(default)]
+    pub observability: ObservabilityConfig,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ObservabilityConfig {
+    #[serde(default)]
+    pub access_log: AccessLogConfig,
+}
+
+/// One JSON line per proxied TCP connection and per HTTP request.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// Off by default.
+    #[serde(default)]
+    pub enabled: bool,
+    /// File the lines are appended to; stdout when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
 }
 
 impl Config {

@@ -4,6 +4,7 @@
 //! -> per-endpoint breaker -> pooled upstream connection (direct or over HBONE).
 
 use std::convert::Infallible;
+use std::net::SocketAddrV4;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
@@ -23,6 +24,7 @@ use tokio::time::Instant;
 use super::outbound::Caller;
 use super::upstream::{BoxError, ProxyBody, UpstreamError};
 use crate::config::service_policy::RetryOn;
+use crate::metrics::istio::{HttpSeries, PeerLabels, Reporter, Security};
 use crate::policy::authz::Authorize;
 use crate::state::AgentState;
 use crate::traffic::endpoint::CallGuard;
@@ -34,6 +36,9 @@ const MAX_REPLAY_BODY: u64 = 64 * 1024;
 /// Set on responses the agent makes itself, saying why.
 pub const REASON_HEADER: &str = "x-nodemesh-reason";
 
+/// (code, security) -> (nodemesh_requests_total, istio_requests_total) children.
+type CodeCounters = ((u16, Security), (IntCounter, IntCounter));
+
 /// One client connection's context, shared by its requests.
 struct Conn {
     state: Arc<AgentState>,
@@ -42,8 +47,12 @@ struct Conn {
     /// This agent's authorization decision, made on the first request to a same-node endpoint
     /// (other nodes' agents decide for theirs).
     local_allowed: OnceLock<bool>,
-    /// Request counters by response code, taken once per code.
-    requests: Mutex<Vec<(u16, IntCounter)>>,
+    /// Request counters (nodemesh, Istio) by response code and security, taken once each.
+    requests: Mutex<Vec<CodeCounters>>,
+    /// Istio label values of this caller and service, made once per connection.
+    peer: PeerLabels,
+    /// Istio HTTP series for same-node ([0]) and cross-node ([1]) endpoints, taken on first use.
+    series: [OnceLock<HttpSeries>; 2],
 }
 
 /// Serves HTTP on `client` until it closes; on agent shutdown, requests in flight finish and
@@ -53,6 +62,7 @@ pub async fn serve(
     state: Arc<AgentState>,
     service_id: u32,
     caller: Caller,
+    peer: PeerLabels,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let conn = Arc::new(Conn {
@@ -61,6 +71,8 @@ pub async fn serve(
         caller,
         local_allowed: OnceLock::new(),
         requests: Mutex::default(),
+        peer,
+        series: Default::default(),
     });
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
@@ -87,23 +99,146 @@ pub async fn serve(
     }
 }
 
-async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(conn: &Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody> {
     let Some(route) = conn.state.traffic.route(conn.service_id) else {
         return local(
             StatusCode::SERVICE_UNAVAILABLE,
             "service no longer configured",
         );
     };
-    let response = proxy(conn, &route, req).await;
-    conn.count(&route, response.status().as_u16());
-    response
+    let start = Instant::now();
+    // Declared (Content-Length) or, for a chunked body, what is known before it streams.
+    let request_bytes = req.body().size_hint().lower();
+    // Only made when the access log is on: the one per-request allocation it costs.
+    let line = conn
+        .state
+        .access_log
+        .get()
+        .map(|_| Box::new(RequestLine::new(&req)));
+    let mut outcome = Outcome::default();
+    let response = proxy(conn, &route, req, &mut outcome).await;
+    let code = response.status().as_u16();
+    let security = Security::of_remote(outcome.remote);
+    conn.count(&route, code, security);
+    let series = conn.series(security);
+    series.request_bytes.observe(request_bytes as f64);
+    let pending = line.map(|line| Pending {
+        conn: conn.clone(),
+        line,
+        code,
+        outcome,
+        request_bytes,
+    });
+    match response.body().size_hint().exact() {
+        Some(n) => {
+            let millis = millis_since(start);
+            series.response_bytes.observe(n as f64);
+            series.duration_ms.observe(millis);
+            if let Some(p) = pending {
+                p.log(n, millis);
+            }
+            response
+        }
+        // A streamed body: measured when it ends.
+        None => response.map(|body| {
+            Metered {
+                inner: body,
+                meter: Meter {
+                    series: series.clone(),
+                    start,
+                    bytes: 0,
+                    pending,
+                },
+            }
+            .boxed()
+        }),
+    }
+}
+
+/// What happened to one request, for metrics and the access log.
+#[derive(Default)]
+struct Outcome {
+    /// The last endpoint tried was on another node (so the request crossed HBONE).
+    remote: bool,
+    endpoint: Option<SocketAddrV4>,
+    retries: u32,
+    /// Authorization: this agent's (same-node endpoint) or the destination agent's.
+    allowed: Option<bool>,
+}
+
+/// The parts of a request the access log keeps (taken before the request is sent on).
+struct RequestLine {
+    method: hyper::Method,
+    path: String,
+    trace_id: Option<String>,
+}
+
+impl RequestLine {
+    fn new(req: &Request<Incoming>) -> Self {
+        let trace_id = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::access_log::trace_id)
+            .map(str::to_owned);
+        Self {
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            trace_id,
+        }
+    }
+}
+
+/// An access-log line waiting for the response to end.
+struct Pending {
+    conn: Arc<Conn>,
+    line: Box<RequestLine>,
+    code: u16,
+    outcome: Outcome,
+    request_bytes: u64,
+}
+
+impl Pending {
+    fn log(self, response_bytes: u64, millis: f64) {
+        let Some(log) = self.conn.state.access_log.get() else {
+            return;
+        };
+        let peer = &self.conn.peer;
+        log.log(&crate::access_log::Entry {
+            time: crate::access_log::now(),
+            kind: "http",
+            reporter: "source",
+            source_principal: &peer.source_principal,
+            source_workload: &peer.source_workload,
+            destination_service: &peer.destination_service,
+            endpoint: self.outcome.endpoint,
+            method: Some(self.line.method.as_str()),
+            path: Some(&self.line.path),
+            response_code: Some(self.code),
+            bytes_sent: self.request_bytes,
+            bytes_received: response_bytes,
+            duration_ms: millis,
+            retries: self.outcome.retries,
+            policy: self
+                .outcome
+                .allowed
+                .map(|a| if a { "allow" } else { "deny" }),
+            connection_security_policy: Security::of_remote(self.outcome.remote).label(),
+            trace_id: self.line.trace_id.as_deref(),
+        });
+    }
+}
+
+fn millis_since(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64() * 1000.0
 }
 
 impl Conn {
-    fn count(&self, route: &ServiceRoute, code: u16) {
+    fn count(&self, route: &ServiceRoute, code: u16, security: Security) {
         let mut cache = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, c)) = cache.iter().find(|(k, _)| *k == code) {
+        if let Some((_, (c, i))) = cache.iter().find(|(k, _)| *k == (code, security)) {
             c.inc();
+            i.inc();
             return;
         }
         let c = self.state.traffic.metrics.requests.with_label_values(&[
@@ -111,8 +246,23 @@ impl Conn {
             self.caller.key.as_str(),
             code.to_string().as_str(),
         ]);
+        let i = self
+            .state
+            .metrics
+            .istio
+            .requests(&self.peer, Reporter::Source, security, code);
         c.inc();
-        cache.push((code, c));
+        i.inc();
+        cache.push(((code, security), (c, i)));
+    }
+
+    fn series(&self, security: Security) -> &HttpSeries {
+        self.series[(security == Security::MutualTls) as usize].get_or_init(|| {
+            self.state
+                .metrics
+                .istio
+                .http(&self.peer, Reporter::Source, security)
+        })
     }
 
     fn locally_allowed(&self, route: &ServiceRoute) -> bool {
@@ -132,7 +282,12 @@ impl Conn {
 }
 
 /// The policy layers for one request, outermost first.
-async fn proxy(conn: &Conn, route: &ServiceRoute, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn proxy(
+    conn: &Conn,
+    route: &ServiceRoute,
+    req: Request<Incoming>,
+    outcome: &mut Outcome,
+) -> Response<ProxyBody> {
     if let Some(limiter) = &route.limiter {
         if let Err(wait) = limiter.try_acquire(conn.caller.identity) {
             route.counters.rate_limited.inc();
@@ -154,9 +309,10 @@ async fn proxy(conn: &Conn, route: &ServiceRoute, req: Request<Incoming>) -> Res
     };
     let deadline = Instant::now() + route.rules.request_timeout;
     if is_upgrade(&req) {
-        return upgrade(conn, route, req, deadline).await;
+        return upgrade(conn, route, req, deadline, outcome).await;
     }
-    match tokio::time::timeout_at(deadline, attempts(conn, route, req, deadline)).await {
+    let attempts = attempts(conn, route, req, deadline, outcome);
+    match tokio::time::timeout_at(deadline, attempts).await {
         Ok(Ok((response, _call))) if small(&response) => {
             buffered(response, deadline, &route.counters).await
         }
@@ -248,6 +404,7 @@ async fn attempts(
     route: &ServiceRoute,
     req: Request<Incoming>,
     deadline: Instant,
+    outcome: &mut Outcome,
 ) -> Result<(Response<Incoming>, CallGuard), Response<ProxyBody>> {
     let method = req.method().clone();
     let mut out = Outgoing::new(req).await?;
@@ -272,8 +429,14 @@ async fn attempts(
                 "endpoint left the service",
             ));
         };
-        if endpoint.entry.node.is_none() && !conn.locally_allowed(route) {
-            return Err(local(StatusCode::FORBIDDEN, "denied by authorization"));
+        outcome.remote = endpoint.entry.node.is_some();
+        outcome.endpoint = Some(addr);
+        if endpoint.entry.node.is_none() {
+            let allowed = conn.locally_allowed(route);
+            outcome.allowed = Some(allowed);
+            if !allowed {
+                return Err(local(StatusCode::FORBIDDEN, "denied by authorization"));
+            }
         }
         let Some(request) = out.attempt() else {
             return Err(local(StatusCode::BAD_GATEWAY, "request body already sent"));
@@ -289,6 +452,7 @@ async fn attempts(
             .unwrap_or(Err(UpstreamError::Timeout));
         let (failure, fallback) = match result {
             Ok(resp) => {
+                outcome.allowed = Some(true);
                 let code = resp.status().as_u16();
                 let gateway_error = matches!(code, 502..=504);
                 guard.record(!gateway_error);
@@ -303,6 +467,7 @@ async fn attempts(
             }
             Err(UpstreamError::Denied { reason }) => {
                 guard.record(true);
+                outcome.allowed = Some(false);
                 conn.state.metrics.service(&route.name).denied.inc();
                 tracing::warn!(caller = %conn.caller.id, service = %route.name, %reason, "denied by the destination agent");
                 return Err(local(
@@ -358,6 +523,7 @@ async fn attempts(
             drain(response).await;
         }
         retries += 1;
+        outcome.retries = retries;
         route.counters.retries.inc();
         tried.push(addr);
         let pause = retry::backoff(retry_rules, retries);
@@ -400,6 +566,7 @@ async fn upgrade(
     route: &ServiceRoute,
     mut req: Request<Incoming>,
     deadline: Instant,
+    outcome: &mut Outcome,
 ) -> Response<ProxyBody> {
     let client_side = hyper::upgrade::on(&mut req);
     let Some(guard) = route.pick(&[]) else {
@@ -409,8 +576,14 @@ async fn upgrade(
     let Some(endpoint) = route.endpoints.iter().find(|e| e.entry.addr == addr) else {
         return local(StatusCode::SERVICE_UNAVAILABLE, "endpoint left the service");
     };
-    if endpoint.entry.node.is_none() && !conn.locally_allowed(route) {
-        return local(StatusCode::FORBIDDEN, "denied by authorization");
+    outcome.remote = endpoint.entry.node.is_some();
+    outcome.endpoint = Some(addr);
+    if endpoint.entry.node.is_none() {
+        let allowed = conn.locally_allowed(route);
+        outcome.allowed = Some(allowed);
+        if !allowed {
+            return local(StatusCode::FORBIDDEN, "denied by authorization");
+        }
     }
     // Connection and Upgrade are what this request is about: they are passed on, not stripped.
     let (head, body) = req.into_parts();
@@ -573,6 +746,60 @@ impl<B: Body> Body for Guarded<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A streamed response body that records its size and the request's duration when done.
+    struct Metered<B> {
+        #[pin]
+        inner: B,
+        meter: Meter,
+    }
+}
+
+struct Meter {
+    series: HttpSeries,
+    start: Instant,
+    bytes: u64,
+    pending: Option<Pending>,
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        let millis = millis_since(self.start);
+        self.series.response_bytes.observe(self.bytes as f64);
+        self.series.duration_ms.observe(millis);
+        if let Some(p) = self.pending.take() {
+            p.log(self.bytes, millis);
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for Metered<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.meter.bytes += data.len() as u64;
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

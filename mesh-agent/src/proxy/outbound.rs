@@ -20,6 +20,7 @@ use crate::admission::AcceptErrors;
 use crate::config::service_policy::{Protocol, RetryOn};
 use crate::flows::FlowGuard;
 use crate::identity::SpiffeId;
+use crate::metrics::istio::{PeerLabels, Reporter, Security, TcpSeries};
 use crate::metrics::{AgentMetrics, ServiceMetrics};
 use crate::policy::authz::Authorize;
 use crate::state::AgentState;
@@ -118,14 +119,25 @@ async fn handle(
     };
     tracing::debug!(caller = %caller.id, %peer, %original, service = %route.name, http, "proxying");
     let counters = metrics.service(&route.name);
+    let peer = peer_labels(&state, &route, &caller);
     if http {
         counters.connections.inc();
         metrics.outbound_active.inc();
-        super::http::serve(client, state.clone(), route.id, caller, shutdown).await;
+        super::http::serve(client, state.clone(), route.id, caller, peer, shutdown).await;
         metrics.outbound_active.dec();
     } else {
-        tcp(client, &state, &route, &caller, counters).await;
+        tcp(client, &state, &route, &caller, &peer, counters).await;
     }
+}
+
+/// The Istio label values of this caller calling `route`'s service.
+fn peer_labels(state: &AgentState, route: &ServiceRoute, caller: &Caller) -> PeerLabels {
+    let model = state.model();
+    let namespace = model
+        .services
+        .get(&*route.name)
+        .map_or("default", |s| s.namespace.as_str());
+    PeerLabels::new(&caller.id, Some(&caller.service), &route.name, namespace)
 }
 
 /// The calling workload as authorization and metrics see it.
@@ -171,6 +183,7 @@ async fn tcp(
     state: &AgentState,
     route: &ServiceRoute,
     caller: &Caller,
+    peer: &PeerLabels,
     counters: ServiceMetrics,
 ) {
     if let Some(limiter) = &route.limiter {
@@ -197,6 +210,11 @@ async fn tcp(
         .map_or(0, |r| r.max);
     let mut tried = Vec::new();
     let mut local_decision = None;
+    let log = TcpLog {
+        state,
+        peer,
+        start: tokio::time::Instant::now(),
+    };
     loop {
         let Some(guard) = route.pick(&tried) else {
             counters.connect_failures.inc();
@@ -213,6 +231,7 @@ async fn tcp(
                     *local_decision.get_or_insert_with(|| authorize(state, route, caller));
                 if !allowed {
                     counters.denied.inc();
+                    log.write(Some(addr), (0, 0), tried.len(), Some(false), false);
                     return;
                 }
                 direct(state, route, addr).await
@@ -222,7 +241,8 @@ async fn tcp(
         match attempt {
             Ok(upstream) => {
                 guard.record(true);
-                if matches!(upstream, Upstream::Tunnel(_)) {
+                let remote = matches!(upstream, Upstream::Tunnel(_));
+                if remote {
                     counters.hbone_connections.inc();
                 }
                 let flow = state.flows.open(
@@ -231,20 +251,24 @@ async fn tcp(
                     addr.to_string(),
                     endpoint.entry.node.clone(),
                 );
-                match upstream {
-                    Upstream::Direct(s) => {
-                        relay(client, s, &state.metrics, &counters, guard, flow).await
-                    }
-                    Upstream::Tunnel(s) => {
-                        relay(client, s, &state.metrics, &counters, guard, flow).await
-                    }
-                }
+                let tcp = state.metrics.istio.tcp_opened(
+                    peer,
+                    Reporter::Source,
+                    Security::of_remote(remote),
+                );
+                let metrics = (&state.metrics, &counters, &tcp);
+                let bytes = match upstream {
+                    Upstream::Direct(s) => relay(client, s, metrics, guard, flow).await,
+                    Upstream::Tunnel(s) => relay(client, s, metrics, guard, flow).await,
+                };
+                log.write(Some(addr), bytes, tried.len(), Some(true), remote);
                 return;
             }
             Err(HboneError::Denied { reason }) => {
                 guard.record(true);
                 counters.denied.inc();
                 tracing::warn!(caller = %caller.id, service = %route.name, %reason, "denied by the destination agent");
+                log.write(Some(addr), (0, 0), tried.len(), Some(false), true);
                 return;
             }
             Err(e) => {
@@ -252,6 +276,7 @@ async fn tcp(
                 counters.connect_failures.inc();
                 tracing::warn!(service = %route.name, endpoint = %addr, error = %e, "endpoint connect failed");
                 if tried.len() as u32 >= retries {
+                    log.write(Some(addr), (0, 0), tried.len(), local_decision, false);
                     return;
                 }
                 route.counters.retries.inc();
@@ -342,11 +367,11 @@ async fn via_hbone(
 async fn relay<S>(
     client: TcpStream,
     mut upstream: S,
-    metrics: &AgentMetrics,
-    counters: &ServiceMetrics,
+    (metrics, counters, tcp): (&AgentMetrics, &ServiceMetrics, &TcpSeries),
     _call: CallGuard,
     flow: FlowGuard,
-) where
+) -> (u64, u64)
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut client = flow.count(client);
@@ -358,7 +383,55 @@ async fn relay<S>(
         Ok((to_endpoint, from_endpoint)) => {
             counters.bytes_to_endpoint.inc_by(to_endpoint);
             counters.bytes_from_endpoint.inc_by(from_endpoint);
+            tcp.finished(to_endpoint, from_endpoint);
+            (to_endpoint, from_endpoint)
         }
-        Err(e) => tracing::debug!(error = %e, "connection ended with error"),
+        Err(e) => {
+            // copy_bidirectional does not say how much went through before the error.
+            tcp.finished(0, 0);
+            tracing::debug!(error = %e, "connection ended with error");
+            (0, 0)
+        }
+    }
+}
+
+/// The access-log line of one opaque TCP connection (written only when the log is on).
+struct TcpLog<'a> {
+    state: &'a AgentState,
+    peer: &'a PeerLabels,
+    start: tokio::time::Instant,
+}
+
+impl TcpLog<'_> {
+    fn write(
+        &self,
+        endpoint: Option<SocketAddrV4>,
+        (sent, received): (u64, u64),
+        retries: usize,
+        allowed: Option<bool>,
+        remote: bool,
+    ) {
+        let Some(log) = self.state.access_log.get() else {
+            return;
+        };
+        log.log(&crate::access_log::Entry {
+            time: crate::access_log::now(),
+            kind: "tcp",
+            reporter: "source",
+            source_principal: &self.peer.source_principal,
+            source_workload: &self.peer.source_workload,
+            destination_service: &self.peer.destination_service,
+            endpoint,
+            method: None,
+            path: None,
+            response_code: None,
+            bytes_sent: sent,
+            bytes_received: received,
+            duration_ms: self.start.elapsed().as_secs_f64() * 1000.0,
+            retries: retries as u32,
+            policy: allowed.map(|a| if a { "allow" } else { "deny" }),
+            connection_security_policy: Security::of_remote(remote).label(),
+            trace_id: None,
+        });
     }
 }

@@ -15,7 +15,7 @@ mod stream;
 pub use error::HboneError;
 pub use peer::PeerIdentity;
 pub use pool::{HbonePool, PoolConfig, PoolStats};
-pub use server::{HboneServer, InboundStats, InboundTargets};
+pub use server::{HboneServer, InboundStats, InboundTargets, TunnelEnd, TunnelMetrics};
 pub use stream::HboneStream;
 
 /// Inbound HBONE port of the node agent.

@@ -24,6 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use super::{PeerIdentity, ALPN_H2};
 use crate::admission::{self, AcceptErrors, ConnLimiter};
 use crate::flows::FlowTable;
+use crate::metrics::istio::TcpSeries;
 use crate::policy::authz::Authorize;
 use crate::proxy::connect::connect_from;
 
@@ -69,8 +70,29 @@ impl InboundStats {
     }
 }
 
+/// Per-tunnel TCP metrics at the destination (`reporter="destination"`).
+pub trait TunnelMetrics: Send + Sync {
+    /// Counts a tunnel to `service` from `peer` as opened and returns its series.
+    fn opened(&self, peer: &PeerIdentity, service: &str) -> TcpSeries;
+
+    /// A tunnel ended, or was refused by authorization (for the access log).
+    fn finished(&self, _tunnel: &TunnelEnd<'_>) {}
+}
+
+/// One tunnel as the destination agent saw it.
+pub struct TunnelEnd<'a> {
+    pub peer: &'a PeerIdentity,
+    pub service: &'a str,
+    pub target: SocketAddr,
+    /// (towards the target, back to the peer)
+    pub bytes: (u64, u64),
+    pub duration: Duration,
+    pub allowed: bool,
+}
+
 pub struct HboneServer {
     stats: Arc<InboundStats>,
+    tunnel_metrics: Option<Arc<dyn TunnelMetrics>>,
     acceptor: TlsAcceptor,
     authorizer: Arc<dyn Authorize>,
     target_connect_timeout: Duration,
@@ -96,6 +118,7 @@ impl HboneServer {
         };
         Self {
             stats: Arc::default(),
+            tunnel_metrics: None,
             acceptor: TlsAcceptor::from(tls),
             authorizer,
             target_connect_timeout: Duration::from_secs(5),
@@ -125,6 +148,12 @@ impl HboneServer {
     /// Counts into `stats` (shared with the metrics endpoint).
     pub fn with_stats(mut self, stats: Arc<InboundStats>) -> Self {
         self.stats = stats;
+        self
+    }
+
+    /// Reports each tunnel's TCP metrics to `metrics`.
+    pub fn with_tunnel_metrics(mut self, metrics: Arc<dyn TunnelMetrics>) -> Self {
+        self.tunnel_metrics = Some(metrics);
         self
     }
 
@@ -258,6 +287,7 @@ impl HboneServer {
         peer: &PeerIdentity,
         req: Request<Incoming>,
     ) -> Response<Full<Bytes>> {
+        let started = tokio::time::Instant::now();
         let (target, service) =
             match super::request::parse_connect(req.method(), req.uri(), req.headers()) {
                 Ok(parsed) => parsed,
@@ -270,6 +300,16 @@ impl HboneServer {
         if !decision.allowed {
             tracing::warn!(source = %peer.id, service, target = %target, policy = %decision.policy,
                 reason = %decision.reason, "HBONE stream denied");
+            if let Some(m) = &self.tunnel_metrics {
+                m.finished(&TunnelEnd {
+                    peer,
+                    service,
+                    target,
+                    bytes: (0, 0),
+                    duration: started.elapsed(),
+                    allowed: false,
+                });
+            }
             return respond(
                 StatusCode::FORBIDDEN,
                 format!("policy {}: {}", decision.policy, decision.reason),
@@ -312,6 +352,14 @@ impl HboneServer {
         let flow = self
             .flows
             .open_inbound(peer.id.to_string(), service, target.to_string());
+        let tcp = self.tunnel_metrics.as_ref().map(|m| {
+            (
+                m.opened(peer, service),
+                m.clone(),
+                peer.clone(),
+                service.to_owned(),
+            )
+        });
         let on_upgrade = hyper::upgrade::on(req);
         let source = peer.id.clone();
         let idle = self.idle_timeout;
@@ -319,12 +367,28 @@ impl HboneServer {
             let mut tunnel = match on_upgrade.await {
                 Ok(upgraded) => flow.count(TokioIo::new(upgraded)),
                 Err(e) => {
+                    if let Some((tcp, ..)) = &tcp {
+                        tcp.finished(0, 0);
+                    }
                     tracing::debug!(target = %target, error = %e, "HBONE upgrade failed");
                     return;
                 }
             };
             // copy_bidirectional forwards EOF as a write shutdown on the other side.
-            match admission::relay_with_idle_timeout(&mut tunnel, &mut upstream, idle).await {
+            let copied = admission::relay_with_idle_timeout(&mut tunnel, &mut upstream, idle).await;
+            if let Some((tcp, metrics, peer, service)) = &tcp {
+                let bytes = copied.as_ref().map_or((0, 0), |c| *c);
+                tcp.finished(bytes.0, bytes.1);
+                metrics.finished(&TunnelEnd {
+                    peer,
+                    service,
+                    target,
+                    bytes,
+                    duration: started.elapsed(),
+                    allowed: true,
+                });
+            }
+            match copied {
                 Ok((to_target, from_target)) => tracing::debug!(source = %source, target = %target,
                     to_target, from_target, "HBONE stream closed"),
                 Err(e) => tracing::debug!(source = %source, target = %target, error = %e,
