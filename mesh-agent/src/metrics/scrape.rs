@@ -262,7 +262,7 @@ impl StateCollector {
 }
 
 /// Counters read from elsewhere are monotonic there; mirror the current value.
-fn set_counter(c: &IntCounter, value: u64) {
+pub(crate) fn set_counter(c: &IntCounter, value: u64) {
     c.reset();
     c.inc_by(value);
 }
@@ -271,23 +271,42 @@ fn gauge_value(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// The descriptors of families a scrape-time collector refills.
+pub(crate) fn descs<'a>(families: impl IntoIterator<Item = &'a dyn Collector>) -> Vec<&'a Desc> {
+    families.into_iter().flat_map(|c| c.desc()).collect()
+}
+
+/// One scrape of a scrape-time collector: refill its families from the live state (one scrape
+/// at a time, since refilling resets them), then hand their output to the registry. Nothing once
+/// the agent state is gone.
+pub(crate) fn collect_refilled<'a, F>(
+    state: &Weak<AgentState>,
+    scraping: &Mutex<()>,
+    refill: impl FnOnce(&AgentState),
+    families: impl FnOnce() -> F,
+) -> Vec<MetricFamily>
+where
+    F: IntoIterator<Item = &'a dyn Collector>,
+{
+    let Some(state) = state.upgrade() else {
+        return Vec::new();
+    };
+    let _one_scrape = scraping.lock().unwrap_or_else(PoisonError::into_inner);
+    refill(&state);
+    families().into_iter().flat_map(|c| c.collect()).collect()
+}
+
 impl Collector for StateCollector {
     fn desc(&self) -> Vec<&Desc> {
-        self.collectors()
-            .into_iter()
-            .flat_map(|c| c.desc())
-            .collect()
+        descs(self.collectors())
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let Some(state) = self.state.upgrade() else {
-            return Vec::new();
-        };
-        let _one_scrape = self.scraping.lock().unwrap_or_else(PoisonError::into_inner);
-        self.refill(&state);
-        self.collectors()
-            .into_iter()
-            .flat_map(|c| c.collect())
-            .collect()
+        collect_refilled(
+            &self.state,
+            &self.scraping,
+            |state| self.refill(state),
+            || self.collectors(),
+        )
     }
 }

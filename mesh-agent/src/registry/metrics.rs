@@ -1,12 +1,13 @@
 //! Registry metrics, read at scrape time from the discovery cache and the reconciler.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Mutex, PoisonError, Weak};
+use std::sync::{Mutex, Weak};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{IntCounter, IntGaugeVec, Opts};
 
+use crate::metrics::scrape::{collect_refilled, descs, set_counter};
 use crate::state::AgentState;
 
 pub struct RegistryCollector {
@@ -66,29 +67,21 @@ impl RegistryCollector {
                 .with_label_values(&[status])
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
-        self.updates.reset();
-        self.updates
-            .inc_by(state.mesh.updates.load(Ordering::Relaxed));
+        set_counter(&self.updates, state.mesh.updates.load(Ordering::Relaxed));
     }
 }
 
 impl Collector for RegistryCollector {
     fn desc(&self) -> Vec<&Desc> {
-        self.collectors()
-            .into_iter()
-            .flat_map(|c| c.desc())
-            .collect()
+        descs(self.collectors())
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let Some(state) = self.state.upgrade() else {
-            return Vec::new();
-        };
-        let _one_scrape = self.scraping.lock().unwrap_or_else(PoisonError::into_inner);
-        self.refill(&state);
-        self.collectors()
-            .into_iter()
-            .flat_map(|c| c.collect())
-            .collect()
+        collect_refilled(
+            &self.state,
+            &self.scraping,
+            |state| self.refill(state),
+            || self.collectors(),
+        )
     }
 }
