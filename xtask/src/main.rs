@@ -1,15 +1,6 @@
 //! Project tasks: `cargo xtask setup | build-ebpf | test | e2e | demo | bench | quickstart | image | fuzz`.
 
-mod bench;
-mod build;
-mod demo;
-mod demo_registry;
-mod fuzz;
-mod http_bench;
-mod image;
-mod registry_bench;
-mod setup;
-mod sh;
+use xtask::{build, fuzz, image, setup, sh};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -44,11 +35,11 @@ enum Task {
         #[arg(long)]
         scale: bool,
     },
-    /// Setup, build the release agent, and run scripts/quickstart.sh: example pods (netns + cgroup
-    /// v2) on this machine, a config for them, the agent, and the curl commands to try.
     /// Setup, build the release agent (eBPF embedded) into target/image/ for deploy/Dockerfile,
     /// and build the image when docker is available.
     Image,
+    /// Setup, build the release agent, and run scripts/quickstart.sh: example pods (netns + cgroup
+    /// v2) on this machine, a config for them, the agent, and the curl commands to try.
     Quickstart {
         /// Stop the agent and remove everything the quickstart created.
         #[arg(long)]
@@ -91,8 +82,8 @@ fn main() -> Result<()> {
         Task::Demo { registry } => {
             prepare()?;
             match registry {
-                Some(backend) => demo_registry::run(&backend),
-                None => demo::run(),
+                Some(backend) => run_task(&["demo", "--registry", &backend]),
+                None => run_task(&["demo"]),
             }
         }
         Task::Bench { scale } => {
@@ -110,12 +101,21 @@ fn main() -> Result<()> {
             let bins = sh::workspace_root().join("target/release");
             std::env::set_var("NODEMESH_AGENT_BIN", bins.join("mesh-agent"));
             std::env::set_var("NODEMESH_PROBE_BIN", bins.join("meshprobe"));
-            if !scale {
-                bench::run()?;
-            }
-            registry_bench::run()
+            run_task(if scale {
+                &["bench", "--scale"]
+            } else {
+                &["bench"]
+            })
         }
     }
+}
+
+/// Runs a demo or benchmark task of `xtask-run` (xtask/run/), which is built only now that setup
+/// has installed what its dependencies need to compile.
+fn run_task(args: &[&str]) -> Result<()> {
+    let mut cargo = vec!["run", "--quiet", "-p", "xtask-run", "--"];
+    cargo.extend_from_slice(args);
+    sh::cargo(&cargo)
 }
 
 fn quickstart(action: &str) -> Result<()> {
