@@ -25,6 +25,8 @@ const PACKAGES: &[&str] = &[
     "etcd-server",
     "protobuf-compiler",
     "curl",
+    // Real HTTP servers and clients in the L7 tests (nginx upstreams, h2c) and the benchmark.
+    "nginx",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
