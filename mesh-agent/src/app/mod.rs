@@ -64,6 +64,8 @@ pub enum AppError {
     NodeChecks(Vec<String>),
     #[error(transparent)]
     AccessLog(#[from] crate::access_log::AccessLogError),
+    #[error(transparent)]
+    ReplyRouting(#[from] crate::proxy::reply_routing::ReplyRoutingError),
 }
 
 /// Binds with SO_REUSEPORT: during a rolling restart the new agent listens on the same ports
@@ -129,6 +131,11 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let hbone = bind("listen.hbone", config.listen.hbone).await?;
     let admin = bind("listen.admin", config.listen.admin).await?;
     let registry_listener = bind("listen.registry", config.registry_addr()).await?;
+
+    if config.proxy.transparent {
+        crate::proxy::reply_routing::install(&config.node.instance)?;
+        tracing::info!(instance = %config.node.instance, "reply routing for transparent upstream connects installed");
+    }
 
     let ca = security::load_ca(&config)?;
     let security = Security::new(&config, ca)?;
@@ -224,7 +231,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         .with_stats(state.security.inbound.clone())
         .with_targets(view.clone())
         .with_tunnel_metrics(view)
-        .with_source_ip(config.node.agent_ip)
+        .with_source(crate::proxy::connect::Source::of(&config))
         .with_flows(state.flows.clone())
         .with_target_connect_timeout(config.proxy.connect_timeout)
         .with_idle_timeout(config.proxy.idle_timeout);
@@ -330,6 +337,8 @@ pub fn uninstall(config_path: &Path) -> Result<PathBuf, AppError> {
     crate::ebpf::preflight::check_root()?;
     let dir = crate::ebpf::pin_dir(&config.node.instance);
     crate::ebpf::uninstall(&dir)?;
+    // Whatever proxy.transparent says now: an earlier config may have installed it.
+    crate::proxy::reply_routing::uninstall(&config.node.instance)?;
     Ok(dir)
 }
 

@@ -141,6 +141,11 @@ fn check_immutable(old: &Config, new: &Config) -> Result<(), ConfigError> {
             "proxy.idle_timeout",
             old.proxy.idle_timeout != new.proxy.idle_timeout,
         ),
+        // The reply routing is installed at start.
+        (
+            "proxy.transparent",
+            old.proxy.transparent != new.proxy.transparent,
+        ),
         (
             "proxy.drain_timeout",
             old.proxy.drain_timeout != new.proxy.drain_timeout,
@@ -186,6 +191,7 @@ mod tests {
             ),
             ("proxy.idle_timeout", "proxy: {idle_timeout: 1m}\n".into()),
             ("proxy.drain_timeout", "proxy: {drain_timeout: 1s}\n".into()),
+            ("proxy.transparent", "proxy: {transparent: false}\n".into()),
             ("listen.hbone", "listen: {hbone: 0.0.0.0:16008}\n".into()),
         ] {
             let new = if field == "node.agent_ip" {
