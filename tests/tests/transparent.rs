@@ -1,7 +1,8 @@
 //! Transparent upstream connects (`proxy.transparent`, the default): servers see the calling
 //! pod's own address, for opaque TCP and per-request HTTP, same node; the reply routing survives
 //! an agent restart, leaves other traffic to the caller's address alone, and `--uninstall`
-//! removes it. One node with pods `client`, `other` and `server`.
+//! removes it. One node with pods `client`, `other` and `server` (strict: the transparent
+//! connects pass it because strict mode trusts the agent's cgroup, not its address).
 
 use std::path::Path;
 use std::time::Duration;
@@ -24,7 +25,8 @@ fn config(node: &Node) -> String {
          egress:\n  rules:\n    - {{name: pod-to-pod, cidr: 10.1.0.0/16, from: demo/server}}\n",
         node.pod("client").workload_yaml("demo", "client"),
         node.pod("other").workload_yaml("demo", "other"),
-        node.pod("server").workload_yaml("demo", "server"),
+        // Strict: it admits what the agent's cgroup opened, from whichever address.
+        node.pod("server").workload_yaml_strict("demo", "server", true),
     ))
 }
 

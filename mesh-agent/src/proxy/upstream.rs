@@ -177,32 +177,47 @@ impl Upstreams {
         endpoint: SocketAddrV4,
     ) -> Arc<Clients<DirectConnector>> {
         let bind_ip = self.source.bind_ip(Some(caller), endpoint);
-        let mut map = self.direct.lock().unwrap_or_else(PoisonError::into_inner);
-        map.entry(bind_ip)
-            .or_insert_with(|| {
-                Arc::new(Clients::new(DirectConnector {
-                    source: self.source,
-                    bind_ip,
-                    timeout: self.connect_timeout,
-                }))
-            })
-            .clone()
+        pooled(&self.direct, bind_ip, || DirectConnector {
+            source: self.source,
+            bind_ip,
+            timeout: self.connect_timeout,
+        })
     }
 
     fn hbone_clients(&self, caller: &Caller) -> Arc<Clients<HboneConnector>> {
-        let mut map = self.hbone.lock().unwrap_or_else(PoisonError::into_inner);
-        map.entry((caller.id.clone(), caller.ip))
-            .or_insert_with(|| {
-                Arc::new(Clients::new(HboneConnector {
-                    agent: self.agent.clone(),
-                    caller: caller.id.clone(),
-                    caller_ip: caller.ip,
-                    service: self.service.clone(),
-                    timeout: self.connect_timeout,
-                }))
-            })
-            .clone()
+        pooled(&self.hbone, (caller.id.clone(), caller.ip), || {
+            HboneConnector {
+                agent: self.agent.clone(),
+                caller: caller.id.clone(),
+                caller_ip: caller.ip,
+                service: self.service.clone(),
+                timeout: self.connect_timeout,
+            }
+        })
     }
+}
+
+/// Pools kept per caller at most; past it the map starts over (callers that left stop
+/// holding memory; requests in flight keep their pool through its `Arc`).
+const MAX_CALLER_POOLS: usize = 4096;
+
+/// The pool of `key` in `map`, made with `connector` on first use.
+fn pooled<K, C>(
+    map: &Mutex<HashMap<K, Arc<Clients<C>>>>,
+    key: K,
+    connector: impl FnOnce() -> C,
+) -> Arc<Clients<C>>
+where
+    K: std::hash::Hash + Eq,
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    let mut map = map.lock().unwrap_or_else(PoisonError::into_inner);
+    if map.len() >= MAX_CALLER_POOLS && !map.contains_key(&key) {
+        map.clear();
+    }
+    map.entry(key)
+        .or_insert_with(|| Arc::new(Clients::new(connector())))
+        .clone()
 }
 
 fn classify(endpoint: SocketAddrV4, e: hyper_util::client::legacy::Error) -> UpstreamError {
