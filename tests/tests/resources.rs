@@ -95,6 +95,32 @@ fn one_identity_cannot_take_the_share_of_others() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn idle_captured_tcp_connections_close_after_the_idle_timeout() -> Result<()> {
+    let (topo, agent) = setup("  idle_timeout: 1s\n")?;
+    let hog = topo.node(1).pod("hog");
+    // Three relayed connections that exchange one byte, then stay silent for 20 s.
+    let (held, pid) = many(&topo, hog, 3, 20_000)?;
+    ensure!(held.ok == 3, "connections: {held:?}");
+    let active = || -> Result<Option<u64>> {
+        Ok(metric(
+            &topo.metrics(&agent)?,
+            "nodemesh_outbound_active_connections",
+            &[],
+        ))
+    };
+    topo.wait_for("idle relays closed", Duration::from_secs(8), || {
+        Ok(active()? == Some(0))
+    })?;
+    // The agent closed them, not the client: it is still holding its connections.
+    ensure!(
+        !topo.has_exited(pid),
+        "the client exited before the idle cut"
+    );
+    topo.signal(pid, libc::SIGKILL)?;
+    Ok(())
+}
+
 /// VmRSS in KiB and the number of open fds of a process.
 fn rss_and_fds(pid: u32) -> Result<(u64, usize)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

@@ -167,7 +167,8 @@ pub struct ProxyConfig {
     /// one workload cannot take the share every other workload needs.
     #[serde(default = "default_max_connections_per_identity")]
     pub max_connections_per_identity: usize,
-    /// A relayed inbound (HBONE) tunnel with no bytes either way for this long is closed.
+    /// A relayed connection (inbound HBONE tunnel or captured opaque TCP) with no bytes either
+    /// way for this long is closed.
     #[serde(default = "default_idle_timeout", with = "duration_text")]
     #[schemars(with = "String")]
     pub idle_timeout: Duration,

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use super::connect::{connect_from, Source};
 use super::hbone::{HboneError, HboneStream};
 use super::sniff::{self, Detected};
-use crate::admission::AcceptErrors;
+use crate::admission::{relay_with_idle_timeout, AcceptErrors};
 use crate::config::service_policy::{Protocol, RetryOn};
 use crate::flows::FlowGuard;
 use crate::identity::SpiffeId;
@@ -260,9 +260,10 @@ async fn tcp(
                     Security::of_remote(remote),
                 );
                 let metrics = (&state.metrics, &counters, &tcp);
+                let idle = state.config().proxy.idle_timeout;
                 let bytes = match upstream {
-                    Upstream::Direct(s) => relay(client, s, metrics, guard, flow).await,
-                    Upstream::Tunnel(s) => relay(client, s, metrics, guard, flow).await,
+                    Upstream::Direct(s) => relay(client, s, metrics, guard, flow, idle).await,
+                    Upstream::Tunnel(s) => relay(client, s, metrics, guard, flow, idle).await,
                 };
                 log.write(Some(addr), bytes, tried.len(), Some(true), remote);
                 return;
@@ -368,13 +369,15 @@ async fn via_hbone(
     Ok(Upstream::Tunnel(stream))
 }
 
-/// Copies bytes both ways until both sides are done, recording the traffic.
+/// Copies bytes both ways until both sides are done or no byte moved for `idle`
+/// (`proxy.idle_timeout`), recording the traffic.
 async fn relay<S>(
     client: TcpStream,
     mut upstream: S,
     (metrics, counters, tcp): (&AgentMetrics, &ServiceMetrics, &TcpSeries),
     _call: CallGuard,
     flow: FlowGuard,
+    idle: Duration,
 ) -> (u64, u64)
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -382,7 +385,7 @@ where
     let mut client = flow.count(client);
     counters.connections.inc();
     metrics.outbound_active.inc();
-    let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let result = relay_with_idle_timeout(&mut client, &mut upstream, idle).await;
     metrics.outbound_active.dec();
     match result {
         Ok((to_endpoint, from_endpoint)) => {
@@ -392,7 +395,7 @@ where
             (to_endpoint, from_endpoint)
         }
         Err(e) => {
-            // copy_bidirectional does not say how much went through before the error.
+            // The relay does not say how much went through before an error or the idle cut.
             tcp.finished(0, 0);
             tracing::debug!(error = %e, "connection ended with error");
             (0, 0)
