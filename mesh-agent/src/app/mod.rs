@@ -5,6 +5,7 @@ mod apply;
 mod changes;
 mod endpoints;
 mod inbound;
+mod mesh_admin;
 pub mod node_checks;
 mod registry_start;
 mod reload;
@@ -13,6 +14,7 @@ pub mod security;
 pub use admin::ADMIN_ROUTES;
 pub use apply::{apply, desired_maps, ApplyError};
 pub use endpoints::{HEALTH_ROUTES, METRICS_ROUTES};
+pub use reload::apply_mesh_state;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -184,6 +186,11 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         orig_dst,
         security,
     ));
+    // Certificates and authorization were built from the file before the registry answered;
+    // its services and workloads need them too.
+    if config.services != base_config.services || config.workloads != base_config.workloads {
+        state.security.reload(&config)?;
+    }
     state.metrics.config_generation.inc();
     if let Some(log) = access_log {
         if let Err(e) = state.metrics.register(Box::new(log.dropped())) {

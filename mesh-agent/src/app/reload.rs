@@ -71,25 +71,32 @@ impl Watcher {
             std::env::var(n).ok()
         })?;
         let _serialized = state.mesh.lock();
-        let old = state.config();
-        check_immutable(&old, &new)?;
-        let old_model = state.model();
-        // The one reconciler's view: the new file merged with the registry's nodes and endpoints.
-        let base = new.clone();
-        let (new, model) = state.mesh.effective(&base, Some(&old_model));
-        let applied = state.with_kernel(|k| apply(k, &new, &model, Some((&old, &old_model))));
-        if let Some(result) = applied {
-            result?;
-        }
-        if let Err(e) = state.security.reload(&new) {
-            // Put the kernel back so that nothing of the rejected config stays in force.
-            state.with_kernel(|k| apply(k, &old, &old_model, None));
-            return Err(e.into());
-        }
-        state.mesh.set_base(base);
-        state.publish(new, model);
-        Ok(())
+        check_immutable(&state.config(), &new)?;
+        apply_mesh_state(state, new)
     }
+}
+
+/// Applies `base` (a node file) merged with the registry's current view: kernel, then
+/// certificates and authorization, then the published model. On failure the previous state
+/// stays in force. The caller holds `state.mesh.lock()`.
+pub fn apply_mesh_state(state: &AgentState, base: Config) -> Result<(), AppError> {
+    let old = state.config();
+    let old_model = state.model();
+    // The one reconciler's view: the file merged with the registry's mesh objects, nodes and
+    // endpoints.
+    let (new, model) = state.mesh.effective(&base, Some(&old_model));
+    let applied = state.with_kernel(|k| apply(k, &new, &model, Some((&old, &old_model))));
+    if let Some(result) = applied {
+        result?;
+    }
+    if let Err(e) = state.security.reload(&new) {
+        // Put the kernel back so that nothing of the rejected config stays in force.
+        state.with_kernel(|k| apply(k, &old, &old_model, None));
+        return Err(e.into());
+    }
+    state.mesh.set_base(base);
+    state.publish(new, model);
+    Ok(())
 }
 
 /// Fields bound at start-up (sockets, pin paths) cannot change without a restart.
