@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use mesh_tests::etcd::Etcd;
 use mesh_tests::{Pod, Topology};
 
@@ -666,16 +666,18 @@ fn mesh_state_defined_once_in_etcd_applies_on_every_node() -> Result<()> {
         Ok(a.remove(0))
     };
     let started = Instant::now();
-    loop {
-        let a = reach(client)?;
-        if a.ok && a.reply == "srv:hi" {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(10) {
-            bail!("client never reached the registry-defined service: {a:?}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let mut last = None;
+    topo.wait_for(
+        "the client to reach the registry-defined service",
+        Duration::from_secs(10),
+        || {
+            let a = reach(client)?;
+            let reached = a.ok && a.reply == "srv:hi";
+            last = Some(a);
+            Ok(reached)
+        },
+    )
+    .with_context(|| format!("last attempt: {last:?}"))?;
     eprintln!(
         "registry-defined service routed after {:?}",
         started.elapsed()
