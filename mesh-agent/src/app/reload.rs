@@ -161,6 +161,10 @@ fn check_immutable(old: &Config, new: &Config) -> Result<(), ConfigError> {
             "observability.access_log",
             old.observability.access_log != new.observability.access_log,
         ),
+        (
+            "observability.tracing",
+            old.observability.tracing != new.observability.tracing,
+        ),
     ];
     match fields.iter().find(|(_, changed)| *changed) {
         Some((field, _)) => Err(ConfigError::invalid(

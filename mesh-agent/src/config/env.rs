@@ -102,6 +102,22 @@ pub const OVERRIDES: &[(&str, &str, Setter)] = &[
         c.identity.ca_key = Some(v.into());
         Ok(())
     }),
+    (
+        "NODEMESH_OTLP_ENDPOINT",
+        "observability.tracing.otlp_endpoint",
+        |c, v| {
+            c.observability.tracing.otlp_endpoint = Some(v.to_owned());
+            Ok(())
+        },
+    ),
+    (
+        "NODEMESH_TRACE_SAMPLING",
+        "observability.tracing.sampling",
+        |c, v| {
+            c.observability.tracing.sampling = v.parse().map_err(|_| "is not a number".to_owned())?;
+            Ok(())
+        },
+    ),
 ];
 
 pub fn apply_env_overrides(

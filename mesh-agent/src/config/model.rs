@@ -51,6 +51,42 @@ pub struct Config {
 pub struct ObservabilityConfig {
     #[serde(default)]
     pub access_log: AccessLogConfig,
+    /// W3C trace context on HTTP requests and span export over OTLP.
+    #[serde(default)]
+    pub tracing: TracingConfig,
+}
+
+/// Tracing of HTTP requests: off (no spans, headers passed through) until `otlp_endpoint` is set.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// OTLP/gRPC collector URL, e.g. `http://10.0.0.10:4317`; unset turns tracing off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces sampled (0.0..=1.0); an incoming traceparent's sampled flag wins.
+    #[serde(default = "default_sampling")]
+    pub sampling: f64,
+    /// `service.name` of the exported spans.
+    #[serde(default = "default_tracing_service_name")]
+    pub service_name: String,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sampling: default_sampling(),
+            service_name: default_tracing_service_name(),
+        }
+    }
+}
+
+fn default_sampling() -> f64 {
+    0.01
+}
+
+fn default_tracing_service_name() -> String {
+    "nodemesh-agent".to_owned()
 }
 
 /// One JSON line per proxied TCP connection and per HTTP request.

@@ -148,12 +148,7 @@ pub fn validate_registry(r: &RegistryConfig) -> Result<(), ConfigError> {
         ));
     }
     for (i, e) in r.etcd.endpoints.iter().enumerate() {
-        if !(e.starts_with("http://") || e.starts_with("https://")) {
-            return Err(ConfigError::invalid(
-                format!("registry.etcd.endpoints[{i}]"),
-                format!("{e:?} must be an http:// or https:// URL"),
-            ));
-        }
+        super::validate::check_http_url(&format!("registry.etcd.endpoints[{i}]"), e)?;
     }
     if !r.etcd.prefix.starts_with('/') {
         return Err(ConfigError::invalid(

@@ -42,6 +42,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
     validate_service_policies(config)?;
     validate_authorization(config)?;
     validate_egress(config)?;
+    validate_tracing(&config.observability.tracing)?;
     let mut names = HashSet::new();
     let mut vips = HashSet::new();
     for (i, s) in config.services.iter().enumerate() {
@@ -327,6 +328,42 @@ fn validate_limits(config: &Config) -> Result<(), ConfigError> {
         return Err(ConfigError::invalid(
             "proxy.idle_timeout",
             "must be greater than 0",
+        ));
+    }
+    Ok(())
+}
+
+/// A collector or backend URL: http:// or https://.
+pub(crate) fn check_http_url(field: &str, value: &str) -> Result<(), ConfigError> {
+    if value.starts_with("http://") || value.starts_with("https://") {
+        return Ok(());
+    }
+    Err(ConfigError::invalid(
+        field,
+        format!("{} must be an http:// or https:// URL", short(value)),
+    ))
+}
+
+fn validate_tracing(t: &super::TracingConfig) -> Result<(), ConfigError> {
+    if let Some(url) = &t.otlp_endpoint {
+        check_http_url("observability.tracing.otlp_endpoint", url)?;
+        if url.parse::<hyper::Uri>().is_err() {
+            return Err(ConfigError::invalid(
+                "observability.tracing.otlp_endpoint",
+                format!("{} is not a valid URL", short(url)),
+            ));
+        }
+    }
+    if !(0.0..=1.0).contains(&t.sampling) {
+        return Err(ConfigError::invalid(
+            "observability.tracing.sampling",
+            format!("{} must be within 0.0..=1.0", t.sampling),
+        ));
+    }
+    if t.service_name.is_empty() {
+        return Err(ConfigError::invalid(
+            "observability.tracing.service_name",
+            "must not be empty",
         ));
     }
     Ok(())
