@@ -709,3 +709,168 @@ fn mesh_state_defined_once_in_etcd_applies_on_every_node() -> Result<()> {
     }
     Ok(())
 }
+
+/// `nodemesh_kernel_map_writes_total{map}` (entries written or removed since start).
+fn map_writes(metrics: &str, map: &str) -> u64 {
+    mesh_tests::http::metric(metrics, "nodemesh_kernel_map_writes_total", &[("map", map)])
+        .unwrap_or(0)
+}
+
+/// An endpoint that exists only in the registry (registered through the Consul API) is under its
+/// service's allow-list in the kernel like a config endpoint: the allowed caller dialing its pod
+/// address is captured and proxied, a denied caller gets EPERM on every family and protocol.
+/// Registration and deregistration write only the ENDPOINTS entry: no SERVICES write, no
+/// certificate, no new config generation. The pods' egress rule opens the pod network, so
+/// without the entry the denied caller would reach the pod directly (it does after the
+/// deregistration).
+#[test]
+fn registry_only_endpoint_addresses_meet_the_allow_list_in_the_kernel() -> Result<()> {
+    const EPERM: Option<i32> = Some(1);
+    const WAIT: Duration = Duration::from_secs(5);
+    let mut topo = Topology::new()?;
+    topo.add_node(&["client", "intruder", "server"])?;
+    let n1 = topo.node(1);
+    let (client, intruder, server) = (n1.pod("client"), n1.pod("intruder"), n1.pod("server"));
+    topo.start_echo_server(server, ECHO_PORT, "srv")?;
+    topo.start_udp_echo_server(server, ECHO_PORT, "udp")?;
+    let config = n1.agent_config(&format!(
+        "services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\nworkloads:\n{}{}{}    service: echo\n\
+         authorization:\n  - name: echo-callers\n    service: echo\n    default: deny\n    allow:\n      - from: spiffe://cluster.local/ns/shop/sa/client\n\
+         egress:\n  rules:\n    - {{name: pods, cidr: 10.1.0.0/16}}\n",
+        client.workload_yaml("shop", "client"),
+        intruder.workload_yaml("shop", "intruder"),
+        server.workload_yaml("shop", "server"),
+    ));
+    let agent = topo.start_agent(n1, &config, &[])?;
+    topo.wait_ready(&agent)?;
+    let endpoint = format!("{}:{ECHO_PORT}", server.ip);
+    let mapped = format!("[::ffff:{}]:{ECHO_PORT}", server.ip);
+    let dial = |pod: &Pod, target: &str| -> Result<mesh_tests::topology::Attempt> {
+        let mut a = topo.connect_from_with_timeout(pod, target, "hi", 1, Duration::from_secs(3))?;
+        Ok(a.remove(0))
+    };
+    let proxied = || -> Result<u64> {
+        let m = topo.metrics(&agent)?;
+        Ok(mesh_tests::http::metric(
+            &m,
+            "nodemesh_outbound_connections_total",
+            &[("service", "echo")],
+        )
+        .unwrap_or(0))
+    };
+    let entries = || -> Result<Option<u64>> {
+        let m = topo.metrics(&agent)?;
+        Ok(mesh_tests::http::metric(
+            &m,
+            "nodemesh_kernel_endpoint_entries",
+            &[],
+        ))
+    };
+    let before = dial(intruder, &endpoint)?;
+    assert!(
+        before.ok,
+        "not yet an endpoint: the egress rule lets the pod be reached directly: {before:?}"
+    );
+    let m = topo.metrics(&agent)?;
+    let services_writes = map_writes(&m, "SERVICES");
+    assert!(services_writes > 0, "the start-up sync wrote SERVICES");
+    let certs_before = mesh_tests::http::metric(&m, "nodemesh_identity_cert_changes_total", &[]);
+
+    let reg = format!("http://{}:8500", n1.agent_ip);
+    let (status, body) = curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg}/v1/agent/service/register"),
+        &echo_registration("30s", &server.ip.to_string()),
+    )?;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg}/v1/agent/check/pass/service:echo-1"),
+        "",
+    )?;
+    assert_eq!(status, 200, "{body}");
+    topo.wait_for("the endpoint entry in the kernel", WAIT, || {
+        Ok(entries()? == Some(1))
+    })?;
+
+    let proxied_before = proxied()?;
+    let allowed = dial(client, &endpoint)?;
+    assert!(
+        allowed.ok && allowed.reply == "srv:hi",
+        "allowed caller dialing the pod address: {allowed:?}"
+    );
+    assert_eq!(
+        proxied()?,
+        proxied_before + 1,
+        "captured and proxied as an endpoint of echo"
+    );
+    for (what, attempt) in [
+        ("TCP to the pod address", dial(intruder, &endpoint)?),
+        ("TCP v4-mapped", dial(intruder, &mapped)?),
+        (
+            "UDP connect",
+            topo.udp_from(intruder, &endpoint, "x", true, Duration::from_secs(2))?,
+        ),
+        (
+            "UDP sendto",
+            topo.udp_from(intruder, &endpoint, "x", false, Duration::from_secs(2))?,
+        ),
+        (
+            "UDP sendto v4-mapped",
+            topo.udp_from(intruder, &mapped, "x", false, Duration::from_secs(2))?,
+        ),
+    ] {
+        assert_eq!(attempt.errno, EPERM, "{what}: {attempt:?}");
+    }
+
+    let m = topo.metrics(&agent)?;
+    assert_eq!(
+        map_writes(&m, "SERVICES"),
+        services_writes,
+        "registration wrote no SERVICES entry"
+    );
+    assert_eq!(
+        map_writes(&m, "ENDPOINTS"),
+        1,
+        "one ENDPOINTS entry written"
+    );
+    assert_eq!(
+        mesh_tests::http::metric(&m, "nodemesh_kernel_endpoints_overflow", &[]),
+        Some(0)
+    );
+
+    let (status, _) = curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg}/v1/agent/service/deregister/echo-1"),
+        "",
+    )?;
+    assert_eq!(status, 200);
+    topo.wait_for("the endpoint entry removed", WAIT, || {
+        Ok(entries()? == Some(0))
+    })?;
+    let after = dial(intruder, &endpoint)?;
+    assert!(
+        after.ok && after.reply == "srv:hi",
+        "the kernel no longer treats the address as echo's: {after:?}"
+    );
+    let m = topo.metrics(&agent)?;
+    assert_eq!(map_writes(&m, "SERVICES"), services_writes);
+    assert_eq!(map_writes(&m, "ENDPOINTS"), 2, "written once, removed once");
+    assert_eq!(
+        mesh_tests::http::metric(&m, "nodemesh_config_generation", &[]),
+        Some(1),
+        "no reload, no authz recompile"
+    );
+    assert_eq!(
+        mesh_tests::http::metric(&m, "nodemesh_identity_cert_changes_total", &[]),
+        certs_before,
+        "no certificate re-issued"
+    );
+    Ok(())
+}
