@@ -82,6 +82,7 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
     };
     let certs_before = cert_changes(&agent1)?;
     assert!(certs_before.is_some());
+    let services_writes = map_writes(&topo.metrics(&agent1)?, "SERVICES");
     let reg1 = SocketAddr::from((n1.agent_ip, 8500));
     let reg2 = format!("http://{}:8500", n2.agent_ip);
     let client = n1.pod("client");
@@ -272,6 +273,15 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
         "no certificate re-issued"
     );
     assert!(mesh_tests::http::metric(&m, "nodemesh_registry_updates_total", &[]).unwrap_or(0) >= 3);
+    assert_eq!(
+        map_writes(&m, "SERVICES"),
+        services_writes,
+        "churn wrote no SERVICES entry"
+    );
+    assert!(
+        map_writes(&m, "ENDPOINTS") >= 3,
+        "churn wrote the endpoint entry (added, removed on expiry, added back)"
+    );
 
     // The owner deregisters: gone everywhere.
     let (status, _) = curl(
