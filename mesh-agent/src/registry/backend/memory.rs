@@ -169,8 +169,10 @@ mod tests {
         let restarted = MemoryBackend::with_mesh_file("embedded", path.clone());
         assert_eq!(restarted.subscribe().borrow().mesh, objects);
 
-        let mut service_only = MeshObjects::default();
-        service_only.services = objects.services.clone();
+        let service_only = MeshObjects {
+            services: objects.services.clone(),
+            ..MeshObjects::default()
+        };
         restarted.delete_mesh(&service_only).await.expect("delete");
         let again = MemoryBackend::with_mesh_file("embedded", path);
         let mesh = again.subscribe().borrow().mesh.clone();
