@@ -882,5 +882,55 @@ fn registry_only_endpoint_addresses_meet_the_allow_list_in_the_kernel() -> Resul
         certs_before,
         "no certificate re-issued"
     );
+
+    Ok(())
+}
+
+/// The embedded registry keeps operator-defined mesh objects in the state directory: a service
+/// and its workloads applied with `ctl apply` are routed again after an agent restart, with no
+/// service or workload in the node's file.
+#[test]
+fn embedded_mesh_objects_survive_an_agent_restart() -> Result<()> {
+    const VIP: &str = "10.96.0.12:80";
+    let mut topo = Topology::new()?;
+    topo.add_node(&["client", "server"])?;
+    let n1 = topo.node(1);
+    let (client, server) = (n1.pod("client"), n1.pod("server"));
+    topo.start_echo_server(server, ECHO_PORT, "srv")?;
+    let config = n1.agent_config("");
+    let agent = topo.start_agent(n1, &config, &[])?;
+    topo.wait_ready(&agent)?;
+    let document = format!(
+        "services:\n  - name: echo\n    namespace: shop\n    vip: {VIP}\n    endpoints: [\"{}:{ECHO_PORT}\"]\n    \
+         policy: {{allow: [client]}}\nworkloads:\n  node-1:\n{}{}    service: echo\n",
+        server.ip,
+        client.workload_yaml("shop", "client"),
+        server.workload_yaml("shop", "server"),
+    );
+    let path = topo.state_dir(n1).join("applied-mesh.yaml");
+    std::fs::write(&path, document)?;
+    let (ok, out) = ctl(&topo, n1, &["apply", "-f", &path.display().to_string()])?;
+    assert!(ok, "{out}");
+    let reach = || -> Result<bool> {
+        let a = topo.connect_from_with_timeout(client, VIP, "hi", 1, Duration::from_secs(3))?;
+        Ok(a[0].ok && a[0].reply == "srv:hi")
+    };
+    topo.wait_for(
+        "the applied service routed",
+        Duration::from_secs(10),
+        &reach,
+    )?;
+
+    topo.signal(agent.pid, libc::SIGTERM)?;
+    topo.wait(agent.pid, Duration::from_secs(10))?;
+    let agent = topo.start_agent(n1, &config, &[])?;
+    topo.wait_ready(&agent)?;
+    let (_, listed) = ctl(&topo, n1, &["-o", "json", "mesh"])?;
+    assert!(listed.contains(VIP), "still in the registry: {listed}");
+    topo.wait_for(
+        "the service routed again after the restart",
+        Duration::from_secs(5),
+        &reach,
+    )?;
     Ok(())
 }

@@ -56,6 +56,18 @@ impl MeshDocument {
             .map_err(|e| MeshStateError::Parse(format!("{}: {}", e.path(), e.inner())))
     }
 
+    /// The document that defines exactly `objects` (what the embedded backend saves).
+    pub fn from_objects(objects: &MeshObjects) -> Self {
+        let mut workloads: BTreeMap<String, Vec<Workload>> = BTreeMap::new();
+        for ((node, _), w) in &objects.workloads {
+            workloads.entry(node.clone()).or_default().push(w.clone());
+        }
+        Self {
+            services: objects.services.values().cloned().collect(),
+            workloads,
+        }
+    }
+
     pub fn objects(&self) -> MeshObjects {
         MeshObjects {
             services: self
