@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use mesh_tests::etcd::Etcd;
 use mesh_tests::{Pod, Topology};
 
@@ -29,6 +29,27 @@ fn passing_echo(topo: &Topology, netns: &str, registry: SocketAddr) -> Result<us
     }
     let v: serde_json::Value = serde_json::from_str(&body)?;
     Ok(v.as_array().map_or(0, Vec::len))
+}
+
+/// `pod` registers itself as echo-1 with a TTL check and sends its first heartbeat.
+fn register_passing_echo(topo: &Topology, pod: &Pod, registry: &str, ttl: &str) -> Result<()> {
+    let (status, body) = curl(
+        topo,
+        pod,
+        "PUT",
+        &format!("{registry}/v1/agent/service/register"),
+        &echo_registration(ttl, &pod.ip.to_string()),
+    )?;
+    ensure!(status == 200, "register answered {status}: {body}");
+    let (status, body) = curl(
+        topo,
+        pod,
+        "PUT",
+        &format!("{registry}/v1/agent/check/pass/service:echo-1"),
+        "",
+    )?;
+    ensure!(status == 200, "heartbeat answered {status}: {body}");
+    Ok(())
 }
 
 fn echo_registration(ttl: &str, server_ip: &str) -> String {
@@ -128,22 +149,7 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
     assert!(agent2.log_text().contains("registry request refused"));
 
     // The server registers itself with a TTL check and heartbeats: node 1 sees it within 1 s.
-    let (status, body) = curl(
-        &topo,
-        server,
-        "PUT",
-        &format!("{reg2}/v1/agent/service/register"),
-        &echo_registration("3s", &server.ip.to_string()),
-    )?;
-    assert_eq!(status, 200, "{body}");
-    let (status, body) = curl(
-        &topo,
-        server,
-        "PUT",
-        &format!("{reg2}/v1/agent/check/pass/service:echo-1"),
-        "",
-    )?;
-    assert_eq!(status, 200, "{body}");
+    register_passing_echo(&topo, server, &reg2, "3s")?;
     let started = Instant::now();
     while passing_echo(&topo, &n1.netns, reg1)? == 0 {
         if started.elapsed() > Duration::from_secs(1) {
@@ -787,22 +793,7 @@ fn registry_only_endpoint_addresses_meet_the_allow_list_in_the_kernel() -> Resul
     let certs_before = mesh_tests::http::metric(&m, "nodemesh_identity_cert_changes_total", &[]);
 
     let reg = format!("http://{}:8500", n1.agent_ip);
-    let (status, body) = curl(
-        &topo,
-        server,
-        "PUT",
-        &format!("{reg}/v1/agent/service/register"),
-        &echo_registration("30s", &server.ip.to_string()),
-    )?;
-    assert_eq!(status, 200, "{body}");
-    let (status, body) = curl(
-        &topo,
-        server,
-        "PUT",
-        &format!("{reg}/v1/agent/check/pass/service:echo-1"),
-        "",
-    )?;
-    assert_eq!(status, 200, "{body}");
+    register_passing_echo(&topo, server, &reg, "30s")?;
     topo.wait_for("the endpoint entry in the kernel", WAIT, || {
         Ok(entries()? == Some(1))
     })?;
