@@ -925,3 +925,133 @@ fn embedded_mesh_objects_survive_an_agent_restart() -> Result<()> {
     )?;
     Ok(())
 }
+
+/// Issue 7 item 8, L7: an HTTP service with two registry instances under HTTP health checks and
+/// a client sending keep-alive GETs all along. One instance's health switch fails: once its
+/// check marks it critical it gets no more requests, and none fails; switched back, it is
+/// passing again and receives requests again.
+#[test]
+fn failing_http_check_moves_keep_alive_requests_without_failures() -> Result<()> {
+    use mesh_tests::l7::{curl_in_background, start_http_server};
+    const RATE: u32 = 50;
+    const REQUESTS: u32 = 600;
+    let mut topo = Topology::new()?;
+    topo.add_node(&["client", "sa", "sb"])?;
+    let n1 = topo.node(1);
+    let (client, sa, sb) = (n1.pod("client"), n1.pod("sa"), n1.pod("sb"));
+    let switch_a = topo.workdir.join("a-unhealthy");
+    let server_a = start_http_server(
+        &topo,
+        sa,
+        ECHO_PORT,
+        "a",
+        &format!("health={}", switch_a.display()),
+    )?;
+    let server_b = start_http_server(
+        &topo,
+        sb,
+        ECHO_PORT,
+        "b",
+        &format!("health={}", topo.workdir.join("b-unhealthy").display()),
+    )?;
+    let config = n1.agent_config(&format!(
+        "services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n    policy: {{protocol: http, load_balancer: round_robin}}\nworkloads:\n{}{}    service: echo\n{}    service: echo\n\
+         authorization:\n  - name: echo-callers\n    service: echo\n    default: deny\n    allow:\n      - from_service: client\n",
+        client.workload_yaml("shop", "client"),
+        sa.workload_yaml("shop", "server"),
+        sb.workload_yaml("shop", "server"),
+    ));
+    let agent = topo.start_agent(n1, &config, &[])?;
+    topo.wait_ready(&agent)?;
+    let reg = format!("http://{}:8500", n1.agent_ip);
+    let registry = SocketAddr::from((n1.agent_ip, 8500));
+    for (pod, id) in [(sa, "echo-a"), (sb, "echo-b")] {
+        let body = format!(
+            r#"{{"Name":"echo","ID":"{id}","Port":{ECHO_PORT},"Meta":{{"service_version":"1","service_type":"http","environment":"test"}},
+                "Check":{{"HTTP":"http://{}:{ECHO_PORT}/health","Interval":"200ms","Timeout":"1s"}}}}"#,
+            pod.ip
+        );
+        let (status, text) = curl(
+            &topo,
+            pod,
+            "PUT",
+            &format!("{reg}/v1/agent/service/register"),
+            &body,
+        )?;
+        assert_eq!(status, 200, "{text}");
+    }
+    topo.wait_for("both instances passing", Duration::from_secs(5), || {
+        Ok(passing_echo(&topo, &n1.netns, registry)? == 2)
+    })?;
+    let app_requests = |server: &mesh_tests::l7::HttpServer| {
+        server
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("GET /app"))
+            .count()
+    };
+    let accepted =
+        |m: &str| mesh_tests::http::metric(m, "nodemesh_outbound_accepted_total", &[]).unwrap_or(0);
+    let accepted_before = accepted(&topo.metrics(&agent)?);
+
+    let rate = format!("{RATE}/s");
+    let run = curl_in_background(
+        &topo,
+        client,
+        &format!("http://{ECHO_VIP}/app"),
+        REQUESTS,
+        &["--rate", &rate, "-m", "60"],
+    )?;
+    topo.wait_for(
+        "a serving under the running client",
+        Duration::from_secs(5),
+        || Ok(app_requests(&server_a) >= 5 && app_requests(&server_b) >= 5),
+    )?;
+
+    // a's health switch fails; its check marks it critical within a few intervals.
+    std::fs::write(&switch_a, "")?;
+    topo.wait_for("a critical", Duration::from_secs(5), || {
+        Ok(passing_echo(&topo, &n1.netns, registry)? == 1)
+    })?;
+    // The reconciler publishes the change on the same watch; a request already in flight to a
+    // may still land in the next instant.
+    std::thread::sleep(Duration::from_millis(200));
+    let a_when_critical = app_requests(&server_a);
+    let b_when_critical = app_requests(&server_b);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        app_requests(&server_a),
+        a_when_critical,
+        "a critical instance receives no requests"
+    );
+    assert!(
+        app_requests(&server_b) >= b_when_critical + (RATE as usize),
+        "b served the whole load meanwhile"
+    );
+
+    // Healthy again: passing, and it receives requests again.
+    std::fs::remove_file(&switch_a)?;
+    topo.wait_for("a passing again", Duration::from_secs(5), || {
+        Ok(passing_echo(&topo, &n1.netns, registry)? == 2)
+    })?;
+    topo.wait_for("a receives requests again", Duration::from_secs(5), || {
+        Ok(app_requests(&server_a) >= a_when_critical + 5)
+    })?;
+
+    let replies = run.finish(&topo, Duration::from_secs(60))?;
+    assert_eq!(replies.len(), REQUESTS as usize, "every request answered");
+    let failed: Vec<_> = replies.iter().filter(|r| r.code != 200).collect();
+    assert!(failed.is_empty(), "failed GETs: {failed:?}");
+    assert_eq!(
+        accepted(&topo.metrics(&agent)?),
+        accepted_before + 1,
+        "all requests on one kept-alive connection"
+    );
+    eprintln!(
+        "{} keep-alive GETs, 0 failed; a served {} (none while critical), b served {}",
+        replies.len(),
+        app_requests(&server_a),
+        app_requests(&server_b)
+    );
+    Ok(())
+}
