@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use mesh_tests::etcd::Etcd;
-use mesh_tests::{Pod, Topology};
+use mesh_tests::{Node, Pod, Topology};
 
 const ECHO_VIP: &str = "10.96.0.10:80";
 const ECHO_PORT: u16 = 8080;
@@ -50,6 +50,37 @@ fn register_passing_echo(topo: &Topology, pod: &Pod, registry: &str, ttl: &str) 
     )?;
     ensure!(status == 200, "heartbeat answered {status}: {body}");
     Ok(())
+}
+
+/// Pods `a` and `b` register as echo-a and echo-b (no Address: the caller's own address is
+/// used) with the active check `check(pod ip)`; returns the registry address once both pass.
+fn register_checked_echo_pair(
+    topo: &Topology,
+    node: &Node,
+    pods: [&Pod; 2],
+    service_type: &str,
+    check: impl Fn(std::net::Ipv4Addr) -> String,
+) -> Result<SocketAddr> {
+    let reg = format!("http://{}:8500", node.agent_ip);
+    for (pod, id) in pods.into_iter().zip(["echo-a", "echo-b"]) {
+        let body = format!(
+            r#"{{"Name":"echo","ID":"{id}","Port":{ECHO_PORT},"Meta":{{"service_version":"1","service_type":"{service_type}","environment":"test"}},"Check":{}}}"#,
+            check(pod.ip)
+        );
+        let (status, text) = curl(
+            topo,
+            pod,
+            "PUT",
+            &format!("{reg}/v1/agent/service/register"),
+            &body,
+        )?;
+        ensure!(status == 200, "register {id} answered {status}: {text}");
+    }
+    let registry = SocketAddr::from((node.agent_ip, 8500));
+    topo.wait_for("both instances passing", Duration::from_secs(5), || {
+        Ok(passing_echo(topo, &node.netns, registry)? == 2)
+    })?;
+    Ok(registry)
 }
 
 fn echo_registration(ttl: &str, server_ip: &str) -> String {
@@ -360,26 +391,8 @@ fn failing_active_check_moves_traffic_without_failed_requests() -> Result<()> {
     ));
     let agent = topo.start_agent(n1, &config, &[])?;
     topo.wait_ready(&agent)?;
-    let reg = format!("http://{}:8500", n1.agent_ip);
-    let registry = SocketAddr::from((n1.agent_ip, 8500));
-    for (pod, id) in [(sa, "echo-a"), (sb, "echo-b")] {
-        // No Address: the caller's own address is used.
-        let body = format!(
-            r#"{{"Name":"echo","ID":"{id}","Port":{ECHO_PORT},"Meta":{{"service_version":"1","service_type":"tcp","environment":"test"}},
-                "Check":{{"TCP":"{}:8081","Interval":"200ms","Timeout":"1s"}}}}"#,
-            pod.ip
-        );
-        let (status, text) = curl(
-            &topo,
-            pod,
-            "PUT",
-            &format!("{reg}/v1/agent/service/register"),
-            &body,
-        )?;
-        assert_eq!(status, 200, "{text}");
-    }
-    topo.wait_for("both instances passing", Duration::from_secs(5), || {
-        Ok(passing_echo(&topo, &n1.netns, registry)? == 2)
+    let registry = register_checked_echo_pair(&topo, n1, [sa, sb], "tcp", |ip| {
+        format!(r#"{{"TCP":"{ip}:8081","Interval":"200ms","Timeout":"1s"}}"#)
     })?;
     let round = |seen: &mut Vec<String>| -> Result<()> {
         for a in topo.connect_from(client, ECHO_VIP, "x", 4)? {
@@ -571,7 +584,7 @@ fn py_consul_seed_flow_on_embedded_registry() -> Result<()> {
 }
 
 /// Runs `mesh-agent ctl <args>` in a node (its admin port is on the node's loopback).
-fn ctl(topo: &Topology, node: &mesh_tests::Node, args: &[&str]) -> Result<(bool, String)> {
+fn ctl(topo: &Topology, node: &Node, args: &[&str]) -> Result<(bool, String)> {
     let mut full = vec!["ctl"];
     full.extend_from_slice(args);
     let binary = mesh_tests::topology::agent_binary()?;
@@ -963,25 +976,8 @@ fn failing_http_check_moves_keep_alive_requests_without_failures() -> Result<()>
     ));
     let agent = topo.start_agent(n1, &config, &[])?;
     topo.wait_ready(&agent)?;
-    let reg = format!("http://{}:8500", n1.agent_ip);
-    let registry = SocketAddr::from((n1.agent_ip, 8500));
-    for (pod, id) in [(sa, "echo-a"), (sb, "echo-b")] {
-        let body = format!(
-            r#"{{"Name":"echo","ID":"{id}","Port":{ECHO_PORT},"Meta":{{"service_version":"1","service_type":"http","environment":"test"}},
-                "Check":{{"HTTP":"http://{}:{ECHO_PORT}/health","Interval":"200ms","Timeout":"1s"}}}}"#,
-            pod.ip
-        );
-        let (status, text) = curl(
-            &topo,
-            pod,
-            "PUT",
-            &format!("{reg}/v1/agent/service/register"),
-            &body,
-        )?;
-        assert_eq!(status, 200, "{text}");
-    }
-    topo.wait_for("both instances passing", Duration::from_secs(5), || {
-        Ok(passing_echo(&topo, &n1.netns, registry)? == 2)
+    let registry = register_checked_echo_pair(&topo, n1, [sa, sb], "http", |ip| {
+        format!(r#"{{"HTTP":"http://{ip}:{ECHO_PORT}/health","Interval":"200ms","Timeout":"1s"}}"#)
     })?;
     let app_requests = |server: &mesh_tests::l7::HttpServer| {
         server
