@@ -936,6 +936,25 @@ fn embedded_mesh_objects_survive_an_agent_restart() -> Result<()> {
         Duration::from_secs(5),
         &reach,
     )?;
+    let refused = |agent: &mesh_tests::AgentHandle| -> Result<Option<u64>> {
+        let m = topo.metrics(agent)?;
+        Ok(mesh_tests::http::metric(
+            &m,
+            "nodemesh_registry_objects_refused",
+            &[("kind", "service")],
+        ))
+    };
+    assert_eq!(refused(&agent)?, Some(0), "nothing refused yet");
+
+    // The node's file now defines echo too: the file wins, and the registry's echo is counted
+    // as refused until the clash ends.
+    topo.signal(agent.pid, libc::SIGTERM)?;
+    topo.wait(agent.pid, Duration::from_secs(10))?;
+    let clashing =
+        n1.agent_config("services:\n  - name: echo\n    namespace: shop\n    vip: 10.96.0.13:80\n");
+    let agent = topo.start_agent(n1, &clashing, &[])?;
+    topo.wait_ready(&agent)?;
+    assert_eq!(refused(&agent)?, Some(1), "the clashing registry service");
     Ok(())
 }
 

@@ -49,6 +49,16 @@ pub enum MeshStateError {
     },
 }
 
+impl MeshStateError {
+    /// The kind of object refused (`service`, `workload`), or `document` for a parse error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Parse(_) => "document",
+            Self::Invalid { kind, .. } | Self::Clash { kind, .. } => kind,
+        }
+    }
+}
+
 impl MeshDocument {
     /// Parses YAML or JSON; errors name the field (`services[0].vip: ...`).
     pub fn parse(text: &str) -> Result<Self, MeshStateError> {

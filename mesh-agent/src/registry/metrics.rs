@@ -8,6 +8,7 @@ use prometheus::proto::MetricFamily;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
 use crate::metrics::scrape::{collect_refilled, descs, set_counter};
+use crate::registry::mesh_state::{self, MeshObjects};
 use crate::state::AgentState;
 
 pub struct RegistryCollector {
@@ -16,6 +17,8 @@ pub struct RegistryCollector {
     connected: IntGaugeVec,
     instances: IntGaugeVec,
     updates: IntCounter,
+    /// Registry mesh objects the reconciler leaves out (invalid, or clashing with the node file).
+    refused: IntGaugeVec,
     /// Kernel ENDPOINTS map: entries, entries left out because it is full, writes per map.
     endpoint_entries: IntGauge,
     endpoints_overflow: IntGauge,
@@ -46,6 +49,11 @@ impl RegistryCollector {
                 "Registry changes applied to the endpoint sets (no kernel, certificate or authz change).",
             )
             .expect("valid metric name"),
+            refused: gauge_vec(
+                "nodemesh_registry_objects_refused",
+                "Registry mesh objects (ctl apply) this agent leaves out now, by kind: invalid, or clashing with the node's file (which wins).",
+                "kind",
+            ),
             endpoint_entries: IntGauge::new(
                 "nodemesh_kernel_endpoint_entries",
                 "Registry endpoint addresses in the kernel ENDPOINTS map (direct dials to them meet their service's allow-list).",
@@ -67,11 +75,12 @@ impl RegistryCollector {
         }
     }
 
-    fn collectors(&self) -> [&dyn Collector; 6] {
+    fn collectors(&self) -> [&dyn Collector; 7] {
         [
             &self.connected,
             &self.instances,
             &self.updates,
+            &self.refused,
             &self.endpoint_entries,
             &self.endpoints_overflow,
             &self.map_writes,
@@ -110,6 +119,22 @@ impl RegistryCollector {
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         set_counter(&self.updates, state.mesh.updates.load(Ordering::Relaxed));
+        self.refill_refused(state, &catalog.mesh);
+    }
+
+    /// Recomputed from the file and the registry at scrape time, so it always says what is
+    /// left out now (a refusal ends when either side changes).
+    fn refill_refused(&self, state: &AgentState, mesh: &MeshObjects) {
+        let refused = match state.mesh.base() {
+            Some(base) if *mesh != MeshObjects::default() => mesh_state::merge(&base, mesh).1,
+            _ => Vec::new(),
+        };
+        for kind in ["service", "workload"] {
+            let n = refused.iter().filter(|e| e.kind() == kind).count();
+            self.refused
+                .with_label_values(&[kind])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 }
 
