@@ -52,6 +52,18 @@ fn register_passing_echo(topo: &Topology, pod: &Pod, registry: &str, ttl: &str) 
     Ok(())
 }
 
+/// Node config for `echo` served by pods `sa` and `sb` with the service policy `policy`, only
+/// `client` allowed to call it.
+fn echo_pair_config(node: &Node, policy: &str) -> String {
+    node.agent_config(&format!(
+        "services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n    policy: {{{policy}}}\nworkloads:\n{}{}    service: echo\n{}    service: echo\n\
+         authorization:\n  - name: echo-callers\n    service: echo\n    default: deny\n    allow:\n      - from_service: client\n",
+        node.pod("client").workload_yaml("shop", "client"),
+        node.pod("sa").workload_yaml("shop", "server"),
+        node.pod("sb").workload_yaml("shop", "server"),
+    ))
+}
+
 /// Pods `a` and `b` register as echo-a and echo-b (no Address: the caller's own address is
 /// used) with the active check `check(pod ip)`; returns the registry address once both pass.
 fn register_checked_echo_pair(
@@ -382,13 +394,7 @@ fn failing_active_check_moves_traffic_without_failed_requests() -> Result<()> {
     // A separate health port: failing it takes `a` out of routing while it still serves.
     let health_a = serve(&topo, sa, 8081, "health")?;
     serve(&topo, sb, 8081, "health")?;
-    let config = n1.agent_config(&format!(
-        "services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n    policy: {{load_balancer: round_robin}}\nworkloads:\n{}{}    service: echo\n{}    service: echo\n\
-         authorization:\n  - name: echo-callers\n    service: echo\n    default: deny\n    allow:\n      - from_service: client\n",
-        client.workload_yaml("shop", "client"),
-        sa.workload_yaml("shop", "server"),
-        sb.workload_yaml("shop", "server"),
-    ));
+    let config = echo_pair_config(n1, "load_balancer: round_robin");
     let agent = topo.start_agent(n1, &config, &[])?;
     topo.wait_ready(&agent)?;
     let registry = register_checked_echo_pair(&topo, n1, [sa, sb], "tcp", |ip| {
@@ -664,30 +670,16 @@ fn mesh_state_defined_once_in_etcd_applies_on_every_node() -> Result<()> {
     // Node 2 attaches to the server from the registry: its registration passes the identity
     // check (the caller's cgroup is the registry-declared workload serving echo).
     let reg2 = format!("http://{}:8500", n2.agent_ip);
-    let started = Instant::now();
-    loop {
-        let (status, body) = curl(
-            &topo,
-            server,
-            "PUT",
-            &format!("{reg2}/v1/agent/service/register"),
-            &echo_registration("30s", &server.ip.to_string()),
-        )?;
-        if status == 200 {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(5) {
-            bail!("server never registered as echo: {status} {body}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    curl(
-        &topo,
-        server,
-        "PUT",
-        &format!("{reg2}/v1/agent/check/pass/service:echo-1"),
-        "",
-    )?;
+    let mut refused = None;
+    topo.wait_for(
+        "the server registered as echo on node 2",
+        Duration::from_secs(5),
+        || {
+            refused = register_passing_echo(&topo, server, &reg2, "30s").err();
+            Ok(refused.is_none())
+        },
+    )
+    .with_context(|| format!("last attempt: {refused:?}"))?;
 
     let (client, intruder) = (n1.pod("client"), n1.pod("intruder"));
     let reach = |pod: &Pod| -> Result<mesh_tests::topology::Attempt> {
@@ -986,13 +978,7 @@ fn failing_http_check_moves_keep_alive_requests_without_failures() -> Result<()>
         "b",
         &format!("health={}", topo.workdir.join("b-unhealthy").display()),
     )?;
-    let config = n1.agent_config(&format!(
-        "services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n    policy: {{protocol: http, load_balancer: round_robin}}\nworkloads:\n{}{}    service: echo\n{}    service: echo\n\
-         authorization:\n  - name: echo-callers\n    service: echo\n    default: deny\n    allow:\n      - from_service: client\n",
-        client.workload_yaml("shop", "client"),
-        sa.workload_yaml("shop", "server"),
-        sb.workload_yaml("shop", "server"),
-    ));
+    let config = echo_pair_config(n1, "protocol: http, load_balancer: round_robin");
     let agent = topo.start_agent(n1, &config, &[])?;
     topo.wait_ready(&agent)?;
     let registry = register_checked_echo_pair(&topo, n1, [sa, sb], "http", |ip| {
