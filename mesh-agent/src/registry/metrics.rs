@@ -8,7 +8,6 @@ use prometheus::proto::MetricFamily;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
 use crate::metrics::scrape::{collect_refilled, descs, set_counter};
-use crate::registry::mesh_state::{self, MeshObjects};
 use crate::state::AgentState;
 
 pub struct RegistryCollector {
@@ -119,18 +118,9 @@ impl RegistryCollector {
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         set_counter(&self.updates, state.mesh.updates.load(Ordering::Relaxed));
-        self.refill_refused(state, &catalog.mesh);
-    }
-
-    /// Recomputed from the file and the registry at scrape time, so it always says what is
-    /// left out now (a refusal ends when either side changes).
-    fn refill_refused(&self, state: &AgentState, mesh: &MeshObjects) {
-        let refused = match state.mesh.base() {
-            Some(base) if *mesh != MeshObjects::default() => mesh_state::merge(&base, mesh).1,
-            _ => Vec::new(),
-        };
+        let model = state.model();
         for kind in ["service", "workload"] {
-            let n = refused.iter().filter(|e| e.kind() == kind).count();
+            let n = model.refused_objects.get(kind).copied().unwrap_or(0);
             self.refused
                 .with_label_values(&[kind])
                 .set(i64::try_from(n).unwrap_or(i64::MAX));

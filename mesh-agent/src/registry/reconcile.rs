@@ -75,7 +75,7 @@ pub fn effective(
     catalog: &Catalog,
     previous: Option<&MeshModel>,
 ) -> (Config, MeshModel) {
-    let (mut config, _refused) = mesh_state::merge(base, &catalog.mesh);
+    let (mut config, refused) = mesh_state::merge(base, &catalog.mesh);
     let mut known: HashSet<String> = config.nodes.iter().map(|n| n.name.clone()).collect();
     for node in catalog.nodes.values() {
         if node.name != base.node.name && known.insert(node.name.clone()) {
@@ -86,6 +86,9 @@ pub fn effective(
         }
     }
     let mut model = MeshModel::build(&config, previous);
+    for error in &refused {
+        *model.refused_objects.entry(error.kind()).or_default() += 1;
+    }
     for service in model.services.values_mut() {
         for i in catalog.service(&service.name, true) {
             debug_assert_eq!(i.status, HealthStatus::Passing);
