@@ -16,4 +16,5 @@ pub mod policy;
 pub mod proxy;
 pub mod registry;
 pub mod state;
+pub mod trace;
 pub mod traffic;

@@ -37,6 +37,8 @@ pub struct AgentState {
     pub flows: Arc<FlowTable>,
     /// The JSON access log, when `observability.access_log.enabled` (set once at start).
     pub access_log: OnceLock<crate::access_log::AccessLog>,
+    /// The request tracer, when `observability.tracing.otlp_endpoint` is set (set once at start).
+    pub tracer: OnceLock<crate::trace::RequestTracer>,
 }
 
 impl AgentState {
@@ -67,6 +69,7 @@ impl AgentState {
             registry: OnceLock::new(),
             flows: Arc::default(),
             access_log: OnceLock::new(),
+            tracer: OnceLock::new(),
         }
     }
 

@@ -67,6 +67,8 @@ pub enum AppError {
     #[error(transparent)]
     AccessLog(#[from] crate::access_log::AccessLogError),
     #[error(transparent)]
+    Trace(#[from] crate::trace::TraceError),
+    #[error(transparent)]
     ReplyRouting(#[from] crate::proxy::reply_routing::ReplyRoutingError),
 }
 
@@ -119,6 +121,11 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         true => Some(crate::access_log::AccessLog::start(access.path.as_deref())?),
         false => None,
     };
+    let tracer = crate::trace::RequestTracer::start(&config.observability.tracing)?;
+    if tracer.is_some() {
+        let t = &config.observability.tracing;
+        tracing::info!(endpoint = ?t.otlp_endpoint, sampling = t.sampling, "tracing HTTP requests over OTLP");
+    }
     tracing::info!(path = %config_path.display(), contents = %changes::counts(&config), "config loaded");
     tracing::debug!(effective = %serde_json::to_string(&config).unwrap_or_default(), "effective config");
     let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signal)?;
@@ -197,6 +204,9 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
             tracing::error!(error = %e, "registering the access log's metric");
         }
         let _ = state.access_log.set(log);
+    }
+    if let Some(tracer) = tracer {
+        let _ = state.tracer.set(tracer);
     }
     let catalog = registry.backend.subscribe();
     state.mesh.init(base_config, catalog.clone());
@@ -309,6 +319,9 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let _ = stop_tx.send(true);
     drain(&state, state.config().proxy.drain_timeout).await;
     state.security.shutdown();
+    if let Some(tracer) = state.tracer.get() {
+        tracer.shutdown().await;
+    }
     tasks.abort_all();
     tracing::info!("stopped; kernel enforcement stays pinned; bye");
     Ok(())

@@ -114,7 +114,8 @@ pub const OVERRIDES: &[(&str, &str, Setter)] = &[
         "NODEMESH_TRACE_SAMPLING",
         "observability.tracing.sampling",
         |c, v| {
-            c.observability.tracing.sampling = v.parse().map_err(|_| "is not a number".to_owned())?;
+            c.observability.tracing.sampling =
+                v.parse().map_err(|_| "is not a number".to_owned())?;
             Ok(())
         },
     ),

@@ -296,3 +296,34 @@ fn errors_quote_only_a_short_prefix_of_a_bad_value() {
     let e = parse_err(&format!("{GOOD}bogus_{long}: 1\n"));
     assert!(e.len() < 500, "{} bytes", e.len());
 }
+
+#[test]
+fn tracing_fields_are_checked_with_their_path() {
+    let with = |block: &str| format!("{GOOD}observability:\n  tracing: {block}\n");
+    let c = parse_ok(&with(
+        "{otlp_endpoint: \"http://127.0.0.1:4317\", sampling: 0.5}",
+    ));
+    assert_eq!(
+        c.observability.tracing.otlp_endpoint.as_deref(),
+        Some("http://127.0.0.1:4317")
+    );
+    assert_eq!(c.observability.tracing.sampling, 0.5);
+    for (block, wanted) in [
+        (
+            "{otlp_endpoint: \"https://collector:4317\"}",
+            "spans are sent without TLS",
+        ),
+        (
+            "{otlp_endpoint: \"collector:4317\"}",
+            "must be an http:// or https:// URL",
+        ),
+        ("{sampling: 1.5}", "must be within 0.0..=1.0"),
+        ("{service_name: \"\"}", "must not be empty"),
+    ] {
+        let e = parse_err(&with(block));
+        assert!(
+            e.contains("observability.tracing.") && e.contains(wanted),
+            "{block}: {e}"
+        );
+    }
+}

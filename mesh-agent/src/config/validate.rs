@@ -347,6 +347,16 @@ pub(crate) fn check_http_url(field: &str, value: &str) -> Result<(), ConfigError
 fn validate_tracing(t: &super::TracingConfig) -> Result<(), ConfigError> {
     if let Some(url) = &t.otlp_endpoint {
         check_http_url("observability.tracing.otlp_endpoint", url)?;
+        // The exporter is built without TLS; an https:// collector would never get a span.
+        if url.starts_with("https://") {
+            return Err(ConfigError::invalid(
+                "observability.tracing.otlp_endpoint",
+                format!(
+                    "{} uses https://, but spans are sent without TLS: use an http:// collector (e.g. a local OpenTelemetry Collector)",
+                    short(url)
+                ),
+            ));
+        }
         if url.parse::<hyper::Uri>().is_err() {
             return Err(ConfigError::invalid(
                 "observability.tracing.otlp_endpoint",

@@ -99,7 +99,7 @@ pub async fn serve(
     }
 }
 
-async fn handle(conn: &Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let Some(route) = conn.state.traffic.route(conn.service_id) else {
         return local(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -109,6 +109,12 @@ async fn handle(conn: &Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody>
     let start = Instant::now();
     // Declared (Content-Length) or, for a chunked body, what is known before it streams.
     let request_bytes = req.body().size_hint().lower();
+    // Before the access log reads `traceparent`: its trace id is then the one sent on.
+    let span = conn.state.tracer.get().map(|t| {
+        let mut span = t.client_span(req.headers_mut(), &conn.peer.destination_service);
+        span.set_request(req.method(), req.uri().path());
+        span
+    });
     // Only made when the access log is on: the one per-request allocation it costs.
     let line = conn
         .state
@@ -118,6 +124,14 @@ async fn handle(conn: &Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody>
     let mut outcome = Outcome::default();
     let response = proxy(conn, &route, req, &mut outcome).await;
     let code = response.status().as_u16();
+    if let Some(mut span) = span {
+        span.set_response(code);
+        span.set_retries(outcome.retries);
+        if let Some(endpoint) = outcome.endpoint {
+            span.set_endpoint(endpoint.into());
+        }
+        span.end();
+    }
     let security = Security::of_remote(outcome.remote);
     conn.count(&route, code, security);
     let series = conn.series(security);

@@ -1,0 +1,336 @@
+//! W3C trace context on proxied HTTP requests and span export over OTLP/gRPC.
+//!
+//! Built once at start when `observability.tracing.otlp_endpoint` is set and kept in
+//! [`crate::state::AgentState`]; when it is unset there is no tracer, so requests cost nothing and
+//! their headers pass through untouched. The request path uses this tracer and propagator
+//! directly, not opentelemetry's global getters (those take a lock on every call).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::Resource;
+use thiserror::Error;
+
+use crate::config::TracingConfig;
+
+/// How long one export may take before it is given up.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long agent shutdown waits for the last spans to be sent.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Span attribute keys (OpenTelemetry semantic conventions where they have one).
+const SERVICE: &str = "nodemesh.service";
+const ENDPOINT: &str = "server.address";
+const ENDPOINT_PORT: &str = "server.port";
+const RETRIES: &str = "nodemesh.retries";
+const STATUS_CODE: &str = "http.response.status_code";
+const METHOD: &str = "http.request.method";
+const PATH: &str = "url.path";
+const REPORTER: &str = "nodemesh.reporter";
+
+#[derive(Debug, Error)]
+pub enum TraceError {
+    #[error("observability.tracing.otlp_endpoint: cannot build the OTLP exporter: {0}")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+}
+
+/// The agent's tracer: starts one span per proxied request and carries its context on.
+pub struct RequestTracer {
+    provider: SdkTracerProvider,
+    tracer: SdkTracer,
+    propagator: TraceContextPropagator,
+}
+
+impl RequestTracer {
+    /// The tracer for `config`, or None when no endpoint is set (tracing off). Must run inside
+    /// the tokio runtime: the gRPC channel's connection task is spawned on it. Also installed as
+    /// opentelemetry's global provider, for libraries that use that.
+    pub fn start(config: &TracingConfig) -> Result<Option<Self>, TraceError> {
+        let Some(endpoint) = &config.otlp_endpoint else {
+            return Ok(None);
+        };
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .with_timeout(EXPORT_TIMEOUT)
+            .build()?;
+        let resource = Resource::builder()
+            .with_service_name(config.service_name.clone())
+            .build();
+        // An incoming traceparent's sampled flag wins; new traces are sampled at the ratio.
+        let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.sampling)));
+        let provider = SdkTracerProvider::builder()
+            .with_sampler(sampler)
+            .with_resource(resource)
+            .with_batch_exporter(exporter)
+            .build();
+        opentelemetry::global::set_tracer_provider(provider.clone());
+        let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "nodemesh");
+        Ok(Some(Self {
+            provider,
+            tracer,
+            propagator: TraceContextPropagator::new(),
+        }))
+    }
+
+    /// The calling workload's agent: a client span continuing the request's trace context (or
+    /// starting one), whose own context replaces the one in `headers` sent upstream.
+    pub fn client_span(&self, headers: &mut HeaderMap, service: &str) -> RequestSpan {
+        self.span(headers, service, SpanKind::Client, "outbound", "source")
+    }
+
+    /// The destination agent (HTTP arriving over HBONE): a server span continuing the context
+    /// the source agent sent, whose own context replaces it in `headers` forwarded to the pod.
+    pub fn server_span(&self, headers: &mut HeaderMap, service: &str) -> RequestSpan {
+        self.span(headers, service, SpanKind::Server, "inbound", "destination")
+    }
+
+    fn span(
+        &self,
+        headers: &mut HeaderMap,
+        service: &str,
+        kind: SpanKind,
+        name: &'static str,
+        reporter: &'static str,
+    ) -> RequestSpan {
+        let parent = self
+            .propagator
+            .extract_with_context(&Context::new(), &HeaderExtractor(headers));
+        let mut span = self
+            .tracer
+            .span_builder(name)
+            .with_kind(kind)
+            .start_with_context(&self.tracer, &parent);
+        let context = span.span_context().clone();
+        if span.is_recording() {
+            span.update_name(format!("{name} {service}"));
+            span.set_attribute(KeyValue::new(SERVICE, service.to_owned()));
+            span.set_attribute(KeyValue::new(REPORTER, reporter));
+        }
+        let own = Context::new().with_remote_span_context(context);
+        self.propagator
+            .inject_context(&own, &mut HeaderInjector(headers));
+        RequestSpan { span }
+    }
+
+    /// Sends the spans still queued and stops the exporter, waiting at most a few seconds.
+    pub async fn shutdown(&self) {
+        let provider = self.provider.clone();
+        let done =
+            tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT));
+        match tokio::time::timeout(SHUTDOWN_TIMEOUT + Duration::from_secs(1), done).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "flushing the last spans"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "flushing the last spans"),
+            Err(_) => tracing::warn!("flushing the last spans timed out"),
+        }
+    }
+}
+
+/// One request's span; ends (and is queued for export, if sampled) on [`RequestSpan::end`] or
+/// drop. Setters do nothing for a span that is not sampled.
+pub struct RequestSpan {
+    span: opentelemetry_sdk::trace::Span,
+}
+
+impl RequestSpan {
+    pub fn is_recording(&self) -> bool {
+        self.span.is_recording()
+    }
+
+    /// The request's method and path.
+    pub fn set_request(&mut self, method: &hyper::Method, path: &str) {
+        if self.span.is_recording() {
+            self.span
+                .set_attribute(KeyValue::new(METHOD, method.as_str().to_owned()));
+            self.span
+                .set_attribute(KeyValue::new(PATH, path.to_owned()));
+        }
+    }
+
+    /// The endpoint the request went to (the last one tried).
+    pub fn set_endpoint(&mut self, endpoint: SocketAddr) {
+        if self.span.is_recording() {
+            self.span
+                .set_attribute(KeyValue::new(ENDPOINT, endpoint.ip().to_string()));
+            self.span
+                .set_attribute(KeyValue::new(ENDPOINT_PORT, i64::from(endpoint.port())));
+        }
+    }
+
+    pub fn set_retries(&mut self, retries: u32) {
+        if self.span.is_recording() {
+            self.span
+                .set_attribute(KeyValue::new(RETRIES, i64::from(retries)));
+        }
+    }
+
+    /// The response code; 5xx marks the span as an error (OpenTelemetry's HTTP convention).
+    pub fn set_response(&mut self, code: u16) {
+        if self.span.is_recording() {
+            self.span
+                .set_attribute(KeyValue::new(STATUS_CODE, i64::from(code)));
+            if code >= 500 {
+                self.span.set_status(Status::error(""));
+            }
+        }
+    }
+
+    pub fn end(mut self) {
+        self.span.end();
+    }
+}
+
+/// Reads trace context headers of a request.
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(HeaderName::as_str).collect()
+    }
+}
+
+/// Writes trace context headers, replacing the ones the request came with.
+struct HeaderInjector<'a>(&'a mut HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(key.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) else {
+            return;
+        };
+        self.0.insert(name, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PARENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const PARENT_SPAN: &str = "00f067aa0ba902b7";
+
+    /// A tracer exporting to a port nothing listens on (spans are only looked at here).
+    fn tracer(sampling: f64) -> RequestTracer {
+        let config = TracingConfig {
+            otlp_endpoint: Some("http://127.0.0.1:9".into()),
+            sampling,
+            ..TracingConfig::default()
+        };
+        RequestTracer::start(&config)
+            .expect("exporter")
+            .expect("tracing on")
+    }
+
+    fn headers(traceparent: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(tp) = traceparent {
+            h.insert(
+                "traceparent",
+                HeaderValue::from_str(tp).expect("header value"),
+            );
+            h.insert("tracestate", HeaderValue::from_static("vendor=1"));
+        }
+        h
+    }
+
+    /// (version, trace id, span id, flags) of the traceparent in `h`.
+    fn parts(h: &HeaderMap) -> Vec<String> {
+        h["traceparent"]
+            .to_str()
+            .expect("ascii")
+            .split('-')
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn tracing_is_off_without_an_endpoint() {
+        assert!(RequestTracer::start(&TracingConfig::default())
+            .expect("no exporter needed")
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn server_span_continues_the_callers_trace_as_its_child() {
+        let t = tracer(0.0);
+        let mut h = headers(Some(&format!("00-{PARENT_TRACE}-{PARENT_SPAN}-01")));
+        let span = t.server_span(&mut h, "echo");
+        let p = parts(&h);
+        assert_eq!(p[1], PARENT_TRACE, "same trace");
+        assert_ne!(p[2], PARENT_SPAN, "its own span id is passed on");
+        assert_eq!(p[3], "01", "the caller's sampled flag wins over sampling 0");
+        assert_eq!(h["tracestate"], "vendor=1");
+        let data = span.span.exported_data().expect("recording");
+        assert_eq!(data.parent_span_id.to_string(), PARENT_SPAN);
+        assert_eq!(data.span_context.span_id().to_string(), p[2]);
+        assert_eq!(data.span_kind, SpanKind::Server);
+        assert_eq!(data.name, "inbound echo");
+        assert!(data.parent_span_is_remote);
+    }
+
+    #[tokio::test]
+    async fn client_span_starts_a_trace_at_the_sampling_ratio() {
+        let sampled = tracer(1.0);
+        let mut h = headers(None);
+        let span = sampled.client_span(&mut h, "echo");
+        let p = parts(&h);
+        assert_eq!(p[3], "01");
+        assert_eq!(p[1], span.span.span_context().trace_id().to_string());
+        assert!(span.is_recording());
+        assert_eq!(
+            span.span.exported_data().expect("recording").span_kind,
+            SpanKind::Client
+        );
+
+        let unsampled = tracer(0.0);
+        let mut h = headers(None);
+        let span = unsampled.client_span(&mut h, "echo");
+        assert!(!span.is_recording(), "sampling 0 records nothing");
+        assert_eq!(parts(&h)[3], "00", "the decision is passed on");
+    }
+
+    #[tokio::test]
+    async fn an_unsampled_parent_is_not_recorded_even_at_ratio_one() {
+        let t = tracer(1.0);
+        let mut h = headers(Some(&format!("00-{PARENT_TRACE}-{PARENT_SPAN}-00")));
+        let span = t.client_span(&mut h, "echo");
+        assert!(!span.is_recording());
+        assert_eq!(parts(&h)[1], PARENT_TRACE);
+    }
+
+    #[tokio::test]
+    async fn attributes_are_kept_on_sampled_spans() {
+        let t = tracer(1.0);
+        let mut span = t.client_span(&mut headers(None), "echo");
+        span.set_endpoint("10.0.0.2:8080".parse().expect("address"));
+        span.set_retries(2);
+        span.set_response(503);
+        let data = span.span.exported_data().expect("recording");
+        let value = |k: &str| {
+            data.attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == k)
+                .map(|kv| kv.value.to_string())
+        };
+        assert_eq!(value(SERVICE).as_deref(), Some("echo"));
+        assert_eq!(value(ENDPOINT).as_deref(), Some("10.0.0.2"));
+        assert_eq!(value(ENDPOINT_PORT).as_deref(), Some("8080"));
+        assert_eq!(value(RETRIES).as_deref(), Some("2"));
+        assert_eq!(value(STATUS_CODE).as_deref(), Some("503"));
+        assert!(matches!(data.status, Status::Error { .. }));
+    }
+}
