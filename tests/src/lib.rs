@@ -9,6 +9,7 @@ pub mod cmd;
 pub mod etcd;
 pub mod http;
 pub mod l7;
+pub mod otlp;
 pub mod prometheus;
 pub mod registry;
 pub mod topology;

@@ -36,7 +36,8 @@
 //!                                                 health=<file> (200, but `/health` answers
 //!                                                 503 while <file> exists: a health switch);
 //!                                                 a request with `Upgrade: echo` gets 101 and
-//!                                                 its raw bytes echoed
+//!                                                 its raw bytes echoed; a `traceparent` it
+//!                                                 receives comes back as `x-traceparent`
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -578,6 +579,7 @@ fn http_connection(
         let mut length = 0usize;
         let mut close = false;
         let mut upgrade = false;
+        let mut traceparent = String::new();
         loop {
             let mut line = String::new();
             reader.read_line(&mut line)?;
@@ -594,6 +596,9 @@ fn http_connection(
             }
             if lower.starts_with("upgrade:") && lower.contains("echo") {
                 upgrade = true;
+            }
+            if lower.starts_with("traceparent:") {
+                traceparent = format!("x-traceparent: {}\r\n", line[12..].trim());
             }
         }
         let mut body = vec![0u8; length];
@@ -665,7 +670,7 @@ fn http_connection(
         };
         write!(
             writer,
-            "HTTP/1.1 {status} {reason}\r\nx-served-by: {name}\r\nx-peer: {peer}\r\ncontent-length: {}\r\n{}\r\n{text}",
+            "HTTP/1.1 {status} {reason}\r\nx-served-by: {name}\r\nx-peer: {peer}\r\n{traceparent}content-length: {}\r\n{}\r\n{text}",
             text.len(),
             if close { "connection: close\r\n" } else { "" }
         )?;
