@@ -204,3 +204,52 @@ fn tracing_unconfigured_passes_headers_through_and_exports_nothing() -> Result<(
     );
     Ok(())
 }
+
+/// Across nodes: node 1's agent continues the trace and its span is the parent of what reaches
+/// the server on node 2 over HBONE, either directly or through a server span of node 2's agent
+/// (the destination side, when it serves the request as HTTP itself).
+#[test]
+fn trace_context_crosses_nodes() -> Result<()> {
+    use mesh_tests::otlp::SPAN_KIND_SERVER;
+    use mesh_tests::two_nodes::{Options, TwoNodes, WEB_VIP};
+    let tracing = format!(
+        "observability:\n  tracing: {}\nidentity:\n",
+        tracing_to_receiver(0.0)
+    );
+    let mesh = TwoNodes::start(Options {
+        web_port: Some(8081),
+        identity_yaml: Some(tracing),
+        ..Options::default()
+    })?;
+    let topo = &mesh.topo;
+    let receiver = OtlpReceiver::start(topo, &[topo.node(1), topo.node(2)])?;
+    let server = topo.node(2).pod("server");
+    start_http_server(topo, server, 8081, "remote", "ok")?;
+    let url = format!("http://{}/", WEB_VIP.trim_end_matches(":80"));
+    let sent = format!("00-{TRACE}-{PARENT}-01");
+    let (code, received) = call(topo, topo.node(1).pod("client"), &url, Some(&sent))?;
+    ensure!(code == 200, "{code}\n{}", mesh.agent1.log_text());
+    let (trace, upstream_parent, _) = parts(&received)?;
+    ensure!(trace == TRACE, "upstream got {received}");
+    // The agents batch for 5 s by default.
+    let wait = ARRIVAL + Duration::from_secs(5);
+    let client =
+        receiver.wait_for_span(wait, |s| s.trace_id == TRACE && s.kind == SPAN_KIND_CLIENT)?;
+    ensure!(
+        client.parent_span_id == PARENT
+            && client.attribute("nodemesh.service") == Some("web.shop.svc.cluster.local")
+            && client.attribute("http.response.status_code") == Some("200")
+            && client.attribute("server.address") == Some(server.ip.to_string().as_str()),
+        "{client:#?}"
+    );
+    if upstream_parent != client.span_id {
+        let hop = receiver.wait_for_span(wait, |s| s.span_id == upstream_parent)?;
+        ensure!(
+            hop.kind == SPAN_KIND_SERVER
+                && hop.trace_id == TRACE
+                && hop.parent_span_id == client.span_id,
+            "the destination agent's span is the client span's child: {hop:#?}"
+        );
+    }
+    Ok(())
+}
