@@ -33,6 +33,7 @@ pub fn run() -> Result<()> {
     println!("| --- | --- | --- | --- | --- |");
     let mut http = Vec::new();
     same_node(&mut http)?;
+    let (observability, spans) = observability_cost(&mut http)?;
     cross_node(&mut http)?;
     println!("\nHTTP over keep-alive connections: wrk -t2 -c16 -d5s against nginx (return 200) in the server pod.");
     println!("Agent CPU is user+system time of the agent(s) on the path during the run (/proc/<pid>/stat), per 1000 requests; RSS is the agents' peak (VmHWM) so far.\n");
@@ -69,7 +70,75 @@ pub fn run() -> Result<()> {
             on / off
         );
     }
+    println!(
+        "same node: L7 with metrics + access log + tracing 1% / metrics only requests/s = {observability:.2} (mean of {OBSERVABILITY_ROUNDS} alternating rounds each; {spans} spans received by the OTLP receiver)"
+    );
     Ok(())
+}
+
+/// Rounds of the observability comparison; off and on alternate so load changes on the
+/// machine hit both alike.
+const OBSERVABILITY_ROUNDS: usize = 2;
+
+/// Issue 8's cost budget: the same-node L7 path with metrics only (they cannot be turned off)
+/// against metrics + JSON access log + tracing at sampling 0.01 exporting to a live OTLP/gRPC
+/// receiver, alternating agent restarts (both are start-up settings). Returns on / off and the
+/// spans the receiver got.
+fn observability_cost(http: &mut Vec<HttpRow>) -> Result<(f64, usize)> {
+    use mesh_tests::otlp::OtlpReceiver;
+    let mut topo =
+        Topology::new().context("the benchmark creates network namespaces: run it as root")?;
+    topo.add_node(&["client", "server"])?;
+    let node = topo.node(1);
+    let (client, server) = (node.pod("client"), node.pod("server"));
+    let receiver = OtlpReceiver::start(&topo, &[node])?;
+    let config = node.agent_config(&format!(
+        "services:\n  - name: web\n    vip: {WEB_VIP}\n    endpoints: [\"{}:{HTTP_PORT}\"]\n    policy: {{protocol: http}}\n\
+         workloads:\n{}{}{}",
+        server.ip,
+        client.workload_yaml("bench", "client"),
+        server.workload_yaml("bench", "server"),
+        allow_client(&["web"]),
+    ));
+    let log_path = topo.workdir.join("bench-observability-access.log");
+    let observed = format!(
+        "observability:\n  access_log: {{enabled: true, path: {}}}\n  tracing: {{otlp_endpoint: \"{}\", sampling: 0.01}}\n{config}",
+        log_path.display(),
+        OtlpReceiver::endpoint(),
+    );
+    let nginx = http_bench::start_nginx(&topo, server)?;
+    let (mut off, mut on) = (0.0, 0.0);
+    for round in 1..=OBSERVABILITY_ROUNDS {
+        for (yaml, name, sum) in [
+            (&config, "metrics only", &mut off),
+            (
+                &observed,
+                "metrics + access log + tracing 1% (OTLP)",
+                &mut on,
+            ),
+        ] {
+            let agent = topo.start_agent(node, yaml, &[("NODEMESH_LOG", "warn")])?;
+            topo.wait_ready(&agent)?;
+            let row = http_row(
+                &topo,
+                client,
+                &format!("same node, L7, {name}, round {round}"),
+                WEB_VIP,
+                &[agent.pid],
+            )?;
+            *sum += row.rate;
+            http.push(row);
+            topo.signal(agent.pid, libc::SIGTERM)?;
+            topo.wait(agent.pid, Duration::from_secs(15))?;
+        }
+    }
+    http_bench::stop_nginx(&topo, nginx)?;
+    let spans = receiver.spans().len();
+    anyhow::ensure!(
+        spans > 0,
+        "the traced rows exported no span to the OTLP receiver"
+    );
+    Ok((on / off.max(1.0), spans))
 }
 
 /// One HTTP benchmark row and its request rate (for the L7 / L4 ratios).
