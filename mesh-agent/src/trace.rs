@@ -206,6 +206,11 @@ struct HeaderInjector<'a>(&'a mut HeaderMap);
 
 impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
+        // An empty `tracestate` (none came in) is left out rather than sent empty.
+        if value.is_empty() {
+            self.0.remove(key);
+            return;
+        }
         let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(key.as_bytes()),
             HeaderValue::from_str(&value),
@@ -295,6 +300,8 @@ mod tests {
             span.span.exported_data().expect("recording").span_kind,
             SpanKind::Client
         );
+
+        assert!(!h.contains_key("tracestate"), "none came in, none is sent");
 
         let unsampled = tracer(0.0);
         let mut h = headers(None);
