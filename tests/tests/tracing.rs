@@ -111,6 +111,18 @@ fn check_client_span(span: &ReceivedSpan, endpoint: &str) -> Result<()> {
     Ok(())
 }
 
+/// The span of the one request to `echo` (endpoint in pod `a`), and the access log's line for
+/// it, which must carry the span's trace id.
+fn check_span_and_access_log(topo: &Topology, span: &ReceivedSpan, trace: &str) -> Result<()> {
+    check_client_span(span, &format!("{}:8080", topo.node(1).pod("a").ip))?;
+    topo.wait_for("the access log line", ARRIVAL, || {
+        Ok(access_lines(topo).len() == 1)
+    })?;
+    let line = &access_lines(topo)[0];
+    ensure!(line["trace_id"] == trace, "{line}");
+    Ok(())
+}
+
 /// A request carrying a sampled traceparent: the agent's span is its child, exported with the
 /// service, endpoint, code and retries; the server sees the agent's span as parent; the access
 /// log line has the trace id.
@@ -131,13 +143,7 @@ fn incoming_trace_context_is_continued_and_the_span_exported() -> Result<()> {
         span.parent_span_id == PARENT && span.span_id == agent_span,
         "{span:#?} vs upstream {received}"
     );
-    check_client_span(&span, &format!("{}:8080", node.pod("a").ip))?;
-    topo.wait_for("the access log line", ARRIVAL, || {
-        Ok(access_lines(&topo).len() == 1)
-    })?;
-    let line = &access_lines(&topo)[0];
-    ensure!(line["trace_id"] == TRACE, "{line}");
-    Ok(())
+    check_span_and_access_log(&topo, &span, TRACE)
 }
 
 /// Without a traceparent and sampling 1.0 the agent starts a trace: a root span, whose ids the
@@ -155,13 +161,7 @@ fn a_trace_is_started_when_the_request_has_none() -> Result<()> {
         span.parent_span_id.is_empty() && span.span_id == agent_span,
         "{span:#?} vs upstream {received}"
     );
-    check_client_span(&span, &format!("{}:8080", node.pod("a").ip))?;
-    topo.wait_for("the access log line", ARRIVAL, || {
-        Ok(access_lines(&topo).len() == 1)
-    })?;
-    let line = &access_lines(&topo)[0];
-    ensure!(line["trace_id"] == trace.as_str(), "{line}");
-    Ok(())
+    check_span_and_access_log(&topo, &span, &trace)
 }
 
 /// Sampling 0: new traces are passed on unsampled and nothing is exported for them; a request
