@@ -22,6 +22,14 @@ const ARRIVAL: Duration = Duration::from_secs(10);
 /// with `tracing` (a YAML flow value, or None for no tracing block) and the access log on, and
 /// an OTLP receiver on the node's loopback.
 fn start(tracing: Option<&str>) -> Result<(Topology, AgentHandle, OtlpReceiver)> {
+    start_with_batch_delay(tracing, "100")
+}
+
+/// [`start`] with the span batch sent every `delay_ms` (OTEL_BSP_SCHEDULE_DELAY).
+fn start_with_batch_delay(
+    tracing: Option<&str>,
+    delay_ms: &str,
+) -> Result<(Topology, AgentHandle, OtlpReceiver)> {
     let mut topo = Topology::new()?;
     topo.add_node(&["client", "a"])?;
     let node = topo.node(1);
@@ -42,7 +50,7 @@ fn start(tracing: Option<&str>) -> Result<(Topology, AgentHandle, OtlpReceiver)>
         node.pod("client").workload_yaml("shop", "client"),
         a.workload_yaml("shop", "a"),
     ));
-    let agent = topo.start_agent(node, &yaml, &[("OTEL_BSP_SCHEDULE_DELAY", "100")])?;
+    let agent = topo.start_agent(node, &yaml, &[("OTEL_BSP_SCHEDULE_DELAY", delay_ms)])?;
     topo.wait_ready(&agent)?;
     Ok((topo, agent, receiver))
 }
@@ -251,5 +259,26 @@ fn trace_context_crosses_nodes() -> Result<()> {
             "the destination agent's span is the client span's child: {hop:#?}"
         );
     }
+    Ok(())
+}
+
+/// Spans still queued when the agent stops are sent before it exits (the batch delay here is a
+/// minute, so only the shutdown flush can deliver them).
+#[test]
+fn queued_spans_are_flushed_on_shutdown() -> Result<()> {
+    let (topo, agent, receiver) = start_with_batch_delay(Some(&tracing_to_receiver(0.0)), "60000")?;
+    let sent = format!("00-{TRACE}-{PARENT}-01");
+    let (code, _) = call(&topo, topo.node(1).pod("client"), URL, Some(&sent))?;
+    ensure!(code == 200, "{code}\n{}", agent.log_text());
+    std::thread::sleep(Duration::from_millis(500));
+    ensure!(
+        receiver.spans().is_empty(),
+        "sent before shutdown: {:#?}",
+        receiver.spans()
+    );
+    topo.signal(agent.pid, libc::SIGTERM)?;
+    topo.wait(agent.pid, Duration::from_secs(15))?;
+    let span = receiver.wait_for_span(Duration::from_secs(1), |s| s.trace_id == TRACE)?;
+    ensure!(span.parent_span_id == PARENT, "{span:#?}");
     Ok(())
 }
