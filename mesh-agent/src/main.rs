@@ -40,6 +40,8 @@ struct Args {
 enum Command {
     /// Query or steer a running agent through its admin port.
     Ctl(mesh_agent::ctl::CtlArgs),
+    /// The mesh CA service of a multi-node mesh (`serve`) and node bootstrap (`issue-node`).
+    Ca(mesh_agent::ca_service::cli::CaArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -88,6 +90,18 @@ fn main() -> ExitCode {
         };
     }
     init_logging(args.log_format);
+    if let Some(Command::Ca(ca)) = &args.command {
+        return match mesh_agent::ca_service::cli::run(ca) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {}", error_chain(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
 
     if args.check {
         return match mesh_agent::app::check(&args.config, args.off_node) {

@@ -130,8 +130,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let admin = bind("listen.admin", config.listen.admin).await?;
     let registry_listener = bind("listen.registry", config.registry_addr()).await?;
 
-    let ca = security::load_ca(&config)?;
-    let security = Security::new(&config, ca)?;
+    let security = Security::new(&config)?;
     let server_tls = security.server_tls(&config)?;
     tracing::info!(trust_domain = %config.node.trust_domain, identities = ?security.identities.store().ids().iter().map(ToString::to_string).collect::<Vec<_>>(), "workload certificates issued");
 

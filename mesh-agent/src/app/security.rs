@@ -7,10 +7,12 @@ use std::sync::{Arc, Mutex};
 
 use rustls::ClientConfig;
 
+use crate::ca_service::client::load_node_cert;
+use crate::ca_service::RemoteCa;
 use crate::config::{agent_service_account, Config, AGENT_NAMESPACE};
 use crate::identity::{
-    client_config, server_config, IdentityError, IdentityManager, MeshCa, RotationConfig,
-    SpiffeError, SpiffeId, WorkloadSpec,
+    client_config, server_config, CertStore, IdentityError, IdentityManager, MeshCa,
+    RotationConfig, SpiffeError, SpiffeId, WorkloadSpec,
 };
 use crate::policy::authz::ReloadableAuthorizer;
 use crate::policy::authz_config::AuthzConfigError;
@@ -39,6 +41,41 @@ pub struct Security {
 /// The identity this node's agent presents on its HBONE listener.
 pub fn agent_identity(trust_domain: &str, node: &str) -> Result<SpiffeId, SpiffeError> {
     SpiffeId::new(trust_domain, AGENT_NAMESPACE, &agent_service_account(node))
+}
+
+/// The identity manager of this node: issuing through the CA service when one is configured
+/// (no CA key here), else with the local CA.
+pub fn identity_manager(config: &Config) -> Result<IdentityManager, SecurityError> {
+    let rotation = RotationConfig {
+        ttl: config.identity.cert_ttl,
+        ..Default::default()
+    };
+    let Some(remote) = &config.identity.ca_service else {
+        return Ok(IdentityManager::new(load_ca(config)?, rotation));
+    };
+    let node_id = agent_identity(&config.node.trust_domain, &config.node.name)?;
+    let bundle = crate::identity::files::read_to_string(&remote.trust_bundle)?;
+    let anchor = crate::identity::files::parse_cert_pem(&remote.trust_bundle, &bundle)?;
+    let store = CertStore::new();
+    store.insert(load_node_cert(
+        &remote.node_cert,
+        &remote.node_key,
+        &node_id,
+    )?)?;
+    let store = Arc::new(store);
+    let issuer = RemoteCa::new(
+        remote.address,
+        &anchor,
+        store.clone(),
+        node_id,
+        remote.timeout,
+    )?;
+    Ok(IdentityManager::with_issuer(
+        Arc::new(issuer),
+        anchor,
+        store,
+        rotation,
+    ))
 }
 
 /// Loads the CA from the configured files (a mounted Secret), else from the state directory,
@@ -73,12 +110,8 @@ pub fn wanted_identities(config: &Config) -> Result<Vec<WorkloadSpec>, SpiffeErr
 }
 
 impl Security {
-    pub fn new(config: &Config, ca: MeshCa) -> Result<Security, SecurityError> {
-        let rotation = RotationConfig {
-            ttl: config.identity.cert_ttl,
-            ..Default::default()
-        };
-        let identities = IdentityManager::new(ca, rotation);
+    pub fn new(config: &Config) -> Result<Security, SecurityError> {
+        let identities = identity_manager(config)?;
         identities.reconcile(&wanted_identities(config)?)?;
         let authz = ReloadableAuthorizer::new(&config.authz())?;
         // Half the certificate lifetime: a new tunnel never rides a connection whose handshake
@@ -102,7 +135,7 @@ impl Security {
     pub fn server_tls(&self, config: &Config) -> Result<Arc<rustls::ServerConfig>, SecurityError> {
         let id = agent_identity(&config.node.trust_domain, &config.node.name)?;
         Ok(server_config(
-            self.identities.ca().cert_der(),
+            self.identities.trust_anchor(),
             self.identities.store(),
             id,
         )?)
@@ -124,7 +157,7 @@ impl Security {
         }
         let expected = agent_identity(&self.trust_domain, node)?;
         let tls = client_config(
-            self.identities.ca().cert_der(),
+            self.identities.trust_anchor(),
             self.identities.store(),
             source.clone(),
             Some(expected),

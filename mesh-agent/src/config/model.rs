@@ -313,6 +313,10 @@ pub struct IdentityConfig {
     /// CA private key (PEM, PKCS#8 or SEC1). Set with `ca_cert`.
     #[serde(default)]
     pub ca_key: Option<PathBuf>,
+    /// The CA service of a multi-node mesh: certificates come from it and this node holds no
+    /// CA key. Excludes `ca_cert`/`ca_key`.
+    #[serde(default)]
+    pub ca_service: Option<CaServiceClientConfig>,
     /// Workload certificate lifetime, 12h to 48h; renewed at half of it.
     #[serde(default = "default_cert_ttl", with = "duration_text")]
     #[schemars(with = "String")]
@@ -328,10 +332,34 @@ impl Default for IdentityConfig {
             state_dir: default_state_dir(),
             ca_cert: None,
             ca_key: None,
+            ca_service: None,
             cert_ttl: default_cert_ttl(),
             allow_short_ttl: false,
         }
     }
+}
+
+/// Where the CA service is and the node's bootstrap files (`mesh-agent ca issue-node`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CaServiceClientConfig {
+    /// `ip:port` of the CA service's mTLS endpoint.
+    #[schemars(with = "String")]
+    pub address: std::net::SocketAddr,
+    /// The node certificate (PEM) this agent authenticates with at first start.
+    pub node_cert: PathBuf,
+    /// Its private key (PEM, PKCS#8).
+    pub node_key: PathBuf,
+    /// The mesh trust bundle (PEM CA certificate), without its key.
+    pub trust_bundle: PathBuf,
+    /// Connect, read and write timeout of each signing request.
+    #[serde(default = "default_ca_service_timeout", with = "duration_text")]
+    #[schemars(with = "String")]
+    pub timeout: Duration,
+}
+
+fn default_ca_service_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// Another node's agent.

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -19,24 +20,40 @@ struct Rotation {
 }
 
 pub struct IdentityManager {
-    ca: Arc<MeshCa>,
+    issuer: Arc<dyn CertIssuer>,
+    /// The CA certificate peers' chains must verify against.
+    trust_anchor: CertificateDer<'static>,
     store: Arc<CertStore>,
     rotation: RotationConfig,
     tasks: Mutex<HashMap<SpiffeId, Rotation>>,
 }
 
 impl IdentityManager {
+    /// Issues with a CA held in this process (single-node default).
     pub fn new(ca: MeshCa, rotation: RotationConfig) -> Self {
+        let anchor = ca.cert_der().clone();
+        Self::with_issuer(Arc::new(ca), anchor, Arc::new(CertStore::new()), rotation)
+    }
+
+    /// Issues through `issuer` (e.g. the remote CA service); `store` may already hold
+    /// certificates (the node's bootstrap certificate).
+    pub fn with_issuer(
+        issuer: Arc<dyn CertIssuer>,
+        trust_anchor: CertificateDer<'static>,
+        store: Arc<CertStore>,
+        rotation: RotationConfig,
+    ) -> Self {
         Self {
-            ca: Arc::new(ca),
-            store: Arc::new(CertStore::new()),
+            issuer,
+            trust_anchor,
+            store,
             rotation,
             tasks: Mutex::new(HashMap::new()),
         }
     }
 
-    pub fn ca(&self) -> &MeshCa {
-        &self.ca
+    pub fn trust_anchor(&self) -> &CertificateDer<'static> {
+        &self.trust_anchor
     }
 
     pub fn store(&self) -> Arc<CertStore> {
@@ -53,13 +70,18 @@ impl IdentityManager {
             .collect();
         let issued = fresh
             .iter()
-            .map(|spec| self.ca.issue(spec, self.rotation.ttl))
+            .map(|spec| self.issuer.issue(spec, self.rotation.ttl))
             .collect::<Result<Vec<_>, _>>()?;
         for (spec, cert) in fresh.into_iter().zip(issued) {
             self.store.insert(cert)?;
             let (stop, stopped) = watch::channel(false);
-            let issuer: Arc<dyn CertIssuer> = self.ca.clone();
-            let task = spawn_rotation(issuer, self.store(), spec.clone(), self.rotation, stopped);
+            let task = spawn_rotation(
+                self.issuer.clone(),
+                self.store(),
+                spec.clone(),
+                self.rotation,
+                stopped,
+            );
             tasks.insert(spec.id.clone(), Rotation { stop, task });
         }
         let gone: Vec<SpiffeId> = tasks

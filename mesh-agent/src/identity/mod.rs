@@ -7,7 +7,7 @@
 pub mod ca;
 pub mod certs;
 pub mod error;
-mod files;
+pub(crate) mod files;
 pub mod manager;
 pub mod rotation;
 pub mod spiffe;

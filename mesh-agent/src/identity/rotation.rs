@@ -93,7 +93,7 @@ async fn rotate(
         if !sleep_or_shutdown(wait, &mut shutdown).await {
             break;
         }
-        if !renew(issuer.as_ref(), &store, &spec, &config, &mut shutdown).await {
+        if !renew(&issuer, &store, &spec, &config, &mut shutdown).await {
             break;
         }
         just_renewed = true;
@@ -103,7 +103,7 @@ async fn rotate(
 
 /// Issues until it succeeds; returns false if shut down first.
 async fn renew(
-    issuer: &dyn CertIssuer,
+    issuer: &Arc<dyn CertIssuer>,
     store: &CertStore,
     spec: &WorkloadSpec,
     config: &RotationConfig,
@@ -111,7 +111,12 @@ async fn renew(
 ) -> bool {
     let mut delay = config.backoff.initial;
     loop {
-        match issuer.issue(spec, config.ttl).and_then(|cert| {
+        // Off the async workers: a remote issuer blocks on the network (with timeouts).
+        let (issuing, wanted, ttl) = (issuer.clone(), spec.clone(), config.ttl);
+        let issued = tokio::task::spawn_blocking(move || issuing.issue(&wanted, ttl))
+            .await
+            .unwrap_or_else(|e| Err(IdentityError::Issuer(format!("task failed: {e}"))));
+        match issued.and_then(|cert| {
             let (not_after, renew_at) = (cert.not_after, cert.renew_at());
             store.insert(cert).map(|_| (not_after, renew_at))
         }) {

@@ -1,0 +1,128 @@
+//! `mesh-agent ca serve` (the CA service) and `mesh-agent ca issue-node` (a node's bootstrap
+//! certificate, run where the CA key is, e.g. in the CA Deployment's pod).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::config::CaServiceConfig;
+use super::server::{CaServer, CaServiceError};
+use crate::config::ConfigError;
+use crate::identity::{IdentityError, WorkloadSpec};
+
+/// How often `serve` checks its config file for new placements.
+const RELOAD_POLL: Duration = Duration::from_secs(2);
+
+#[derive(clap::Args, Debug)]
+pub struct CaArgs {
+    /// CA service config (YAML).
+    #[arg(long, short, default_value = "/etc/nodemesh-ca/ca.yaml")]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: CaCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum CaCommand {
+    /// Serve CSRs from agents over mTLS until SIGTERM/SIGINT.
+    Serve,
+    /// Write a node's bootstrap certificate, key and the trust bundle into a directory
+    /// (`node.crt`, `node.key`, `ca.crt`; e.g. for a per-node Secret).
+    IssueNode {
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime of the bootstrap certificate; the agent renews it through the service.
+        #[arg(long, default_value = "24h", value_parser = crate::config::duration_text::parse)]
+        ttl: Duration,
+    },
+}
+
+/// Writes the bootstrap files of `node` into `out`; returns what was written.
+pub fn issue_node(
+    config: &CaServiceConfig,
+    node: &str,
+    out: &Path,
+    ttl: Duration,
+) -> Result<String, CaServiceError> {
+    if !crate::config::is_dns_label(node) {
+        return Err(ConfigError::invalid("--node", "must be a lowercase DNS label").into());
+    }
+    let server = CaServer::new(config)?;
+    let id = crate::app::security::agent_identity(&config.trust_domain, node)?;
+    let cert = server.ca().issue(
+        &WorkloadSpec {
+            id: id.clone(),
+            service: "nodemesh-agent".into(),
+        },
+        ttl,
+    )?;
+    let write = |name: &str, body: &[u8], mode| {
+        crate::identity::files::write_atomically(&out.join(name), body, mode)
+    };
+    std::fs::create_dir_all(out).map_err(|source| IdentityError::Write {
+        path: out.to_owned(),
+        source,
+    })?;
+    let leaf = cert.leaf().map(|d| pem_of(d.as_ref())).unwrap_or_default();
+    write("node.key", pem_key(cert.key.secret_der()).as_bytes(), 0o600)?;
+    write("node.crt", leaf.as_bytes(), 0o644)?;
+    write("ca.crt", server.ca().cert_pem().as_bytes(), 0o644)?;
+    Ok(format!(
+        "{id}: node.crt, node.key, ca.crt in {}\n",
+        out.display()
+    ))
+}
+
+/// Runs the service on a new runtime until SIGTERM or SIGINT.
+pub fn serve(config_path: &Path, config: &CaServiceConfig) -> Result<(), CaServiceError> {
+    let runtime = tokio::runtime::Runtime::new().map_err(|source| CaServiceError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    runtime.block_on(async {
+        let server = Arc::new(CaServer::new(config)?);
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| CaServiceError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        tracing::info!(listen = %config.listen, trust_domain = %config.trust_domain, "CA service ready");
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            let _ = stop.send(true);
+        });
+        server
+            .run(listener, Some(config_path.to_owned()), RELOAD_POLL, stopped)
+            .await
+    })
+}
+
+/// `mesh-agent ca ...`: the text to print on success.
+pub fn run(args: &CaArgs) -> Result<String, CaServiceError> {
+    let config = CaServiceConfig::load(&args.config)?;
+    match &args.command {
+        CaCommand::Serve => serve(&args.config, &config).map(|()| String::new()),
+        CaCommand::IssueNode { node, out, ttl } => issue_node(&config, node, out, *ttl),
+    }
+}
+
+fn pem_of(der: &[u8]) -> String {
+    pem_block("CERTIFICATE", der)
+}
+
+fn pem_key(der: &[u8]) -> String {
+    pem_block("PRIVATE KEY", der)
+}
+
+fn pem_block(tag: &str, der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new(tag, der))
+}

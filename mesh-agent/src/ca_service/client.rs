@@ -1,0 +1,149 @@
+//! The agent's side of the CA service: a [`CertIssuer`] that generates the key on the node,
+//! sends a CSR over mTLS (presenting the node's current identity certificate) and returns the
+//! signed certificate. Blocking with timeouts on connect, read and write; rotation calls it off
+//! the async workers.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{CertificateParams, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+
+use super::protocol::{SignRequest, SignResponse, MAX_MESSAGE};
+use super::CA_SERVICE_ACCOUNT;
+use crate::config::AGENT_NAMESPACE;
+use crate::identity::{
+    client_config, CertIssuer, CertStore, IdentityError, SpiffeId, WorkloadCert, WorkloadSpec,
+};
+
+pub struct RemoteCa {
+    address: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+}
+
+impl RemoteCa {
+    /// Talks to the CA service at `address` as `node_id`, whose certificate `store` holds (the
+    /// bootstrap certificate, then its renewals); the service must present its own identity
+    /// chained to `trust_anchor`.
+    pub fn new(
+        address: SocketAddr,
+        trust_anchor: &CertificateDer<'_>,
+        store: Arc<CertStore>,
+        node_id: SpiffeId,
+        timeout: Duration,
+    ) -> Result<Self, IdentityError> {
+        let server = SpiffeId::new(&node_id.trust_domain, AGENT_NAMESPACE, CA_SERVICE_ACCOUNT)?;
+        let tls = client_config(trust_anchor, store, node_id, Some(server))?;
+        Ok(Self {
+            address,
+            tls,
+            timeout,
+        })
+    }
+
+    fn exchange(&self, request: &SignRequest) -> Result<SignResponse, IdentityError> {
+        let io = |e: std::io::Error| IdentityError::Issuer(format!("{}: {e}", self.address));
+        let tcp = TcpStream::connect_timeout(&self.address, self.timeout).map_err(io)?;
+        tcp.set_read_timeout(Some(self.timeout)).map_err(io)?;
+        tcp.set_write_timeout(Some(self.timeout)).map_err(io)?;
+        let name = ServerName::try_from("nodemesh-ca")
+            .map_err(|e| IdentityError::Issuer(e.to_string()))?;
+        let conn = rustls::ClientConnection::new(self.tls.clone(), name)
+            .map_err(|e| IdentityError::Issuer(e.to_string()))?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut line =
+            serde_json::to_vec(request).map_err(|e| IdentityError::Issuer(e.to_string()))?;
+        line.push(b'\n');
+        tls.write_all(&line).map_err(io)?;
+        tls.flush().map_err(io)?;
+        let mut reply = String::new();
+        BufReader::new(tls.take(MAX_MESSAGE))
+            .read_line(&mut reply)
+            .map_err(io)?;
+        serde_json::from_str(&reply)
+            .map_err(|e| IdentityError::Issuer(format!("{}: bad response: {e}", self.address)))
+    }
+}
+
+impl CertIssuer for RemoteCa {
+    fn issue(&self, spec: &WorkloadSpec, ttl: Duration) -> Result<WorkloadCert, IdentityError> {
+        let err = |source| IdentityError::Issue {
+            id: spec.id.to_string(),
+            source,
+        };
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
+        let csr = CertificateParams::default()
+            .serialize_request(&key)
+            .and_then(|c| c.pem())
+            .map_err(err)?;
+        let response = self.exchange(&SignRequest {
+            id: spec.id.to_string(),
+            service: spec.service.clone(),
+            csr,
+            ttl_secs: ttl.as_secs(),
+        })?;
+        if let Some(reason) = response.error {
+            return Err(IdentityError::Issuer(format!("refused: {reason}")));
+        }
+        let pem = response
+            .cert
+            .ok_or_else(|| IdentityError::Issuer("response without a certificate".into()))?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        certificate_from(Path::new(&self.address.to_string()), &pem, key, &spec.id)
+    }
+}
+
+/// A [`WorkloadCert`] from a PEM leaf and its key, with the validity read from the leaf.
+pub fn certificate_from(
+    origin: &Path,
+    pem: &str,
+    key: PrivateKeyDer<'static>,
+    expected: &SpiffeId,
+) -> Result<WorkloadCert, IdentityError> {
+    let der = crate::identity::files::parse_cert_pem(origin, pem)?;
+    let id = SpiffeId::from_cert_der(&der)?;
+    if &id != expected {
+        return Err(IdentityError::PeerMismatch {
+            expected: expected.to_string(),
+            found: id.to_string(),
+        });
+    }
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| crate::identity::files::invalid(origin, e))?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
+    };
+    let validity = cert.validity();
+    Ok(WorkloadCert {
+        not_before: at(validity.not_before),
+        not_after: at(validity.not_after),
+        chain: vec![der],
+        key,
+        spiffe_id: id,
+    })
+}
+
+/// The node's bootstrap certificate (`mesh-agent ca issue-node`) from its files.
+pub fn load_node_cert(
+    cert: &Path,
+    key: &Path,
+    expected: &SpiffeId,
+) -> Result<WorkloadCert, IdentityError> {
+    let pem = crate::identity::files::read_to_string(cert)?;
+    let key_pem = crate::identity::files::read_to_string(key)?;
+    let key = match rustls_pemfile::private_key(&mut key_pem.as_bytes()) {
+        Ok(Some(k)) => k,
+        Ok(None) => {
+            return Err(crate::identity::files::invalid(
+                key,
+                "no PRIVATE KEY PEM block",
+            ))
+        }
+        Err(e) => return Err(crate::identity::files::invalid(key, e)),
+    };
+    certificate_from(cert, &pem, key, expected)
+}
