@@ -31,14 +31,18 @@ impl Reply {
 
 pub type Handler = Arc<dyn Fn(&str) -> Reply + Send + Sync>;
 
-/// A handler that also sees the method and the query string (admin writes such as PUT /logging).
-pub type RequestHandler = Arc<dyn Fn(&Method, &str, Option<&str>) -> Reply + Send + Sync>;
+/// A handler that also sees the method, the query string and the body (admin writes such as
+/// PUT /logging and PUT /mesh).
+pub type RequestHandler = Arc<dyn Fn(&Method, &str, Option<&str>, &[u8]) -> Reply + Send + Sync>;
+
+/// Largest request body read (an operator's mesh document); a larger one gets 413.
+pub const MAX_BODY: usize = 1 << 20;
 
 /// Serves `handler` (called with the request path) until `shutdown` turns true.
 pub async fn serve(listener: TcpListener, handler: Handler, shutdown: watch::Receiver<bool>) {
     serve_requests(
         listener,
-        Arc::new(move |_, path, _| handler(path)),
+        Arc::new(move |_, path, _, _| handler(path)),
         shutdown,
     )
     .await
@@ -75,13 +79,22 @@ pub async fn serve_requests(
         tokio::spawn(async move {
             let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let reply = handler(req.method(), req.uri().path(), req.uri().query());
-                let response = Response::builder()
-                    .status(reply.status)
-                    .header("content-type", reply.content_type)
-                    .body(Full::new(Bytes::from(reply.body)))
-                    .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())));
-                async move { Ok::<_, Infallible>(response) }
+                let handler = handler.clone();
+                async move {
+                    let (parts, body) = req.into_parts();
+                    let reply = match read_body(body).await {
+                        Ok(body) => {
+                            handler(&parts.method, parts.uri.path(), parts.uri.query(), &body)
+                        }
+                        Err(reply) => reply,
+                    };
+                    let response = Response::builder()
+                        .status(reply.status)
+                        .header("content-type", reply.content_type)
+                        .body(Full::new(Bytes::from(reply.body)))
+                        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())));
+                    Ok::<_, Infallible>(response)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -89,5 +102,22 @@ pub async fn serve_requests(
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// The request body, bounded in size and in time.
+async fn read_body(body: Incoming) -> Result<Bytes, Reply> {
+    use http_body_util::{BodyExt, Limited};
+    let read = Limited::new(body, MAX_BODY).collect();
+    match tokio::time::timeout(admission::HTTP_HEADER_READ_TIMEOUT, read).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(_)) => Err(Reply::text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body over {MAX_BODY} bytes or unreadable\n"),
+        )),
+        Err(_) => Err(Reply::text(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body timed out\n",
+        )),
     }
 }

@@ -211,6 +211,7 @@ async fn tunnel_echoes_bytes_and_half_closes() {
             server.addr,
             echo,
             "echo",
+            None,
         )
         .await
         .expect("tunnel");
@@ -244,7 +245,7 @@ async fn concurrent_streams_share_one_connection() {
         let node = server.addr;
         tasks.push(tokio::spawn(async move {
             let stream = pool
-                .connect(&id, tls, node, echo, "echo")
+                .connect(&id, tls, node, echo, "echo", None)
                 .await
                 .expect("tunnel");
             let payload = format!("stream {i} ").repeat(1000).into_bytes();
@@ -281,7 +282,7 @@ async fn tunnels_beyond_one_connections_stream_limit_get_more_connections() {
     for _ in 0..TUNNELS {
         let stream = timeout(
             TEST_TIMEOUT,
-            pool.connect(&client.id, tls.clone(), server.addr, echo, "echo"),
+            pool.connect(&client.id, tls.clone(), server.addr, echo, "echo", None),
         )
         .await
         .expect("in time")
@@ -324,13 +325,13 @@ async fn idle_connection_is_released_but_busy_one_is_kept() {
 
     // A stream held open past the idle timeout keeps its connection.
     let mut held = pool
-        .connect(&client.id, tls.clone(), server.addr, echo, "echo")
+        .connect(&client.id, tls.clone(), server.addr, echo, "echo", None)
         .await
         .expect("tunnel");
     tokio::time::sleep(idle * 3).await;
     // A second stream now must reuse the busy connection, not dial a new one.
     let second = pool
-        .connect(&client.id, tls.clone(), server.addr, echo, "echo")
+        .connect(&client.id, tls.clone(), server.addr, echo, "echo", None)
         .await
         .expect("second tunnel");
     assert_eq!(round_trip(second, b"second").await, b"second");
@@ -360,7 +361,7 @@ async fn idle_connection_is_released_but_busy_one_is_kept() {
 
     // The next stream dials a fresh connection.
     let stream = pool
-        .connect(&client.id, tls, server.addr, echo, "echo")
+        .connect(&client.id, tls, server.addr, echo, "echo", None)
         .await
         .expect("redial");
     assert_eq!(round_trip(stream, b"again").await, b"again");
@@ -390,6 +391,7 @@ async fn client_cert_from_another_ca_is_refused() {
             server.addr,
             echo,
             "echo",
+            None,
         ),
     )
     .await
@@ -416,7 +418,14 @@ async fn denied_stream_is_reported_and_target_never_connected() {
     let pool = HbonePool::new(PoolConfig::default());
 
     let err = pool
-        .connect(&web.id, client_tls(&ca, &web), server.addr, echo, "echo")
+        .connect(
+            &web.id,
+            client_tls(&ca, &web),
+            server.addr,
+            echo,
+            "echo",
+            None,
+        )
         .await
         .expect_err("web is denied");
     match err {
@@ -437,6 +446,7 @@ async fn denied_stream_is_reported_and_target_never_connected() {
             server.addr,
             echo,
             "echo",
+            None,
         )
         .await
         .expect_err("default deny");
@@ -465,7 +475,7 @@ async fn unreachable_target_or_node_fails_fast() {
 
     let err = timeout(
         TEST_TIMEOUT,
-        pool.connect(&client.id, tls.clone(), server.addr, closed, "echo"),
+        pool.connect(&client.id, tls.clone(), server.addr, closed, "echo", None),
     )
     .await
     .expect("no hang")
@@ -476,7 +486,7 @@ async fn unreachable_target_or_node_fails_fast() {
     }
     let err = timeout(
         TEST_TIMEOUT,
-        pool.connect(&client.id, tls, closed, closed, "echo"),
+        pool.connect(&client.id, tls, closed, closed, "echo", None),
     )
     .await
     .expect("no hang")
@@ -562,7 +572,14 @@ async fn no_plaintext_on_the_wire() {
 
     let secret = b"NODEMESH-PLAINTEXT-CANARY-7f3a9c".repeat(64);
     let stream = pool
-        .connect(&client.id, client_tls(&ca, &client), relay, echo, "echo")
+        .connect(
+            &client.id,
+            client_tls(&ca, &client),
+            relay,
+            echo,
+            "echo",
+            None,
+        )
         .await
         .expect("tunnel through relay");
     assert_eq!(round_trip(stream, &secret).await, secret);
@@ -600,6 +617,7 @@ async fn tunnel_outlives_the_pool_that_opened_it() {
             server.addr,
             echo,
             "echo",
+            None,
         )
         .await
         .expect("tunnel");
@@ -624,7 +642,7 @@ async fn shutdown_stops_accepting_and_drains_open_tunnels() {
     let tls = client_tls(&ca, &client);
     let pool = HbonePool::new(PoolConfig::default());
     let mut open = pool
-        .connect(&client.id, tls.clone(), addr, echo, "echo")
+        .connect(&client.id, tls.clone(), addr, echo, "echo", None)
         .await
         .expect("tunnel");
 
@@ -642,7 +660,7 @@ async fn shutdown_stops_accepting_and_drains_open_tunnels() {
     // ...while new streams are refused: the connection is draining and the listener is gone.
     let err = timeout(
         TEST_TIMEOUT,
-        pool.connect(&client.id, tls, addr, echo, "echo"),
+        pool.connect(&client.id, tls, addr, echo, "echo", None),
     )
     .await
     .expect("no hang")
@@ -661,7 +679,7 @@ async fn pool_redials_after_the_connection_dies() {
     let tls = client_tls(&ca, &client);
     let pool = HbonePool::new(PoolConfig::default());
     let stream = pool
-        .connect(&client.id, tls.clone(), relay.addr, echo, "echo")
+        .connect(&client.id, tls.clone(), relay.addr, echo, "echo", None)
         .await
         .expect("tunnel");
     assert_eq!(round_trip(stream, b"before").await, b"before");
@@ -669,7 +687,7 @@ async fn pool_redials_after_the_connection_dies() {
     relay.kill.notify_waiters();
     let stream = timeout(
         TEST_TIMEOUT,
-        pool.connect(&client.id, tls, relay.addr, echo, "echo"),
+        pool.connect(&client.id, tls, relay.addr, echo, "echo", None),
     )
     .await
     .expect("no hang")
@@ -759,7 +777,9 @@ async fn callers_queued_behind_a_hung_dial_fail_together() {
     for _ in 0..CALLERS {
         let (pool, tls, id) = (pool.clone(), tls.clone(), client.id.clone());
         tasks.push(tokio::spawn(async move {
-            pool.connect(&id, tls, node, node, "echo").await.map(|_| ())
+            pool.connect(&id, tls, node, node, "echo", None)
+                .await
+                .map(|_| ())
         }));
     }
     let mut timeouts = 0;
@@ -813,7 +833,7 @@ async fn pending_handshakes_from_one_source_are_capped() {
     let pool = HbonePool::new(PoolConfig::default());
     let stream = timeout(
         TEST_TIMEOUT,
-        pool.connect(&client.id, tls, server.addr, echo, "echo"),
+        pool.connect(&client.id, tls, server.addr, echo, "echo", None),
     )
     .await
     .expect("in time")

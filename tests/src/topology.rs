@@ -705,6 +705,13 @@ impl Node {
             self.index, self.instance, self.agent_ip
         )
     }
+
+    /// [`Node::agent_config`] with `proxy.transparent: false`: every connect to a pod comes
+    /// from the agent address, which tests then use as proof that a call went through the agent.
+    pub fn agent_config_from_agent_address(&self, body: &str) -> String {
+        self.agent_config(body)
+            .replacen("proxy:\n", "proxy:\n  transparent: false\n", 1)
+    }
 }
 
 impl Pod {

@@ -129,7 +129,7 @@ fn tunnel(
                 ..Default::default()
             });
             let mut stream = pool
-                .connect(&cert.id, tls, node2, target, "echo")
+                .connect(&cert.id, tls, node2, target, "echo", None)
                 .await
                 .map_err(|e| e.to_string())?;
             stream

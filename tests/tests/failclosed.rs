@@ -20,8 +20,9 @@ use mesh_tests::{cmd, Node, Pod, Topology};
 const ECHO_VIP: &str = "10.96.0.10:80";
 const EPERM: i32 = 1;
 
+/// From the agent address: the server's record then tells a mesh call from a bypass.
 fn config(node: &Node) -> String {
-    node.agent_config(&format!(
+    node.agent_config_from_agent_address(&format!(
         "services:\n  - name: echo\n    namespace: demo\n    vip: {ECHO_VIP}\n    endpoints: [\"{}:8080\"]\n\
          workloads:\n{}{}{}\
          policy:\n  deny:\n    - name: no-echo\n      from: demo/denied\n      to: echo\n\

@@ -16,9 +16,10 @@ const MAPPED_VIP: &str = "[::ffff:10.96.0.10]:80";
 const EPERM: i32 = 1;
 const UDP_TIMEOUT: Duration = Duration::from_millis(1000);
 
+/// From the agent address: the server's record then tells a mesh call from a bypass.
 fn config(node: &Node) -> String {
     let server = node.pod("server").ip;
-    node.agent_config(&format!(
+    node.agent_config_from_agent_address(&format!(
         "services:\n\
          \x20 - name: echo\n    namespace: demo\n    vip: {ECHO_VIP}\n    endpoints: [\"{server}:8080\"]\n    policy:\n      allow: [client]\n\
          workloads:\n{}{}{}\

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use mesh_tests::etcd::Etcd;
 use mesh_tests::{Pod, Topology};
 
@@ -551,5 +551,161 @@ fn py_consul_seed_flow_on_embedded_registry() -> Result<()> {
         served, file,
         "served OpenAPI equals docs/registry-openapi.json"
     );
+    Ok(())
+}
+
+/// Runs `mesh-agent ctl <args>` in a node (its admin port is on the node's loopback).
+fn ctl(topo: &Topology, node: &mesh_tests::Node, args: &[&str]) -> Result<(bool, String)> {
+    let mut full = vec!["ctl"];
+    full.extend_from_slice(args);
+    let binary = mesh_tests::topology::agent_binary()?;
+    let (status, out, err) = topo.run_in_node(node, &binary, &full)?;
+    Ok((status.success(), format!("{out}{err}")))
+}
+
+/// An operator defines a service (VIP, allow-list) and each node's workloads once, in etcd,
+/// through node 1's admin port; node 2 attaches to its workload from the registry and every
+/// agent applies the service: the allowed caller reaches it, the other gets EPERM in the
+/// kernel. A bad document is refused whole with the field named; deleting takes it away.
+#[test]
+fn mesh_state_defined_once_in_etcd_applies_on_every_node() -> Result<()> {
+    const VIP: &str = "10.96.0.11:80";
+    let mut topo = Topology::new()?;
+    topo.add_node(&["client", "intruder"])?;
+    topo.add_node(&["server"])?;
+    topo.link_nodes(1, 2)?;
+    let (n1, n2) = (topo.node(1), topo.node(2));
+    let _etcd = Etcd::start(&topo, n1, n1.agent_ip, ETCD_PORT + 1)?;
+    let server = n2.pod("server");
+    topo.start_echo_server(server, ECHO_PORT, "srv")?;
+    let registry_block = format!(
+        "registry:\n  backend: etcd\n  etcd:\n    endpoints: [\"{}\"]\n    lease_ttl: 3s\n",
+        _etcd.client_url
+    );
+    // Bootstrap settings only: no services, workloads or nodes in either file.
+    let agent1 = topo.start_agent(n1, &n1.agent_config(&registry_block), &[])?;
+    topo.wait_ready(&agent1)?;
+    let ca = topo.state_dir(n1);
+    let config2 = n2.agent_config(&format!(
+        "{registry_block}identity:\n  ca_cert: {}\n  ca_key: {}\n",
+        ca.join("ca.crt").display(),
+        ca.join("ca.key").display(),
+    ));
+    let agent2 = topo.start_agent(n2, &config2, &[])?;
+    topo.wait_ready(&agent2)?;
+
+    let document = |allow: &str| {
+        format!(
+            "services:\n  - name: echo\n    namespace: shop\n    vip: {VIP}\n    policy: {{allow: [{allow}]}}\n\
+             workloads:\n  {}:\n{}{}  {}:\n{}    service: echo\n",
+            "node-1",
+            n1.pod("client").workload_yaml("shop", "client"),
+            n1.pod("intruder").workload_yaml("shop", "intruder"),
+            "node-2",
+            server.workload_yaml("shop", "server"),
+        )
+    };
+    let dir = topo.state_dir(n1);
+    let bad = dir.join("bad-mesh.yaml");
+    std::fs::write(&bad, document("Not_A_Label"))?;
+    let (ok, out) = ctl(&topo, n1, &["apply", "-f", &bad.display().to_string()])?;
+    assert!(!ok, "a bad document is refused: {out}");
+    assert!(
+        out.contains("services[0].policy.allow[0]") && out.contains("\"echo\""),
+        "the error names the object and the field: {out}"
+    );
+    let (_, listed) = ctl(&topo, n1, &["-o", "json", "mesh"])?;
+    let listed: serde_json::Value = serde_json::from_str(&listed)?;
+    assert_eq!(listed["services"], serde_json::json!([]), "nothing written");
+    assert_eq!(
+        listed["workloads"],
+        serde_json::json!([]),
+        "nothing written"
+    );
+
+    let good = dir.join("mesh.yaml");
+    std::fs::write(&good, document("client"))?;
+    let (ok, out) = ctl(&topo, n1, &["apply", "-f", &good.display().to_string()])?;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("echo") && out.contains("10.96.0.11:80"),
+        "{out}"
+    );
+
+    // Node 2 attaches to the server from the registry: its registration passes the identity
+    // check (the caller's cgroup is the registry-declared workload serving echo).
+    let reg2 = format!("http://{}:8500", n2.agent_ip);
+    let started = Instant::now();
+    loop {
+        let (status, body) = curl(
+            &topo,
+            server,
+            "PUT",
+            &format!("{reg2}/v1/agent/service/register"),
+            &echo_registration("30s", &server.ip.to_string()),
+        )?;
+        if status == 200 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            bail!("server never registered as echo: {status} {body}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg2}/v1/agent/check/pass/service:echo-1"),
+        "",
+    )?;
+
+    let (client, intruder) = (n1.pod("client"), n1.pod("intruder"));
+    let reach = |pod: &Pod| -> Result<mesh_tests::topology::Attempt> {
+        let mut a = topo.connect_from_with_timeout(pod, VIP, "hi", 1, Duration::from_secs(3))?;
+        Ok(a.remove(0))
+    };
+    let started = Instant::now();
+    let mut last = None;
+    topo.wait_for(
+        "the client to reach the registry-defined service",
+        Duration::from_secs(10),
+        || {
+            let a = reach(client)?;
+            let reached = a.ok && a.reply == "srv:hi";
+            last = Some(a);
+            Ok(reached)
+        },
+    )
+    .with_context(|| format!("last attempt: {last:?}"))?;
+    eprintln!(
+        "registry-defined service routed after {:?}",
+        started.elapsed()
+    );
+    let denied = reach(intruder)?;
+    assert_eq!(
+        denied.errno,
+        Some(1),
+        "not on echo's allow-list: EPERM, {denied:?}"
+    );
+    assert!(
+        agent2.log_text().contains("registry mesh objects applied"),
+        "node 2 applied the objects it never saw in its file"
+    );
+
+    // Deleting the service in the registry takes it out of every node.
+    let (ok, out) = ctl(&topo, n1, &["delete", "service", "echo"])?;
+    assert!(ok, "{out}");
+    let started = Instant::now();
+    loop {
+        let (_, services) = ctl(&topo, n1, &["-o", "json", "services"])?;
+        if !services.contains("10.96.0.11") {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            bail!("echo still routed after delete: {services}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     Ok(())
 }

@@ -4,5 +4,6 @@
 pub mod build;
 pub mod fuzz;
 pub mod image;
+pub mod run_task;
 pub mod setup;
 pub mod sh;

@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask setup | build-ebpf | test | e2e | demo | bench | quickstart | image | fuzz`.
 
+use xtask::run_task::RunTask;
 use xtask::{build, fuzz, image, setup, sh};
 
 use anyhow::Result;
@@ -22,19 +23,8 @@ enum Task {
     Test,
     /// Setup, build, run only the end-to-end suites in network namespaces.
     E2e,
-    /// Setup, build, and show allowed and denied traffic with kernel counters, then a cross-node
-    /// call over HBONE mTLS and an identity the destination agent refuses. With
-    /// `--registry etcd`: registration through the Consul API, a failing check, traffic moving.
-    Demo {
-        #[arg(long)]
-        registry: Option<String>,
-    },
-    /// Setup, build (release), and measure connection rates through the data path, then the
-    /// registry at scale (etcd with 100,000 instances). `--scale`: only the registry rows.
-    Bench {
-        #[arg(long)]
-        scale: bool,
-    },
+    #[command(flatten)]
+    Run(RunTask),
     /// Setup, build the release agent (eBPF embedded) into target/image/ for deploy/Dockerfile,
     /// and build the image when docker is available.
     Image,
@@ -79,14 +69,11 @@ fn main() -> Result<()> {
             prepare()?;
             sh::cargo(&["test", "-p", "mesh-tests"])
         }
-        Task::Demo { registry } => {
+        Task::Run(task @ RunTask::Demo { .. }) => {
             prepare()?;
-            match registry {
-                Some(backend) => run_task(&["demo", "--registry", &backend]),
-                None => run_task(&["demo"]),
-            }
+            run_task(&task)
         }
-        Task::Bench { scale } => {
+        Task::Run(task @ RunTask::Bench { .. }) => {
             setup::run()?;
             build::ebpf()?;
             sh::cargo(&[
@@ -101,21 +88,19 @@ fn main() -> Result<()> {
             let bins = sh::workspace_root().join("target/release");
             std::env::set_var("NODEMESH_AGENT_BIN", bins.join("mesh-agent"));
             std::env::set_var("NODEMESH_PROBE_BIN", bins.join("meshprobe"));
-            run_task(if scale {
-                &["bench", "--scale"]
-            } else {
-                &["bench"]
-            })
+            run_task(&task)
         }
     }
 }
 
 /// Runs a demo or benchmark task of `xtask-run` (xtask/run/), which is built only now that setup
 /// has installed what its dependencies need to compile.
-fn run_task(args: &[&str]) -> Result<()> {
-    let mut cargo = vec!["run", "--quiet", "-p", "xtask-run", "--"];
-    cargo.extend_from_slice(args);
-    sh::cargo(&cargo)
+fn run_task(task: &RunTask) -> Result<()> {
+    let mut cargo: Vec<String> = ["run", "--quiet", "-p", "xtask-run", "--"]
+        .map(String::from)
+        .into();
+    cargo.extend(task.args());
+    sh::cargo(&cargo.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 fn quickstart(action: &str) -> Result<()> {

@@ -18,7 +18,8 @@ const PACKAGES: &[&str] = &[
     "wrk",
     // The Prometheus server the metrics tests scrape, and promtool that checks /metrics.
     "prometheus",
-    // kube-proxy style DNAT of service VIPs in the fail-closed tests.
+    // kube-proxy style DNAT of service VIPs in the fail-closed tests; the agent's reply routing
+    // for `proxy.transparent` (with iproute2's `ip`).
     "nftables",
     // Registry: a real etcd for the tests and demo, protoc for etcd-client's build script, curl
     // for registrations from inside pods.

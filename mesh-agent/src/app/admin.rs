@@ -23,6 +23,9 @@ const FLOWS: &str = "/flows";
 const LOGGING: &str = "/logging";
 /// Also `/endpoints/<service>` for one service.
 const ENDPOINTS: &str = "/endpoints";
+/// Operator-defined mesh state in the registry: GET lists, PUT applies a document, and
+/// `DELETE /mesh/services/<name>` / `DELETE /mesh/workloads/<node>/<name>` remove one object.
+const MESH: &str = "/mesh";
 /// Every admin route; the handler serves these and docs/REFERENCE.md must list them.
 pub const ADMIN_ROUTES: &[&str] = &[
     STATUS,
@@ -34,6 +37,7 @@ pub const ADMIN_ROUTES: &[&str] = &[
     ENDPOINTS,
     FLOWS,
     LOGGING,
+    MESH,
 ];
 
 fn index() -> String {
@@ -44,9 +48,12 @@ fn index() -> String {
 }
 
 pub fn admin_handler(state: Arc<AgentState>) -> RequestHandler {
-    Arc::new(move |method, path, query| {
+    Arc::new(move |method, path, query, body| {
         if path == LOGGING {
             return logging(method, query);
+        }
+        if path == MESH || path.starts_with("/mesh/") {
+            return super::mesh_admin::handle(&state, method, path, body);
         }
         if method != Method::GET {
             return Reply::text(StatusCode::METHOD_NOT_ALLOWED, format!("{path}: use GET\n"));
@@ -68,7 +75,7 @@ pub fn admin_handler(state: Arc<AgentState>) -> RequestHandler {
     })
 }
 
-fn json_reply(status: StatusCode, body: &Value) -> Reply {
+pub(super) fn json_reply(status: StatusCode, body: &Value) -> Reply {
     Reply {
         status,
         content_type: "application/json",

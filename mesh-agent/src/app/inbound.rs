@@ -38,6 +38,15 @@ impl InboundTargets for StateView {
                 .any(|e| e.node.is_none() && e.addr == target)
         })
     }
+
+    fn is_local_pod(&self, ip: std::net::Ipv4Addr) -> bool {
+        let model = self.0.model();
+        model
+            .services
+            .values()
+            .flat_map(|s| &s.endpoints)
+            .any(|e| e.node.is_none() && *e.addr.ip() == ip)
+    }
 }
 
 impl TunnelMetrics for StateView {

@@ -5,6 +5,7 @@ mod apply;
 mod changes;
 mod endpoints;
 mod inbound;
+mod mesh_admin;
 pub mod node_checks;
 mod registry_start;
 mod reload;
@@ -13,6 +14,7 @@ pub mod security;
 pub use admin::ADMIN_ROUTES;
 pub use apply::{apply, desired_maps, ApplyError};
 pub use endpoints::{HEALTH_ROUTES, METRICS_ROUTES};
+pub use reload::apply_mesh_state;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -64,6 +66,8 @@ pub enum AppError {
     NodeChecks(Vec<String>),
     #[error(transparent)]
     AccessLog(#[from] crate::access_log::AccessLogError),
+    #[error(transparent)]
+    ReplyRouting(#[from] crate::proxy::reply_routing::ReplyRoutingError),
 }
 
 /// Binds with SO_REUSEPORT: during a rolling restart the new agent listens on the same ports
@@ -130,6 +134,11 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let admin = bind("listen.admin", config.listen.admin).await?;
     let registry_listener = bind("listen.registry", config.registry_addr()).await?;
 
+    if config.proxy.transparent {
+        crate::proxy::reply_routing::install(&config.node.instance)?;
+        tracing::info!(instance = %config.node.instance, "reply routing for transparent upstream connects installed");
+    }
+
     let security = Security::new(&config)?;
     let server_tls = security.server_tls(&config)?;
     tracing::info!(trust_domain = %config.node.trust_domain, identities = ?security.identities.store().ids().iter().map(ToString::to_string).collect::<Vec<_>>(), "workload certificates issued");
@@ -176,6 +185,11 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         orig_dst,
         security,
     ));
+    // Certificates and authorization were built from the file before the registry answered;
+    // its services and workloads need them too.
+    if config.services != base_config.services || config.workloads != base_config.workloads {
+        state.security.reload(&config)?;
+    }
     state.metrics.config_generation.inc();
     if let Some(log) = access_log {
         if let Err(e) = state.metrics.register(Box::new(log.dropped())) {
@@ -223,7 +237,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         .with_stats(state.security.inbound.clone())
         .with_targets(view.clone())
         .with_tunnel_metrics(view)
-        .with_source_ip(config.node.agent_ip)
+        .with_source(crate::proxy::connect::Source::of(&config))
         .with_flows(state.flows.clone())
         .with_target_connect_timeout(config.proxy.connect_timeout)
         .with_idle_timeout(config.proxy.idle_timeout);
@@ -329,6 +343,8 @@ pub fn uninstall(config_path: &Path) -> Result<PathBuf, AppError> {
     crate::ebpf::preflight::check_root()?;
     let dir = crate::ebpf::pin_dir(&config.node.instance);
     crate::ebpf::uninstall(&dir)?;
+    // Whatever proxy.transparent says now: an earlier config may have installed it.
+    crate::proxy::reply_routing::uninstall(&config.node.instance)?;
     Ok(dir)
 }
 

@@ -71,25 +71,32 @@ impl Watcher {
             std::env::var(n).ok()
         })?;
         let _serialized = state.mesh.lock();
-        let old = state.config();
-        check_immutable(&old, &new)?;
-        let old_model = state.model();
-        // The one reconciler's view: the new file merged with the registry's nodes and endpoints.
-        let base = new.clone();
-        let (new, model) = state.mesh.effective(&base, Some(&old_model));
-        let applied = state.with_kernel(|k| apply(k, &new, &model, Some((&old, &old_model))));
-        if let Some(result) = applied {
-            result?;
-        }
-        if let Err(e) = state.security.reload(&new) {
-            // Put the kernel back so that nothing of the rejected config stays in force.
-            state.with_kernel(|k| apply(k, &old, &old_model, None));
-            return Err(e.into());
-        }
-        state.mesh.set_base(base);
-        state.publish(new, model);
-        Ok(())
+        check_immutable(&state.config(), &new)?;
+        apply_mesh_state(state, new)
     }
+}
+
+/// Applies `base` (a node file) merged with the registry's current view: kernel, then
+/// certificates and authorization, then the published model. On failure the previous state
+/// stays in force. The caller holds `state.mesh.lock()`.
+pub fn apply_mesh_state(state: &AgentState, base: Config) -> Result<(), AppError> {
+    let old = state.config();
+    let old_model = state.model();
+    // The one reconciler's view: the file merged with the registry's mesh objects, nodes and
+    // endpoints.
+    let (new, model) = state.mesh.effective(&base, Some(&old_model));
+    let applied = state.with_kernel(|k| apply(k, &new, &model, Some((&old, &old_model))));
+    if let Some(result) = applied {
+        result?;
+    }
+    if let Err(e) = state.security.reload(&new) {
+        // Put the kernel back so that nothing of the rejected config stays in force.
+        state.with_kernel(|k| apply(k, &old, &old_model, None));
+        return Err(e.into());
+    }
+    state.mesh.set_base(base);
+    state.publish(new, model);
+    Ok(())
 }
 
 /// Fields bound at start-up (sockets, pin paths) cannot change without a restart.
@@ -141,6 +148,11 @@ fn check_immutable(old: &Config, new: &Config) -> Result<(), ConfigError> {
             "proxy.idle_timeout",
             old.proxy.idle_timeout != new.proxy.idle_timeout,
         ),
+        // The reply routing is installed at start.
+        (
+            "proxy.transparent",
+            old.proxy.transparent != new.proxy.transparent,
+        ),
         (
             "proxy.drain_timeout",
             old.proxy.drain_timeout != new.proxy.drain_timeout,
@@ -186,6 +198,7 @@ mod tests {
             ),
             ("proxy.idle_timeout", "proxy: {idle_timeout: 1m}\n".into()),
             ("proxy.drain_timeout", "proxy: {drain_timeout: 1s}\n".into()),
+            ("proxy.transparent", "proxy: {transparent: false}\n".into()),
             ("listen.hbone", "listen: {hbone: 0.0.0.0:16008}\n".into()),
         ] {
             let new = if field == "node.agent_ip" {

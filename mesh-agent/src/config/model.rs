@@ -172,6 +172,10 @@ pub struct ProxyConfig {
     #[serde(default = "default_idle_timeout", with = "duration_text")]
     #[schemars(with = "String")]
     pub idle_timeout: Duration,
+    /// Connects to pods come from the caller's address (IP_TRANSPARENT plus reply routing set
+    /// up with `nft` and `ip`), not from the agent address.
+    #[serde(default = "default_transparent")]
+    pub transparent: bool,
 }
 
 impl Default for ProxyConfig {
@@ -183,6 +187,7 @@ impl Default for ProxyConfig {
             max_connections: default_max_connections(),
             max_connections_per_identity: default_max_connections_per_identity(),
             idle_timeout: default_idle_timeout(),
+            transparent: default_transparent(),
         }
     }
 }
@@ -438,6 +443,9 @@ fn default_max_connections_per_identity() -> usize {
 }
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(3600)
+}
+fn default_transparent() -> bool {
+    true
 }
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(5)

@@ -9,16 +9,23 @@ use super::CtlError;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Sends one request and returns (status, body).
-pub fn request(admin: SocketAddr, method: &str, path: &str) -> Result<(u16, String), CtlError> {
+pub fn request(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<(u16, String), CtlError> {
     let io = |source| CtlError::Connect { admin, source };
     let mut stream = TcpStream::connect_timeout(&admin, TIMEOUT).map_err(io)?;
     stream.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
     stream.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
     write!(
         stream,
-        "{method} {path} HTTP/1.0\r\nHost: {admin}\r\nContent-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.0\r\nHost: {admin}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
     )
     .map_err(io)?;
+    stream.write_all(body).map_err(io)?;
     let mut response = String::new();
     stream.read_to_string(&mut response).map_err(io)?;
     let (head, body) = response

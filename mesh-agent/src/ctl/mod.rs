@@ -66,6 +66,26 @@ pub enum CtlCommand {
     Config,
     /// Shows the log filter, or replaces it (e.g. `debug`, `info,mesh_agent=debug`).
     LogLevel { filter: Option<String> },
+    /// Services and workloads defined in the registry (shared by every agent on the backend).
+    Mesh,
+    /// Writes a mesh document (services; workloads under their node's name) to the registry.
+    Apply {
+        /// YAML or JSON file (`-` reads standard input).
+        #[arg(short = 'f', long = "file")]
+        file: std::path::PathBuf,
+    },
+    /// Removes one registry-defined object: `service <name>` or `workload <node>/<name>`.
+    Delete {
+        #[arg(value_enum)]
+        kind: MeshKind,
+        name: String,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MeshKind {
+    Service,
+    Workload,
 }
 
 /// Runs one command against the agent and returns what to print.
@@ -223,7 +243,53 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
                 format!("log level: {}\n", table::cell(v.get("level")))
             })
         }
+        CtlCommand::Mesh => mesh_table(&get(admin, "/mesh")?, json_out),
+        CtlCommand::Apply { file } => {
+            let text = read_document(file)?;
+            mesh_table(&send(admin, "PUT", "/mesh", text.as_bytes())?, json_out)
+        }
+        CtlCommand::Delete { kind, name } => {
+            let path = match kind {
+                MeshKind::Service => format!("/mesh/services/{name}"),
+                MeshKind::Workload => format!("/mesh/workloads/{name}"),
+            };
+            mesh_table(&call(admin, "DELETE", &path)?, json_out)
+        }
     }
+}
+
+fn read_document(file: &std::path::Path) -> Result<String, CtlError> {
+    let read = if file == std::path::Path::new("-") {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(file)
+    };
+    read.map_err(|e| CtlError::Malformed {
+        path: file.display().to_string(),
+        detail: e.to_string(),
+    })
+}
+
+/// Registry mesh objects as two tables (or the admin JSON).
+fn mesh_table(v: &Value, json_out: bool) -> Result<String, CtlError> {
+    if json_out {
+        return Ok(format!("{v:#}\n"));
+    }
+    let services = table::render(
+        list(v, "services"),
+        &[("NAME", "name"), ("NAMESPACE", "namespace"), ("VIP", "vip")],
+    );
+    let workloads = table::render(
+        list(v, "workloads"),
+        &[
+            ("NODE", "node"),
+            ("NAME", "workload.name"),
+            ("NAMESPACE", "workload.namespace"),
+            ("SERVICE ACCOUNT", "workload.service_account"),
+            ("CGROUP", "workload.cgroup"),
+        ],
+    );
+    Ok(format!("{services}\n{workloads}"))
 }
 
 fn get(admin: SocketAddr, path: &str) -> Result<Value, CtlError> {
@@ -231,7 +297,11 @@ fn get(admin: SocketAddr, path: &str) -> Result<Value, CtlError> {
 }
 
 fn call(admin: SocketAddr, method: &str, path: &str) -> Result<Value, CtlError> {
-    let (status, body) = client::request(admin, method, path)?;
+    send(admin, method, path, b"")
+}
+
+fn send(admin: SocketAddr, method: &str, path: &str, body: &[u8]) -> Result<Value, CtlError> {
+    let (status, body) = client::request(admin, method, path, body)?;
     if status != 200 {
         return Err(CtlError::Status {
             path: path.to_owned(),

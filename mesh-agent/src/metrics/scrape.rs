@@ -27,6 +27,7 @@ pub struct StateCollector {
     pool_active: [IntGauge; 2],
     inbound_connections: IntCounterVec,
     inbound_streams: IntCounterVec,
+    forwarded_refused: IntCounter,
     cert_expiry: IntGaugeVec,
     cert_changes: IntCounter,
 }
@@ -119,6 +120,10 @@ impl StateCollector {
                 &["identity"],
             )
             .expect("valid metric name"),
+            forwarded_refused: counter(
+                "nodemesh_hbone_forwarded_refused_total",
+                "Forwarded caller addresses of inbound tunnels not bound (malformed, or this node's, its pods' or a reserved address); those connect from the agent address.",
+            ),
             cert_changes: counter(
                 "nodemesh_identity_cert_changes_total",
                 "Certificate store changes: issues, renewals and removals.",
@@ -126,7 +131,7 @@ impl StateCollector {
         }
     }
 
-    fn collectors(&self) -> [&dyn Collector; 19] {
+    fn collectors(&self) -> [&dyn Collector; 20] {
         let [k0, k1, k2, k3, k4] = &self.kernel;
         let [t0, t1, t2, t3] = &self.kernel_traffic;
         let [p0, p1] = &self.pool_opened;
@@ -149,6 +154,7 @@ impl StateCollector {
             a1,
             &self.inbound_connections,
             &self.inbound_streams,
+            &self.forwarded_refused,
             &self.cert_expiry,
             &self.cert_changes,
         ]
@@ -197,6 +203,7 @@ impl StateCollector {
         ] {
             set_counter(&self.inbound_streams.with_label_values(&[result]), get(c));
         }
+        set_counter(&self.forwarded_refused, get(&inbound.forwarded_refused));
         let store = security.identities.store();
         self.cert_expiry.reset();
         for id in store.ids() {

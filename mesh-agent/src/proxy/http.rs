@@ -441,7 +441,7 @@ async fn attempts(
         let Some(request) = out.attempt() else {
             return Err(local(StatusCode::BAD_GATEWAY, "request body already sent"));
         };
-        let send = route.upstreams.send(endpoint, &conn.caller.id, request);
+        let send = route.upstreams.send(endpoint, &conn.caller, request);
         // Bounded here too (not only by the caller's request timeout), so an attempt that runs
         // out of time still counts against its endpoint's breaker and latency estimate.
         let try_deadline = rules
@@ -588,7 +588,7 @@ async fn upgrade(
     // Connection and Upgrade are what this request is about: they are passed on, not stripped.
     let (head, body) = req.into_parts();
     let outgoing = Request::from_parts(head, body.map_err(BoxError::from).boxed());
-    let send = route.upstreams.send(endpoint, &conn.caller.id, outgoing);
+    let send = route.upstreams.send(endpoint, &conn.caller, outgoing);
     let mut response = match tokio::time::timeout_at(deadline, send).await {
         Ok(Ok(r)) => r,
         Ok(Err(UpstreamError::Denied { .. })) => {

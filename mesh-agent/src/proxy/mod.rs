@@ -4,5 +4,6 @@ pub mod connect;
 pub mod hbone;
 pub mod http;
 pub mod outbound;
+pub mod reply_routing;
 pub mod sniff;
 pub mod upstream;

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use super::connect::connect_from;
+use super::connect::{connect_from, Source};
 use super::hbone::{HboneError, HboneStream};
 use super::sniff::{self, Detected};
 use crate::admission::{relay_with_idle_timeout, AcceptErrors};
@@ -106,7 +106,7 @@ async fn handle(
         tracing::warn!(%peer, %original, service = orig.service, "no endpoint for the service");
         return;
     };
-    let Some(caller) = caller(&state, &orig) else {
+    let Some(caller) = caller(&state, &orig, *peer.ip()) else {
         metrics.service(&route.name).denied.inc();
         tracing::warn!(%peer, %original, service = %route.name, "caller is not a known workload; refusing");
         return;
@@ -149,9 +149,11 @@ pub struct Caller {
     pub key: String,
     /// Kernel identity id, the key of per-caller rate limits.
     pub identity: u32,
+    /// The pod's address, the source of transparent upstream connects.
+    pub ip: std::net::Ipv4Addr,
 }
 
-fn caller(state: &AgentState, orig: &OrigDst) -> Option<Caller> {
+fn caller(state: &AgentState, orig: &OrigDst, ip: std::net::Ipv4Addr) -> Option<Caller> {
     let model = state.model();
     let config = state.config();
     let key = model.identity_name(orig.identity)?;
@@ -167,6 +169,7 @@ fn caller(state: &AgentState, orig: &OrigDst) -> Option<Caller> {
         service,
         key: key.to_owned(),
         identity: orig.identity,
+        ip,
     })
 }
 
@@ -234,7 +237,7 @@ async fn tcp(
                     log.write(Some(addr), (0, 0), tried.len(), Some(false), false);
                     return;
                 }
-                direct(state, route, addr).await
+                direct(state, route, caller.ip, addr).await
             }
             Some(node) => via_hbone(state, route, caller, addr, node).await,
         };
@@ -298,19 +301,20 @@ fn authorize(state: &AgentState, route: &ServiceRoute, caller: &Caller) -> bool 
     d.allowed
 }
 
-/// Same-node endpoint: connect straight to the pod from the agent address.
+/// Same-node endpoint: connect straight to the pod, from the caller's address when transparent.
 async fn direct(
     state: &AgentState,
     route: &ServiceRoute,
+    caller_ip: std::net::Ipv4Addr,
     endpoint: SocketAddrV4,
 ) -> Result<Upstream, HboneError> {
     let timeout = route.rules.connect_timeout;
-    let agent_ip = state.config().node.agent_ip;
+    let source = Source::of(&state.config());
     let connect = |source| HboneError::Connect {
         addr: SocketAddr::V4(endpoint),
         source,
     };
-    let stream = tokio::time::timeout(timeout, connect_from(agent_ip, endpoint))
+    let stream = tokio::time::timeout(timeout, connect_from(source, Some(caller_ip), endpoint))
         .await
         .map_err(|_| {
             connect(std::io::Error::new(
@@ -354,6 +358,7 @@ async fn via_hbone(
         node_addr,
         SocketAddr::V4(endpoint),
         &route.name,
+        Some(caller.ip),
     );
     let stream = tokio::time::timeout(timeout, open)
         .await

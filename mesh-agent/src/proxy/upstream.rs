@@ -1,11 +1,12 @@
-//! Pooled upstream HTTP connections per endpoint, for one service: direct (from the agent
-//! address) for endpoints on this node, over HBONE (one CONNECT stream per upstream HTTP
+//! Pooled upstream HTTP connections per endpoint, for one service: direct (from the caller's
+//! address when transparent, one pool per caller address, else from the agent address) for
+//! endpoints on this node, over HBONE (one CONNECT stream per upstream HTTP
 //! connection, presenting the caller's certificate) for endpoints on other nodes. HTTP/2
 //! clients (prior knowledge) get HTTP/2 upstream, HTTP/1 clients HTTP/1.1 with keep-alive.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
@@ -21,8 +22,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use thiserror::Error;
 use tokio::net::TcpStream;
 
-use super::connect::connect_from;
+use super::connect::{connect_from, Source};
 use super::hbone::{HboneError, HboneStream};
+use super::outbound::Caller;
 use crate::identity::SpiffeId;
 use crate::state::AgentState;
 use crate::traffic::RouteEndpoint;
@@ -94,44 +96,44 @@ pub struct Upstreams {
     agent: Weak<AgentState>,
     service: Arc<str>,
     connect_timeout: Duration,
-    agent_ip: std::net::Ipv4Addr,
-    direct: Clients<DirectConnector>,
-    /// One pool per calling identity: an HBONE tunnel carries one workload's certificate.
-    hbone: Mutex<HashMap<SpiffeId, Arc<Clients<HboneConnector>>>>,
+    source: Source,
+    /// One pool per source address: a pooled connection is bound to one caller's address, so
+    /// no request may ride it for another caller. Only the agent address when not transparent.
+    direct: Mutex<HashMap<Ipv4Addr, Arc<Clients<DirectConnector>>>>,
+    /// One pool per calling identity and pod address: an HBONE tunnel carries one workload's
+    /// certificate, and the destination agent connects from the address it names.
+    hbone: Mutex<HashMap<HbonePoolKey, Arc<Clients<HboneConnector>>>>,
 }
 
 impl Upstreams {
-    /// `agent_ip` is the source of direct connects (the config being applied, which the agent
-    /// state may not hold yet).
+    /// `source` says where direct connects come from (the config being applied, which the
+    /// agent state may not hold yet).
     pub fn new(
         agent: Weak<AgentState>,
         service: Arc<str>,
         connect_timeout: Duration,
-        agent_ip: std::net::Ipv4Addr,
+        source: Source,
     ) -> Self {
         Self {
-            direct: Clients::new(DirectConnector {
-                agent_ip,
-                timeout: connect_timeout,
-            }),
+            direct: Mutex::default(),
             agent,
             service,
             connect_timeout,
-            agent_ip,
+            source,
             hbone: Mutex::default(),
         }
     }
 
-    /// Whether these pools were made for this connect timeout and source address.
-    pub fn fits(&self, connect_timeout: Duration, agent_ip: std::net::Ipv4Addr) -> bool {
-        self.connect_timeout == connect_timeout && self.agent_ip == agent_ip
+    /// Whether these pools were made for this connect timeout and source.
+    pub fn fits(&self, connect_timeout: Duration, source: Source) -> bool {
+        self.connect_timeout == connect_timeout && self.source == source
     }
 
     /// Sends one attempt to `endpoint`; `req` has the client's method, path, headers and body.
     pub async fn send(
         &self,
         target: &RouteEndpoint,
-        caller: &SpiffeId,
+        caller: &Caller,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let endpoint = &target.entry;
@@ -157,7 +159,10 @@ impl Upstreams {
             Version::HTTP_11
         };
         let result = match &endpoint.node {
-            None => self.direct.for_version(version).request(req).await,
+            None => {
+                let clients = self.direct_clients(caller.ip, endpoint.addr);
+                clients.for_version(version).request(req).await
+            }
             Some(_) => {
                 let clients = self.hbone_clients(caller);
                 clients.for_version(version).request(req).await
@@ -166,19 +171,53 @@ impl Upstreams {
         result.map_err(|e| classify(endpoint.addr, e))
     }
 
-    fn hbone_clients(&self, caller: &SpiffeId) -> Arc<Clients<HboneConnector>> {
-        let mut map = self.hbone.lock().unwrap_or_else(PoisonError::into_inner);
-        map.entry(caller.clone())
-            .or_insert_with(|| {
-                Arc::new(Clients::new(HboneConnector {
-                    agent: self.agent.clone(),
-                    caller: caller.clone(),
-                    service: self.service.clone(),
-                    timeout: self.connect_timeout,
-                }))
-            })
-            .clone()
+    fn direct_clients(
+        &self,
+        caller: Ipv4Addr,
+        endpoint: SocketAddrV4,
+    ) -> Arc<Clients<DirectConnector>> {
+        let bind_ip = self.source.bind_ip(Some(caller), endpoint);
+        pooled(&self.direct, bind_ip, || DirectConnector {
+            source: self.source,
+            bind_ip,
+            timeout: self.connect_timeout,
+        })
     }
+
+    fn hbone_clients(&self, caller: &Caller) -> Arc<Clients<HboneConnector>> {
+        pooled(&self.hbone, (caller.id.clone(), caller.ip), || {
+            HboneConnector {
+                agent: self.agent.clone(),
+                caller: caller.id.clone(),
+                caller_ip: caller.ip,
+                service: self.service.clone(),
+                timeout: self.connect_timeout,
+            }
+        })
+    }
+}
+
+/// Pools kept per caller at most; past it the map starts over (callers that left stop
+/// holding memory; requests in flight keep their pool through its `Arc`).
+const MAX_CALLER_POOLS: usize = 4096;
+
+/// The pool of `key` in `map`, made with `connector` on first use.
+fn pooled<K, C>(
+    map: &Mutex<HashMap<K, Arc<Clients<C>>>>,
+    key: K,
+    connector: impl FnOnce() -> C,
+) -> Arc<Clients<C>>
+where
+    K: std::hash::Hash + Eq,
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    let mut map = map.lock().unwrap_or_else(PoisonError::into_inner);
+    if map.len() >= MAX_CALLER_POOLS && !map.contains_key(&key) {
+        map.clear();
+    }
+    map.entry(key)
+        .or_insert_with(|| Arc::new(Clients::new(connector())))
+        .clone()
 }
 
 fn classify(endpoint: SocketAddrV4, e: hyper_util::client::legacy::Error) -> UpstreamError {
@@ -209,10 +248,11 @@ fn endpoint_of(uri: &Uri) -> Result<SocketAddrV4, BoxError> {
 
 type ConnectFuture<T> = Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>>;
 
-/// Same-node endpoints: TCP from the agent address (strict workloads accept only that).
+/// Same-node endpoints: TCP from `bind_ip` (the caller's or the agent's address).
 #[derive(Clone)]
 struct DirectConnector {
-    agent_ip: std::net::Ipv4Addr,
+    source: Source,
+    bind_ip: Ipv4Addr,
     timeout: Duration,
 }
 
@@ -226,10 +266,11 @@ impl tower::Service<Uri> for DirectConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let (agent_ip, timeout) = (self.agent_ip, self.timeout);
+        let (source, bind_ip, timeout) = (self.source, self.bind_ip, self.timeout);
         Box::pin(async move {
             let endpoint = endpoint_of(&uri)?;
-            let stream = tokio::time::timeout(timeout, connect_from(agent_ip, endpoint))
+            let connect = connect_from(source, Some(bind_ip), endpoint);
+            let stream = tokio::time::timeout(timeout, connect)
                 .await
                 .map_err(|_| format!("timed out after {timeout:?}"))??;
             let _ = stream.set_nodelay(true);
@@ -238,11 +279,15 @@ impl tower::Service<Uri> for DirectConnector {
     }
 }
 
+/// The calling identity and pod address an HBONE pool serves.
+type HbonePoolKey = (SpiffeId, Ipv4Addr);
+
 /// Endpoints on other nodes: a CONNECT stream through that node's agent.
 #[derive(Clone)]
 struct HboneConnector {
     agent: Weak<AgentState>,
     caller: SpiffeId,
+    caller_ip: Ipv4Addr,
     service: Arc<str>,
     timeout: Duration,
 }
@@ -264,11 +309,14 @@ impl tower::Service<Uri> for HboneConnector {
             let (node, node_addr) = hbone_node(&agent, &this.service, endpoint)?;
             let tls = agent.security.client_tls(&this.caller, &node)?;
             let target = SocketAddr::V4(endpoint);
-            let open =
-                agent
-                    .security
-                    .pool
-                    .connect(&this.caller, tls, node_addr, target, &this.service);
+            let open = agent.security.pool.connect(
+                &this.caller,
+                tls,
+                node_addr,
+                target,
+                &this.service,
+                Some(this.caller_ip),
+            );
             let stream = tokio::time::timeout(this.timeout, open)
                 .await
                 .map_err(|_| format!("HBONE tunnel timed out after {:?}", this.timeout))??;

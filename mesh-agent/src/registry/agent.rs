@@ -752,6 +752,18 @@ mod tests {
         async fn delete_node(&self, name: &str) -> Result<(), BackendError> {
             self.inner.delete_node(name).await
         }
+        async fn put_mesh(
+            &self,
+            objects: &crate::registry::mesh_state::MeshObjects,
+        ) -> Result<(), BackendError> {
+            self.inner.put_mesh(objects).await
+        }
+        async fn delete_mesh(
+            &self,
+            objects: &crate::registry::mesh_state::MeshObjects,
+        ) -> Result<(), BackendError> {
+            self.inner.delete_mesh(objects).await
+        }
     }
 
     #[tokio::test]

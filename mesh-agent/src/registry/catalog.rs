@@ -18,6 +18,8 @@ pub struct Catalog {
     services: BTreeMap<String, Arc<ServiceInstances>>,
     /// node name -> node.
     pub nodes: BTreeMap<String, NodeRecord>,
+    /// Operator-defined services and workloads (persistent, not owned by any agent's lease).
+    pub mesh: super::mesh_state::MeshObjects,
     /// Bumped on every change; the Consul API's X-Consul-Index.
     pub index: u64,
 }
@@ -84,7 +86,7 @@ impl Catalog {
 
     /// Same records (ignoring the index).
     pub fn same_records(&self, other: &Catalog) -> bool {
-        self.services == other.services && self.nodes == other.nodes
+        self.services == other.services && self.nodes == other.nodes && self.mesh == other.mesh
     }
 
     /// Service name -> union of its instances' tags.

@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 
 use super::instance::HealthStatus;
-use crate::proxy::connect::connect_from;
+use crate::proxy::connect::{connect_from, Source};
 
 /// What a check does; parsed from a Consul check definition.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,13 +37,15 @@ pub async fn run(
     let fut = async {
         match kind {
             CheckKind::Http(url) => http(url, agent_ip).await,
-            CheckKind::Tcp(addr) => match connect_from(agent_ip, *addr).await {
-                Ok(_) => (
-                    HealthStatus::Passing,
-                    format!("TCP connect {addr}: Success"),
-                ),
-                Err(e) => (HealthStatus::Critical, format!("TCP connect {addr}: {e}")),
-            },
+            CheckKind::Tcp(addr) => {
+                match connect_from(Source::agent(agent_ip), None, *addr).await {
+                    Ok(_) => (
+                        HealthStatus::Passing,
+                        format!("TCP connect {addr}: Success"),
+                    ),
+                    Err(e) => (HealthStatus::Critical, format!("TCP connect {addr}: {e}")),
+                }
+            }
             CheckKind::Grpc { addr, service } => grpc(*addr, service, agent_ip).await,
             CheckKind::Script(args) => script(args, output_cap).await,
             CheckKind::Ttl(_) => (HealthStatus::Passing, String::new()),
@@ -69,7 +71,7 @@ async fn http(url: &str, agent_ip: Ipv4Addr) -> (HealthStatus, String) {
     }) else {
         return critical(format!("{url:?} must name an IPv4 address"));
     };
-    let stream = match connect_from(agent_ip, addr).await {
+    let stream = match connect_from(Source::agent(agent_ip), None, addr).await {
         Ok(s) => s,
         Err(e) => return critical(format!("HTTP GET {url}: {e}")),
     };
@@ -112,7 +114,9 @@ async fn grpc(addr: SocketAddrV4, service: &str, agent_ip: Ipv4Addr) -> (HealthS
         Err(e) => return (HealthStatus::Critical, format!("gRPC {addr}: {e}")),
     };
     let connector = tower::service_fn(move |_: hyper::Uri| async move {
-        connect_from(agent_ip, addr).await.map(TokioIo::new)
+        connect_from(Source::agent(agent_ip), None, addr)
+            .await
+            .map(TokioIo::new)
     });
     let channel = match endpoint.connect_with_connector(connector).await {
         Ok(c) => c,

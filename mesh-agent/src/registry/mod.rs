@@ -8,6 +8,7 @@ pub mod caller;
 pub mod catalog;
 pub mod health;
 pub mod instance;
+pub mod mesh_state;
 pub mod metrics;
 pub mod model;
 pub mod openapi;

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use super::catalog::Catalog;
 use super::instance::HealthStatus;
+use super::mesh_state::{self, MeshObjects};
 use super::model::{EndpointEntry, MeshModel};
 use crate::config::{Config, PeerNode};
 use crate::state::AgentState;
@@ -26,11 +27,17 @@ pub struct MeshSource {
     lock: Mutex<()>,
     /// Registry-driven model publications (endpoint churn applied).
     pub updates: AtomicU64,
+    /// Registry mesh objects (services, workloads) last applied to the kernel and security.
+    applied_mesh: Mutex<MeshObjects>,
+    /// Registry mesh-object changes applied (these do write the kernel and may issue certs).
+    pub mesh_applies: AtomicU64,
 }
 
 impl MeshSource {
     pub fn init(&self, base: Config, catalog: watch::Receiver<Arc<Catalog>>) {
         *self.base.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(base));
+        *self.applied_mesh.lock().unwrap_or_else(|p| p.into_inner()) =
+            catalog.borrow().mesh.clone();
         let _ = self.catalog.set(catalog);
     }
 
@@ -59,13 +66,15 @@ impl MeshSource {
     }
 }
 
-/// Merges the registry into `base`: peers from node records, endpoints from passing instances.
+/// Merges the registry into `base`: operator-defined services and this node's workloads (the
+/// file wins a clash; invalid objects are left out whole), peers from node records, endpoints
+/// from passing instances.
 pub fn effective(
     base: &Config,
     catalog: &Catalog,
     previous: Option<&MeshModel>,
 ) -> (Config, MeshModel) {
-    let mut config = base.clone();
+    let (mut config, _refused) = mesh_state::merge(base, &catalog.mesh);
     let mut known: HashSet<String> = config.nodes.iter().map(|n| n.name.clone()).collect();
     for node in catalog.nodes.values() {
         if node.name != base.node.name && known.insert(node.name.clone()) {
@@ -113,8 +122,12 @@ pub async fn run(state: Arc<AgentState>, mut catalog: watch::Receiver<Arc<Catalo
         let Some(base) = state.mesh.base() else {
             continue;
         };
+        let snapshot = catalog.borrow_and_update().clone();
+        if apply_mesh_objects(&state, &base, &snapshot) {
+            continue;
+        }
         let previous = state.model();
-        let (config, model) = effective(&base, &catalog.borrow_and_update(), Some(&previous));
+        let (config, model) = effective(&base, &snapshot, Some(&previous));
         // Churn in services this node does not route changes nothing here: keep the published
         // model (and the balancers' cursors) as they are.
         if unchanged(&state.config(), &previous, &config, &model) {
@@ -125,6 +138,40 @@ pub async fn run(state: Arc<AgentState>, mut catalog: watch::Receiver<Arc<Catalo
         state.mesh.updates.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(endpoints, "registry change applied to the endpoint sets");
     }
+}
+
+/// When the registry's mesh objects changed, applies them through the full path (kernel,
+/// certificates, authorization), as a config reload does; returns whether it did. Refused
+/// objects are logged with the field at fault and the rest is applied.
+fn apply_mesh_objects(state: &AgentState, base: &Arc<Config>, catalog: &Catalog) -> bool {
+    let mut applied = state
+        .mesh
+        .applied_mesh
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if *applied == catalog.mesh {
+        return false;
+    }
+    *applied = catalog.mesh.clone();
+    drop(applied);
+    for error in mesh_state::merge(base, &catalog.mesh).1 {
+        tracing::error!(%error, "registry mesh object refused");
+    }
+    match crate::app::apply_mesh_state(state, (**base).clone()) {
+        Ok(()) => {
+            state.mesh.mesh_applies.fetch_add(1, Ordering::Relaxed);
+            state.metrics.config_generation.inc();
+            tracing::info!(
+                services = catalog.mesh.services.len(),
+                workloads = catalog.mesh.workloads.len(),
+                "registry mesh objects applied"
+            );
+        }
+        Err(error) => {
+            tracing::error!(%error, "registry mesh objects not applied; keeping the previous state")
+        }
+    }
+    true
 }
 
 /// Whether the routed view (peers and every service's endpoint set) is the same.

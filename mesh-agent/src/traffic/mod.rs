@@ -23,6 +23,7 @@ use prometheus::Registry;
 use tokio::sync::Semaphore;
 
 use crate::config::{Config, TrafficRules};
+use crate::proxy::connect::Source;
 use crate::proxy::upstream::Upstreams;
 use crate::registry::model::EndpointEntry;
 use crate::registry::MeshModel;
@@ -195,15 +196,14 @@ impl Traffic {
                     None => rules.retry.as_ref().map(|r| Arc::new(RetryBudget::new(r))),
                 },
                 upstreams: match carried(&|o| {
-                    o.upstreams
-                        .fits(rules.connect_timeout, config.node.agent_ip)
+                    o.upstreams.fits(rules.connect_timeout, Source::of(config))
                 }) {
                     Some(o) => o.upstreams.clone(),
                     None => Arc::new(Upstreams::new(
                         agent.clone(),
                         name.clone(),
                         rules.connect_timeout,
-                        config.node.agent_ip,
+                        Source::of(config),
                     )),
                 },
                 cursor: old.as_ref().map_or_else(Arc::default, |o| o.cursor.clone()),

@@ -559,6 +559,8 @@ fn http_connection(
 ) -> Result<()> {
     use std::io::BufRead;
     let _ = stream.set_nodelay(true);
+    // Reported as `x-peer`, so tests see which source address reached the server.
+    let peer = stream.peer_addr()?;
     let mut reader = std::io::BufReader::new(stream.try_clone()?);
     let mut writer = stream;
     loop {
@@ -654,7 +656,7 @@ fn http_connection(
         };
         write!(
             writer,
-            "HTTP/1.1 {status} {reason}\r\nx-served-by: {name}\r\ncontent-length: {}\r\n{}\r\n{text}",
+            "HTTP/1.1 {status} {reason}\r\nx-served-by: {name}\r\nx-peer: {peer}\r\ncontent-length: {}\r\n{}\r\n{text}",
             text.len(),
             if close { "connection: close\r\n" } else { "" }
         )?;

@@ -8,7 +8,8 @@ mod http_bench;
 mod registry_bench;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use xtask::run_task::RunTask;
 // The task modules name this as `crate::setup`.
 use xtask::setup;
 
@@ -19,30 +20,16 @@ use xtask::setup;
 )]
 struct Cli {
     #[command(subcommand)]
-    task: Task,
-}
-
-#[derive(Subcommand)]
-enum Task {
-    /// The single-node and cross-node demo, or with `--registry etcd` the registry demo.
-    Demo {
-        #[arg(long)]
-        registry: Option<String>,
-    },
-    /// The data-path benchmark (unless `--scale`), then the registry at scale.
-    Bench {
-        #[arg(long)]
-        scale: bool,
-    },
+    task: RunTask,
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
-        Task::Demo {
+        RunTask::Demo {
             registry: Some(backend),
         } => demo_registry::run(&backend),
-        Task::Demo { registry: None } => demo::run(),
-        Task::Bench { scale } => {
+        RunTask::Demo { registry: None } => demo::run(),
+        RunTask::Bench { scale } => {
             if !scale {
                 bench::run()?;
             }

@@ -1,6 +1,6 @@
 //! Client side: dial a node agent (TCP + mTLS + HTTP/2) and open CONNECT streams on it.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,16 +58,22 @@ pub(crate) async fn dial(
 }
 
 /// Sends one CONNECT for `target` and returns the tunnel once the server answers 200.
+/// `caller` (the calling pod's address) goes in `Forwarded: for=`, so the destination agent
+/// can connect to the target from it (`proxy.transparent`).
 pub(crate) async fn open_stream(
     sender: &mut Sender,
     target: SocketAddr,
     service: &str,
+    caller: Option<Ipv4Addr>,
 ) -> Result<Upgraded, HboneError> {
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())
-        .header(SERVICE_HEADER, service)
-        .body(Empty::new())?;
+        .header(SERVICE_HEADER, service);
+    if let Some(ip) = caller {
+        req = req.header(hyper::header::FORWARDED, format!("for={ip}"));
+    }
+    let req = req.body(Empty::new())?;
     let resp = sender
         .send_request(req)
         .await

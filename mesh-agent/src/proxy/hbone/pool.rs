@@ -4,7 +4,7 @@
 //! stream limit.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -116,7 +116,8 @@ impl HbonePool {
     }
 
     /// Opens a tunnel to `target` (an endpoint behind the agent at `node_addr`) for
-    /// `service`. `client_tls` must present `source`'s workload certificate.
+    /// `service`. `client_tls` must present `source`'s workload certificate; `caller` is the
+    /// calling pod's address, named to the destination agent (`Forwarded: for=`).
     pub async fn connect(
         &self,
         source: &SpiffeId,
@@ -124,12 +125,16 @@ impl HbonePool {
         node_addr: SocketAddr,
         target: SocketAddr,
         service: &str,
+        caller: Option<Ipv4Addr>,
     ) -> Result<HboneStream, HboneError> {
         self.start_sweeper();
         let (sender, usage, reused) = self
             .checkout(source, client_tls.clone(), node_addr, None)
             .await?;
-        match self.open(sender, usage.clone(), target, service).await {
+        match self
+            .open(sender, usage.clone(), target, service, caller)
+            .await
+        {
             // A pooled connection can die (peer restart, GOAWAY) before we notice; no tunnel
             // bytes were sent yet, so one retry on a fresh connection is safe.
             Err(HboneError::Stream { source: e, .. }) if reused => {
@@ -137,7 +142,7 @@ impl HbonePool {
                 let (sender, usage, _) = self
                     .checkout(source, client_tls, node_addr, Some(&usage))
                     .await?;
-                self.open(sender, usage, target, service).await
+                self.open(sender, usage, target, service, caller).await
             }
             result => result,
         }
@@ -150,15 +155,19 @@ impl HbonePool {
         usage: Arc<Usage>,
         target: SocketAddr,
         service: &str,
+        caller: Option<Ipv4Addr>,
     ) -> Result<HboneStream, HboneError> {
         let guard = StreamGuard::new(usage, self.inner.counters.active_streams.clone());
         let after = self.inner.config.connect_timeout;
-        let upgraded = timeout(after, client::open_stream(&mut sender, target, service))
-            .await
-            .map_err(|_| HboneError::Timeout {
-                what: "CONNECT",
-                after,
-            })??;
+        let upgraded = timeout(
+            after,
+            client::open_stream(&mut sender, target, service, caller),
+        )
+        .await
+        .map_err(|_| HboneError::Timeout {
+            what: "CONNECT",
+            after,
+        })??;
         self.inner
             .counters
             .streams_opened

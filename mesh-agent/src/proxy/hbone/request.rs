@@ -1,8 +1,9 @@
 //! Validation of an inbound HBONE CONNECT request, apart from I/O so that it can be unit tested
 //! and fuzzed (`fuzz/fuzz_targets/hbone_request.rs`).
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 
+use hyper::header::FORWARDED;
 use hyper::{HeaderMap, Method, StatusCode, Uri};
 
 use super::SERVICE_HEADER;
@@ -35,6 +36,53 @@ pub fn parse_connect<'a>(
             )
         })?;
     Ok((target, service))
+}
+
+/// What the `Forwarded` header of a CONNECT says about the original caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardedFor {
+    /// No header: connect from the agent address.
+    Absent,
+    /// `for=` of the first (originating) element, an IPv4 address.
+    Caller(Ipv4Addr),
+    /// Present but not one IPv4 `for=` value this agent can bind (counted, then ignored).
+    Unusable,
+}
+
+/// The caller named by `Forwarded: for=<ipv4>` (RFC 7239; the value may be quoted, a port is
+/// not allowed since the destination agent binds the address only). Never panics on any input.
+pub fn forwarded_for(headers: &HeaderMap) -> ForwardedFor {
+    let mut values = headers.get_all(FORWARDED).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return match headers.contains_key(FORWARDED) {
+            true => ForwardedFor::Unusable,
+            false => ForwardedFor::Absent,
+        };
+    };
+    let Ok(text) = value.to_str() else {
+        return ForwardedFor::Unusable;
+    };
+    let first = text.split(',').next().unwrap_or_default();
+    let mut found = None;
+    for pair in first.split(';') {
+        let Some((key, value)) = pair.trim().split_once('=') else {
+            return ForwardedFor::Unusable;
+        };
+        if key.eq_ignore_ascii_case("for") {
+            if found.is_some() {
+                return ForwardedFor::Unusable;
+            }
+            let value = value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(value);
+            found = Some(value.parse::<Ipv4Addr>());
+        }
+    }
+    match found {
+        Some(Ok(ip)) => ForwardedFor::Caller(ip),
+        _ => ForwardedFor::Unusable,
+    }
 }
 
 #[cfg(test)]
@@ -76,5 +124,45 @@ mod tests {
                 .0,
             StatusCode::BAD_REQUEST
         );
+    }
+
+    fn forwarded(values: &[&str]) -> ForwardedFor {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(FORWARDED, v.parse().expect("header"));
+        }
+        forwarded_for(&h)
+    }
+
+    #[test]
+    fn forwarded_for_names_one_ipv4_caller_or_is_unusable() {
+        let caller = ForwardedFor::Caller(Ipv4Addr::new(10, 1, 1, 2));
+        assert_eq!(forwarded(&[]), ForwardedFor::Absent);
+        assert_eq!(forwarded(&["for=10.1.1.2"]), caller);
+        assert_eq!(forwarded(&["For=\"10.1.1.2\";proto=https"]), caller);
+        assert_eq!(forwarded(&["for=10.1.1.2, for=10.9.9.9"]), caller);
+        for bad in [
+            "for=10.1.1.2:80",
+            "for=\"[::1]\"",
+            "for=unknown",
+            "for=10.1.1",
+            "for=",
+            "by=10.1.1.2",
+            "garbage",
+            "for=10.1.1.2;for=10.1.1.3",
+            "",
+        ] {
+            assert_eq!(forwarded(&[bad]), ForwardedFor::Unusable, "{bad:?}");
+        }
+        assert_eq!(
+            forwarded(&["for=10.1.1.2", "for=10.1.1.3"]),
+            ForwardedFor::Unusable
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            FORWARDED,
+            hyper::header::HeaderValue::from_bytes(b"for=\xff").expect("bytes"),
+        );
+        assert_eq!(forwarded_for(&h), ForwardedFor::Unusable);
     }
 }

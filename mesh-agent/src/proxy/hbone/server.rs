@@ -26,7 +26,7 @@ use crate::admission::{self, AcceptErrors, ConnLimiter};
 use crate::flows::FlowTable;
 use crate::metrics::istio::TcpSeries;
 use crate::policy::authz::Authorize;
-use crate::proxy::connect::connect_from;
+use crate::proxy::connect::{connect_from, Source};
 
 /// A peer that cannot finish the handshake in this time is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,6 +35,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// could point its tunnel at any address the node can reach.
 pub trait InboundTargets: Send + Sync {
     fn is_local_endpoint(&self, service: &str, target: SocketAddr) -> bool;
+    /// Whether `ip` belongs to a pod on this node (never a remote caller's address).
+    fn is_local_pod(&self, ip: Ipv4Addr) -> bool;
 }
 
 /// Inbound counters for metrics: connections by handshake outcome, streams by answer.
@@ -52,6 +54,9 @@ pub struct InboundStats {
     pub streams_rejected: AtomicU64,
     /// The target could not be reached (502, 503).
     pub streams_failed: AtomicU64,
+    /// `Forwarded` caller addresses not bound (malformed or spoof-worthy); those tunnels
+    /// connect from the agent address.
+    pub forwarded_refused: AtomicU64,
 }
 
 impl InboundStats {
@@ -97,7 +102,7 @@ pub struct HboneServer {
     authorizer: Arc<dyn Authorize>,
     target_connect_timeout: Duration,
     targets: Option<Arc<dyn InboundTargets>>,
-    source_ip: Option<Ipv4Addr>,
+    source: Option<Source>,
     /// Open tunnels, listed as inbound flows (admin /flows).
     flows: Arc<FlowTable>,
     /// TLS handshakes in progress, in total and per source address.
@@ -123,7 +128,7 @@ impl HboneServer {
             authorizer,
             target_connect_timeout: Duration::from_secs(5),
             targets: None,
-            source_ip: None,
+            source: None,
             handshakes: ConnLimiter::new(
                 admission::MAX_PENDING_HANDSHAKES,
                 admission::MAX_PENDING_HANDSHAKES_PER_SOURCE,
@@ -163,9 +168,9 @@ impl HboneServer {
         self
     }
 
-    /// Connect to targets from this address (strict workloads accept only the agent address).
-    pub fn with_source_ip(mut self, ip: Ipv4Addr) -> Self {
-        self.source_ip = Some(ip);
+    /// Connect to targets from the agent address, or transparently (see [`Source`]).
+    pub fn with_source(mut self, source: Source) -> Self {
+        self.source = Some(source);
         self
     }
 
@@ -259,7 +264,7 @@ impl HboneServer {
         let service = service_fn(move |req| {
             let (this, peer) = (this.clone(), peer.clone());
             async move {
-                let response = this.handle_stream(&peer, req).await;
+                let response = this.handle_stream(&peer, remote, req).await;
                 this.stats.count_answer(response.status());
                 Ok::<_, Infallible>(response)
             }
@@ -285,6 +290,7 @@ impl HboneServer {
     async fn handle_stream(
         &self,
         peer: &PeerIdentity,
+        remote: SocketAddr,
         req: Request<Incoming>,
     ) -> Response<Full<Bytes>> {
         let started = tokio::time::Instant::now();
@@ -326,9 +332,10 @@ impl HboneServer {
             }
         }
 
+        let caller = self.remote_caller(peer, remote, req.headers());
         let connect = async {
-            match (self.source_ip, target) {
-                (Some(ip), SocketAddr::V4(v4)) => connect_from(ip, v4).await,
+            match (self.source, target) {
+                (Some(source), SocketAddr::V4(v4)) => connect_from(source, caller, v4).await,
                 _ => TcpStream::connect(target).await,
             }
         };
@@ -413,6 +420,36 @@ impl<'a> ActiveGuard<'a> {
 impl Drop for ActiveGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl HboneServer {
+    /// The caller address to connect from (`Forwarded: for=`, transparent mode only), when it
+    /// passes [`Source::check_remote_caller`]; else None (the agent address), counted and logged.
+    fn remote_caller(
+        &self,
+        peer: &PeerIdentity,
+        remote: SocketAddr,
+        headers: &hyper::HeaderMap,
+    ) -> Option<Ipv4Addr> {
+        use super::request::{forwarded_for, ForwardedFor};
+        let source = self.source.filter(|s| s.transparent_mark.is_some())?;
+        let refused = match (forwarded_for(headers), remote.ip()) {
+            (ForwardedFor::Absent, _) => return None,
+            (ForwardedFor::Caller(ip), IpAddr::V4(from)) => {
+                let is_local_pod = |ip| self.targets.as_ref().is_some_and(|t| t.is_local_pod(ip));
+                match source.check_remote_caller(ip, from, is_local_pod) {
+                    Ok(ip) => return Some(ip),
+                    Err(why) => format!("{ip} is {why}"),
+                }
+            }
+            (ForwardedFor::Caller(ip), IpAddr::V6(_)) => format!("{ip} came over IPv6"),
+            (ForwardedFor::Unusable, _) => "malformed Forwarded header".to_owned(),
+        };
+        self.stats.forwarded_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(source = %peer.id, %remote, reason = %refused,
+            "HBONE Forwarded caller address refused; connecting from the agent address");
+        None
     }
 }
 

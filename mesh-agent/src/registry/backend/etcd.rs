@@ -12,13 +12,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions, WatchStream,
+    Client, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+    WatchStream,
 };
 use tokio::sync::{watch, Notify};
 
 use super::{Backend, BackendError};
 use crate::registry::catalog::Catalog;
 use crate::registry::instance::{Instance, NodeRecord};
+use crate::registry::mesh_state::MeshObjects;
 
 /// Pause between reconnect attempts while etcd is down.
 const RETRY: Duration = Duration::from_millis(500);
@@ -64,6 +66,9 @@ enum Key {
     /// (service, instance_id)
     Instance(String, String),
     Node(String),
+    MeshService(String),
+    /// (node, workload)
+    MeshWorkload(String, String),
 }
 
 impl EtcdBackend {
@@ -115,6 +120,8 @@ impl EtcdBackend {
         match key {
             Key::Instance(service, id) => format!("{prefix}/instances/{service}/{id}"),
             Key::Node(name) => format!("{prefix}/nodes/{name}"),
+            Key::MeshService(name) => format!("{prefix}/mesh/services/{name}"),
+            Key::MeshWorkload(node, name) => format!("{prefix}/mesh/workloads/{node}/{name}"),
         }
     }
 
@@ -124,6 +131,11 @@ impl EtcdBackend {
         if let Some(rest) = rest.strip_prefix("instances/") {
             let (service, id) = rest.split_once('/')?;
             Some(Key::Instance(service.to_owned(), id.to_owned()))
+        } else if let Some(name) = rest.strip_prefix("mesh/services/") {
+            Some(Key::MeshService(name.to_owned()))
+        } else if let Some(rest) = rest.strip_prefix("mesh/workloads/") {
+            let (node, name) = rest.split_once('/')?;
+            Some(Key::MeshWorkload(node.to_owned(), name.to_owned()))
         } else {
             rest.strip_prefix("nodes/").map(|n| Key::Node(n.to_owned()))
         }
@@ -312,6 +324,28 @@ impl EtcdBackend {
                 }
                 Err(e) => tracing::warn!(key, error = %e, "ignoring an invalid node record"),
             },
+            (Some(Key::MeshService(name)), None) => {
+                catalog.mesh.services.remove(&name);
+            }
+            (Some(Key::MeshWorkload(node, name)), None) => {
+                catalog.mesh.workloads.remove(&(node, name));
+            }
+            (Some(Key::MeshService(name)), Some(v)) => {
+                match serde_json::from_slice::<crate::config::Service>(v) {
+                    Ok(service) if service.name == name => {
+                        catalog.mesh.services.insert(name, service);
+                    }
+                    _ => tracing::warn!(key, "ignoring an invalid mesh service record"),
+                }
+            }
+            (Some(Key::MeshWorkload(node, name)), Some(v)) => {
+                match serde_json::from_slice::<crate::config::Workload>(v) {
+                    Ok(workload) if workload.name == name => {
+                        catalog.mesh.workloads.insert((node, name), workload);
+                    }
+                    _ => tracing::warn!(key, "ignoring an invalid mesh workload record"),
+                }
+            }
             (None, _) => {}
         }
     }
@@ -342,6 +376,43 @@ impl EtcdBackend {
             tracing::warn!(error = %e, "etcd write failed; will retry on reconnect");
             self.broken.notify_one();
         }
+    }
+}
+
+impl EtcdBackend {
+    /// Every key (and JSON value) of `objects`.
+    fn mesh_keys(&self, objects: &MeshObjects) -> Vec<(String, Vec<u8>)> {
+        let services = objects.services.iter().map(|(name, s)| {
+            (
+                self.key(&Key::MeshService(name.clone())),
+                serde_json::to_vec(s).unwrap_or_default(),
+            )
+        });
+        let workloads = objects.workloads.iter().map(|((node, name), w)| {
+            (
+                self.key(&Key::MeshWorkload(node.clone(), name.clone())),
+                serde_json::to_vec(w).unwrap_or_default(),
+            )
+        });
+        services.chain(workloads).collect()
+    }
+
+    /// One etcd transaction (all or nothing); operator writes need etcd up, so they fail
+    /// instead of waiting for a reconnect.
+    async fn mesh_txn(&self, ops: Vec<TxnOp>) -> Result<(), BackendError> {
+        let unreachable = |message: String| BackendError::Unreachable {
+            backend: "etcd",
+            message,
+        };
+        let mut session = self.session.lock().await;
+        let Some((client, _)) = session.as_mut() else {
+            return Err(unreachable("not connected".into()));
+        };
+        client
+            .txn(Txn::new().and_then(ops))
+            .await
+            .map(drop)
+            .map_err(|e| unreachable(e.to_string()))
     }
 }
 
@@ -450,5 +521,23 @@ impl Backend for EtcdBackend {
             .remove(name);
         self.write(Key::Node(name.to_owned()), None).await;
         Ok(())
+    }
+
+    async fn put_mesh(&self, objects: &MeshObjects) -> Result<(), BackendError> {
+        let keys = self.mesh_keys(objects);
+        let ops = keys
+            .iter()
+            .map(|(k, v)| TxnOp::put(k.clone(), v.clone(), None))
+            .collect();
+        self.mesh_txn(ops).await
+    }
+
+    async fn delete_mesh(&self, objects: &MeshObjects) -> Result<(), BackendError> {
+        let ops = self
+            .mesh_keys(objects)
+            .into_iter()
+            .map(|(k, _)| TxnOp::delete(k, None))
+            .collect();
+        self.mesh_txn(ops).await
     }
 }

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use super::{Backend, BackendError};
 use crate::registry::catalog::Catalog;
 use crate::registry::instance::{Instance, NodeRecord};
+use crate::registry::mesh_state::MeshObjects;
 
 pub struct MemoryBackend {
     kind: &'static str,
@@ -68,6 +69,30 @@ impl Backend for MemoryBackend {
 
     async fn delete_node(&self, name: &str) -> Result<(), BackendError> {
         self.change(|c| c.nodes.remove(name).is_some());
+        Ok(())
+    }
+
+    async fn put_mesh(&self, objects: &MeshObjects) -> Result<(), BackendError> {
+        self.change(|c| {
+            let before = c.mesh.clone();
+            c.mesh.services.extend(objects.services.clone());
+            c.mesh.workloads.extend(objects.workloads.clone());
+            c.mesh != before
+        });
+        Ok(())
+    }
+
+    async fn delete_mesh(&self, objects: &MeshObjects) -> Result<(), BackendError> {
+        self.change(|c| {
+            let before = c.mesh.clone();
+            c.mesh
+                .services
+                .retain(|k, _| !objects.services.contains_key(k));
+            c.mesh
+                .workloads
+                .retain(|k, _| !objects.workloads.contains_key(k));
+            c.mesh != before
+        });
         Ok(())
     }
 }

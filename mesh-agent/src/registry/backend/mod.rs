@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use super::catalog::Catalog;
 use super::instance::{Instance, NodeRecord};
+use super::mesh_state::MeshObjects;
 
 #[derive(Debug, Error)]
 pub enum BackendError {
@@ -41,4 +42,8 @@ pub trait Backend: Send + Sync {
     /// Announces a node (this agent's own).
     async fn put_node(&self, node: &NodeRecord) -> Result<(), BackendError>;
     async fn delete_node(&self, name: &str) -> Result<(), BackendError>;
+    /// Stores operator-defined mesh objects, all or none (they outlive every agent).
+    async fn put_mesh(&self, objects: &MeshObjects) -> Result<(), BackendError>;
+    /// Deletes operator-defined mesh objects (only the keys of `objects` matter).
+    async fn delete_mesh(&self, objects: &MeshObjects) -> Result<(), BackendError>;
 }
