@@ -191,6 +191,11 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         state.security.reload(&config)?;
     }
     state.metrics.config_generation.inc();
+    if let Some(failures) = &state.security.ca_failures {
+        if let Err(e) = state.metrics.register(Box::new(failures.clone())) {
+            tracing::error!(error = %e, "registering the CA service client's metric");
+        }
+    }
     if let Some(log) = access_log {
         if let Err(e) = state.metrics.register(Box::new(log.dropped())) {
             tracing::error!(error = %e, "registering the access log's metric");

@@ -12,7 +12,7 @@ use crate::ca_service::RemoteCa;
 use crate::config::{agent_service_account, Config, AGENT_NAMESPACE};
 use crate::identity::{
     client_config, server_config, CertStore, IdentityError, IdentityManager, MeshCa,
-    RotationConfig, SpiffeError, SpiffeId, WorkloadSpec,
+    RotationConfig, SpiffeError, SpiffeId, TrustBundle, WorkloadSpec,
 };
 use crate::policy::authz::ReloadableAuthorizer;
 use crate::policy::authz_config::AuthzConfigError;
@@ -32,6 +32,9 @@ pub struct Security {
     /// Counters of this agent's HBONE listener.
     pub inbound: Arc<InboundStats>,
     pub identities: IdentityManager,
+    /// Failed requests to the CA service (`nodemesh_ca_renewal_failures_total`), when one is
+    /// configured.
+    pub ca_failures: Option<prometheus::IntCounter>,
     pub authz: ReloadableAuthorizer,
     pub pool: HbonePool,
     trust_domain: String,
@@ -43,19 +46,25 @@ pub fn agent_identity(trust_domain: &str, node: &str) -> Result<SpiffeId, Spiffe
     SpiffeId::new(trust_domain, AGENT_NAMESPACE, &agent_service_account(node))
 }
 
+/// How often the trust bundle file of `identity.ca_service` is re-read (root rotation).
+const TRUST_BUNDLE_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The identity manager of this node: issuing through the CA service when one is configured
-/// (no CA key here), else with the local CA.
-pub fn identity_manager(config: &Config) -> Result<IdentityManager, SecurityError> {
+/// (no CA key here; validation refuses `ca_cert`/`ca_key` beside it), else with the local CA.
+/// With a CA service, also the counter of its failed requests.
+pub fn identity_manager(
+    config: &Config,
+) -> Result<(IdentityManager, Option<prometheus::IntCounter>), SecurityError> {
     let rotation = RotationConfig {
         ttl: config.identity.cert_ttl,
         ..Default::default()
     };
     let Some(remote) = &config.identity.ca_service else {
-        return Ok(IdentityManager::new(load_ca(config)?, rotation));
+        return Ok((IdentityManager::new(load_ca(config)?, rotation)?, None));
     };
     let node_id = agent_identity(&config.node.trust_domain, &config.node.name)?;
-    let bundle = crate::identity::files::read_to_string(&remote.trust_bundle)?;
-    let anchor = crate::identity::files::parse_cert_pem(&remote.trust_bundle, &bundle)?;
+    let trust = TrustBundle::from_file(&remote.trust_bundle)?;
+    watch_trust_bundle(&trust, remote.trust_bundle.clone());
     let store = CertStore::new();
     store.insert(load_node_cert(
         &remote.node_cert,
@@ -65,17 +74,41 @@ pub fn identity_manager(config: &Config) -> Result<IdentityManager, SecurityErro
     let store = Arc::new(store);
     let issuer = RemoteCa::new(
         remote.address,
-        &anchor,
+        &trust,
         store.clone(),
         node_id,
         remote.timeout,
     )?;
-    Ok(IdentityManager::with_issuer(
-        Arc::new(issuer),
-        anchor,
-        store,
-        rotation,
-    ))
+    let failures = issuer.failures();
+    let manager = IdentityManager::with_issuer(Arc::new(issuer), trust, store, rotation);
+    Ok((manager, Some(failures)))
+}
+
+/// Re-reads the bundle file every [`TRUST_BUNDLE_POLL`] while `trust` is in use, so roots added
+/// or removed by the operator apply to new handshakes without a restart.
+fn watch_trust_bundle(trust: &Arc<TrustBundle>, path: std::path::PathBuf) {
+    let weak = Arc::downgrade(trust);
+    tokio::spawn(async move {
+        let mut last_error = None;
+        loop {
+            tokio::time::sleep(TRUST_BUNDLE_POLL).await;
+            let Some(trust) = weak.upgrade() else { return };
+            match trust.reload(&path) {
+                Ok(true) => {
+                    tracing::info!(path = %path.display(), roots = trust.certs().len(), "trust bundle reloaded");
+                    last_error = None;
+                }
+                Ok(false) => last_error = None,
+                Err(e) => {
+                    let text = e.to_string();
+                    if last_error.as_ref() != Some(&text) {
+                        tracing::error!(path = %path.display(), error = %text, "trust bundle reload refused; keeping the current roots");
+                    }
+                    last_error = Some(text);
+                }
+            }
+        }
+    });
 }
 
 /// Loads the CA from the configured files (a mounted Secret), else from the state directory,
@@ -111,7 +144,7 @@ pub fn wanted_identities(config: &Config) -> Result<Vec<WorkloadSpec>, SpiffeErr
 
 impl Security {
     pub fn new(config: &Config) -> Result<Security, SecurityError> {
-        let identities = identity_manager(config)?;
+        let (identities, ca_failures) = identity_manager(config)?;
         identities.reconcile(&wanted_identities(config)?)?;
         let authz = ReloadableAuthorizer::new(&config.authz())?;
         // Half the certificate lifetime: a new tunnel never rides a connection whose handshake
@@ -124,6 +157,7 @@ impl Security {
         Ok(Security {
             inbound: Arc::default(),
             identities,
+            ca_failures,
             authz,
             pool,
             trust_domain: config.node.trust_domain.clone(),
@@ -135,7 +169,7 @@ impl Security {
     pub fn server_tls(&self, config: &Config) -> Result<Arc<rustls::ServerConfig>, SecurityError> {
         let id = agent_identity(&config.node.trust_domain, &config.node.name)?;
         Ok(server_config(
-            self.identities.trust_anchor(),
+            self.identities.trust(),
             self.identities.store(),
             id,
         )?)
@@ -157,7 +191,7 @@ impl Security {
         }
         let expected = agent_identity(&self.trust_domain, node)?;
         let tls = client_config(
-            self.identities.trust_anchor(),
+            self.identities.trust(),
             self.identities.store(),
             source.clone(),
             Some(expected),

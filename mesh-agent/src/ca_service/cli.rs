@@ -68,7 +68,7 @@ pub fn issue_node(
     let leaf = cert.leaf().map(|d| pem_of(d.as_ref())).unwrap_or_default();
     write("node.key", pem_key(cert.key.secret_der()).as_bytes(), 0o600)?;
     write("node.crt", leaf.as_bytes(), 0o644)?;
-    write("ca.crt", server.ca().cert_pem().as_bytes(), 0o644)?;
+    write("ca.crt", server.trust().to_pem().as_bytes(), 0o644)?;
     Ok(format!(
         "{id}: node.crt, node.key, ca.crt in {}\n",
         out.display()
@@ -89,8 +89,26 @@ pub fn serve(config_path: &Path, config: &CaServiceConfig) -> Result<(), CaServi
                 addr: config.listen,
                 source,
             })?;
-        tracing::info!(listen = %config.listen, trust_domain = %config.trust_domain, "CA service ready");
         let (stop, stopped) = tokio::sync::watch::channel(false);
+        if let Some(addr) = config.metrics {
+            let metrics = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| CaServiceError::Listen { addr, source })?;
+            let shown = server.clone();
+            let handler: crate::http_server::Handler = Arc::new(move |path| match path {
+                "/metrics" => crate::http_server::Reply {
+                    status: hyper::StatusCode::OK,
+                    content_type: "text/plain; version=0.0.4",
+                    body: shown.metrics().render(),
+                },
+                _ => crate::http_server::Reply::text(
+                    hyper::StatusCode::NOT_FOUND,
+                    "not found; try /metrics\n",
+                ),
+            });
+            tokio::spawn(crate::http_server::serve(metrics, handler, stopped.clone()));
+        }
+        tracing::info!(listen = %config.listen, metrics = ?config.metrics, trust_domain = %config.trust_domain, "CA service ready");
         tokio::spawn(async move {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

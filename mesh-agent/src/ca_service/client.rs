@@ -10,39 +10,52 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{CertificateParams, KeyPair};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 
 use super::protocol::{SignRequest, SignResponse, MAX_MESSAGE};
 use super::CA_SERVICE_ACCOUNT;
 use crate::config::AGENT_NAMESPACE;
 use crate::identity::{
-    client_config, CertIssuer, CertStore, IdentityError, SpiffeId, WorkloadCert, WorkloadSpec,
+    client_config, CertIssuer, CertStore, IdentityError, SpiffeId, TrustBundle, WorkloadCert,
+    WorkloadSpec,
 };
 
 pub struct RemoteCa {
     address: SocketAddr,
     tls: Arc<rustls::ClientConfig>,
     timeout: Duration,
+    failures: prometheus::IntCounter,
 }
 
 impl RemoteCa {
     /// Talks to the CA service at `address` as `node_id`, whose certificate `store` holds (the
     /// bootstrap certificate, then its renewals); the service must present its own identity
-    /// chained to `trust_anchor`.
+    /// chained to a root of `trust`.
     pub fn new(
         address: SocketAddr,
-        trust_anchor: &CertificateDer<'_>,
+        trust: &Arc<TrustBundle>,
         store: Arc<CertStore>,
         node_id: SpiffeId,
         timeout: Duration,
     ) -> Result<Self, IdentityError> {
         let server = SpiffeId::new(&node_id.trust_domain, AGENT_NAMESPACE, CA_SERVICE_ACCOUNT)?;
-        let tls = client_config(trust_anchor, store, node_id, Some(server))?;
+        let tls = client_config(trust, store, node_id, Some(server))?;
+        let failures = prometheus::IntCounter::new(
+            "nodemesh_ca_renewal_failures_total",
+            "failed certificate requests to the CA service (unreachable, timed out or refused); renewal retries with backoff",
+        )
+        .map_err(|e| IdentityError::Issuer(e.to_string()))?;
         Ok(Self {
             address,
             tls,
             timeout,
+            failures,
         })
+    }
+
+    /// The counter of failed requests (register it to export it).
+    pub fn failures(&self) -> prometheus::IntCounter {
+        self.failures.clone()
     }
 
     fn exchange(&self, request: &SignRequest) -> Result<SignResponse, IdentityError> {
@@ -71,6 +84,16 @@ impl RemoteCa {
 
 impl CertIssuer for RemoteCa {
     fn issue(&self, spec: &WorkloadSpec, ttl: Duration) -> Result<WorkloadCert, IdentityError> {
+        let issued = self.request(spec, ttl);
+        if issued.is_err() {
+            self.failures.inc();
+        }
+        issued
+    }
+}
+
+impl RemoteCa {
+    fn request(&self, spec: &WorkloadSpec, ttl: Duration) -> Result<WorkloadCert, IdentityError> {
         let err = |source| IdentityError::Issue {
             id: spec.id.to_string(),
             source,

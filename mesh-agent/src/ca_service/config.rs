@@ -22,6 +22,14 @@ pub struct CaServiceConfig {
     pub ca_cert: Option<PathBuf>,
     #[serde(default)]
     pub ca_key: Option<PathBuf>,
+    /// The roots nodes' certificates may chain to and that the service publishes (PEM, one or
+    /// more certificates); must hold the CA's own certificate. Default: that certificate alone.
+    /// Two roots while a root is rotated. Re-read with the placements.
+    #[serde(default)]
+    pub trust_bundle: Option<PathBuf>,
+    /// Address of the plain-HTTP `/metrics` endpoint (Prometheus); none when unset.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
     /// Node name -> the `<namespace>/<service-account>` identities placed on it.
     #[serde(default)]
     pub placements: BTreeMap<String, Vec<String>>,

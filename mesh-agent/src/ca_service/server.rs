@@ -3,7 +3,6 @@
 //! identity the placements put on that node; every refusal is logged and counted.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -16,7 +15,11 @@ use super::config::{CaServiceConfig, Placements};
 use super::protocol::{SignRequest, SignResponse, MAX_MESSAGE};
 use super::CA_SERVICE_ACCOUNT;
 use crate::config::AGENT_NAMESPACE;
-use crate::identity::{peer_spiffe_id, server_config, CertStore, MeshCa, SpiffeId, WorkloadSpec};
+use crate::identity::trust::read_certs;
+use crate::identity::{
+    peer_spiffe_id, server_config, CertStore, IdentityError, MeshCa, SpiffeId, TrustBundle,
+    WorkloadSpec,
+};
 
 /// Concurrent connections being served; more wait in the kernel backlog.
 const MAX_CONNECTIONS: usize = 256;
@@ -29,11 +32,88 @@ const OWN_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 
 pub struct CaServer {
     ca: MeshCa,
+    /// Roots node certificates may chain to; published to nodes with every certificate.
+    trust: Arc<TrustBundle>,
+    trust_path: Option<PathBuf>,
     placements: RwLock<Arc<Placements>>,
     own: Arc<CertStore>,
     own_id: SpiffeId,
-    pub signed: AtomicU64,
-    pub refused: AtomicU64,
+    metrics: CaMetrics,
+}
+
+/// Why a request was refused: the `reason` label of `nodemesh_ca_csr_refused_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No client certificate chaining to the mesh roots (or none at all).
+    Handshake,
+    /// The client certificate's SPIFFE ID is no node identity of this trust domain.
+    NotANode,
+    Malformed,
+    /// The requested identity is in another trust domain.
+    TrustDomain,
+    /// The requested identity is not placed on the caller's node.
+    NotPlaced,
+    /// The CSR could not be signed (bad CSR or names).
+    Signing,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 6] = [
+        Refusal::Handshake,
+        Refusal::NotANode,
+        Refusal::Malformed,
+        Refusal::TrustDomain,
+        Refusal::NotPlaced,
+        Refusal::Signing,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Handshake => "handshake",
+            Refusal::NotANode => "not_a_node",
+            Refusal::Malformed => "malformed",
+            Refusal::TrustDomain => "trust_domain",
+            Refusal::NotPlaced => "not_placed",
+            Refusal::Signing => "signing",
+        }
+    }
+}
+
+/// The CA service's Prometheus families (served on its `metrics` address).
+pub struct CaMetrics {
+    registry: prometheus::Registry,
+    pub signed: prometheus::IntCounter,
+    pub refused: prometheus::IntCounterVec,
+}
+
+impl CaMetrics {
+    fn new() -> Self {
+        let registry = prometheus::Registry::new();
+        let r = crate::metrics::Registrar(&registry);
+        let signed = r.counter("nodemesh_ca_csr_signed_total", "CSRs the CA service signed");
+        let refused = r.counter_vec(
+            "nodemesh_ca_csr_refused_total",
+            "CSR requests the CA service refused, by reason",
+            &["reason"],
+        );
+        for reason in Refusal::ALL {
+            refused.with_label_values(&[reason.label()]);
+        }
+        Self {
+            registry,
+            signed,
+            refused,
+        }
+    }
+
+    pub fn refused(&self, reason: Refusal) -> u64 {
+        self.refused.with_label_values(&[reason.label()]).get()
+    }
+
+    /// Prometheus text exposition of every family.
+    pub fn render(&self) -> String {
+        crate::metrics::render(&self.registry)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,18 +137,31 @@ impl CaServer {
         let own_id = SpiffeId::new(&config.trust_domain, AGENT_NAMESPACE, CA_SERVICE_ACCOUNT)?;
         let own = Arc::new(CertStore::new());
         own.insert(ca.issue(&own_spec(&own_id), OWN_CERT_TTL)?)?;
+        let trust = match &config.trust_bundle {
+            Some(path) => TrustBundle::new(bundle_with_own_root(path, &ca)?)?,
+            None => TrustBundle::new(vec![ca.cert_der().clone()])?,
+        };
         Ok(Self {
+            trust,
+            trust_path: config.trust_bundle.clone(),
             placements: RwLock::new(Arc::new(config.placements()?)),
             ca,
             own,
             own_id,
-            signed: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
+            metrics: CaMetrics::new(),
         })
     }
 
     pub fn ca(&self) -> &MeshCa {
         &self.ca
+    }
+
+    pub fn trust(&self) -> &Arc<TrustBundle> {
+        &self.trust
+    }
+
+    pub fn metrics(&self) -> &CaMetrics {
+        &self.metrics
     }
 
     /// Replaces the placements (hot reload); a bad config keeps the current ones.
@@ -85,7 +178,7 @@ impl CaServer {
         poll: Duration,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), CaServiceError> {
-        let tls = server_config(self.ca.cert_der(), self.own.clone(), self.own_id.clone())?;
+        let tls = server_config(&self.trust, self.own.clone(), self.own_id.clone())?;
         let acceptor = TlsAcceptor::from(tls);
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let mut reload = tokio::time::interval(poll);
@@ -102,6 +195,7 @@ impl CaServer {
                     if let Some(path) = &config_path {
                         self.reload(path, &mut last_text);
                     }
+                    self.reload_trust();
                     continue;
                 }
                 _ = renew.tick() => {
@@ -155,6 +249,22 @@ impl CaServer {
         }
     }
 
+    /// Re-reads the trust bundle file; one without the CA's own root is refused.
+    fn reload_trust(&self) {
+        let Some(path) = &self.trust_path else {
+            return;
+        };
+        match bundle_with_own_root(path, &self.ca).and_then(|certs| self.trust.replace(certs)) {
+            Ok(true) => {
+                tracing::info!(path = %path.display(), roots = self.trust.certs().len(), "trust bundle reloaded")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "trust bundle reload refused; keeping the current roots")
+            }
+        }
+    }
+
     async fn serve(
         &self,
         acceptor: TlsAcceptor,
@@ -167,7 +277,7 @@ impl CaServer {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 // No valid node certificate (or none at all): refused by the TLS verifier.
-                self.refuse("-", &format!("TLS handshake: {e}"));
+                self.refuse("-", Refusal::Handshake, &format!("TLS handshake: {e}"));
                 return Err(e);
             }
             Err(e) => return Err(timed("handshake")(e)),
@@ -183,7 +293,7 @@ impl CaServer {
         .map_err(timed("request read"))??;
         let response = match caller {
             Ok(caller) => self.answer(&caller, &line),
-            Err(e) => self.refuse("-", &format!("no client identity: {e}")),
+            Err(e) => self.refuse("-", Refusal::NotANode, &format!("no client identity: {e}")),
         };
         let mut out = serde_json::to_vec(&response).unwrap_or_default();
         out.push(b'\n');
@@ -199,16 +309,32 @@ impl CaServer {
     /// Signs `line`'s CSR if `caller` (a node identity) may hold the identity it asks for.
     fn answer(&self, caller: &SpiffeId, line: &str) -> SignResponse {
         let Some(node) = node_of(caller, &self.ca) else {
-            return self.refuse(&caller.to_string(), "not a node identity");
+            return self.refuse(
+                &caller.to_string(),
+                Refusal::NotANode,
+                "not a node identity",
+            );
         };
         let request: SignRequest = match serde_json::from_str(line) {
             Ok(r) => r,
-            Err(e) => return self.refuse(node, &format!("malformed request: {e}")),
+            Err(e) => {
+                return self.refuse(node, Refusal::Malformed, &format!("malformed request: {e}"))
+            }
         };
         let wanted: SpiffeId = match request.id.parse() {
             Ok(id) => id,
-            Err(e) => return self.refuse(node, &format!("bad id: {e}")),
+            Err(e) => return self.refuse(node, Refusal::Malformed, &format!("bad id: {e}")),
         };
+        if wanted.trust_domain != self.ca.trust_domain() {
+            return self.refuse(
+                node,
+                Refusal::TrustDomain,
+                &format!(
+                    "{wanted} is outside trust domain {}",
+                    self.ca.trust_domain()
+                ),
+            );
+        }
         let placed = {
             let placements = self.placements.read().unwrap_or_else(|p| p.into_inner());
             placements.allows(
@@ -217,7 +343,11 @@ impl CaServer {
             )
         };
         if &wanted != caller && !placed {
-            return self.refuse(node, &format!("{wanted} is not placed on node {node}"));
+            return self.refuse(
+                node,
+                Refusal::NotPlaced,
+                &format!("{wanted} is not placed on node {node}"),
+            );
         }
         let spec = WorkloadSpec {
             id: wanted.clone(),
@@ -226,21 +356,21 @@ impl CaServer {
         let ttl = Duration::from_secs(request.ttl_secs).min(MAX_TTL);
         match self.ca.sign_csr(&spec, &request.csr, ttl) {
             Ok(cert) => {
-                let total = self.signed.fetch_add(1, Ordering::Relaxed) + 1;
-                tracing::info!(%node, id = %wanted, signed_total = total, "CSR signed");
+                self.metrics.signed.inc();
+                tracing::info!(%node, id = %wanted, "CSR signed");
                 SignResponse {
                     cert: Some(cert),
-                    bundle: Some(self.ca.cert_pem().to_owned()),
+                    bundle: Some(self.trust.to_pem()),
                     error: None,
                 }
             }
-            Err(e) => self.refuse(node, &e.to_string()),
+            Err(e) => self.refuse(node, Refusal::Signing, &e.to_string()),
         }
     }
 
-    fn refuse(&self, caller: &str, reason: &str) -> SignResponse {
-        let total = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-        tracing::warn!(%caller, %reason, refused_total = total, "CSR refused");
+    fn refuse(&self, caller: &str, why: Refusal, reason: &str) -> SignResponse {
+        self.metrics.refused.with_label_values(&[why.label()]).inc();
+        tracing::warn!(%caller, reason = why.label(), detail = %reason, "CSR refused");
         SignResponse {
             error: Some(reason.to_owned()),
             ..Default::default()
@@ -254,6 +384,22 @@ fn node_of<'a>(id: &'a SpiffeId, ca: &MeshCa) -> Option<&'a str> {
         return None;
     }
     id.service_account.strip_prefix("node.")
+}
+
+/// The roots of the bundle at `path`, which must include the CA's own certificate (else the
+/// certificates it issues would not verify).
+fn bundle_with_own_root(
+    path: &std::path::Path,
+    ca: &MeshCa,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, IdentityError> {
+    let certs = read_certs(path)?;
+    if !certs.contains(ca.cert_der()) {
+        return Err(crate::identity::files::invalid(
+            path,
+            "does not contain the CA certificate (ca_cert) the service issues from",
+        ));
+    }
+    Ok(certs)
 }
 
 fn own_spec(id: &SpiffeId) -> WorkloadSpec {
@@ -314,7 +460,7 @@ mod tests {
         store.insert(cert).expect("insert");
         RemoteCa::new(
             addr,
-            anchor.cert_der(),
+            &crate::identity::TrustBundle::new(vec![anchor.cert_der().clone()]).expect("bundle"),
             store,
             node_id,
             Duration::from_secs(2),
@@ -375,6 +521,19 @@ mod tests {
         // Not placed anywhere.
         let unplaced = issue(client(addr, ca, ca, "n1"), spec("shop", "admin")).await;
         assert!(unplaced.is_err(), "{unplaced:?}");
+        // Another trust domain, even for a placed namespace/service account.
+        let foreign = issue(
+            client(addr, ca, ca, "n1"),
+            WorkloadSpec {
+                id: SpiffeId::new("evil.example", "shop", "client").expect("id"),
+                service: "client".into(),
+            },
+        )
+        .await;
+        assert!(
+            matches!(&foreign, Err(IdentityError::Issuer(m)) if m.contains("outside trust domain")),
+            "{foreign:?}"
+        );
         // A node certificate from another CA: the handshake fails.
         let rogue = MeshCa::generate(TD).expect("rogue ca");
         let forged = issue(client(addr, ca, &rogue, "n1"), spec("shop", "client")).await;
@@ -395,8 +554,14 @@ mod tests {
             .await
             .is_ok());
 
-        assert_eq!(server.signed.load(Ordering::Relaxed), 3);
-        assert_eq!(server.refused.load(Ordering::Relaxed), 3);
+        let m = server.metrics();
+        assert_eq!(m.signed.get(), 3);
+        assert_eq!(m.refused(Refusal::NotPlaced), 2);
+        assert_eq!(m.refused(Refusal::Handshake), 1);
+        assert_eq!(m.refused(Refusal::TrustDomain), 1);
+        assert!(m
+            .render()
+            .contains("nodemesh_ca_csr_refused_total{reason=\"not_placed\"} 2"));
     }
 
     #[test]

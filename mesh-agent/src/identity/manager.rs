@@ -5,13 +5,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{
     spawn_rotation, CertIssuer, CertStore, IdentityError, MeshCa, RotationConfig, SpiffeId,
-    WorkloadSpec,
+    TrustBundle, WorkloadSpec,
 };
 
 struct Rotation {
@@ -21,8 +20,8 @@ struct Rotation {
 
 pub struct IdentityManager {
     issuer: Arc<dyn CertIssuer>,
-    /// The CA certificate peers' chains must verify against.
-    trust_anchor: CertificateDer<'static>,
+    /// The roots peers' chains must verify against.
+    trust: Arc<TrustBundle>,
     store: Arc<CertStore>,
     rotation: RotationConfig,
     tasks: Mutex<HashMap<SpiffeId, Rotation>>,
@@ -30,30 +29,35 @@ pub struct IdentityManager {
 
 impl IdentityManager {
     /// Issues with a CA held in this process (single-node default).
-    pub fn new(ca: MeshCa, rotation: RotationConfig) -> Self {
-        let anchor = ca.cert_der().clone();
-        Self::with_issuer(Arc::new(ca), anchor, Arc::new(CertStore::new()), rotation)
+    pub fn new(ca: MeshCa, rotation: RotationConfig) -> Result<Self, IdentityError> {
+        let trust = TrustBundle::new(vec![ca.cert_der().clone()])?;
+        Ok(Self::with_issuer(
+            Arc::new(ca),
+            trust,
+            Arc::new(CertStore::new()),
+            rotation,
+        ))
     }
 
     /// Issues through `issuer` (e.g. the remote CA service); `store` may already hold
     /// certificates (the node's bootstrap certificate).
     pub fn with_issuer(
         issuer: Arc<dyn CertIssuer>,
-        trust_anchor: CertificateDer<'static>,
+        trust: Arc<TrustBundle>,
         store: Arc<CertStore>,
         rotation: RotationConfig,
     ) -> Self {
         Self {
             issuer,
-            trust_anchor,
+            trust,
             store,
             rotation,
             tasks: Mutex::new(HashMap::new()),
         }
     }
 
-    pub fn trust_anchor(&self) -> &CertificateDer<'static> {
-        &self.trust_anchor
+    pub fn trust(&self) -> &Arc<TrustBundle> {
+        &self.trust
     }
 
     pub fn store(&self) -> Arc<CertStore> {
@@ -129,7 +133,7 @@ mod tests {
             ttl: Duration::from_secs(3600),
             ..Default::default()
         };
-        let manager = IdentityManager::new(ca, rotation);
+        let manager = IdentityManager::new(ca, rotation).expect("manager");
         manager.reconcile(&[spec("a"), spec("b")]).expect("issued");
         let store = manager.store();
         assert!(store.get(&spec("a").id).is_some() && store.get(&spec("b").id).is_some());

@@ -13,6 +13,7 @@ pub mod rotation;
 pub mod spiffe;
 pub mod store;
 pub mod tls;
+pub mod trust;
 
 pub use ca::MeshCa;
 pub use certs::{WorkloadCert, WorkloadSpec};
@@ -22,3 +23,4 @@ pub use rotation::{spawn_rotation, Backoff, CertIssuer, RotationConfig};
 pub use spiffe::{SpiffeError, SpiffeId};
 pub use store::CertStore;
 pub use tls::{client_config, peer_spiffe_id, server_config};
+pub use trust::TrustBundle;
