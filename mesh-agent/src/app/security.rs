@@ -11,7 +11,7 @@ use crate::ca_service::client::load_node_cert;
 use crate::ca_service::RemoteCa;
 use crate::config::{agent_service_account, Config, AGENT_NAMESPACE};
 use crate::identity::{
-    client_config, server_config, CertStore, IdentityError, IdentityManager, MeshCa,
+    client_config, server_config, CertDir, CertStore, IdentityError, IdentityManager, MeshCa,
     RotationConfig, SpiffeError, SpiffeId, TrustBundle, WorkloadSpec,
 };
 use crate::policy::authz::ReloadableAuthorizer;
@@ -80,7 +80,11 @@ pub fn identity_manager(
         remote.timeout,
     )?;
     let failures = issuer.failures();
-    let manager = IdentityManager::with_issuer(Arc::new(issuer), trust, store, rotation);
+    // This node's own leaf certificates (never a CA key), so a restart while the CA service is
+    // down serves with the ones still valid.
+    let persisted = CertDir::new(config.identity.state_dir.join("certs"));
+    let manager =
+        IdentityManager::with_issuer(Arc::new(issuer), trust, store, rotation, Some(persisted));
     Ok((manager, Some(failures)))
 }
 

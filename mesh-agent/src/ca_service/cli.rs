@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::config::CaServiceConfig;
 use super::server::{CaServer, CaServiceError};
 use crate::config::ConfigError;
+use crate::identity::persisted::pem_block;
 use crate::identity::{IdentityError, WorkloadSpec};
 
 /// How often `serve` checks its config file for new placements.
@@ -139,8 +140,4 @@ fn pem_of(der: &[u8]) -> String {
 
 fn pem_key(der: &[u8]) -> String {
     pem_block("PRIVATE KEY", der)
-}
-
-fn pem_block(tag: &str, der: &[u8]) -> String {
-    pem::encode(&pem::Pem::new(tag, der))
 }

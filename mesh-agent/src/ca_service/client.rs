@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rcgen::{CertificateParams, KeyPair};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
@@ -15,6 +15,7 @@ use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use super::protocol::{SignRequest, SignResponse, MAX_MESSAGE};
 use super::CA_SERVICE_ACCOUNT;
 use crate::config::AGENT_NAMESPACE;
+use crate::identity::persisted::certificate_from;
 use crate::identity::{
     client_config, CertIssuer, CertStore, IdentityError, SpiffeId, TrustBundle, WorkloadCert,
     WorkloadSpec,
@@ -120,53 +121,11 @@ impl RemoteCa {
     }
 }
 
-/// A [`WorkloadCert`] from a PEM leaf and its key, with the validity read from the leaf.
-pub fn certificate_from(
-    origin: &Path,
-    pem: &str,
-    key: PrivateKeyDer<'static>,
-    expected: &SpiffeId,
-) -> Result<WorkloadCert, IdentityError> {
-    let der = crate::identity::files::parse_cert_pem(origin, pem)?;
-    let id = SpiffeId::from_cert_der(&der)?;
-    if &id != expected {
-        return Err(IdentityError::PeerMismatch {
-            expected: expected.to_string(),
-            found: id.to_string(),
-        });
-    }
-    let (_, cert) = x509_parser::parse_x509_certificate(&der)
-        .map_err(|e| crate::identity::files::invalid(origin, e))?;
-    let at = |t: x509_parser::time::ASN1Time| {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
-    };
-    let validity = cert.validity();
-    Ok(WorkloadCert {
-        not_before: at(validity.not_before),
-        not_after: at(validity.not_after),
-        chain: vec![der],
-        key,
-        spiffe_id: id,
-    })
-}
-
 /// The node's bootstrap certificate (`mesh-agent ca issue-node`) from its files.
 pub fn load_node_cert(
     cert: &Path,
     key: &Path,
     expected: &SpiffeId,
 ) -> Result<WorkloadCert, IdentityError> {
-    let pem = crate::identity::files::read_to_string(cert)?;
-    let key_pem = crate::identity::files::read_to_string(key)?;
-    let key = match rustls_pemfile::private_key(&mut key_pem.as_bytes()) {
-        Ok(Some(k)) => k,
-        Ok(None) => {
-            return Err(crate::identity::files::invalid(
-                key,
-                "no PRIVATE KEY PEM block",
-            ))
-        }
-        Err(e) => return Err(crate::identity::files::invalid(key, e)),
-    };
-    certificate_from(cert, &pem, key, expected)
+    crate::identity::persisted::load_pem_pair(cert, key, expected)
 }
