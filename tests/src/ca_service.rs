@@ -27,6 +27,8 @@ pub struct CaService {
     /// The node whose network namespace it runs in.
     pub netns: String,
     starts: u32,
+    /// The config as [`CaService::configure`] wrote it.
+    base_yaml: String,
 }
 
 impl CaService {
@@ -41,8 +43,9 @@ impl CaService {
         for (node, ids) in placements {
             yaml.push_str(&format!("  {node}: [{}]\n", ids.join(", ")));
         }
-        std::fs::write(&config, yaml)?;
+        std::fs::write(&config, &yaml)?;
         Ok(CaService {
+            base_yaml: yaml,
             config,
             state_dir,
             pid: None,
@@ -52,21 +55,35 @@ impl CaService {
         })
     }
 
-    /// `mesh-agent ca issue-node`: the node's bootstrap directory (`node.crt`, `node.key`,
-    /// `ca.crt`), as a per-node Secret would hold it.
-    pub fn issue_node(&self, topo: &Topology, node: &str) -> Result<PathBuf> {
-        let out = topo.workdir.join(format!("{node}-bootstrap"));
+    /// Rewrites the config with `extra` top-level fields (e.g. `ca_cert`, `trust_bundle`).
+    pub fn rewrite_config(&self, extra: &str) -> Result<()> {
+        Ok(std::fs::write(
+            &self.config,
+            format!("{extra}{}", self.base_yaml),
+        )?)
+    }
+
+    /// Runs `mesh-agent ca <args>` to completion (the CLI subcommands), failing on non-zero exit.
+    pub fn run(&self, args: &[&str]) -> Result<()> {
         let status = Command::new(agent_binary()?)
             .arg("ca")
             .arg("--config")
             .arg(&self.config)
-            .args(["issue-node", "--node", node, "--out"])
-            .arg(&out)
+            .args(args)
             .stdout(Stdio::null())
             .status()?;
         if !status.success() {
-            bail!("mesh-agent ca issue-node --node {node} failed: {status}");
+            bail!("mesh-agent ca {args:?} failed: {status}");
         }
+        Ok(())
+    }
+
+    /// `mesh-agent ca issue-node`: the node's bootstrap directory (`node.crt`, `node.key`,
+    /// `ca.crt`), as a per-node Secret would hold it.
+    pub fn issue_node(&self, topo: &Topology, node: &str) -> Result<PathBuf> {
+        let out = topo.workdir.join(format!("{node}-bootstrap"));
+        let dir = out.to_string_lossy();
+        self.run(&["issue-node", "--node", node, "--out", &dir])?;
         Ok(out)
     }
 

@@ -261,3 +261,156 @@ fn first_start_without_the_ca_service_is_not_ready_until_it_answers() -> Result<
     ca.stop(&topo)?;
     Ok(())
 }
+
+/// Renewed every few seconds (half of 70 s + the 60 s skew allowance, minus that allowance), so a
+/// root switch reaches every certificate quickly; the HBONE pool re-handshakes after 35 s.
+const ROTATION_TTL: &str = "identity:\n  cert_ttl: 70s\n  allow_short_ttl: true\n";
+
+/// The persisted certificates of both nodes' identities all chain to `roots` (and are valid).
+fn all_certs_chain_to(topo: &Topology, roots: &TrustBundle) -> Result<bool> {
+    for (n, ids) in [
+        (
+            1,
+            vec![
+                id("nodemesh-system", "node.node-1"),
+                id("shop", "client"),
+                id("shop", "intruder"),
+            ],
+        ),
+        (
+            2,
+            vec![id("nodemesh-system", "node.node-2"), id("shop", "server")],
+        ),
+    ] {
+        for id in ids {
+            let file = topo
+                .state_dir(topo.node(n))
+                .join(format!("certs/{}.{}.pem", id.namespace, id.service_account));
+            let Ok(cert) = load_pem_pair(&file, &file, &id) else {
+                return Ok(false);
+            };
+            if !cert.leaf().is_some_and(|leaf| roots.verifies(leaf)) {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+#[test]
+fn root_rotation_loses_no_cross_node_connection() -> Result<()> {
+    let mut mesh = TwoNodes::start(Options {
+        ca_service: true,
+        identity_yaml: Some(ROTATION_TTL.into()),
+        ..Default::default()
+    })?;
+    echo_works(&mesh, "before-rotation")?;
+    let TwoNodes {
+        topo,
+        ca,
+        agent1,
+        agent2,
+        ..
+    } = &mut mesh;
+    let topo: &Topology = topo;
+    let ca = ca.as_mut().context("ca service")?;
+    let client = topo.node(1).pod("client");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+
+    let (attempts, failed) = std::thread::scope(|s| -> Result<(u64, Vec<String>)> {
+        // A continuous stream of new cross-node connections for the whole rotation.
+        let traffic = s.spawn(|| {
+            let (mut attempts, mut failed) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match topo.connect_from(client, ECHO_VIP, "rot", 10) {
+                    Ok(results) => {
+                        for a in results {
+                            attempts += 1;
+                            if !a.ok || a.reply != "srv:rot" {
+                                failed.push(format!("{a:?}"));
+                            }
+                        }
+                    }
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (attempts, failed)
+        });
+        let rotated = (|| -> Result<()> {
+            let work = &topo.workdir;
+            let old_root = std::fs::read_to_string(ca.state_dir.join("ca.crt"))?;
+            let root2 = work.join("root2");
+            ca.run(&["new-root", "--out", &root2.to_string_lossy()])?;
+            let new_root = std::fs::read_to_string(root2.join("ca.crt"))?;
+            let node_bundles = [
+                work.join("node-1-bootstrap/ca.crt"),
+                work.join("node-2-bootstrap/ca.crt"),
+            ];
+            let reloads = |log: String| log.matches("trust bundle reloaded").count();
+
+            // 1. Every agent trusts the new root beside the old one.
+            for b in &node_bundles {
+                std::fs::write(b, format!("{old_root}{new_root}"))?;
+            }
+            topo.wait_for("agents trust both roots", Duration::from_secs(15), || {
+                Ok(reloads(agent1.log_text()) >= 1 && reloads(agent2.log_text()) >= 1)
+            })?;
+            // 2. The CA service signs with the new root, trusting both.
+            let ca_bundle = work.join("ca-bundle.pem");
+            std::fs::write(&ca_bundle, format!("{old_root}{new_root}"))?;
+            ca.rewrite_config(&format!(
+                "ca_cert: {}\nca_key: {}\ntrust_bundle: {}\n",
+                root2.join("ca.crt").display(),
+                root2.join("ca.key").display(),
+                ca_bundle.display()
+            ))?;
+            ca.stop(topo)?;
+            ca.start(topo)?;
+            // 3. Agents renew: every certificate they hold comes from the new root.
+            let new_only = TrustBundle::from_file(&root2.join("ca.crt"))?;
+            topo.wait_for(
+                "every certificate from the new root",
+                Duration::from_secs(60),
+                || all_certs_chain_to(topo, &new_only),
+            )?;
+            // 4. The old root is removed everywhere.
+            for b in node_bundles.iter().chain([&ca_bundle]) {
+                std::fs::write(b, &new_root)?;
+            }
+            topo.wait_for("old root removed", Duration::from_secs(15), || {
+                Ok(reloads(agent1.log_text()) >= 2
+                    && reloads(agent2.log_text()) >= 2
+                    && reloads(ca.log_text()) >= 1)
+            })?;
+            // 5. Longer than the HBONE pool's reuse age (half of cert_ttl): new handshakes
+            // between the agents verify against the new root alone.
+            std::thread::sleep(Duration::from_secs(40));
+            ensure!(
+                all_certs_chain_to(topo, &new_only)?,
+                "a certificate from the old root came back"
+            );
+            Ok(())
+        })();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (attempts, failed) = traffic
+            .join()
+            .map_err(|_| anyhow::anyhow!("traffic thread panicked"))?;
+        rotated?;
+        Ok((attempts, failed))
+    })?;
+    ensure!(
+        failed.is_empty(),
+        "{} of {attempts} connections failed during the rotation: {:?}\nagent1:\n{}\nagent2:\n{}",
+        failed.len(),
+        &failed[..failed.len().min(5)],
+        mesh.agent1.log_text(),
+        mesh.agent2.log_text()
+    );
+    ensure!(
+        attempts >= 100,
+        "only {attempts} connections during the rotation"
+    );
+    echo_works(&mesh, "after-rotation")?;
+    eprintln!("root rotation: {attempts} cross-node connections, 0 failed");
+    Ok(())
+}

@@ -38,6 +38,30 @@ pub enum CaCommand {
         #[arg(long, default_value = "24h", value_parser = crate::config::duration_text::parse)]
         ttl: Duration,
     },
+    /// Generate a new root CA (`ca.crt`, `ca.key`) into a directory that holds none, for a
+    /// root rotation (docs/CA.md); the service keeps signing with its current CA until its
+    /// `ca_cert`/`ca_key` name the new one.
+    NewRoot {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Generates the new root of a rotation into `out`; refuses a directory that already has one.
+pub fn new_root(config: &CaServiceConfig, out: &Path) -> Result<String, CaServiceError> {
+    if out.join("ca.crt").exists() || out.join("ca.key").exists() {
+        return Err(ConfigError::invalid(
+            "--out",
+            format!("{} already holds a CA (ca.crt or ca.key)", out.display()),
+        )
+        .into());
+    }
+    crate::identity::MeshCa::load_or_generate(out, &config.trust_domain)?;
+    Ok(format!(
+        "new root for {}: ca.crt, ca.key in {}\n",
+        config.trust_domain,
+        out.display()
+    ))
 }
 
 /// Writes the bootstrap files of `node` into `out`; returns what was written.
@@ -131,6 +155,7 @@ pub fn run(args: &CaArgs) -> Result<String, CaServiceError> {
     match &args.command {
         CaCommand::Serve => serve(&args.config, &config).map(|()| String::new()),
         CaCommand::IssueNode { node, out, ttl } => issue_node(&config, node, out, *ttl),
+        CaCommand::NewRoot { out } => new_root(&config, out),
     }
 }
 

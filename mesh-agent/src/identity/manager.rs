@@ -13,8 +13,8 @@ use tokio::task::JoinHandle;
 
 use super::persisted::{CertDir, Persisting};
 use super::{
-    spawn_rotation, CertIssuer, CertStore, IdentityError, MeshCa, RotationConfig, SpiffeId,
-    TrustBundle, WorkloadSpec,
+    spawn_rotation_renewing, CertIssuer, CertStore, IdentityError, MeshCa, RotationConfig,
+    SpiffeId, TrustBundle, WorkloadSpec,
 };
 
 struct Rotation {
@@ -87,14 +87,17 @@ impl IdentityManager {
     }
 
     /// The first certificate of `spec`: issued now with a local CA; with a remote one the
-    /// persisted certificate if still valid, else none (the rotation task issues it).
+    /// persisted certificate if still valid and from a root still trusted, else none (the
+    /// rotation task issues it).
     fn first_certificate(
         &self,
         spec: &WorkloadSpec,
     ) -> Result<Option<super::WorkloadCert>, IdentityError> {
         match &self.persisted {
             None => self.issuer.issue(spec, self.rotation.ttl).map(Some),
-            Some(dir) => Ok(dir.load_valid(&spec.id)),
+            Some(dir) => Ok(dir
+                .load_valid(&spec.id)
+                .filter(|c| c.leaf().is_some_and(|leaf| self.trust.verifies(leaf)))),
         }
     }
 
@@ -119,16 +122,20 @@ impl IdentityManager {
             .map(|spec| self.first_certificate(spec))
             .collect::<Result<Vec<_>, _>>()?;
         for (spec, cert) in fresh.into_iter().zip(issued) {
+            // Held before without a certificate of ours (the node's bootstrap certificate):
+            // replaced at once, so it follows the CA's current root and `cert_ttl`.
+            let renew_now = cert.is_none() && self.store.get(&spec.id).is_some();
             if let Some(cert) = cert {
                 self.store.insert(cert)?;
             }
             let (stop, stopped) = watch::channel(false);
-            let task = spawn_rotation(
+            let task = spawn_rotation_renewing(
                 self.issuer.clone(),
                 self.store(),
                 spec.clone(),
                 self.rotation,
                 stopped,
+                renew_now,
             );
             tasks.insert(spec.id.clone(), Rotation { stop, task });
         }

@@ -21,7 +21,7 @@ pub use certs::{WorkloadCert, WorkloadSpec};
 pub use error::IdentityError;
 pub use manager::IdentityManager;
 pub use persisted::CertDir;
-pub use rotation::{spawn_rotation, Backoff, CertIssuer, RotationConfig};
+pub use rotation::{spawn_rotation, spawn_rotation_renewing, Backoff, CertIssuer, RotationConfig};
 pub use spiffe::{SpiffeError, SpiffeId};
 pub use store::CertStore;
 pub use tls::{client_config, peer_spiffe_id, server_config};

@@ -71,7 +71,20 @@ pub fn spawn_rotation(
     config: RotationConfig,
     shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
-    tokio::spawn(rotate(issuer, store, spec, config, shutdown))
+    spawn_rotation_renewing(issuer, store, spec, config, shutdown, false)
+}
+
+/// [`spawn_rotation`]; with `renew_now` the first renewal starts at once whatever the store
+/// holds (a node's bootstrap certificate is replaced by one from the CA's current root).
+pub fn spawn_rotation_renewing(
+    issuer: Arc<dyn CertIssuer>,
+    store: Arc<CertStore>,
+    spec: WorkloadSpec,
+    config: RotationConfig,
+    shutdown: watch::Receiver<bool>,
+    renew_now: bool,
+) -> JoinHandle<()> {
+    tokio::spawn(rotate(issuer, store, spec, config, shutdown, renew_now))
 }
 
 async fn rotate(
@@ -80,12 +93,16 @@ async fn rotate(
     spec: WorkloadSpec,
     config: RotationConfig,
     mut shutdown: watch::Receiver<bool>,
+    mut renew_now: bool,
 ) {
     let mut just_renewed = false;
     loop {
-        let mut wait = store
-            .get(&spec.id)
-            .map_or(Duration::ZERO, |c| until(c.renew_at()));
+        let mut wait = match std::mem::take(&mut renew_now) {
+            true => Duration::ZERO,
+            false => store
+                .get(&spec.id)
+                .map_or(Duration::ZERO, |c| until(c.renew_at())),
+        };
         if just_renewed {
             // A TTL shorter than the CA's clock skew puts renew_at in the past; never spin.
             wait = wait.max(config.backoff.initial);

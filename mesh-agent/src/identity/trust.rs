@@ -74,6 +74,17 @@ impl TrustBundle {
             .collect()
     }
 
+    /// Whether `leaf` (a client/server leaf signed directly by a root) chains to a root of the
+    /// bundle in force now and is valid now: a certificate from a removed root is no longer
+    /// worth serving with.
+    pub fn verifies(&self, leaf: &CertificateDer<'_>) -> bool {
+        self.roots
+            .load()
+            .client_verifier
+            .verify_client_cert(leaf, &[], rustls::pki_types::UnixTime::now())
+            .is_ok()
+    }
+
     pub(crate) fn current(&self) -> Arc<Roots> {
         self.roots.load_full()
     }
