@@ -39,6 +39,17 @@ fn echo_works(mesh: &TwoNodes, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// Two nodes whose agents get certificates from the CA service, checked with one call.
+fn mesh_with_ca_service(identity_yaml: &str, first_call: &str) -> Result<TwoNodes> {
+    let mesh = TwoNodes::start(Options {
+        ca_service: true,
+        identity_yaml: Some(identity_yaml.into()),
+        ..Default::default()
+    })?;
+    echo_works(&mesh, first_call)?;
+    Ok(mesh)
+}
+
 /// Every file below `dir` holding a private key holds the key of a leaf certificate of one of
 /// `own` (the node's own identities); the CA key appears nowhere.
 fn only_own_leaf_keys(dir: &Path, own: &[SpiffeId], ca_key: &str) -> Result<usize> {
@@ -109,12 +120,7 @@ fn ask_ca(
 
 #[test]
 fn nodes_without_a_ca_key_get_certificates_from_the_ca_service() -> Result<()> {
-    let mut mesh = TwoNodes::start(Options {
-        ca_service: true,
-        identity_yaml: Some(SHORT_TTL.into()),
-        ..Default::default()
-    })?;
-    echo_works(&mesh, "via-ca-service")?;
+    let mut mesh = mesh_with_ca_service(SHORT_TTL, "via-ca-service")?;
     let topo = &mesh.topo;
     let ca = mesh.ca.as_ref().context("ca service")?;
 
@@ -299,12 +305,7 @@ fn all_certs_chain_to(topo: &Topology, roots: &TrustBundle) -> Result<bool> {
 
 #[test]
 fn root_rotation_loses_no_cross_node_connection() -> Result<()> {
-    let mut mesh = TwoNodes::start(Options {
-        ca_service: true,
-        identity_yaml: Some(ROTATION_TTL.into()),
-        ..Default::default()
-    })?;
-    echo_works(&mesh, "before-rotation")?;
+    let mut mesh = mesh_with_ca_service(ROTATION_TTL, "before-rotation")?;
     let TwoNodes {
         topo,
         ca,

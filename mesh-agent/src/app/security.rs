@@ -132,7 +132,7 @@ pub fn wanted_identities(config: &Config) -> Result<Vec<WorkloadSpec>, SpiffeErr
     let td = &config.node.trust_domain;
     let mut specs = vec![WorkloadSpec {
         id: agent_identity(td, &config.node.name)?,
-        service: "nodemesh-agent".into(),
+        service: crate::ca_service::server::NODE_SERVICE.into(),
     }];
     for w in &config.workloads {
         let id = SpiffeId::new(td, &w.namespace, &w.service_account)?;

@@ -79,7 +79,7 @@ pub fn issue_node(
     let cert = server.ca().issue(
         &WorkloadSpec {
             id: id.clone(),
-            service: "nodemesh-agent".into(),
+            service: crate::ca_service::server::NODE_SERVICE.into(),
         },
         ttl,
     )?;

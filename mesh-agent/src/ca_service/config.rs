@@ -1,7 +1,7 @@
 //! The CA service's config file: where its CA comes from, where it listens, and which workload
 //! identities run on which node (the placement authority; never the requesting node's word).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -9,11 +9,12 @@ use serde::Deserialize;
 
 use crate::config::ConfigError;
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CaServiceConfig {
     pub trust_domain: String,
     /// Address of the mTLS signing endpoint.
+    #[schemars(with = "String")]
     pub listen: SocketAddr,
     /// Holds the generated CA (`ca.crt`, `ca.key`) when `ca_cert`/`ca_key` are not given.
     #[serde(default = "default_state_dir")]
@@ -29,8 +30,11 @@ pub struct CaServiceConfig {
     pub trust_bundle: Option<PathBuf>,
     /// Address of the plain-HTTP `/metrics` endpoint (Prometheus); none when unset.
     #[serde(default)]
+    #[schemars(with = "Option<String>")]
     pub metrics: Option<SocketAddr>,
-    /// Node name -> the `<namespace>/<service-account>` identities placed on it.
+    /// Node name -> the `<namespace>/<service-account>[:<service>]` identities placed on it; the
+    /// service (the certificate's CN, which `from_service` rules match) defaults to the service
+    /// account.
     #[serde(default)]
     pub placements: BTreeMap<String, Vec<String>>,
 }
@@ -39,14 +43,17 @@ fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/nodemesh-ca")
 }
 
-/// Placements as looked up per request.
+/// Placements as looked up per request: node -> `namespace/service-account` -> service.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Placements(BTreeMap<String, HashSet<String>>);
+pub struct Placements(BTreeMap<String, HashMap<String, String>>);
 
 impl Placements {
-    /// Whether `namespace/service_account` is placed on `node`.
-    pub fn allows(&self, node: &str, key: &str) -> bool {
-        self.0.get(node).is_some_and(|ids| ids.contains(key))
+    /// Whether `namespace/service_account` is placed on `node` serving `service`.
+    pub fn allows(&self, node: &str, key: &str, service: &str) -> bool {
+        self.0
+            .get(node)
+            .and_then(|ids| ids.get(key))
+            .is_some_and(|placed| placed == service)
     }
 }
 
@@ -78,7 +85,8 @@ impl CaServiceConfig {
         Ok(config)
     }
 
-    /// The validated placements: node names are DNS labels, entries `<namespace>/<sa>`.
+    /// The validated placements: node names are DNS labels, entries
+    /// `<namespace>/<sa>[:<service>]` with the service a DNS label.
     pub fn placements(&self) -> Result<Placements, ConfigError> {
         let mut out = BTreeMap::new();
         for (node, ids) in &self.placements {
@@ -88,23 +96,37 @@ impl CaServiceConfig {
                     "a node name must be a lowercase DNS label",
                 ));
             }
-            let mut set = HashSet::new();
-            for (i, id) in ids.iter().enumerate() {
+            let mut placed = HashMap::new();
+            for (i, entry) in ids.iter().enumerate() {
                 let field = format!("placements.{node}[{i}]");
+                let (id, service) = match entry.split_once(':') {
+                    Some((id, service)) => (id, Some(service)),
+                    None => (entry.as_str(), None),
+                };
                 let Some((ns, sa)) = id.split_once('/') else {
                     return Err(ConfigError::invalid(
                         field,
                         format!(
-                            "{:?} must be <namespace>/<service-account>",
-                            crate::config::short_message(id)
+                            "{:?} must be <namespace>/<service-account>[:<service>]",
+                            crate::config::short_message(entry)
                         ),
                     ));
                 };
                 crate::identity::SpiffeId::new(&self.trust_domain, ns, sa)
-                    .map_err(|e| ConfigError::invalid(field, e.to_string()))?;
-                set.insert(id.clone());
+                    .map_err(|e| ConfigError::invalid(&field, e.to_string()))?;
+                let service = service.unwrap_or(sa);
+                if !crate::config::is_dns_label(service) {
+                    return Err(ConfigError::invalid(
+                        field,
+                        format!(
+                            "service {:?} must be a lowercase DNS label",
+                            crate::config::short_message(service)
+                        ),
+                    ));
+                }
+                placed.insert(id.to_owned(), service.to_owned());
             }
-            out.insert(node.clone(), set);
+            out.insert(node.clone(), placed);
         }
         Ok(Placements(out))
     }

@@ -25,6 +25,8 @@ use crate::identity::{
 const MAX_CONNECTIONS: usize = 256;
 /// TLS handshake, request read and response write each get this long.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// The service name (CN) of every node identity certificate.
+pub const NODE_SERVICE: &str = "nodemesh-agent";
 /// Issued certificates never outlive this, whatever the request asks.
 const MAX_TTL: Duration = Duration::from_secs(48 * 3600);
 /// The service's own certificate lifetime; re-issued locally at half of it.
@@ -335,18 +337,26 @@ impl CaServer {
                 ),
             );
         }
-        let placed = {
+        // The service is the certificate's CN, which `from_service` rules match: it is part of
+        // what is placed, not the requester's choice.
+        let placed = if &wanted == caller {
+            request.service == NODE_SERVICE
+        } else {
             let placements = self.placements.read().unwrap_or_else(|p| p.into_inner());
             placements.allows(
                 node,
                 &format!("{}/{}", wanted.namespace, wanted.service_account),
+                &request.service,
             )
         };
-        if &wanted != caller && !placed {
+        if !placed {
             return self.refuse(
                 node,
                 Refusal::NotPlaced,
-                &format!("{wanted} is not placed on node {node}"),
+                &format!(
+                    "{wanted} (service {:?}) is not placed on node {node}",
+                    crate::config::short_message(&request.service)
+                ),
             );
         }
         let spec = WorkloadSpec {
@@ -452,7 +462,7 @@ mod tests {
             .issue(
                 &WorkloadSpec {
                     id: node_id.clone(),
-                    service: "nodemesh-agent".into(),
+                    service: NODE_SERVICE.into(),
                 },
                 Duration::from_secs(3600),
             )
@@ -506,7 +516,7 @@ mod tests {
             client(addr, ca, ca, "n1"),
             WorkloadSpec {
                 id: crate::app::security::agent_identity(TD, "n1").expect("id"),
-                service: "nodemesh-agent".into(),
+                service: NODE_SERVICE.into(),
             },
         )
         .await;
@@ -517,6 +527,19 @@ mod tests {
         assert!(
             matches!(&other, Err(IdentityError::Issuer(m)) if m.contains("not placed")),
             "{other:?}"
+        );
+        // Placed, but asked for with another service name (CN): refused.
+        let renamed = issue(
+            client(addr, ca, ca, "n1"),
+            WorkloadSpec {
+                service: "wallet".into(),
+                ..spec("shop", "client")
+            },
+        )
+        .await;
+        assert!(
+            matches!(&renamed, Err(IdentityError::Issuer(m)) if m.contains("not placed")),
+            "{renamed:?}"
         );
         // Not placed anywhere.
         let unplaced = issue(client(addr, ca, ca, "n1"), spec("shop", "admin")).await;
@@ -556,12 +579,12 @@ mod tests {
 
         let m = server.metrics();
         assert_eq!(m.signed.get(), 3);
-        assert_eq!(m.refused(Refusal::NotPlaced), 2);
+        assert_eq!(m.refused(Refusal::NotPlaced), 3);
         assert_eq!(m.refused(Refusal::Handshake), 1);
         assert_eq!(m.refused(Refusal::TrustDomain), 1);
         assert!(m
             .render()
-            .contains("nodemesh_ca_csr_refused_total{reason=\"not_placed\"} 2"));
+            .contains("nodemesh_ca_csr_refused_total{reason=\"not_placed\"} 3"));
     }
 
     #[test]
@@ -572,6 +595,21 @@ mod tests {
         )
         .expect_err("no namespace");
         assert!(e.to_string().contains("placements.n1[0]"), "{e}");
+        let e = CaServiceConfig::parse(
+            &format!("trust_domain: {TD}\nlisten: 127.0.0.1:1\nplacements:\n  n1: [shop/a, \"shop/b:Web\"]\n"),
+            "t",
+        )
+        .expect_err("bad service");
+        assert!(e.to_string().contains("placements.n1[1]"), "{e}");
+        let placements = CaServiceConfig::parse(
+            &format!("trust_domain: {TD}\nlisten: 127.0.0.1:1\nplacements:\n  n1: [shop/a, \"shop/b:web\"]\n"),
+            "t",
+        )
+        .expect("config")
+        .placements()
+        .expect("placements");
+        assert!(placements.allows("n1", "shop/a", "a") && placements.allows("n1", "shop/b", "web"));
+        assert!(!placements.allows("n1", "shop/b", "b") && !placements.allows("n2", "shop/a", "a"));
         let e = CaServiceConfig::parse(
             &format!("trust_domain: {TD}\nlisten: 127.0.0.1:1\nplacement: {{}}\n"),
             "t",
