@@ -598,26 +598,23 @@ fn ctl(topo: &Topology, node: &Node, args: &[&str]) -> Result<(bool, String)> {
     Ok((status.success(), format!("{out}{err}")))
 }
 
-/// An operator defines a service (VIP, allow-list) and each node's workloads once, in etcd,
-/// through node 1's admin port; node 2 attaches to its workload from the registry and every
-/// agent applies the service: the allowed caller reaches it, the other gets EPERM in the
-/// kernel. A bad document is refused whole with the field named; deleting takes it away.
-#[test]
-fn mesh_state_defined_once_in_etcd_applies_on_every_node() -> Result<()> {
-    const VIP: &str = "10.96.0.11:80";
-    let mut topo = Topology::new()?;
+/// Two linked nodes (pods `client` and `intruder` on node 1, `server` serving echo on node 2)
+/// whose agents share an etcd on `etcd_port` and hold bootstrap settings only: no services,
+/// workloads or nodes in either file.
+fn bootstrap_only_pair(
+    topo: &mut Topology,
+    etcd_port: u16,
+) -> Result<(Etcd, mesh_tests::AgentHandle, mesh_tests::AgentHandle)> {
     topo.add_node(&["client", "intruder"])?;
     topo.add_node(&["server"])?;
     topo.link_nodes(1, 2)?;
     let (n1, n2) = (topo.node(1), topo.node(2));
-    let _etcd = Etcd::start(&topo, n1, n1.agent_ip, ETCD_PORT + 1)?;
-    let server = n2.pod("server");
-    topo.start_echo_server(server, ECHO_PORT, "srv")?;
+    let etcd = Etcd::start(topo, n1, n1.agent_ip, etcd_port)?;
+    topo.start_echo_server(n2.pod("server"), ECHO_PORT, "srv")?;
     let registry_block = format!(
         "registry:\n  backend: etcd\n  etcd:\n    endpoints: [\"{}\"]\n    lease_ttl: 3s\n",
-        _etcd.client_url
+        etcd.client_url
     );
-    // Bootstrap settings only: no services, workloads or nodes in either file.
     let agent1 = topo.start_agent(n1, &n1.agent_config(&registry_block), &[])?;
     topo.wait_ready(&agent1)?;
     let ca = topo.state_dir(n1);
@@ -628,6 +625,20 @@ fn mesh_state_defined_once_in_etcd_applies_on_every_node() -> Result<()> {
     ));
     let agent2 = topo.start_agent(n2, &config2, &[])?;
     topo.wait_ready(&agent2)?;
+    Ok((etcd, agent1, agent2))
+}
+
+/// An operator defines a service (VIP, allow-list) and each node's workloads once, in etcd,
+/// through node 1's admin port; node 2 attaches to its workload from the registry and every
+/// agent applies the service: the allowed caller reaches it, the other gets EPERM in the
+/// kernel. A bad document is refused whole with the field named; deleting takes it away.
+#[test]
+fn mesh_state_defined_once_in_etcd_applies_on_every_node() -> Result<()> {
+    const VIP: &str = "10.96.0.11:80";
+    let mut topo = Topology::new()?;
+    let (_etcd, _agent1, agent2) = bootstrap_only_pair(&mut topo, ETCD_PORT + 1)?;
+    let (n1, n2) = (topo.node(1), topo.node(2));
+    let server = n2.pod("server");
 
     let document = |allow: &str| {
         format!(
@@ -728,6 +739,146 @@ fn mesh_state_defined_once_in_etcd_applies_on_every_node() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    Ok(())
+}
+
+/// Waits until `pod`'s connect to `vip` reaches the echo server (`admitted`) or fails with
+/// EPERM at connect (denied in the kernel); returns how long the change took.
+fn wait_for_decision(
+    topo: &Topology,
+    pod: &Pod,
+    vip: &str,
+    admitted: bool,
+    timeout: Duration,
+) -> Result<Duration> {
+    let started = Instant::now();
+    let mut last = None;
+    let what = format!(
+        "{} {}",
+        pod.name,
+        if admitted {
+            "admitted"
+        } else {
+            "denied (EPERM)"
+        }
+    );
+    topo.wait_for(&what, timeout, || {
+        let a = topo
+            .connect_from_with_timeout(pod, vip, "hi", 1, Duration::from_secs(2))?
+            .remove(0);
+        let done = if admitted {
+            a.ok && a.reply == "srv:hi"
+        } else {
+            a.errno == Some(1)
+        };
+        last = Some(a);
+        Ok(done)
+    })
+    .with_context(|| format!("last attempt: {last:?}"))?;
+    Ok(started.elapsed())
+}
+
+/// Authorization policies and the mesh-wide default live in the registry too. An operator
+/// applies a service with `default: allow` (both callers admitted), then, through the other
+/// node's admin port, an allow-list policy: the callers' agent denies the intruder in the
+/// kernel (EPERM at connect) and admits the client within about a second. An invalid policy is
+/// refused with the field named and changes nothing; deleting the policy restores the default.
+#[test]
+fn registry_authorization_policies_reach_the_kernel_of_every_node() -> Result<()> {
+    const VIP: &str = "10.96.0.14:80";
+    const SOON: Duration = Duration::from_millis(1500);
+    let mut topo = Topology::new()?;
+    let (_etcd, agent1, agent2) = bootstrap_only_pair(&mut topo, ETCD_PORT + 3)?;
+    let (n1, n2) = (topo.node(1), topo.node(2));
+    let server = n2.pod("server");
+
+    let (client, intruder) = (n1.pod("client"), n1.pod("intruder"));
+    let apply = |node: &Node, name: &str, document: &str| -> Result<(bool, String)> {
+        let path = topo.state_dir(node).join(name);
+        std::fs::write(&path, document)?;
+        ctl(&topo, node, &["apply", "-f", &path.display().to_string()])
+    };
+    let mesh = format!(
+        "services:\n  - name: echo\n    namespace: shop\n    vip: {VIP}\n\
+         workloads:\n  node-1:\n{}{}  node-2:\n{}    service: echo\ndefault: allow\n",
+        client.workload_yaml("shop", "client"),
+        intruder.workload_yaml("shop", "intruder"),
+        server.workload_yaml("shop", "server"),
+    );
+    let (ok, out) = apply(n1, "mesh.yaml", &mesh)?;
+    assert!(ok, "{out}");
+    let reg2 = format!("http://{}:8500", n2.agent_ip);
+    topo.wait_for(
+        "the server registered as echo on node 2",
+        Duration::from_secs(5),
+        || Ok(register_passing_echo(&topo, server, &reg2, "30s").is_ok()),
+    )?;
+    wait_for_decision(&topo, client, VIP, true, Duration::from_secs(10))?;
+    wait_for_decision(&topo, intruder, VIP, true, SOON)
+        .context("the registry's default: allow admits a caller no policy names")?;
+
+    let policy = |from: &str| {
+        format!(
+            "authorization:\n  - name: echo-callers\n    service: echo\n    allow:\n      - from: {from}\n"
+        )
+    };
+    let (ok, out) = apply(n2, "bad-policy.yaml", &policy("not-a-spiffe-id"))?;
+    assert!(!ok, "an invalid policy is refused: {out}");
+    assert!(
+        out.contains("registry authorization \"echo-callers\"")
+            && out.contains("authorization[0].allow[0].from"),
+        "the error names the policy and the field: {out}"
+    );
+    let (_, listed) = ctl(&topo, n1, &["-o", "json", "mesh"])?;
+    let listed: serde_json::Value = serde_json::from_str(&listed)?;
+    assert_eq!(
+        listed["authorization"],
+        serde_json::json!([]),
+        "nothing written"
+    );
+    wait_for_decision(&topo, intruder, VIP, true, SOON).context("nothing changed")?;
+
+    let (ok, out) = apply(
+        n2,
+        "policy.yaml",
+        &policy("spiffe://cluster.local/ns/shop/sa/client"),
+    )?;
+    assert!(ok && out.contains("echo-callers"), "{out}");
+    let took = wait_for_decision(&topo, intruder, VIP, false, SOON)
+        .context("node 1's kernel denies the caller the registry policy leaves out")?;
+    eprintln!("registry policy enforced in node 1's kernel {took:?} after the write");
+    wait_for_decision(&topo, client, VIP, true, SOON)?;
+    let (_, policy_view) = ctl(&topo, n1, &["-o", "json", "policy"])?;
+    assert!(
+        policy_view.contains("echo-callers"),
+        "compiled into node 1's authorizer: {policy_view}"
+    );
+    let (_, table) = ctl(&topo, n1, &["mesh"])?;
+    assert!(
+        table.contains("echo-callers") && table.contains("mesh default: allow"),
+        "{table}"
+    );
+    for agent in [&agent1, &agent2] {
+        let m = topo.metrics(agent)?;
+        assert_eq!(
+            mesh_tests::http::metric(
+                &m,
+                "nodemesh_registry_objects_refused",
+                &[("kind", "authorization")]
+            ),
+            Some(0),
+            "nothing left out"
+        );
+    }
+
+    let (ok, out) = ctl(&topo, n2, &["delete", "authorization", "echo-callers"])?;
+    assert!(ok, "{out}");
+    wait_for_decision(&topo, intruder, VIP, true, SOON)
+        .context("removing the policy restores the registry's default: allow")?;
+    let (ok, out) = ctl(&topo, n1, &["delete", "default"])?;
+    assert!(ok, "{out}");
+    wait_for_decision(&topo, client, VIP, false, SOON)
+        .context("without the registry's default the built-in deny holds")?;
     Ok(())
 }
 
@@ -882,25 +1033,28 @@ fn registry_only_endpoint_addresses_meet_the_allow_list_in_the_kernel() -> Resul
     Ok(())
 }
 
-/// The embedded registry keeps operator-defined mesh objects in the state directory: a service
-/// and its workloads applied with `ctl apply` are routed again after an agent restart, with no
-/// service or workload in the node's file.
+/// The embedded registry keeps operator-defined mesh objects in the state directory: a service,
+/// its workloads and its authorization policy applied with `ctl apply` are in force again after
+/// an agent restart (the client routed, the intruder denied in the kernel), with no service,
+/// workload or policy in the node's file.
 #[test]
 fn embedded_mesh_objects_survive_an_agent_restart() -> Result<()> {
     const VIP: &str = "10.96.0.12:80";
     let mut topo = Topology::new()?;
-    topo.add_node(&["client", "server"])?;
+    topo.add_node(&["client", "server", "intruder"])?;
     let n1 = topo.node(1);
-    let (client, server) = (n1.pod("client"), n1.pod("server"));
+    let (client, server, intruder) = (n1.pod("client"), n1.pod("server"), n1.pod("intruder"));
     topo.start_echo_server(server, ECHO_PORT, "srv")?;
     let config = n1.agent_config("");
     let agent = topo.start_agent(n1, &config, &[])?;
     topo.wait_ready(&agent)?;
     let document = format!(
-        "services:\n  - name: echo\n    namespace: shop\n    vip: {VIP}\n    endpoints: [\"{}:{ECHO_PORT}\"]\n    \
-         policy: {{allow: [client]}}\nworkloads:\n  node-1:\n{}{}    service: echo\n",
+        "services:\n  - name: echo\n    namespace: shop\n    vip: {VIP}\n    endpoints: [\"{}:{ECHO_PORT}\"]\n\
+         workloads:\n  node-1:\n{}{}{}    service: echo\n\
+         authorization:\n  - {{name: echo-callers, service: echo, allow: [{{from_service: client}}]}}\n",
         server.ip,
         client.workload_yaml("shop", "client"),
+        intruder.workload_yaml("shop", "intruder"),
         server.workload_yaml("shop", "server"),
     );
     let path = topo.state_dir(n1).join("applied-mesh.yaml");
@@ -922,12 +1076,17 @@ fn embedded_mesh_objects_survive_an_agent_restart() -> Result<()> {
     let agent = topo.start_agent(n1, &config, &[])?;
     topo.wait_ready(&agent)?;
     let (_, listed) = ctl(&topo, n1, &["-o", "json", "mesh"])?;
-    assert!(listed.contains(VIP), "still in the registry: {listed}");
+    assert!(
+        listed.contains(VIP) && listed.contains("echo-callers"),
+        "still in the registry: {listed}"
+    );
     topo.wait_for(
         "the service routed again after the restart",
         Duration::from_secs(5),
         &reach,
     )?;
+    wait_for_decision(&topo, intruder, VIP, false, Duration::from_secs(2))
+        .context("the persisted policy denies the intruder in the kernel after the restart")?;
     let refused = |agent: &mesh_tests::AgentHandle| -> Result<Option<u64>> {
         let m = topo.metrics(agent)?;
         Ok(mesh_tests::http::metric(
