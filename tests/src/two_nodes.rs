@@ -56,17 +56,13 @@ impl TwoNodes {
         let server = n2.pod("server");
         let server_record = topo.start_echo_server(server, ECHO_PORT, "srv")?;
         let bypass_record = topo.start_echo_server(server, BYPASS_PORT, "srv")?;
-        let identity = |ca: Option<&PathBuf>| {
+        let identity = |ca: Option<String>| {
             let mut block = options
                 .identity_yaml
                 .clone()
                 .unwrap_or_else(|| "identity:\n".to_owned());
-            if let Some(state) = ca {
-                block.push_str(&format!(
-                    "  ca_cert: {}\n  ca_key: {}\n",
-                    state.join("ca.crt").display(),
-                    state.join("ca.key").display()
-                ));
+            if let Some(fields) = ca {
+                block.push_str(&fields);
             }
             block
         };
@@ -102,7 +98,6 @@ impl TwoNodes {
         // Node 1 generates the mesh CA at first start; node 2 loads it as if from a Secret.
         let agent1 = topo.start_agent(n1, &config1, &env)?;
         topo.wait_ready(&agent1)?;
-        let ca_dir = topo.state_dir(n1);
 
         let server_workload = if options.strict_server {
             server
@@ -123,7 +118,7 @@ impl TwoNodes {
             } else {
                 ""
             },
-            identity(Some(&ca_dir)),
+            identity(Some(topo.shared_ca_fields(n1))),
         ));
         let agent2 = topo.start_agent(n2, &config2, &env)?;
         topo.wait_ready(&agent2)?;

@@ -3,6 +3,7 @@
 //! restarts served from the cache, and the seeds' flow through the real py-consul client.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -126,13 +127,11 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
     ));
     let agent1 = topo.start_agent(n1, &config1, &[])?;
     topo.wait_ready(&agent1)?;
-    let ca = topo.state_dir(n1);
     let config2 = n2.agent_config(&format!(
-        "{service}workloads:\n{}    service: echo\n{}{authz}{registry_block}identity:\n  ca_cert: {}\n  ca_key: {}\n",
+        "{service}workloads:\n{}    service: echo\n{}{authz}{registry_block}identity:\n{}",
         server.workload_yaml("shop", "server"),
         n2.pod("intruder").workload_yaml("shop", "intruder"),
-        ca.join("ca.crt").display(),
-        ca.join("ca.key").display(),
+        topo.shared_ca_fields(n1),
     ));
     let agent2 = topo.start_agent(n2, &config2, &[])?;
     topo.wait_ready(&agent2)?;
@@ -617,11 +616,9 @@ fn bootstrap_only_pair(
     );
     let agent1 = topo.start_agent(n1, &n1.agent_config(&registry_block), &[])?;
     topo.wait_ready(&agent1)?;
-    let ca = topo.state_dir(n1);
     let config2 = n2.agent_config(&format!(
-        "{registry_block}identity:\n  ca_cert: {}\n  ca_key: {}\n",
-        ca.join("ca.crt").display(),
-        ca.join("ca.key").display(),
+        "{registry_block}identity:\n{}",
+        topo.shared_ca_fields(n1)
     ));
     let agent2 = topo.start_agent(n2, &config2, &[])?;
     topo.wait_ready(&agent2)?;
@@ -1212,6 +1209,142 @@ fn failing_http_check_moves_keep_alive_requests_without_failures() -> Result<()>
         replies.len(),
         app_requests(&server_a),
         app_requests(&server_b)
+    );
+    Ok(())
+}
+
+/// Entries of `node`'s pinned ENDPOINTS map as the kernel holds them (bpftool, not the agent).
+fn pinned_endpoint_entries(node: &Node) -> Result<usize> {
+    let pin = Path::new("/sys/fs/bpf/nodemesh")
+        .join(&node.instance)
+        .join("ENDPOINTS");
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&pin)
+        .output()
+        .context("bpftool")?;
+    ensure!(
+        out.status.success(),
+        "bpftool map dump {}: {}",
+        pin.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(entries.as_array().map_or(0, Vec::len))
+}
+
+/// The pinned ENDPOINTS map outlives the agent and is adopted by the next one. Node 2's pods
+/// `sa` and `sb` register as echo endpoints; node 1's kernel then refuses its intruder's direct
+/// dials to both pod addresses. kill -9 of node 1's agent keeps refusing them (the pins stay).
+/// `sb` deregisters while the agent is down: the restarted agent adopts the map, removes exactly
+/// that stale entry (one ENDPOINTS write, no rewrite of the kept one) and the metric matches the
+/// kernel's own count.
+#[test]
+fn kill_9_keeps_the_endpoint_map_and_a_restart_adopts_it_without_stale_entries() -> Result<()> {
+    const EPERM: Option<i32> = Some(1);
+    const WAIT: Duration = Duration::from_secs(5);
+    let mut topo = Topology::new()?;
+    topo.add_node(&["intruder"])?;
+    topo.add_node(&["sa", "sb"])?;
+    topo.link_nodes(1, 2)?;
+    let (n1, n2) = (topo.node(1), topo.node(2));
+    let (intruder, sa, sb) = (n1.pod("intruder"), n2.pod("sa"), n2.pod("sb"));
+    topo.start_echo_server(sa, ECHO_PORT, "srv-a")?;
+    topo.start_echo_server(sb, ECHO_PORT, "srv-b")?;
+    let etcd = Etcd::start(&topo, n1, n1.agent_ip, ETCD_PORT + 4)?;
+    let registry_block = format!(
+        "registry:\n  backend: etcd\n  etcd:\n    endpoints: [\"{}\"]\n    lease_ttl: 3s\n",
+        etcd.client_url
+    );
+    let service = format!("services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n");
+    // The egress rule opens node 2's pod network: without an ENDPOINTS entry the intruder
+    // reaches the pods directly, so an EPERM below comes from the entry.
+    let config1 = n1.agent_config(&format!(
+        "{service}workloads:\n{}egress:\n  rules:\n    - {{name: pods, cidr: 10.2.0.0/16}}\n{registry_block}",
+        intruder.workload_yaml("shop", "intruder"),
+    ));
+    let agent1 = topo.start_agent(n1, &config1, &[])?;
+    topo.wait_ready(&agent1)?;
+    let config2 = n2.agent_config(&format!(
+        "{service}workloads:\n{}    service: echo\n{}    service: echo\n{registry_block}identity:\n{}",
+        sa.workload_yaml("shop", "server"),
+        sb.workload_yaml("shop", "server"),
+        topo.shared_ca_fields(n1),
+    ));
+    let agent2 = topo.start_agent(n2, &config2, &[])?;
+    topo.wait_ready(&agent2)?;
+    let (to_a, to_b) = (
+        format!("{}:{ECHO_PORT}", sa.ip),
+        format!("{}:{ECHO_PORT}", sb.ip),
+    );
+    let dial = |target: &str| -> Result<mesh_tests::topology::Attempt> {
+        let mut a =
+            topo.connect_from_with_timeout(intruder, target, "hi", 1, Duration::from_secs(3))?;
+        Ok(a.remove(0))
+    };
+    let entries = |agent: &mesh_tests::AgentHandle| -> Result<Option<u64>> {
+        let m = topo.metrics(agent)?;
+        Ok(mesh_tests::http::metric(
+            &m,
+            "nodemesh_kernel_endpoint_entries",
+            &[],
+        ))
+    };
+    let before = dial(&to_b)?;
+    ensure!(
+        before.ok && before.reply == "srv-b:hi",
+        "not yet an endpoint: reached directly: {before:?}"
+    );
+
+    register_checked_echo_pair(&topo, n2, [sa, sb], "tcp", |ip| {
+        format!(r#"{{"TCP":"{ip}:{ECHO_PORT}","Interval":"1s","Timeout":"1s"}}"#)
+    })?;
+    topo.wait_for("both endpoints in node 1's kernel", WAIT, || {
+        Ok(entries(&agent1)? == Some(2))
+    })?;
+    assert_eq!(pinned_endpoint_entries(n1)?, 2);
+    for target in [&to_a, &to_b] {
+        let a = dial(target)?;
+        assert_eq!(a.errno, EPERM, "agent up, {target}: {a:?}");
+    }
+
+    topo.signal(agent1.pid, libc::SIGKILL)?;
+    topo.wait(agent1.pid, Duration::from_secs(10))?;
+    for target in [&to_a, &to_b] {
+        let a = dial(target)?;
+        assert_eq!(a.errno, EPERM, "agent down (pins kept), {target}: {a:?}");
+    }
+    // Deregistered while node 1's agent is down.
+    let (status, body) = curl(
+        &topo,
+        sb,
+        "PUT",
+        &format!(
+            "http://{}:8500/v1/agent/service/deregister/echo-b",
+            n2.agent_ip
+        ),
+        "",
+    )?;
+    ensure!(status == 200, "deregister answered {status}: {body}");
+    assert_eq!(pinned_endpoint_entries(n1)?, 2, "nobody rewrote the map");
+
+    let restarted = topo.start_agent_logged(n1, &config1, &[], "restarted")?;
+    topo.wait_ready(&restarted)?;
+    topo.wait_for("the stale entry removed after the restart", WAIT, || {
+        Ok(entries(&restarted)? == Some(1))
+    })?;
+    assert_eq!(pinned_endpoint_entries(n1)?, 1, "the kernel agrees");
+    let a = dial(&to_a)?;
+    assert_eq!(a.errno, EPERM, "the kept entry still refuses: {a:?}");
+    let b = dial(&to_b)?;
+    assert!(
+        b.ok && b.reply == "srv-b:hi",
+        "the deregistered address is no longer echo's: {b:?}"
+    );
+    assert_eq!(
+        map_writes(&topo.metrics(&restarted)?, "ENDPOINTS"),
+        1,
+        "adopted: only the stale entry removed, the kept one not rewritten"
     );
     Ok(())
 }
