@@ -1084,25 +1084,38 @@ fn embedded_mesh_objects_survive_an_agent_restart() -> Result<()> {
     )?;
     wait_for_decision(&topo, intruder, VIP, false, Duration::from_secs(2))
         .context("the persisted policy denies the intruder in the kernel after the restart")?;
-    let refused = |agent: &mesh_tests::AgentHandle| -> Result<Option<u64>> {
+    let refused = |agent: &mesh_tests::AgentHandle, kind: &str| -> Result<Option<u64>> {
         let m = topo.metrics(agent)?;
         Ok(mesh_tests::http::metric(
             &m,
             "nodemesh_registry_objects_refused",
-            &[("kind", "service")],
+            &[("kind", kind)],
         ))
     };
-    assert_eq!(refused(&agent)?, Some(0), "nothing refused yet");
+    for kind in ["service", "authorization"] {
+        assert_eq!(refused(&agent, kind)?, Some(0), "nothing refused yet");
+    }
 
-    // The node's file now defines echo too: the file wins, and the registry's echo is counted
-    // as refused until the clash ends.
+    // The node's file now defines echo and a policy named echo-callers too: the file wins, and
+    // the registry's objects are counted as refused until the clash ends.
     topo.signal(agent.pid, libc::SIGTERM)?;
     topo.wait(agent.pid, Duration::from_secs(10))?;
-    let clashing =
-        n1.agent_config("services:\n  - name: echo\n    namespace: shop\n    vip: 10.96.0.13:80\n");
+    let clashing = n1.agent_config(
+        "services:\n  - name: echo\n    namespace: shop\n    vip: 10.96.0.13:80\n\
+         authorization:\n  - {name: echo-callers, service: echo}\n",
+    );
     let agent = topo.start_agent(n1, &clashing, &[])?;
     topo.wait_ready(&agent)?;
-    assert_eq!(refused(&agent)?, Some(1), "the clashing registry service");
+    assert_eq!(
+        refused(&agent, "service")?,
+        Some(1),
+        "the clashing registry service"
+    );
+    assert_eq!(
+        refused(&agent, "authorization")?,
+        Some(1),
+        "the clashing registry policy"
+    );
     Ok(())
 }
 
