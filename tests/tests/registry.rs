@@ -53,6 +53,12 @@ fn register_passing_echo(topo: &Topology, pod: &Pod, registry: &str, ttl: &str) 
     Ok(())
 }
 
+/// `pod` deregisters its instance `id` through the agent API at `registry`; returns the status.
+fn deregister(topo: &Topology, pod: &Pod, registry: &str, id: &str) -> Result<u16> {
+    let url = format!("{registry}/v1/agent/service/deregister/{id}");
+    Ok(curl(topo, pod, "PUT", &url, "")?.0)
+}
+
 /// Node config for `echo` served by pods `sa` and `sb` with the service policy `policy`, only
 /// `client` allowed to call it.
 fn echo_pair_config(node: &Node, policy: &str) -> String {
@@ -104,6 +110,20 @@ fn echo_registration(ttl: &str, server_ip: &str) -> String {
     )
 }
 
+/// One sample of the agent's metric `name` with `labels`, scraped now.
+fn agent_metric(
+    topo: &Topology,
+    agent: &mesh_tests::AgentHandle,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Result<Option<u64>> {
+    Ok(mesh_tests::http::metric(
+        &topo.metrics(agent)?,
+        name,
+        labels,
+    ))
+}
+
 #[test]
 fn etcd_registry_across_two_nodes() -> Result<()> {
     let mut topo = Topology::new()?;
@@ -135,13 +155,8 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
     ));
     let agent2 = topo.start_agent(n2, &config2, &[])?;
     topo.wait_ready(&agent2)?;
-    let cert_changes = |agent: &mesh_tests::AgentHandle| -> Result<Option<u64>> {
-        let m = topo.metrics(agent)?;
-        Ok(mesh_tests::http::metric(
-            &m,
-            "nodemesh_identity_cert_changes_total",
-            &[],
-        ))
+    let cert_changes = |agent: &mesh_tests::AgentHandle| {
+        agent_metric(&topo, agent, "nodemesh_identity_cert_changes_total", &[])
     };
     let certs_before = cert_changes(&agent1)?;
     assert!(certs_before.is_some());
@@ -245,13 +260,7 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
         "",
     )?;
     assert_eq!(status, 403);
-    let (status, _) = curl(
-        &topo,
-        intruder,
-        "PUT",
-        &format!("{reg2}/v1/agent/service/deregister/echo-1"),
-        "",
-    )?;
+    let status = deregister(&topo, intruder, &reg2, "echo-1")?;
     assert_eq!(status, 403);
 
     // etcd dies: routing continues from the cache, /health says extend-cache.
@@ -332,13 +341,7 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
     );
 
     // The owner deregisters: gone everywhere.
-    let (status, _) = curl(
-        &topo,
-        server,
-        "PUT",
-        &format!("{reg2}/v1/agent/service/deregister/echo-1"),
-        "",
-    )?;
+    let status = deregister(&topo, server, &reg2, "echo-1")?;
     assert_eq!(status, 200);
     topo.wait_for(
         "deregistration seen on node 1",
@@ -868,6 +871,28 @@ fn registry_authorization_policies_reach_the_kernel_of_every_node() -> Result<()
         );
     }
 
+    // Endpoint churn under a registry policy neither reloads nor recompiles authorization.
+    let generation = |agent: &mesh_tests::AgentHandle| {
+        agent_metric(&topo, agent, "nodemesh_config_generation", &[])
+    };
+    let generation_before = generation(&agent1)?;
+    let reg1 = SocketAddr::from((n1.agent_ip, 8500));
+    let status = deregister(&topo, server, &reg2, "echo-1")?;
+    assert_eq!(status, 200);
+    topo.wait_for("node 1 sees the deregistration", SOON, || {
+        Ok(passing_echo(&topo, &n1.netns, reg1)? == 0)
+    })?;
+    register_passing_echo(&topo, server, &reg2, "30s")?;
+    topo.wait_for("node 1 sees the new registration", SOON, || {
+        Ok(passing_echo(&topo, &n1.netns, reg1)? == 1)
+    })?;
+    assert_eq!(
+        generation(&agent1)?,
+        generation_before,
+        "no reload on churn"
+    );
+    wait_for_decision(&topo, intruder, VIP, false, SOON)?;
+
     let (ok, out) = ctl(&topo, n2, &["delete", "authorization", "echo-callers"])?;
     assert!(ok, "{out}");
     wait_for_decision(&topo, intruder, VIP, true, SOON)
@@ -927,14 +952,7 @@ fn registry_only_endpoint_addresses_meet_the_allow_list_in_the_kernel() -> Resul
         )
         .unwrap_or(0))
     };
-    let entries = || -> Result<Option<u64>> {
-        let m = topo.metrics(&agent)?;
-        Ok(mesh_tests::http::metric(
-            &m,
-            "nodemesh_kernel_endpoint_entries",
-            &[],
-        ))
-    };
+    let entries = || agent_metric(&topo, &agent, "nodemesh_kernel_endpoint_entries", &[]);
     let before = dial(intruder, &endpoint)?;
     assert!(
         before.ok,
@@ -997,13 +1015,7 @@ fn registry_only_endpoint_addresses_meet_the_allow_list_in_the_kernel() -> Resul
         Some(0)
     );
 
-    let (status, _) = curl(
-        &topo,
-        server,
-        "PUT",
-        &format!("{reg}/v1/agent/service/deregister/echo-1"),
-        "",
-    )?;
+    let status = deregister(&topo, server, &reg, "echo-1")?;
     assert_eq!(status, 200);
     topo.wait_for("the endpoint entry removed", WAIT, || {
         Ok(entries()? == Some(0))
@@ -1084,13 +1096,13 @@ fn embedded_mesh_objects_survive_an_agent_restart() -> Result<()> {
     )?;
     wait_for_decision(&topo, intruder, VIP, false, Duration::from_secs(2))
         .context("the persisted policy denies the intruder in the kernel after the restart")?;
-    let refused = |agent: &mesh_tests::AgentHandle, kind: &str| -> Result<Option<u64>> {
-        let m = topo.metrics(agent)?;
-        Ok(mesh_tests::http::metric(
-            &m,
+    let refused = |agent: &mesh_tests::AgentHandle, kind: &str| {
+        agent_metric(
+            &topo,
+            agent,
             "nodemesh_registry_objects_refused",
             &[("kind", kind)],
-        ))
+        )
     };
     for kind in ["service", "authorization"] {
         assert_eq!(refused(&agent, kind)?, Some(0), "nothing refused yet");
@@ -1295,13 +1307,8 @@ fn kill_9_keeps_the_endpoint_map_and_a_restart_adopts_it_without_stale_entries()
             topo.connect_from_with_timeout(intruder, target, "hi", 1, Duration::from_secs(3))?;
         Ok(a.remove(0))
     };
-    let entries = |agent: &mesh_tests::AgentHandle| -> Result<Option<u64>> {
-        let m = topo.metrics(agent)?;
-        Ok(mesh_tests::http::metric(
-            &m,
-            "nodemesh_kernel_endpoint_entries",
-            &[],
-        ))
+    let entries = |agent: &mesh_tests::AgentHandle| {
+        agent_metric(&topo, agent, "nodemesh_kernel_endpoint_entries", &[])
     };
     let before = dial(&to_b)?;
     ensure!(
@@ -1328,17 +1335,8 @@ fn kill_9_keeps_the_endpoint_map_and_a_restart_adopts_it_without_stale_entries()
         assert_eq!(a.errno, EPERM, "agent down (pins kept), {target}: {a:?}");
     }
     // Deregistered while node 1's agent is down.
-    let (status, body) = curl(
-        &topo,
-        sb,
-        "PUT",
-        &format!(
-            "http://{}:8500/v1/agent/service/deregister/echo-b",
-            n2.agent_ip
-        ),
-        "",
-    )?;
-    ensure!(status == 200, "deregister answered {status}: {body}");
+    let status = deregister(&topo, sb, &format!("http://{}:8500", n2.agent_ip), "echo-b")?;
+    ensure!(status == 200, "deregister answered {status}");
     assert_eq!(pinned_endpoint_entries(n1)?, 2, "nobody rewrote the map");
 
     let restarted = topo.start_agent_logged(n1, &config1, &[], "restarted")?;
