@@ -79,7 +79,7 @@ impl TwoNodes {
         } else {
             None
         };
-        let identity = |ca_state: Option<&PathBuf>, node: usize| {
+        let identity = |shared_ca: Option<String>, node: usize| {
             if let Some((_, dirs)) = &ca {
                 let block = options.identity_yaml.clone().unwrap_or_default();
                 return CaService::identity_yaml(
@@ -87,17 +87,12 @@ impl TwoNodes {
                     block.strip_prefix("identity:\n").unwrap_or(&block),
                 );
             }
-            let ca = ca_state;
             let mut block = options
                 .identity_yaml
                 .clone()
                 .unwrap_or_else(|| "identity:\n".to_owned());
-            if let Some(state) = ca {
-                block.push_str(&format!(
-                    "  ca_cert: {}\n  ca_key: {}\n",
-                    state.join("ca.crt").display(),
-                    state.join("ca.key").display()
-                ));
+            if let Some(fields) = shared_ca {
+                block.push_str(&fields);
             }
             block
         };
@@ -133,7 +128,6 @@ impl TwoNodes {
         // Node 1 generates the mesh CA at first start; node 2 loads it as if from a Secret.
         let agent1 = topo.start_agent(n1, &config1, &env)?;
         topo.wait_ready(&agent1)?;
-        let ca_dir = topo.state_dir(n1);
 
         let server_workload = if options.strict_server {
             server
@@ -154,7 +148,7 @@ impl TwoNodes {
             } else {
                 ""
             },
-            identity(Some(&ca_dir), 2),
+            identity(Some(topo.shared_ca_fields(n1)), 2),
         ));
         let agent2 = topo.start_agent(n2, &config2, &env)?;
         topo.wait_ready(&agent2)?;

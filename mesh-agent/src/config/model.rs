@@ -77,12 +77,12 @@ impl Config {
         let mut authorization = self.authorization.clone();
         authorization.extend(self.services.iter().filter_map(|s| {
             let p = s.policy.as_ref().filter(|p| p.has_authorization())?;
-            Some(p.to_authorization(&s.name, self.policy.default))
+            Some(p.to_authorization(&s.name, self.policy.default_action()))
         }));
         crate::policy::authz_config::AuthzConfig {
             authorization,
             service_keys: self.service_keys.clone(),
-            mesh_default: self.policy.default,
+            mesh_default: self.policy.default_action(),
         }
     }
 }
@@ -253,13 +253,17 @@ pub struct PolicyConfig {
     #[serde(default)]
     pub strict_default: bool,
     /// Mesh-wide default for a service without an authorization policy: `deny` (its callers
-    /// are exactly its allow-list, so none) unless an operator relaxes it to `allow`.
-    #[serde(default = "default_mesh_authz")]
-    pub default: crate::policy::authz_config::DefaultAction,
+    /// are exactly its allow-list, so none) unless an operator relaxes it to `allow`. Unset:
+    /// the registry's mesh-wide `default` (`ctl apply`), else `deny`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<crate::policy::authz_config::DefaultAction>,
 }
 
-fn default_mesh_authz() -> crate::policy::authz_config::DefaultAction {
-    crate::policy::authz_config::DefaultAction::Deny
+impl PolicyConfig {
+    /// The mesh-wide default in force: the file's (or, merged in, the registry's), else deny.
+    pub fn default_action(&self) -> crate::policy::authz_config::DefaultAction {
+        self.default.unwrap_or_default()
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
