@@ -25,7 +25,12 @@ use crate::admission::{self, Activity};
 use crate::metrics::istio::{HttpSeries, PeerLabels, Security};
 use crate::proxy::body_end::OnEnd;
 use crate::proxy::http::{is_upgrade, local};
-use crate::proxy::upstream::{BoxError, ProxyBody};
+use crate::proxy::upstream::{BoxError, ProxyBody, POOL_IDLE};
+
+/// Bound on waiting for a request head, also between keep-alive requests: longer than the
+/// calling agent keeps an idle pooled connection, so the caller closes idle connections, and
+/// never sends a request on one this side is closing at that moment.
+const HEADER_READ_TIMEOUT: Duration = POOL_IDLE.saturating_add(Duration::from_secs(30));
 
 /// Where the destination agent records requests (the agent state implements it).
 pub trait RequestMetrics: Send + Sync {
@@ -159,6 +164,7 @@ where
             TunnelProtocol::Http1 => {
                 server1::Builder::new()
                     .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
                     .serve_connection(client, service)
                     .with_upgrades()
                     .await
