@@ -5,7 +5,7 @@
 //! (`reporter="destination"`). Upgrades (101) are relayed as bytes afterwards.
 
 use std::convert::Infallible;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -119,6 +119,8 @@ impl Pod {
 struct Conn {
     tunnel: Tunnel,
     pod: Pod,
+    /// The byte relay of an upgraded request (after a 101): the tunnel lasts until it ends.
+    upgraded: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Serves the HTTP in `tunnel` until it closes or nothing moved either way for `tunnel.idle`,
@@ -132,31 +134,32 @@ where
     let activity = Activity::new();
     let client = TokioIo::new(activity.track(client));
     let pod = TokioIo::new(activity.track(pod));
-    let (pod, driver) = match protocol {
-        TunnelProtocol::Http1 => match client1::handshake(pod).await {
-            Ok((sender, conn)) => (
-                Pod::Http1(tokio::sync::Mutex::new(sender)),
-                tokio::spawn(async move { conn.with_upgrades().await }),
-            ),
-            Err(e) => {
-                return tracing::debug!(%target, error = %e, "HTTP/1.1 handshake with the pod")
-            }
-        },
-        TunnelProtocol::Http2 => {
-            let handshake = client2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .handshake(pod);
-            match handshake.await {
-                Ok((sender, conn)) => (Pod::Http2(sender), tokio::spawn(conn)),
-                Err(e) => {
-                    return tracing::debug!(%target, error = %e, "HTTP/2 handshake with the pod")
-                }
-            }
+    let handshake = match protocol {
+        TunnelProtocol::Http1 => client1::handshake(pod).await.map(|(sender, conn)| {
+            let pod = Pod::Http1(tokio::sync::Mutex::new(sender));
+            (pod, tokio::spawn(async move { conn.with_upgrades().await }))
+        }),
+        TunnelProtocol::Http2 => client2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(pod)
+            .await
+            .map(|(sender, conn)| (Pod::Http2(sender), tokio::spawn(conn))),
+    };
+    let (pod, driver) = match handshake {
+        Ok(handshake) => handshake,
+        Err(e) => {
+            tracing::debug!(%target, ?protocol, error = %e, "HTTP handshake with the pod failed");
+            return;
         }
     };
-    let conn = Arc::new(Conn { tunnel, pod });
+    let conn = Arc::new(Conn {
+        tunnel,
+        pod,
+        upgraded: Mutex::default(),
+    });
+    let serving = conn.clone();
     let service = hyper::service::service_fn(move |req| {
-        let conn = conn.clone();
+        let conn = serving.clone();
         async move { Ok::<_, Infallible>(serve_request(&conn, req).await) }
     });
     let served = async {
@@ -183,8 +186,19 @@ where
         },
         () = activity.idle_for(idle) => tracing::debug!(%target, ?idle, "HTTP tunnel idle; closing"),
     }
-    // The pod connection serves this tunnel only (after an upgrade it is already handed over).
-    driver.abort();
+    let upgraded = conn
+        .upgraded
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    match upgraded {
+        // The pod connection was handed to the relay; the tunnel ends with it.
+        Some(relay) => {
+            let _ = relay.await;
+        }
+        // The pod connection serves this tunnel only.
+        None => driver.abort(),
+    }
 }
 
 /// The per-request point on the destination agent: `req` is about to go to the pod (its
@@ -252,7 +266,7 @@ fn entry<'a>(
         destination_service: &labels.destination_service,
         endpoint: match tunnel.target {
             SocketAddr::V4(v4) => Some(v4),
-            SocketAddr::V6(_) => None::<SocketAddrV4>,
+            SocketAddr::V6(_) => None,
         },
         method: Some(line.method.as_str()),
         path: Some(&line.path),
@@ -283,7 +297,7 @@ async fn forward(conn: &Conn, mut req: Request<Incoming>) -> Response<ProxyBody>
     if let (Some(client_side), StatusCode::SWITCHING_PROTOCOLS) = (client_side, response.status()) {
         let pod_side = hyper::upgrade::on(&mut response);
         let idle = conn.tunnel.idle;
-        tokio::spawn(async move {
+        let relay = tokio::spawn(async move {
             match (client_side.await, pod_side.await) {
                 (Ok(client), Ok(pod)) => {
                     let (mut client, mut pod) = (TokioIo::new(client), TokioIo::new(pod));
@@ -294,6 +308,7 @@ async fn forward(conn: &Conn, mut req: Request<Incoming>) -> Response<ProxyBody>
                 }
             }
         });
+        *conn.upgraded.lock().unwrap_or_else(PoisonError::into_inner) = Some(relay);
     }
     response.map(|body| body.map_err(BoxError::from).boxed())
 }
