@@ -1,10 +1,11 @@
 //! The HBONE CONNECT request checks on arbitrary method, authority and service header bytes
-//! (split at the first two newlines); the service bytes also serve as a `Forwarded` header.
+//! (split at the first two newlines); the service bytes also serve as a `Forwarded` header and
+//! as the protocol mark.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mesh_agent::proxy::hbone::request::{forwarded_for, parse_connect};
-use mesh_agent::proxy::hbone::SERVICE_HEADER;
+use mesh_agent::proxy::hbone::request::{forwarded_for, parse_connect, tunnel_protocol};
+use mesh_agent::proxy::hbone::{PROTOCOL_HEADER, SERVICE_HEADER};
 
 fuzz_target!(|data: &[u8]| {
     let mut parts = data.splitn(3, |b| *b == b'\n');
@@ -21,10 +22,14 @@ fuzz_target!(|data: &[u8]| {
     let mut headers = hyper::HeaderMap::new();
     if let Ok(value) = hyper::header::HeaderValue::from_bytes(service) {
         headers.insert(SERVICE_HEADER, value.clone());
+        headers.insert(PROTOCOL_HEADER, value.clone());
         headers.insert(hyper::header::FORWARDED, value);
     }
     // Any bytes: an answer, never a panic.
     let _ = forwarded_for(&headers);
+    if let Ok(Some(protocol)) = tunnel_protocol(&headers) {
+        assert_eq!(protocol.header_value().as_bytes(), service);
+    }
     if let Ok((_, service)) = parse_connect(&method, &uri, &headers) {
         assert!(!service.is_empty());
         assert_eq!(method, hyper::Method::CONNECT);

@@ -59,6 +59,29 @@ pub struct Entry<'a> {
     pub trace_id: Option<&'a str>,
 }
 
+/// The parts of a request the access log keeps (taken before the request is sent on).
+pub struct RequestLine {
+    pub method: hyper::Method,
+    pub path: String,
+    pub trace_id: Option<String>,
+}
+
+impl RequestLine {
+    pub fn new<B>(req: &hyper::Request<B>) -> Self {
+        let trace_id = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(trace_id)
+            .map(str::to_owned);
+        Self {
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            trace_id,
+        }
+    }
+}
+
 /// The log's sending side; cheap to share (`Arc`).
 pub struct AccessLog {
     tx: SyncSender<String>,

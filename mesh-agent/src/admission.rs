@@ -226,84 +226,106 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    // tokio's clock (not std's), so the watchdog and the activity stamps agree.
-    let start = tokio::time::Instant::now();
-    let last = Arc::new(AtomicU64::new(0));
-    let mut a = Tracked {
-        inner: a,
-        last: last.clone(),
-        start,
-    };
-    let mut b = Tracked {
-        inner: b,
-        last: last.clone(),
-        start,
-    };
-    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
-    tokio::pin!(copy);
-    loop {
-        let since = Duration::from_millis(last.load(Ordering::Relaxed));
-        let deadline = start + since + idle;
-        tokio::select! {
-            result = &mut copy => return result,
-            () = tokio::time::sleep_until(deadline) => {
-                let moved = Duration::from_millis(last.load(Ordering::Relaxed));
-                if moved == since {
-                    return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("idle for {idle:?}")));
-                }
-            }
-        }
+    let activity = Activity::new();
+    let (mut a, mut b) = (activity.track(a), activity.track(b));
+    tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut a, &mut b) => result,
+        () = activity.idle_for(idle) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("idle for {idle:?}"),
+        )),
     }
 }
 
-/// Records when bytes last moved through the wrapped stream (ms since `start`).
-struct Tracked<'a, S: ?Sized> {
-    inner: &'a mut S,
+/// When bytes last moved through any of the streams it tracks, for an idle watchdog; one
+/// atomic max per read or write, no timer per byte.
+#[derive(Clone)]
+pub struct Activity {
+    /// Milliseconds since `start`.
     last: Arc<AtomicU64>,
     start: tokio::time::Instant,
 }
 
-impl<S: ?Sized> Tracked<'_, S> {
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Activity {
+    pub fn new() -> Self {
+        // tokio's clock (not std's), so the watchdog and the activity stamps agree.
+        Self {
+            last: Arc::new(AtomicU64::new(0)),
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Wraps `inner` so its reads and writes count as activity.
+    pub fn track<S>(&self, inner: S) -> Tracked<S> {
+        Tracked {
+            inner,
+            activity: self.clone(),
+        }
+    }
+
+    /// Resolves once no tracked stream has moved a byte for `idle`.
+    pub async fn idle_for(&self, idle: Duration) {
+        loop {
+            let since = Duration::from_millis(self.last.load(Ordering::Relaxed));
+            tokio::time::sleep_until(self.start + since + idle).await;
+            if Duration::from_millis(self.last.load(Ordering::Relaxed)) == since {
+                return;
+            }
+        }
+    }
+
     fn touch(&self) {
         let ms = self.start.elapsed().as_millis() as u64;
         self.last.fetch_max(ms, Ordering::Relaxed);
     }
 }
 
-impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Tracked<'_, S> {
+/// A stream whose reads and writes stamp an [`Activity`].
+pub struct Tracked<S> {
+    inner: S,
+    activity: Activity,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let result = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.touch();
+            self.activity.touch();
         }
         result
     }
 }
 
-impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Tracked<'_, S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let result = Pin::new(&mut *self.inner).poll_write(cx, data);
+        let result = Pin::new(&mut self.inner).poll_write(cx, data);
         if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+            self.activity.touch();
         }
         result
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_flush(cx)
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_shutdown(cx)
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

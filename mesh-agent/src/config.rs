@@ -13,6 +13,7 @@ pub use env::{apply_env_overrides, ENV_CONFIG, ENV_LOG, ENV_LOG_FORMAT, OVERRIDE
 pub use model::*;
 pub use registry::*;
 pub use service_policy::{ServicePolicy, TrafficDefaults, TrafficRules};
+pub(crate) use validate::short_message;
 pub use validate::{is_dns_label, validate};
 
 use std::path::Path;

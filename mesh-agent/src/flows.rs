@@ -180,6 +180,16 @@ impl FlowGuard {
     }
 }
 
+impl FlowGuard {
+    /// Bytes so far: (to the endpoint, from the endpoint).
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.flow.to_endpoint.load(Ordering::Relaxed),
+            self.flow.from_endpoint.load(Ordering::Relaxed),
+        )
+    }
+}
+
 impl Drop for FlowGuard {
     fn drop(&mut self) {
         self.table.shard(self.flow.id).remove(&self.flow.id);

@@ -4,6 +4,7 @@ pub mod access_log;
 pub mod admission;
 pub mod app;
 pub mod atomic_file;
+pub mod ca_service;
 pub mod config;
 pub mod ctl;
 pub mod ebpf;

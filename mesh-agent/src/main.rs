@@ -40,6 +40,8 @@ struct Args {
 enum Command {
     /// Query or steer a running agent through its admin port.
     Ctl(mesh_agent::ctl::CtlArgs),
+    /// The mesh CA service of a multi-node mesh (`serve`) and node bootstrap (`issue-node`).
+    Ca(mesh_agent::ca_service::cli::CaArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -76,18 +78,12 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(Command::Ctl(ctl)) = &args.command {
-        return match mesh_agent::ctl::run(ctl) {
-            Ok(text) => {
-                print!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {}", error_chain(&e));
-                ExitCode::FAILURE
-            }
-        };
+        return print_outcome(mesh_agent::ctl::run(ctl));
     }
     init_logging(args.log_format);
+    if let Some(Command::Ca(ca)) = &args.command {
+        return print_outcome(mesh_agent::ca_service::cli::run(ca));
+    }
 
     if args.check {
         return match mesh_agent::app::check(&args.config, args.off_node) {
@@ -131,6 +127,20 @@ fn main() -> ExitCode {
 }
 
 /// "outer: cause: root cause", skipping causes the outer message already contains.
+/// A subcommand's text on stdout and success, or its error chain on stderr and failure.
+fn print_outcome<E: std::error::Error>(outcome: Result<String, E>) -> ExitCode {
+    match outcome {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();

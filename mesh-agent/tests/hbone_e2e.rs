@@ -748,6 +748,25 @@ async fn malformed_requests_are_rejected() {
     let resp = h2.send_request(by_name).await.expect("CONNECT answered");
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
 
+    let unknown_protocol = Request::builder()
+        .method(Method::CONNECT)
+        .uri(echo.to_string())
+        .header("x-nodemesh-service", "echo")
+        .header("x-nodemesh-protocol", "http/2")
+        .body(Empty::new())
+        .expect("CONNECT");
+    let resp = h2
+        .send_request(unknown_protocol)
+        .await
+        .expect("CONNECT answered");
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    let reason = String::from_utf8_lossy(&body);
+    assert!(reason.contains("x-nodemesh-protocol"), "{reason}");
+
     assert_eq!(accepted.load(Ordering::SeqCst), 0);
 }
 
@@ -839,4 +858,180 @@ async fn pending_handshakes_from_one_source_are_capped() {
     .expect("in time")
     .expect("tunnel after the silent connections left");
     assert_eq!(round_trip(stream, b"after").await, b"after");
+}
+
+/// An HTTP server as the pod: answers "<version> <path>" on every request, for HTTP/1.1 or
+/// HTTP/2 (prior knowledge) as its connections speak; counts connections.
+async fn http_target() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind http");
+    let addr = listener.local_addr().expect("http addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let service =
+                hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let text = format!("{:?} {}", req.version(), req.uri().path());
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(Bytes::from(text)),
+                    ))
+                });
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(sock), service)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Destination-reported request counts in a registry of its own.
+struct Requests {
+    registry: prometheus::Registry,
+    istio: mesh_agent::metrics::istio::IstioMetrics,
+}
+
+impl mesh_agent::proxy::hbone::RequestMetrics for Requests {
+    fn labels(
+        &self,
+        peer: &mesh_agent::proxy::hbone::PeerIdentity,
+        service: &str,
+    ) -> mesh_agent::metrics::istio::PeerLabels {
+        mesh_agent::metrics::istio::PeerLabels::new(
+            &peer.id,
+            peer.service.as_deref(),
+            service,
+            "shop",
+        )
+    }
+
+    fn series(
+        &self,
+        labels: &mesh_agent::metrics::istio::PeerLabels,
+    ) -> mesh_agent::metrics::istio::HttpSeries {
+        use mesh_agent::metrics::istio::{Reporter, Security};
+        self.istio
+            .http(labels, Reporter::Destination, Security::MutualTls)
+    }
+
+    fn requests(
+        &self,
+        labels: &mesh_agent::metrics::istio::PeerLabels,
+        code: u16,
+    ) -> prometheus::IntCounter {
+        use mesh_agent::metrics::istio::{Reporter, Security};
+        self.istio
+            .requests(labels, Reporter::Destination, Security::MutualTls, code)
+    }
+
+    fn access_log(&self) -> Option<&mesh_agent::access_log::AccessLog> {
+        None
+    }
+}
+
+impl Requests {
+    /// `istio_requests_total` summed over its series.
+    fn total(&self) -> f64 {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "istio_requests_total")
+            .flat_map(|f| f.get_metric())
+            .map(|m| m.get_counter().get_value())
+            .sum()
+    }
+}
+
+/// Tunnels marked as carrying HTTP are served request by request by the destination agent
+/// (which counts each one) over one connection to the pod: HTTP/2 requests multiplexed on
+/// one tunnel, and HTTP/1.1 keep-alive requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_tunnels_are_served_per_request() {
+    use mesh_agent::proxy::hbone::TunnelProtocol;
+    let ca = TestCa::new("mesh ca");
+    let (pod, accepted) = http_target().await;
+    let listener = TcpListener::bind((LOCALHOST, 0)).await.expect("bind hbone");
+    let addr = listener.local_addr().expect("hbone addr");
+    let registry = prometheus::Registry::new();
+    let requests = Arc::new(Requests {
+        istio: mesh_agent::metrics::istio::IstioMetrics::new(&registry),
+        registry,
+    });
+    let config = AuthzConfig::from_yaml(POLICY).expect("policy yaml");
+    let authorizer = Arc::new(Authorizer::new(&config).expect("policy"));
+    let leaf = ca.leaf("nodemesh", "agent", "agent");
+    let (_stop, stopped) = oneshot::channel::<()>();
+    let server = HboneServer::new(server_tls(&ca, &leaf), authorizer as Arc<dyn Authorize>)
+        .with_request_metrics(requests.clone());
+    tokio::spawn(server.serve(listener, async move {
+        let _ = stopped.await;
+    }));
+    let client = checkout(&ca);
+    let tls = client_tls(&ca, &client);
+    let pool = HbonePool::new(PoolConfig::default());
+    let body = |resp: hyper::Response<hyper::body::Incoming>| async move {
+        let bytes = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .expect("body")
+            .to_bytes();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    let get = |path: &str| {
+        Request::get(format!("http://{pod}{path}"))
+            .body(Empty::<Bytes>::new())
+            .expect("GET")
+    };
+
+    let h2_tunnel = pool
+        .connect_carrying(
+            &client.id,
+            tls.clone(),
+            addr,
+            pod,
+            "echo",
+            None,
+            TunnelProtocol::Http2,
+        )
+        .await
+        .expect("h2 tunnel");
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(h2_tunnel))
+            .await
+            .expect("h2 over the tunnel");
+    tokio::spawn(conn);
+    let mut h2b = h2.clone();
+    let (a, b) = tokio::join!(h2.send_request(get("/a")), h2b.send_request(get("/b")));
+    assert_eq!(body(a.expect("a")).await, "HTTP/2.0 /a");
+    assert_eq!(body(b.expect("b")).await, "HTTP/2.0 /b");
+
+    let h1_tunnel = pool
+        .connect_carrying(
+            &client.id,
+            tls,
+            addr,
+            pod,
+            "echo",
+            None,
+            TunnelProtocol::Http1,
+        )
+        .await
+        .expect("h1 tunnel");
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(h1_tunnel))
+        .await
+        .expect("h1 over the tunnel");
+    tokio::spawn(conn);
+    for path in ["/c", "/d", "/e"] {
+        h1.ready().await.expect("keep-alive connection ready");
+        let resp = h1.send_request(get(path)).await.expect("h1 request");
+        assert_eq!(body(resp).await, format!("HTTP/1.1 {path}"));
+    }
+
+    assert_eq!(requests.total(), 5.0);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "one pod connection per tunnel"
+    );
 }

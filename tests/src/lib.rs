@@ -4,6 +4,7 @@
 //! Address plan (per node `n`, pod `p`): node-side veth 10.n.p.1/24, pod eth0 10.n.p.2/24 with a
 //! default route via 10.n.p.1, agent address 10.n.255.1/32 on the node's loopback.
 
+pub mod ca_service;
 pub mod capture;
 pub mod cmd;
 pub mod etcd;

@@ -469,6 +469,17 @@ impl Topology {
         self.workdir.join(format!("{}-state", node.instance))
     }
 
+    /// The `identity:` fields (indented, without the key) that make another node's agent use
+    /// the mesh CA `node`'s agent generated, so both agents trust each other.
+    pub fn shared_ca_fields(&self, node: &Node) -> String {
+        let state = self.state_dir(node);
+        format!(
+            "  ca_cert: {}\n  ca_key: {}\n",
+            state.join("ca.crt").display(),
+            state.join("ca.key").display()
+        )
+    }
+
     /// Waits until the agent answers /ready with 200, or fails with its log.
     pub fn wait_ready(&self, agent: &AgentHandle) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
+use crate::ca_service::CaService;
 use crate::capture::Capture;
 use crate::{AgentHandle, Topology};
 
@@ -30,6 +31,9 @@ pub struct Options {
     pub web_port: Option<u16>,
     /// `policy:` block (YAML flow value) of service `web` on node 1, the calling side.
     pub web_policy: Option<String>,
+    /// Certificates from a CA service ([`CaService`], in node 1's namespace) instead of a CA
+    /// key on the nodes; `identity_yaml` then adds fields to the `identity:` block.
+    pub ca_service: bool,
 }
 
 pub const WEB_VIP: &str = "10.96.0.11:80";
@@ -44,6 +48,8 @@ pub struct TwoNodes {
     pub bypass_record: PathBuf,
     /// Name of node 1's uplink interface (inside node 1's namespace).
     pub uplink1: String,
+    /// The CA service, with [`Options::ca_service`].
+    pub ca: Option<CaService>,
 }
 
 impl TwoNodes {
@@ -56,17 +62,37 @@ impl TwoNodes {
         let server = n2.pod("server");
         let server_record = topo.start_echo_server(server, ECHO_PORT, "srv")?;
         let bypass_record = topo.start_echo_server(server, BYPASS_PORT, "srv")?;
-        let identity = |ca: Option<&PathBuf>| {
+        let ca = if options.ca_service {
+            let mut ca = CaService::configure(
+                &topo,
+                &[
+                    ("node-1", &["shop/client", "shop/intruder"]),
+                    ("node-2", &["shop/server"]),
+                ],
+            )?;
+            let dirs = [
+                ca.issue_node(&topo, "node-1")?,
+                ca.issue_node(&topo, "node-2")?,
+            ];
+            ca.start(&topo)?;
+            Some((ca, dirs))
+        } else {
+            None
+        };
+        let identity = |shared_ca: Option<String>, node: usize| {
+            if let Some((_, dirs)) = &ca {
+                let block = options.identity_yaml.clone().unwrap_or_default();
+                return CaService::identity_yaml(
+                    &dirs[node - 1],
+                    block.strip_prefix("identity:\n").unwrap_or(&block),
+                );
+            }
             let mut block = options
                 .identity_yaml
                 .clone()
                 .unwrap_or_else(|| "identity:\n".to_owned());
-            if let Some(state) = ca {
-                block.push_str(&format!(
-                    "  ca_cert: {}\n  ca_key: {}\n",
-                    state.join("ca.crt").display(),
-                    state.join("ca.key").display()
-                ));
+            if let Some(fields) = shared_ca {
+                block.push_str(&fields);
             }
             block
         };
@@ -97,12 +123,11 @@ impl TwoNodes {
             server.ip,
             n1.pod("client").workload_yaml("shop", "client"),
             n1.pod("intruder").workload_yaml("shop", "intruder"),
-            identity(None),
+            identity(None, 1),
         ));
         // Node 1 generates the mesh CA at first start; node 2 loads it as if from a Secret.
         let agent1 = topo.start_agent(n1, &config1, &env)?;
         topo.wait_ready(&agent1)?;
-        let ca_dir = topo.state_dir(n1);
 
         let server_workload = if options.strict_server {
             server
@@ -123,7 +148,7 @@ impl TwoNodes {
             } else {
                 ""
             },
-            identity(Some(&ca_dir)),
+            identity(Some(topo.shared_ca_fields(n1)), 2),
         ));
         let agent2 = topo.start_agent(n2, &config2, &env)?;
         topo.wait_ready(&agent2)?;
@@ -134,6 +159,7 @@ impl TwoNodes {
             server_record,
             bypass_record,
             uplink1,
+            ca: ca.map(|(ca, _)| ca),
         })
     }
 

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use mesh_tests::capture::{contains, packets_on_port};
 use mesh_tests::http::metric;
+use mesh_tests::l7::{count_code, curl, start_http_server};
 use mesh_tests::topology::probe_binary;
-use mesh_tests::two_nodes::{Options, TwoNodes, BYPASS_PORT, ECHO_VIP};
+use mesh_tests::two_nodes::{Options, TwoNodes, BYPASS_PORT, ECHO_VIP, WEB_VIP};
 
 #[test]
 fn cross_node_call_crosses_the_link_only_as_mtls() -> Result<()> {
@@ -340,14 +341,9 @@ fn capability_requirement_and_service_key_grant_apply_on_reload() -> Result<()> 
 /// identity's tunnel gets `policy: deny` lines naming it.
 #[test]
 fn access_log_has_both_ends_of_a_cross_node_connection() -> Result<()> {
-    let path = std::env::temp_dir().join(format!("nodemesh-access-{}.log", std::process::id()));
-    let _ = std::fs::remove_file(&path);
+    let path = access_log_path("tcp");
     let mesh = TwoNodes::start(Options {
-        // Appended to both configs; it must end with the `identity:` block the fixture fills.
-        identity_yaml: Some(format!(
-            "observability:\n  access_log: {{enabled: true, path: {}}}\nidentity:\n",
-            path.display()
-        )),
+        identity_yaml: Some(access_log_yaml(&path)),
         ..Options::default()
     })?;
     let topo = &mesh.topo;
@@ -360,20 +356,7 @@ fn access_log_has_both_ends_of_a_cross_node_connection() -> Result<()> {
     let refused = topo.connect_from(topo.node(1).pod("intruder"), ECHO_VIP, "let-me-in", 1)?;
     ensure!(refused[0].reply.is_empty(), "{refused:?}");
 
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let lines: Vec<serde_json::Value> = loop {
-        let log = std::fs::read_to_string(&path).unwrap_or_default();
-        let lines: Vec<serde_json::Value> = log
-            .lines()
-            .map(serde_json::from_str)
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("not JSON lines: {log}"))?;
-        if lines.len() >= 4 || Instant::now() > deadline {
-            break lines;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let _ = std::fs::remove_file(&path);
+    let lines = access_log_lines(&path, |lines| lines.len() >= 4)?;
     let find = |reporter: &str, sa: &str| {
         lines.iter().find(|l| {
             l["reporter"] == reporter
@@ -400,5 +383,207 @@ fn access_log_has_both_ends_of_a_cross_node_connection() -> Result<()> {
             .with_context(|| format!("no {reporter} line for the intruder: {lines:#?}"))?;
         ensure!(denied["policy"] == "deny", "{denied}");
     }
+    Ok(())
+}
+
+/// A fresh access-log file for one test.
+fn access_log_path(test: &str) -> std::path::PathBuf {
+    let path =
+        std::env::temp_dir().join(format!("nodemesh-access-{test}-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+/// Config turning the access log on into `path`; appended to both agents' configs, it ends
+/// with the `identity:` block the fixture fills.
+fn access_log_yaml(path: &std::path::Path) -> String {
+    format!(
+        "observability:\n  access_log: {{enabled: true, path: {}}}\nidentity:\n",
+        path.display()
+    )
+}
+
+/// The JSON lines of the access log once `enough` holds (or after 5 s); removes the file.
+fn access_log_lines(
+    path: &std::path::Path,
+    enough: impl Fn(&[serde_json::Value]) -> bool,
+) -> Result<Vec<serde_json::Value>> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let lines = loop {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("not JSON lines: {log}"))?;
+        if enough(&lines) || Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = std::fs::remove_file(path);
+    Ok(lines)
+}
+
+/// Port of the HTTP server behind service `web` on the server pod.
+const WEB_PORT: u16 = 8081;
+
+/// Two nodes with service `web` (HTTP, a `meshprobe http` server on the server pod) and the
+/// access log on in `path`.
+fn web_mesh(path: &std::path::Path) -> Result<(TwoNodes, mesh_tests::l7::HttpServer)> {
+    let mesh = TwoNodes::start(Options {
+        identity_yaml: Some(access_log_yaml(path)),
+        web_port: Some(WEB_PORT),
+        web_policy: Some("{protocol: http}".into()),
+        ..Options::default()
+    })?;
+    let server = start_http_server(
+        &mesh.topo,
+        mesh.topo.node(2).pod("server"),
+        WEB_PORT,
+        "web",
+        "ok",
+    )?;
+    Ok((mesh, server))
+}
+
+/// Istio labels of shop/client calling `web` over the mesh, as `reporter` reports them.
+fn web_labels(reporter: &'static str) -> [(&'static str, &'static str); 7] {
+    [
+        ("reporter", reporter),
+        ("source_workload", "client"),
+        ("source_workload_namespace", "shop"),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/shop/sa/client",
+        ),
+        ("destination_service", "web.shop.svc.cluster.local"),
+        ("destination_workload", "web"),
+        ("connection_security_policy", "mutual_tls"),
+    ]
+}
+
+/// HTTP keep-alive requests across nodes: the destination agent sees each one (it serves the
+/// marked tunnel request by request), logs one line per request with the caller's mTLS
+/// identity, and reports Istio request metrics as `destination` whose counts match what was
+/// sent, per response code; an opaque TCP service still works byte for byte alongside.
+#[test]
+fn destination_agent_counts_and_logs_each_http_request() -> Result<()> {
+    let path = access_log_path("http");
+    let (mesh, server) = web_mesh(&path)?;
+    let topo = &mesh.topo;
+    let client = topo.node(1).pod("client");
+    let ok = curl(topo, client, &format!("http://{WEB_VIP}/"), 3, &[])?;
+    let missing = curl(topo, client, &format!("http://{WEB_VIP}/missing"), 2, &[])?;
+    ensure!(
+        count_code(&ok, 200) == 3 && count_code(&missing, 404) == 2,
+        "{ok:?} {missing:?}\nagent2:\n{}",
+        mesh.agent2.log_text()
+    );
+    ensure!(server.requests().len() == 5, "{:?}", server.requests());
+    // Opaque TCP across the same nodes: unmarked tunnel, relayed byte for byte.
+    let text = "opaque-bytes-\u{1}\u{2}-end";
+    let reply = topo.connect_from(client, ECHO_VIP, text, 1)?;
+    ensure!(
+        reply[0].ok && reply[0].reply == format!("srv:{text}"),
+        "{reply:?}"
+    );
+
+    let http_lines = |lines: &[serde_json::Value]| {
+        lines
+            .iter()
+            .filter(|l| l["kind"] == "http" && l["reporter"] == "destination")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let lines = access_log_lines(&path, |l| http_lines(l).len() >= 5)?;
+    let destination = http_lines(&lines);
+    let endpoint = format!("{}:{WEB_PORT}", topo.node(2).pod("server").ip);
+    ensure!(destination.len() == 5, "{lines:#?}");
+    for (code, path, count) in [(200, "/", 3), (404, "/missing", 2)] {
+        let matching = destination
+            .iter()
+            .filter(|l| {
+                l["response_code"] == code
+                    && l["path"] == path
+                    && l["method"] == "GET"
+                    && l["source_principal"] == "spiffe://cluster.local/ns/shop/sa/client"
+                    && l["source_workload"] == "client"
+                    && l["destination_service"] == "web.shop.svc.cluster.local"
+                    && l["endpoint"] == endpoint.as_str()
+                    && l["connection_security_policy"] == "mutual_tls"
+                    && l["policy"] == "allow"
+                    && l["bytes_received"] == 4
+            })
+            .count();
+        ensure!(matching == count, "{code} {path}: {destination:#?}");
+    }
+
+    let m2 = topo.metrics(&mesh.agent2)?;
+    let m1 = topo.metrics(&mesh.agent1)?;
+    for (m, reporter) in [(&m2, "destination"), (&m1, "source")] {
+        let labels = web_labels(reporter);
+        for (code, count) in [("200", 3), ("404", 2)] {
+            let mut with_code = labels.to_vec();
+            with_code.push(("response_code", code));
+            ensure!(
+                metric(m, "istio_requests_total", &with_code) == Some(count),
+                "{reporter} {code}: {m}"
+            );
+        }
+        for family in [
+            "istio_request_duration_milliseconds_count",
+            "istio_request_bytes_count",
+            "istio_response_bytes_count",
+        ] {
+            ensure!(
+                metric(m, family, &labels) == Some(5),
+                "{reporter} {family}: {m}"
+            );
+        }
+        // The server answers "web\n" to each request.
+        ensure!(
+            metric(m, "istio_response_bytes_sum", &labels) == Some(20),
+            "{reporter}: {m}"
+        );
+    }
+    Ok(())
+}
+
+/// An HTTP/1.1 upgrade across nodes goes through the destination agent's HTTP serving: the
+/// 101 reaches the client, the upgraded bytes flow both ways, and the destination counts it.
+#[test]
+fn http_upgrade_across_nodes_is_relayed_after_101() -> Result<()> {
+    let path = access_log_path("upgrade");
+    let (mesh, _server) = web_mesh(&path)?;
+    let topo = &mesh.topo;
+    let request = "GET /chat HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nraw-bytes-after-upgrade";
+    let replies = topo.connect_from(topo.node(1).pod("client"), WEB_VIP, request, 1)?;
+    let reply = &replies[0].reply;
+    ensure!(
+        replies[0].ok
+            && reply.starts_with("HTTP/1.1 101")
+            && reply.ends_with("\r\n\r\nraw-bytes-after-upgrade"),
+        "{replies:?}\nagent2:\n{}",
+        mesh.agent2.log_text()
+    );
+    let mut labels = web_labels("destination").to_vec();
+    labels.push(("response_code", "101"));
+    let m2 = topo.metrics(&mesh.agent2)?;
+    ensure!(
+        metric(&m2, "istio_requests_total", &labels) == Some(1),
+        "{m2}"
+    );
+    let lines = access_log_lines(&path, |l| {
+        l.iter()
+            .any(|l| l["reporter"] == "destination" && l["kind"] == "http")
+    })?;
+    ensure!(
+        lines.iter().any(|l| l["reporter"] == "destination"
+            && l["kind"] == "http"
+            && l["path"] == "/chat"
+            && l["response_code"] == 101),
+        "{lines:#?}"
+    );
     Ok(())
 }

@@ -2,8 +2,9 @@
 
 use std::process::Command;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use mesh_tests::topology::agent_binary;
+use serde::Deserialize;
 
 #[test]
 fn example_config_passes_agent_check() -> Result<()> {
@@ -219,5 +220,116 @@ fn dashboard_queries_only_documented_metrics() -> Result<()> {
             "no p{q} latency panel"
         );
     }
+    Ok(())
+}
+
+/// deploy/ca-deployment.yaml: a Deployment running `mesh-agent ca --config <file> serve` whose
+/// config (from the ConfigMap) the CA service accepts, the CA key mounted from a Secret the file
+/// references but does not contain, and a Service selecting the pods on the signing port.
+#[test]
+fn ca_deployment_runs_the_ca_service_with_its_key_from_a_secret() -> Result<()> {
+    use mesh_agent::ca_service::CaServiceConfig;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("deploy/ca-deployment.yaml"))?;
+    ensure!(
+        !text.contains("PRIVATE KEY") && !text.contains("kind: Secret"),
+        "the manifest must reference the CA key Secret, not carry it"
+    );
+    let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_json::to_value(serde_yaml::Value::deserialize(d)?).map_err(Into::into))
+        .collect::<Result<_>>()?;
+    let of = |kind: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let (deployment, configmap, service) = (of("Deployment"), of("ConfigMap"), of("Service"));
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str())
+        .collect();
+    ensure!(
+        args.first() == Some(&"ca") && args.last() == Some(&"serve") && args[1] == "--config",
+        "container args {args:?}"
+    );
+    let config_path = std::path::Path::new(args[2]);
+    let mount_of = |volume: &serde_json::Value| {
+        container["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["name"] == volume["name"])
+            .and_then(|m| m["mountPath"].as_str())
+            .map(std::path::PathBuf::from)
+    };
+    let volumes = pod["volumes"].as_array().cloned().unwrap_or_default();
+    let config_volume = volumes
+        .iter()
+        .find(|v| v["configMap"]["name"] == configmap["metadata"]["name"])
+        .context("no volume of the ConfigMap")?;
+    ensure!(
+        mount_of(config_volume).is_some_and(|m| config_path.starts_with(m)),
+        "{} is not in the ConfigMap's mount",
+        config_path.display()
+    );
+    let file_name = config_path
+        .file_name()
+        .and_then(|f| f.to_str())
+        .context("config file name")?;
+    let yaml = configmap["data"][file_name]
+        .as_str()
+        .with_context(|| format!("ConfigMap has no {file_name}"))?;
+    let config = CaServiceConfig::parse(yaml, "deploy/ca-deployment.yaml")?;
+    let secret_volume = volumes
+        .iter()
+        .find(|v| v["secret"]["secretName"].is_string())
+        .context("no Secret volume for the CA key")?;
+    let secret_mount = mount_of(secret_volume).context("Secret volume not mounted")?;
+    for (field, path) in [("ca_cert", &config.ca_cert), ("ca_key", &config.ca_key)] {
+        let path = path.as_ref().with_context(|| format!("{field} unset"))?;
+        ensure!(
+            path.starts_with(&secret_mount),
+            "{field} {} is not in the Secret's mount {}",
+            path.display(),
+            secret_mount.display()
+        );
+    }
+    let ports = |list: &serde_json::Value, key: &str| -> Vec<u64> {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p[key].as_u64())
+            .collect()
+    };
+    ensure!(
+        ports(&container["ports"], "containerPort").contains(&u64::from(config.listen.port())),
+        "container does not declare listen port {}",
+        config.listen.port()
+    );
+    ensure!(
+        service["spec"]["selector"]
+            == deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+                .as_str()
+                .map(|n| serde_json::json!({"app.kubernetes.io/name": n}))
+                .unwrap_or_default(),
+        "Service does not select the CA pods"
+    );
+    ensure!(
+        service["spec"]["clusterIP"]
+            .as_str()
+            .is_some_and(|ip| ip.parse::<std::net::IpAddr>().is_ok()),
+        "agents need the Service as ip:port: a fixed clusterIP"
+    );
+    ensure!(
+        service["spec"]["ports"][0]["targetPort"] == "sign"
+            && ports(&service["spec"]["ports"], "port").contains(&u64::from(config.listen.port())),
+        "Service port: {}",
+        service["spec"]["ports"]
+    );
     Ok(())
 }

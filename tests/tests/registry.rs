@@ -3,6 +3,7 @@
 //! restarts served from the cache, and the seeds' flow through the real py-consul client.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,12 @@ fn register_passing_echo(topo: &Topology, pod: &Pod, registry: &str, ttl: &str) 
     )?;
     ensure!(status == 200, "heartbeat answered {status}: {body}");
     Ok(())
+}
+
+/// `pod` deregisters its instance `id` through the agent API at `registry`; returns the status.
+fn deregister(topo: &Topology, pod: &Pod, registry: &str, id: &str) -> Result<u16> {
+    let url = format!("{registry}/v1/agent/service/deregister/{id}");
+    Ok(curl(topo, pod, "PUT", &url, "")?.0)
 }
 
 /// Node config for `echo` served by pods `sa` and `sb` with the service policy `policy`, only
@@ -103,6 +110,20 @@ fn echo_registration(ttl: &str, server_ip: &str) -> String {
     )
 }
 
+/// One sample of the agent's metric `name` with `labels`, scraped now.
+fn agent_metric(
+    topo: &Topology,
+    agent: &mesh_tests::AgentHandle,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Result<Option<u64>> {
+    Ok(mesh_tests::http::metric(
+        &topo.metrics(agent)?,
+        name,
+        labels,
+    ))
+}
+
 #[test]
 fn etcd_registry_across_two_nodes() -> Result<()> {
     let mut topo = Topology::new()?;
@@ -126,23 +147,16 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
     ));
     let agent1 = topo.start_agent(n1, &config1, &[])?;
     topo.wait_ready(&agent1)?;
-    let ca = topo.state_dir(n1);
     let config2 = n2.agent_config(&format!(
-        "{service}workloads:\n{}    service: echo\n{}{authz}{registry_block}identity:\n  ca_cert: {}\n  ca_key: {}\n",
+        "{service}workloads:\n{}    service: echo\n{}{authz}{registry_block}identity:\n{}",
         server.workload_yaml("shop", "server"),
         n2.pod("intruder").workload_yaml("shop", "intruder"),
-        ca.join("ca.crt").display(),
-        ca.join("ca.key").display(),
+        topo.shared_ca_fields(n1),
     ));
     let agent2 = topo.start_agent(n2, &config2, &[])?;
     topo.wait_ready(&agent2)?;
-    let cert_changes = |agent: &mesh_tests::AgentHandle| -> Result<Option<u64>> {
-        let m = topo.metrics(agent)?;
-        Ok(mesh_tests::http::metric(
-            &m,
-            "nodemesh_identity_cert_changes_total",
-            &[],
-        ))
+    let cert_changes = |agent: &mesh_tests::AgentHandle| {
+        agent_metric(&topo, agent, "nodemesh_identity_cert_changes_total", &[])
     };
     let certs_before = cert_changes(&agent1)?;
     assert!(certs_before.is_some());
@@ -246,13 +260,7 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
         "",
     )?;
     assert_eq!(status, 403);
-    let (status, _) = curl(
-        &topo,
-        intruder,
-        "PUT",
-        &format!("{reg2}/v1/agent/service/deregister/echo-1"),
-        "",
-    )?;
+    let status = deregister(&topo, intruder, &reg2, "echo-1")?;
     assert_eq!(status, 403);
 
     // etcd dies: routing continues from the cache, /health says extend-cache.
@@ -333,13 +341,7 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
     );
 
     // The owner deregisters: gone everywhere.
-    let (status, _) = curl(
-        &topo,
-        server,
-        "PUT",
-        &format!("{reg2}/v1/agent/service/deregister/echo-1"),
-        "",
-    )?;
+    let status = deregister(&topo, server, &reg2, "echo-1")?;
     assert_eq!(status, 200);
     topo.wait_for(
         "deregistration seen on node 1",
@@ -598,6 +600,34 @@ fn ctl(topo: &Topology, node: &Node, args: &[&str]) -> Result<(bool, String)> {
     Ok((status.success(), format!("{out}{err}")))
 }
 
+/// Two linked nodes (pods `client` and `intruder` on node 1, `server` serving echo on node 2)
+/// whose agents share an etcd on `etcd_port` and hold bootstrap settings only: no services,
+/// workloads or nodes in either file.
+fn bootstrap_only_pair(
+    topo: &mut Topology,
+    etcd_port: u16,
+) -> Result<(Etcd, mesh_tests::AgentHandle, mesh_tests::AgentHandle)> {
+    topo.add_node(&["client", "intruder"])?;
+    topo.add_node(&["server"])?;
+    topo.link_nodes(1, 2)?;
+    let (n1, n2) = (topo.node(1), topo.node(2));
+    let etcd = Etcd::start(topo, n1, n1.agent_ip, etcd_port)?;
+    topo.start_echo_server(n2.pod("server"), ECHO_PORT, "srv")?;
+    let registry_block = format!(
+        "registry:\n  backend: etcd\n  etcd:\n    endpoints: [\"{}\"]\n    lease_ttl: 3s\n",
+        etcd.client_url
+    );
+    let agent1 = topo.start_agent(n1, &n1.agent_config(&registry_block), &[])?;
+    topo.wait_ready(&agent1)?;
+    let config2 = n2.agent_config(&format!(
+        "{registry_block}identity:\n{}",
+        topo.shared_ca_fields(n1)
+    ));
+    let agent2 = topo.start_agent(n2, &config2, &[])?;
+    topo.wait_ready(&agent2)?;
+    Ok((etcd, agent1, agent2))
+}
+
 /// An operator defines a service (VIP, allow-list) and each node's workloads once, in etcd,
 /// through node 1's admin port; node 2 attaches to its workload from the registry and every
 /// agent applies the service: the allowed caller reaches it, the other gets EPERM in the
@@ -606,28 +636,9 @@ fn ctl(topo: &Topology, node: &Node, args: &[&str]) -> Result<(bool, String)> {
 fn mesh_state_defined_once_in_etcd_applies_on_every_node() -> Result<()> {
     const VIP: &str = "10.96.0.11:80";
     let mut topo = Topology::new()?;
-    topo.add_node(&["client", "intruder"])?;
-    topo.add_node(&["server"])?;
-    topo.link_nodes(1, 2)?;
+    let (_etcd, _agent1, agent2) = bootstrap_only_pair(&mut topo, ETCD_PORT + 1)?;
     let (n1, n2) = (topo.node(1), topo.node(2));
-    let _etcd = Etcd::start(&topo, n1, n1.agent_ip, ETCD_PORT + 1)?;
     let server = n2.pod("server");
-    topo.start_echo_server(server, ECHO_PORT, "srv")?;
-    let registry_block = format!(
-        "registry:\n  backend: etcd\n  etcd:\n    endpoints: [\"{}\"]\n    lease_ttl: 3s\n",
-        _etcd.client_url
-    );
-    // Bootstrap settings only: no services, workloads or nodes in either file.
-    let agent1 = topo.start_agent(n1, &n1.agent_config(&registry_block), &[])?;
-    topo.wait_ready(&agent1)?;
-    let ca = topo.state_dir(n1);
-    let config2 = n2.agent_config(&format!(
-        "{registry_block}identity:\n  ca_cert: {}\n  ca_key: {}\n",
-        ca.join("ca.crt").display(),
-        ca.join("ca.key").display(),
-    ));
-    let agent2 = topo.start_agent(n2, &config2, &[])?;
-    topo.wait_ready(&agent2)?;
 
     let document = |allow: &str| {
         format!(
@@ -731,6 +742,168 @@ fn mesh_state_defined_once_in_etcd_applies_on_every_node() -> Result<()> {
     Ok(())
 }
 
+/// Waits until `pod`'s connect to `vip` reaches the echo server (`admitted`) or fails with
+/// EPERM at connect (denied in the kernel); returns how long the change took.
+fn wait_for_decision(
+    topo: &Topology,
+    pod: &Pod,
+    vip: &str,
+    admitted: bool,
+    timeout: Duration,
+) -> Result<Duration> {
+    let started = Instant::now();
+    let mut last = None;
+    let what = format!(
+        "{} {}",
+        pod.name,
+        if admitted {
+            "admitted"
+        } else {
+            "denied (EPERM)"
+        }
+    );
+    topo.wait_for(&what, timeout, || {
+        let a = topo
+            .connect_from_with_timeout(pod, vip, "hi", 1, Duration::from_secs(2))?
+            .remove(0);
+        let done = if admitted {
+            a.ok && a.reply == "srv:hi"
+        } else {
+            a.errno == Some(1)
+        };
+        last = Some(a);
+        Ok(done)
+    })
+    .with_context(|| format!("last attempt: {last:?}"))?;
+    Ok(started.elapsed())
+}
+
+/// Authorization policies and the mesh-wide default live in the registry too. An operator
+/// applies a service with `default: allow` (both callers admitted), then, through the other
+/// node's admin port, an allow-list policy: the callers' agent denies the intruder in the
+/// kernel (EPERM at connect) and admits the client within about a second. An invalid policy is
+/// refused with the field named and changes nothing; deleting the policy restores the default.
+#[test]
+fn registry_authorization_policies_reach_the_kernel_of_every_node() -> Result<()> {
+    const VIP: &str = "10.96.0.14:80";
+    const SOON: Duration = Duration::from_millis(1500);
+    let mut topo = Topology::new()?;
+    let (_etcd, agent1, agent2) = bootstrap_only_pair(&mut topo, ETCD_PORT + 3)?;
+    let (n1, n2) = (topo.node(1), topo.node(2));
+    let server = n2.pod("server");
+
+    let (client, intruder) = (n1.pod("client"), n1.pod("intruder"));
+    let apply = |node: &Node, name: &str, document: &str| -> Result<(bool, String)> {
+        let path = topo.state_dir(node).join(name);
+        std::fs::write(&path, document)?;
+        ctl(&topo, node, &["apply", "-f", &path.display().to_string()])
+    };
+    let mesh = format!(
+        "services:\n  - name: echo\n    namespace: shop\n    vip: {VIP}\n\
+         workloads:\n  node-1:\n{}{}  node-2:\n{}    service: echo\ndefault: allow\n",
+        client.workload_yaml("shop", "client"),
+        intruder.workload_yaml("shop", "intruder"),
+        server.workload_yaml("shop", "server"),
+    );
+    let (ok, out) = apply(n1, "mesh.yaml", &mesh)?;
+    assert!(ok, "{out}");
+    let reg2 = format!("http://{}:8500", n2.agent_ip);
+    topo.wait_for(
+        "the server registered as echo on node 2",
+        Duration::from_secs(5),
+        || Ok(register_passing_echo(&topo, server, &reg2, "30s").is_ok()),
+    )?;
+    wait_for_decision(&topo, client, VIP, true, Duration::from_secs(10))?;
+    wait_for_decision(&topo, intruder, VIP, true, SOON)
+        .context("the registry's default: allow admits a caller no policy names")?;
+
+    let policy = |from: &str| {
+        format!(
+            "authorization:\n  - name: echo-callers\n    service: echo\n    allow:\n      - from: {from}\n"
+        )
+    };
+    let (ok, out) = apply(n2, "bad-policy.yaml", &policy("not-a-spiffe-id"))?;
+    assert!(!ok, "an invalid policy is refused: {out}");
+    assert!(
+        out.contains("registry authorization \"echo-callers\"")
+            && out.contains("authorization[0].allow[0].from"),
+        "the error names the policy and the field: {out}"
+    );
+    let (_, listed) = ctl(&topo, n1, &["-o", "json", "mesh"])?;
+    let listed: serde_json::Value = serde_json::from_str(&listed)?;
+    assert_eq!(
+        listed["authorization"],
+        serde_json::json!([]),
+        "nothing written"
+    );
+    wait_for_decision(&topo, intruder, VIP, true, SOON).context("nothing changed")?;
+
+    let (ok, out) = apply(
+        n2,
+        "policy.yaml",
+        &policy("spiffe://cluster.local/ns/shop/sa/client"),
+    )?;
+    assert!(ok && out.contains("echo-callers"), "{out}");
+    let took = wait_for_decision(&topo, intruder, VIP, false, SOON)
+        .context("node 1's kernel denies the caller the registry policy leaves out")?;
+    eprintln!("registry policy enforced in node 1's kernel {took:?} after the write");
+    wait_for_decision(&topo, client, VIP, true, SOON)?;
+    let (_, policy_view) = ctl(&topo, n1, &["-o", "json", "policy"])?;
+    assert!(
+        policy_view.contains("echo-callers"),
+        "compiled into node 1's authorizer: {policy_view}"
+    );
+    let (_, table) = ctl(&topo, n1, &["mesh"])?;
+    assert!(
+        table.contains("echo-callers") && table.contains("mesh default: allow"),
+        "{table}"
+    );
+    for agent in [&agent1, &agent2] {
+        let m = topo.metrics(agent)?;
+        assert_eq!(
+            mesh_tests::http::metric(
+                &m,
+                "nodemesh_registry_objects_refused",
+                &[("kind", "authorization")]
+            ),
+            Some(0),
+            "nothing left out"
+        );
+    }
+
+    // Endpoint churn under a registry policy neither reloads nor recompiles authorization.
+    let generation = |agent: &mesh_tests::AgentHandle| {
+        agent_metric(&topo, agent, "nodemesh_config_generation", &[])
+    };
+    let generation_before = generation(&agent1)?;
+    let reg1 = SocketAddr::from((n1.agent_ip, 8500));
+    let status = deregister(&topo, server, &reg2, "echo-1")?;
+    assert_eq!(status, 200);
+    topo.wait_for("node 1 sees the deregistration", SOON, || {
+        Ok(passing_echo(&topo, &n1.netns, reg1)? == 0)
+    })?;
+    register_passing_echo(&topo, server, &reg2, "30s")?;
+    topo.wait_for("node 1 sees the new registration", SOON, || {
+        Ok(passing_echo(&topo, &n1.netns, reg1)? == 1)
+    })?;
+    assert_eq!(
+        generation(&agent1)?,
+        generation_before,
+        "no reload on churn"
+    );
+    wait_for_decision(&topo, intruder, VIP, false, SOON)?;
+
+    let (ok, out) = ctl(&topo, n2, &["delete", "authorization", "echo-callers"])?;
+    assert!(ok, "{out}");
+    wait_for_decision(&topo, intruder, VIP, true, SOON)
+        .context("removing the policy restores the registry's default: allow")?;
+    let (ok, out) = ctl(&topo, n1, &["delete", "default"])?;
+    assert!(ok, "{out}");
+    wait_for_decision(&topo, client, VIP, false, SOON)
+        .context("without the registry's default the built-in deny holds")?;
+    Ok(())
+}
+
 /// `nodemesh_kernel_map_writes_total{map}` (entries written or removed since start).
 fn map_writes(metrics: &str, map: &str) -> u64 {
     mesh_tests::http::metric(metrics, "nodemesh_kernel_map_writes_total", &[("map", map)])
@@ -779,14 +952,7 @@ fn registry_only_endpoint_addresses_meet_the_allow_list_in_the_kernel() -> Resul
         )
         .unwrap_or(0))
     };
-    let entries = || -> Result<Option<u64>> {
-        let m = topo.metrics(&agent)?;
-        Ok(mesh_tests::http::metric(
-            &m,
-            "nodemesh_kernel_endpoint_entries",
-            &[],
-        ))
-    };
+    let entries = || agent_metric(&topo, &agent, "nodemesh_kernel_endpoint_entries", &[]);
     let before = dial(intruder, &endpoint)?;
     assert!(
         before.ok,
@@ -849,13 +1015,7 @@ fn registry_only_endpoint_addresses_meet_the_allow_list_in_the_kernel() -> Resul
         Some(0)
     );
 
-    let (status, _) = curl(
-        &topo,
-        server,
-        "PUT",
-        &format!("{reg}/v1/agent/service/deregister/echo-1"),
-        "",
-    )?;
+    let status = deregister(&topo, server, &reg, "echo-1")?;
     assert_eq!(status, 200);
     topo.wait_for("the endpoint entry removed", WAIT, || {
         Ok(entries()? == Some(0))
@@ -882,25 +1042,28 @@ fn registry_only_endpoint_addresses_meet_the_allow_list_in_the_kernel() -> Resul
     Ok(())
 }
 
-/// The embedded registry keeps operator-defined mesh objects in the state directory: a service
-/// and its workloads applied with `ctl apply` are routed again after an agent restart, with no
-/// service or workload in the node's file.
+/// The embedded registry keeps operator-defined mesh objects in the state directory: a service,
+/// its workloads and its authorization policy applied with `ctl apply` are in force again after
+/// an agent restart (the client routed, the intruder denied in the kernel), with no service,
+/// workload or policy in the node's file.
 #[test]
 fn embedded_mesh_objects_survive_an_agent_restart() -> Result<()> {
     const VIP: &str = "10.96.0.12:80";
     let mut topo = Topology::new()?;
-    topo.add_node(&["client", "server"])?;
+    topo.add_node(&["client", "server", "intruder"])?;
     let n1 = topo.node(1);
-    let (client, server) = (n1.pod("client"), n1.pod("server"));
+    let (client, server, intruder) = (n1.pod("client"), n1.pod("server"), n1.pod("intruder"));
     topo.start_echo_server(server, ECHO_PORT, "srv")?;
     let config = n1.agent_config("");
     let agent = topo.start_agent(n1, &config, &[])?;
     topo.wait_ready(&agent)?;
     let document = format!(
-        "services:\n  - name: echo\n    namespace: shop\n    vip: {VIP}\n    endpoints: [\"{}:{ECHO_PORT}\"]\n    \
-         policy: {{allow: [client]}}\nworkloads:\n  node-1:\n{}{}    service: echo\n",
+        "services:\n  - name: echo\n    namespace: shop\n    vip: {VIP}\n    endpoints: [\"{}:{ECHO_PORT}\"]\n\
+         workloads:\n  node-1:\n{}{}{}    service: echo\n\
+         authorization:\n  - {{name: echo-callers, service: echo, allow: [{{from_service: client}}]}}\n",
         server.ip,
         client.workload_yaml("shop", "client"),
+        intruder.workload_yaml("shop", "intruder"),
         server.workload_yaml("shop", "server"),
     );
     let path = topo.state_dir(n1).join("applied-mesh.yaml");
@@ -922,31 +1085,49 @@ fn embedded_mesh_objects_survive_an_agent_restart() -> Result<()> {
     let agent = topo.start_agent(n1, &config, &[])?;
     topo.wait_ready(&agent)?;
     let (_, listed) = ctl(&topo, n1, &["-o", "json", "mesh"])?;
-    assert!(listed.contains(VIP), "still in the registry: {listed}");
+    assert!(
+        listed.contains(VIP) && listed.contains("echo-callers"),
+        "still in the registry: {listed}"
+    );
     topo.wait_for(
         "the service routed again after the restart",
         Duration::from_secs(5),
         &reach,
     )?;
-    let refused = |agent: &mesh_tests::AgentHandle| -> Result<Option<u64>> {
-        let m = topo.metrics(agent)?;
-        Ok(mesh_tests::http::metric(
-            &m,
+    wait_for_decision(&topo, intruder, VIP, false, Duration::from_secs(2))
+        .context("the persisted policy denies the intruder in the kernel after the restart")?;
+    let refused = |agent: &mesh_tests::AgentHandle, kind: &str| {
+        agent_metric(
+            &topo,
+            agent,
             "nodemesh_registry_objects_refused",
-            &[("kind", "service")],
-        ))
+            &[("kind", kind)],
+        )
     };
-    assert_eq!(refused(&agent)?, Some(0), "nothing refused yet");
+    for kind in ["service", "authorization"] {
+        assert_eq!(refused(&agent, kind)?, Some(0), "nothing refused yet");
+    }
 
-    // The node's file now defines echo too: the file wins, and the registry's echo is counted
-    // as refused until the clash ends.
+    // The node's file now defines echo and a policy named echo-callers too: the file wins, and
+    // the registry's objects are counted as refused until the clash ends.
     topo.signal(agent.pid, libc::SIGTERM)?;
     topo.wait(agent.pid, Duration::from_secs(10))?;
-    let clashing =
-        n1.agent_config("services:\n  - name: echo\n    namespace: shop\n    vip: 10.96.0.13:80\n");
+    let clashing = n1.agent_config(
+        "services:\n  - name: echo\n    namespace: shop\n    vip: 10.96.0.13:80\n\
+         authorization:\n  - {name: echo-callers, service: echo}\n",
+    );
     let agent = topo.start_agent(n1, &clashing, &[])?;
     topo.wait_ready(&agent)?;
-    assert_eq!(refused(&agent)?, Some(1), "the clashing registry service");
+    assert_eq!(
+        refused(&agent, "service")?,
+        Some(1),
+        "the clashing registry service"
+    );
+    assert_eq!(
+        refused(&agent, "authorization")?,
+        Some(1),
+        "the clashing registry policy"
+    );
     Ok(())
 }
 
@@ -1053,6 +1234,128 @@ fn failing_http_check_moves_keep_alive_requests_without_failures() -> Result<()>
         replies.len(),
         app_requests(&server_a),
         app_requests(&server_b)
+    );
+    Ok(())
+}
+
+/// Entries of `node`'s pinned ENDPOINTS map as the kernel holds them (bpftool, not the agent).
+fn pinned_endpoint_entries(node: &Node) -> Result<usize> {
+    let pin = Path::new("/sys/fs/bpf/nodemesh")
+        .join(&node.instance)
+        .join("ENDPOINTS");
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&pin)
+        .output()
+        .context("bpftool")?;
+    ensure!(
+        out.status.success(),
+        "bpftool map dump {}: {}",
+        pin.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(entries.as_array().map_or(0, Vec::len))
+}
+
+/// The pinned ENDPOINTS map outlives the agent and is adopted by the next one. Node 2's pods
+/// `sa` and `sb` register as echo endpoints; node 1's kernel then refuses its intruder's direct
+/// dials to both pod addresses. kill -9 of node 1's agent keeps refusing them (the pins stay).
+/// `sb` deregisters while the agent is down: the restarted agent adopts the map, removes exactly
+/// that stale entry (one ENDPOINTS write, no rewrite of the kept one) and the metric matches the
+/// kernel's own count.
+#[test]
+fn kill_9_keeps_the_endpoint_map_and_a_restart_adopts_it_without_stale_entries() -> Result<()> {
+    const EPERM: Option<i32> = Some(1);
+    const WAIT: Duration = Duration::from_secs(5);
+    let mut topo = Topology::new()?;
+    topo.add_node(&["intruder"])?;
+    topo.add_node(&["sa", "sb"])?;
+    topo.link_nodes(1, 2)?;
+    let (n1, n2) = (topo.node(1), topo.node(2));
+    let (intruder, sa, sb) = (n1.pod("intruder"), n2.pod("sa"), n2.pod("sb"));
+    topo.start_echo_server(sa, ECHO_PORT, "srv-a")?;
+    topo.start_echo_server(sb, ECHO_PORT, "srv-b")?;
+    let etcd = Etcd::start(&topo, n1, n1.agent_ip, ETCD_PORT + 4)?;
+    let registry_block = format!(
+        "registry:\n  backend: etcd\n  etcd:\n    endpoints: [\"{}\"]\n    lease_ttl: 3s\n",
+        etcd.client_url
+    );
+    let service = format!("services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n");
+    // The egress rule opens node 2's pod network: without an ENDPOINTS entry the intruder
+    // reaches the pods directly, so an EPERM below comes from the entry.
+    let config1 = n1.agent_config(&format!(
+        "{service}workloads:\n{}egress:\n  rules:\n    - {{name: pods, cidr: 10.2.0.0/16}}\n{registry_block}",
+        intruder.workload_yaml("shop", "intruder"),
+    ));
+    let agent1 = topo.start_agent(n1, &config1, &[])?;
+    topo.wait_ready(&agent1)?;
+    let config2 = n2.agent_config(&format!(
+        "{service}workloads:\n{}    service: echo\n{}    service: echo\n{registry_block}identity:\n{}",
+        sa.workload_yaml("shop", "server"),
+        sb.workload_yaml("shop", "server"),
+        topo.shared_ca_fields(n1),
+    ));
+    let agent2 = topo.start_agent(n2, &config2, &[])?;
+    topo.wait_ready(&agent2)?;
+    let (to_a, to_b) = (
+        format!("{}:{ECHO_PORT}", sa.ip),
+        format!("{}:{ECHO_PORT}", sb.ip),
+    );
+    let dial = |target: &str| -> Result<mesh_tests::topology::Attempt> {
+        let mut a =
+            topo.connect_from_with_timeout(intruder, target, "hi", 1, Duration::from_secs(3))?;
+        Ok(a.remove(0))
+    };
+    let entries = |agent: &mesh_tests::AgentHandle| {
+        agent_metric(&topo, agent, "nodemesh_kernel_endpoint_entries", &[])
+    };
+    let before = dial(&to_b)?;
+    ensure!(
+        before.ok && before.reply == "srv-b:hi",
+        "not yet an endpoint: reached directly: {before:?}"
+    );
+
+    register_checked_echo_pair(&topo, n2, [sa, sb], "tcp", |ip| {
+        format!(r#"{{"TCP":"{ip}:{ECHO_PORT}","Interval":"1s","Timeout":"1s"}}"#)
+    })?;
+    topo.wait_for("both endpoints in node 1's kernel", WAIT, || {
+        Ok(entries(&agent1)? == Some(2))
+    })?;
+    assert_eq!(pinned_endpoint_entries(n1)?, 2);
+    for target in [&to_a, &to_b] {
+        let a = dial(target)?;
+        assert_eq!(a.errno, EPERM, "agent up, {target}: {a:?}");
+    }
+
+    topo.signal(agent1.pid, libc::SIGKILL)?;
+    topo.wait(agent1.pid, Duration::from_secs(10))?;
+    for target in [&to_a, &to_b] {
+        let a = dial(target)?;
+        assert_eq!(a.errno, EPERM, "agent down (pins kept), {target}: {a:?}");
+    }
+    // Deregistered while node 1's agent is down.
+    let status = deregister(&topo, sb, &format!("http://{}:8500", n2.agent_ip), "echo-b")?;
+    ensure!(status == 200, "deregister answered {status}");
+    assert_eq!(pinned_endpoint_entries(n1)?, 2, "nobody rewrote the map");
+
+    let restarted = topo.start_agent_logged(n1, &config1, &[], "restarted")?;
+    topo.wait_ready(&restarted)?;
+    topo.wait_for("the stale entry removed after the restart", WAIT, || {
+        Ok(entries(&restarted)? == Some(1))
+    })?;
+    assert_eq!(pinned_endpoint_entries(n1)?, 1, "the kernel agrees");
+    let a = dial(&to_a)?;
+    assert_eq!(a.errno, EPERM, "the kept entry still refuses: {a:?}");
+    let b = dial(&to_b)?;
+    assert!(
+        b.ok && b.reply == "srv-b:hi",
+        "the deregistered address is no longer echo's: {b:?}"
+    );
+    assert_eq!(
+        map_writes(&topo.metrics(&restarted)?, "ENDPOINTS"),
+        1,
+        "adopted: only the stale entry removed, the kept one not rewritten"
     );
     Ok(())
 }

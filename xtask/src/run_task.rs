@@ -7,7 +7,8 @@ use clap::Subcommand;
 pub enum RunTask {
     /// Setup, build, and show allowed and denied traffic with kernel counters, then a cross-node
     /// call over HBONE mTLS and an identity the destination agent refuses. With
-    /// `--registry etcd`: registration through the Consul API, a failing check, traffic moving.
+    /// `--registry etcd`: mesh state applied to the registry with `ctl apply`, registration
+    /// through the Consul API, a failing check, traffic moving, a registry policy enforced.
     Demo {
         #[arg(long)]
         registry: Option<String>,

@@ -1,7 +1,6 @@
 //! Admin endpoints (15000, loopback by default): what the agent is doing right now, as JSON, and
 //! the runtime log level. `mesh-agent ctl` is the command-line client of these routes.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -147,7 +146,7 @@ fn status(state: &AgentState) -> Value {
         "node": config.node.name,
         "instance": config.node.instance,
         "version": env!("CARGO_PKG_VERSION"),
-        "ready": state.ready.load(Ordering::Relaxed),
+        "ready": super::endpoints::is_ready(state),
         "config_generation": state.metrics.config_generation.get(),
         "services": config.services.len(),
         "workloads": config.workloads.len(),

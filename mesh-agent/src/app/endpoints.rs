@@ -27,10 +27,16 @@ pub fn metrics_handler(state: Arc<AgentState>) -> Handler {
     })
 }
 
+/// Started and holding a valid certificate for every local identity: an agent still waiting
+/// for the CA service serves no traffic (fail closed) and says so.
+pub fn is_ready(state: &AgentState) -> bool {
+    state.ready.load(Ordering::Relaxed) && state.security.identities.missing().is_empty()
+}
+
 pub fn health_handler(state: Arc<AgentState>) -> Handler {
     Arc::new(move |path| match path {
         LIVE => Reply::text(StatusCode::OK, "live\n"),
-        READY if state.ready.load(Ordering::Relaxed) => Reply::text(StatusCode::OK, "ready\n"),
+        READY if is_ready(&state) => Reply::text(StatusCode::OK, "ready\n"),
         READY => Reply::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         HEALTH => health_report(&state),
         _ => Reply::text(
@@ -46,7 +52,8 @@ fn health_report(state: &AgentState) -> Reply {
     let body = serde_json::json!({
         "node": config.node.name,
         "instance": config.node.instance,
-        "ready": state.ready.load(Ordering::Relaxed),
+        "ready": is_ready(state),
+        "missing_identities": state.security.identities.missing().iter().map(ToString::to_string).collect::<Vec<_>>(),
         "config_generation": state.metrics.config_generation.get(),
         "attached_cgroups": attached.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "services": config.services.len(),

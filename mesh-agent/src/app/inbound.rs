@@ -4,13 +4,29 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::identity::SpiffeId;
-use crate::metrics::istio::{PeerLabels, Reporter, Security, TcpSeries};
+use prometheus::IntCounter;
+
+use crate::access_log::AccessLog;
+use crate::metrics::istio::{HttpSeries, PeerLabels, Reporter, Security, TcpSeries};
 use crate::policy::authz::{Authorize, Decision};
-use crate::proxy::hbone::{InboundTargets, PeerIdentity, TunnelEnd, TunnelMetrics};
+use crate::proxy::hbone::{InboundTargets, PeerIdentity, RequestMetrics, TunnelEnd, TunnelMetrics};
 use crate::state::AgentState;
 
 /// Delegates to the current (hot-reloaded) authorizer and registry of the agent.
 pub struct StateView(pub Arc<AgentState>);
+
+impl StateView {
+    /// Istio labels of `peer` calling `service` (in the service's namespace, `default` if it
+    /// left the registry meanwhile).
+    fn peer_labels(&self, peer: &PeerIdentity, service: &str) -> PeerLabels {
+        let model = self.0.model();
+        let namespace = model
+            .services
+            .get(service)
+            .map_or("default", |s| s.namespace.as_str());
+        PeerLabels::new(&peer.id, peer.service.as_deref(), service, namespace)
+    }
+}
 
 impl Authorize for StateView {
     fn authorize(
@@ -51,12 +67,7 @@ impl InboundTargets for StateView {
 
 impl TunnelMetrics for StateView {
     fn opened(&self, peer: &PeerIdentity, service: &str) -> TcpSeries {
-        let model = self.0.model();
-        let namespace = model
-            .services
-            .get(service)
-            .map_or("default", |s| s.namespace.as_str());
-        let labels = PeerLabels::new(&peer.id, peer.service.as_deref(), service, namespace);
+        let labels = self.peer_labels(peer, service);
         self.0
             .metrics
             .istio
@@ -67,12 +78,7 @@ impl TunnelMetrics for StateView {
         let Some(log) = self.0.access_log.get() else {
             return;
         };
-        let model = self.0.model();
-        let namespace = model
-            .services
-            .get(t.service)
-            .map_or("default", |s| s.namespace.as_str());
-        let labels = PeerLabels::new(&t.peer.id, t.peer.service.as_deref(), t.service, namespace);
+        let labels = self.peer_labels(t.peer, t.service);
         let std::net::SocketAddr::V4(endpoint) = t.target else {
             return;
         };
@@ -95,5 +101,31 @@ impl TunnelMetrics for StateView {
             connection_security_policy: Security::MutualTls.label(),
             trace_id: None,
         });
+    }
+}
+
+/// Requests on HTTP-carrying tunnels, as the destination reports them (always mTLS: they
+/// came over HBONE).
+impl RequestMetrics for StateView {
+    fn labels(&self, peer: &PeerIdentity, service: &str) -> PeerLabels {
+        self.peer_labels(peer, service)
+    }
+
+    fn series(&self, labels: &PeerLabels) -> HttpSeries {
+        self.0
+            .metrics
+            .istio
+            .http(labels, Reporter::Destination, Security::MutualTls)
+    }
+
+    fn requests(&self, labels: &PeerLabels, code: u16) -> IntCounter {
+        self.0
+            .metrics
+            .istio
+            .requests(labels, Reporter::Destination, Security::MutualTls, code)
+    }
+
+    fn access_log(&self) -> Option<&AccessLog> {
+        self.0.access_log.get()
     }
 }

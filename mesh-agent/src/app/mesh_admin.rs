@@ -19,7 +19,7 @@ pub fn handle(state: &AgentState, method: &Method, path: &str, body: &[u8]) -> R
         (&Method::DELETE, Some(rest)) => delete(state, &current, rest),
         _ => Reply::text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "/mesh: GET, PUT (a mesh document), DELETE /mesh/services/<name> or /mesh/workloads/<node>/<name>\n",
+            "/mesh: GET, PUT (a mesh document), DELETE /mesh/services/<name>, /mesh/workloads/<node>/<name>, /mesh/authorization/<name> or /mesh/default\n",
         ),
     }
 }
@@ -52,10 +52,16 @@ fn delete(state: &AgentState, current: &MeshObjects, rest: &str) -> Reply {
         if let Some(w) = current.workloads.get(&key) {
             objects.workloads.insert(key, w.clone());
         }
+    } else if let Some(name) = rest.strip_prefix("/authorization/") {
+        if let Some(p) = current.authorization.get(name) {
+            objects.authorization.insert(name.to_owned(), p.clone());
+        }
+    } else if rest == "/default" {
+        objects.default = current.default;
     } else {
         return Reply::text(
             StatusCode::NOT_FOUND,
-            "use /mesh/services/<name> or /mesh/workloads/<node>/<name>\n",
+            "use /mesh/services/<name>, /mesh/workloads/<node>/<name>, /mesh/authorization/<name> or /mesh/default\n",
         );
     }
     if objects == MeshObjects::default() {
@@ -98,5 +104,7 @@ fn listing(objects: &MeshObjects) -> Value {
     json!({
         "services": objects.services.values().collect::<Vec<_>>(),
         "workloads": workloads,
+        "authorization": objects.authorization.values().collect::<Vec<_>>(),
+        "default": objects.default,
     })
 }

@@ -146,8 +146,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         tracing::info!(instance = %config.node.instance, "reply routing for transparent upstream connects installed");
     }
 
-    let ca = security::load_ca(&config)?;
-    let security = Security::new(&config, ca)?;
+    let security = Security::new(&config)?;
     let server_tls = security.server_tls(&config)?;
     tracing::info!(trust_domain = %config.node.trust_domain, identities = ?security.identities.store().ids().iter().map(ToString::to_string).collect::<Vec<_>>(), "workload certificates issued");
 
@@ -199,6 +198,11 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         state.security.reload(&config)?;
     }
     state.metrics.config_generation.inc();
+    if let Some(failures) = &state.security.ca_failures {
+        if let Err(e) = state.metrics.register(Box::new(failures.clone())) {
+            tracing::error!(error = %e, "registering the CA service client's metric");
+        }
+    }
     if let Some(log) = access_log {
         if let Err(e) = state.metrics.register(Box::new(log.dropped())) {
             tracing::error!(error = %e, "registering the access log's metric");
@@ -247,7 +251,8 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     let inbound_server = HboneServer::new(server_tls, view.clone())
         .with_stats(state.security.inbound.clone())
         .with_targets(view.clone())
-        .with_tunnel_metrics(view)
+        .with_tunnel_metrics(view.clone())
+        .with_request_metrics(view)
         .with_source(crate::proxy::connect::Source::of(&config))
         .with_flows(state.flows.clone())
         .with_target_connect_timeout(config.proxy.connect_timeout)

@@ -139,9 +139,19 @@ fn cgroups(config: &Config, r: &mut NodeReport) {
 
 fn ca_files(config: &Config, r: &mut NodeReport) {
     let id = &config.identity;
+    let remote = id.ca_service.as_ref();
     for (field, path) in [
-        ("identity.ca_cert", &id.ca_cert),
-        ("identity.ca_key", &id.ca_key),
+        ("identity.ca_cert", id.ca_cert.as_ref()),
+        ("identity.ca_key", id.ca_key.as_ref()),
+        (
+            "identity.ca_service.node_cert",
+            remote.map(|s| &s.node_cert),
+        ),
+        ("identity.ca_service.node_key", remote.map(|s| &s.node_key)),
+        (
+            "identity.ca_service.trust_bundle",
+            remote.map(|s| &s.trust_bundle),
+        ),
     ] {
         let Some(path) = path else { continue };
         match std::fs::read_to_string(path) {
@@ -157,7 +167,7 @@ fn ca_files(config: &Config, r: &mut NodeReport) {
                 .push(format!("{field}: cannot read {}: {e}", path.display())),
         }
     }
-    if id.ca_cert.is_none() && id.ca_key.is_none() {
+    if id.ca_cert.is_none() && id.ca_key.is_none() && remote.is_none() {
         r.skipped.push(format!(
             "identity: no ca_cert/ca_key; the CA in {} is generated or read at start",
             id.state_dir.display()
@@ -222,6 +232,33 @@ mod tests {
         assert!(
             failed.contains("node.ebpf_object:") && failed.contains("not an ELF"),
             "{failed}"
+        );
+    }
+
+    #[test]
+    fn unreadable_ca_service_files_fail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pem = dir.path().join("node.crt");
+        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\n").expect("write");
+        let c = config(&format!(
+            "identity:\n  ca_service: {{address: \"10.0.0.1:15012\", node_cert: {}, node_key: {}, trust_bundle: {}}}\n",
+            pem.display(),
+            dir.path().join("missing.key").display(),
+            pem.display()
+        ));
+        let report = node_checks(&c, true);
+        let failed = report.failed.join("\n");
+        assert!(
+            failed.contains("identity.ca_service.node_key: cannot read"),
+            "{failed}"
+        );
+        assert!(
+            report
+                .passed
+                .iter()
+                .any(|p| p.starts_with("identity.ca_service.trust_bundle:")),
+            "{:?}",
+            report.passed
         );
     }
 

@@ -7,7 +7,12 @@ use super::Config;
 
 /// Every field path of the config file, blocks included (`node`, `node.name`, `services[].vip`).
 pub fn field_paths() -> Vec<String> {
-    let schema = schemars::schema_for!(Config);
+    field_paths_of::<Config>()
+}
+
+/// The field paths of any config document with a JSON schema (e.g. the CA service's).
+pub fn field_paths_of<T: schemars::JsonSchema>() -> Vec<String> {
+    let schema = schemars::schema_for!(T);
     let root = schema.as_value();
     let mut out = Vec::new();
     walk(root, root, "", &mut out);

@@ -113,12 +113,12 @@ impl Config {
         let mut authorization = self.authorization.clone();
         authorization.extend(self.services.iter().filter_map(|s| {
             let p = s.policy.as_ref().filter(|p| p.has_authorization())?;
-            Some(p.to_authorization(&s.name, self.policy.default))
+            Some(p.to_authorization(&s.name, self.policy.default_action()))
         }));
         crate::policy::authz_config::AuthzConfig {
             authorization,
             service_keys: self.service_keys.clone(),
-            mesh_default: self.policy.default,
+            mesh_default: self.policy.default_action(),
         }
     }
 }
@@ -289,13 +289,17 @@ pub struct PolicyConfig {
     #[serde(default)]
     pub strict_default: bool,
     /// Mesh-wide default for a service without an authorization policy: `deny` (its callers
-    /// are exactly its allow-list, so none) unless an operator relaxes it to `allow`.
-    #[serde(default = "default_mesh_authz")]
-    pub default: crate::policy::authz_config::DefaultAction,
+    /// are exactly its allow-list, so none) unless an operator relaxes it to `allow`. Unset:
+    /// the registry's mesh-wide `default` (`ctl apply`), else `deny`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<crate::policy::authz_config::DefaultAction>,
 }
 
-fn default_mesh_authz() -> crate::policy::authz_config::DefaultAction {
-    crate::policy::authz_config::DefaultAction::Deny
+impl PolicyConfig {
+    /// The mesh-wide default in force: the file's (or, merged in, the registry's), else deny.
+    pub fn default_action(&self) -> crate::policy::authz_config::DefaultAction {
+        self.default.unwrap_or_default()
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
@@ -354,6 +358,10 @@ pub struct IdentityConfig {
     /// CA private key (PEM, PKCS#8 or SEC1). Set with `ca_cert`.
     #[serde(default)]
     pub ca_key: Option<PathBuf>,
+    /// The CA service of a multi-node mesh: certificates come from it and this node holds no
+    /// CA key. Excludes `ca_cert`/`ca_key`.
+    #[serde(default)]
+    pub ca_service: Option<CaServiceClientConfig>,
     /// Workload certificate lifetime, 12h to 48h; renewed at half of it.
     #[serde(default = "default_cert_ttl", with = "duration_text")]
     #[schemars(with = "String")]
@@ -369,10 +377,34 @@ impl Default for IdentityConfig {
             state_dir: default_state_dir(),
             ca_cert: None,
             ca_key: None,
+            ca_service: None,
             cert_ttl: default_cert_ttl(),
             allow_short_ttl: false,
         }
     }
+}
+
+/// Where the CA service is and the node's bootstrap files (`mesh-agent ca issue-node`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CaServiceClientConfig {
+    /// `ip:port` of the CA service's mTLS endpoint.
+    #[schemars(with = "String")]
+    pub address: std::net::SocketAddr,
+    /// The node certificate (PEM) this agent authenticates with at first start.
+    pub node_cert: PathBuf,
+    /// Its private key (PEM, PKCS#8).
+    pub node_key: PathBuf,
+    /// The mesh trust bundle (PEM CA certificate), without its key.
+    pub trust_bundle: PathBuf,
+    /// Connect, read and write timeout of each signing request.
+    #[serde(default = "default_ca_service_timeout", with = "duration_text")]
+    #[schemars(with = "String")]
+    pub timeout: Duration,
+}
+
+fn default_ca_service_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// Another node's agent.

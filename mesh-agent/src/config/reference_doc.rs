@@ -38,6 +38,16 @@ fn every_config_field_has_a_row() {
 }
 
 #[test]
+fn every_ca_service_config_field_has_a_row() {
+    compare(
+        "CA service config",
+        super::fields::field_paths_of::<crate::ca_service::CaServiceConfig>()
+            .into_iter()
+            .collect(),
+    );
+}
+
+#[test]
 fn every_environment_variable_has_a_row() {
     let vars = super::OVERRIDES
         .iter()

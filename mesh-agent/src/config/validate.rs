@@ -256,6 +256,20 @@ fn validate_identity(config: &Config) -> Result<(), ConfigError> {
         }
         _ => {}
     }
+    if let Some(service) = &id.ca_service {
+        if id.ca_cert.is_some() {
+            return Err(ConfigError::invalid(
+                "identity.ca_service",
+                "excludes identity.ca_cert/ca_key: with a CA service the node holds no CA key",
+            ));
+        }
+        if service.timeout.is_zero() || service.timeout > Duration::from_secs(60) {
+            return Err(ConfigError::invalid(
+                "identity.ca_service.timeout",
+                format!("{:?} must be more than 0 and at most 60s", service.timeout),
+            ));
+        }
+    }
     let ttl = id.cert_ttl;
     if ttl.is_zero() || ttl > MAX_CERT_TTL || (ttl < MIN_CERT_TTL && !id.allow_short_ttl) {
         return Err(ConfigError::invalid(

@@ -66,19 +66,23 @@ pub enum CtlCommand {
     Config,
     /// Shows the log filter, or replaces it (e.g. `debug`, `info,mesh_agent=debug`).
     LogLevel { filter: Option<String> },
-    /// Services and workloads defined in the registry (shared by every agent on the backend).
+    /// Services, workloads, authorization policies and the mesh-wide default defined in the
+    /// registry (shared by every agent on the backend).
     Mesh,
-    /// Writes a mesh document (services; workloads under their node's name) to the registry.
+    /// Writes a mesh document (services; workloads under their node's name; authorization;
+    /// default) to the registry.
     Apply {
         /// YAML or JSON file (`-` reads standard input).
         #[arg(short = 'f', long = "file")]
         file: std::path::PathBuf,
     },
-    /// Removes one registry-defined object: `service <name>` or `workload <node>/<name>`.
+    /// Removes one registry-defined object: `service <name>`, `workload <node>/<name>`,
+    /// `authorization <name>` or `default` (the mesh-wide default).
     Delete {
         #[arg(value_enum)]
         kind: MeshKind,
-        name: String,
+        #[arg(required_if_eq_any([("kind", "service"), ("kind", "workload"), ("kind", "authorization")]))]
+        name: Option<String>,
     },
 }
 
@@ -86,6 +90,8 @@ pub enum CtlCommand {
 pub enum MeshKind {
     Service,
     Workload,
+    Authorization,
+    Default,
 }
 
 /// Runs one command against the agent and returns what to print.
@@ -249,9 +255,12 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
             mesh_table(&send(admin, "PUT", "/mesh", text.as_bytes())?, json_out)
         }
         CtlCommand::Delete { kind, name } => {
+            let name = name.as_deref().unwrap_or_default();
             let path = match kind {
                 MeshKind::Service => format!("/mesh/services/{name}"),
                 MeshKind::Workload => format!("/mesh/workloads/{name}"),
+                MeshKind::Authorization => format!("/mesh/authorization/{name}"),
+                MeshKind::Default => "/mesh/default".to_owned(),
             };
             mesh_table(&call(admin, "DELETE", &path)?, json_out)
         }
@@ -270,7 +279,7 @@ fn read_document(file: &std::path::Path) -> Result<String, CtlError> {
     })
 }
 
-/// Registry mesh objects as two tables (or the admin JSON).
+/// Registry mesh objects as tables and the mesh-wide default (or the admin JSON).
 fn mesh_table(v: &Value, json_out: bool) -> Result<String, CtlError> {
     if json_out {
         return Ok(format!("{v:#}\n"));
@@ -289,7 +298,21 @@ fn mesh_table(v: &Value, json_out: bool) -> Result<String, CtlError> {
             ("CGROUP", "workload.cgroup"),
         ],
     );
-    Ok(format!("{services}\n{workloads}"))
+    let authorization = table::render(
+        list(v, "authorization"),
+        &[
+            ("POLICY", "name"),
+            ("SERVICE", "service"),
+            ("DEFAULT", "default"),
+            ("MODE", "mode"),
+            ("ALLOW", "allow"),
+            ("DENY", "deny"),
+        ],
+    );
+    let default = table::cell(v.get("default"));
+    Ok(format!(
+        "{services}\n{workloads}\n{authorization}\nmesh default: {default}\n"
+    ))
 }
 
 fn get(admin: SocketAddr, path: &str) -> Result<Value, CtlError> {

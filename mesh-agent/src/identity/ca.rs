@@ -193,6 +193,54 @@ impl MeshCa {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<WorkloadCert, IdentityError> {
+        let params = self.leaf_params(spec, not_before, not_after)?;
+        let err = |source| IdentityError::Issue {
+            id: spec.id.to_string(),
+            source,
+        };
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
+        let cert = params
+            .signed_by(&key, &self.issuer, &self.key)
+            .map_err(err)?;
+        Ok(WorkloadCert {
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            not_before: truncate_to_seconds(not_before),
+            not_after: truncate_to_seconds(not_after),
+            spiffe_id: spec.id.clone(),
+        })
+    }
+
+    /// Signs the public key of a PEM CSR for `spec` (returns the PEM leaf) (valid from now minus the clock skew for
+    /// `ttl`). Only the key is taken from the CSR: names and usages are the CA's, so a
+    /// requester cannot ask for more than `spec`.
+    pub fn sign_csr(
+        &self,
+        spec: &WorkloadSpec,
+        csr_pem: &str,
+        ttl: Duration,
+    ) -> Result<String, IdentityError> {
+        let err = |source| IdentityError::Issue {
+            id: spec.id.to_string(),
+            source,
+        };
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(err)?;
+        let now = SystemTime::now();
+        let not_before = now
+            .checked_sub(self.clock_skew)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        csr.params = self.leaf_params(spec, not_before, now + ttl)?;
+        let cert = csr.signed_by(&self.issuer, &self.key).map_err(err)?;
+        Ok(cert.pem())
+    }
+
+    /// The names, usages and validity of a workload leaf.
+    fn leaf_params(
+        &self,
+        spec: &WorkloadSpec,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<CertificateParams, IdentityError> {
         let id = spec.id.to_string();
         if spec.id.trust_domain != self.trust_domain {
             return Err(IdentityError::ForeignTrustDomain {
@@ -243,18 +291,7 @@ impl MeshCa {
         params.serial_number = Some(random_serial());
         params.not_before = OffsetDateTime::from(not_before);
         params.not_after = OffsetDateTime::from(not_after);
-
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
-        let cert = params
-            .signed_by(&key, &self.issuer, &self.key)
-            .map_err(err)?;
-        Ok(WorkloadCert {
-            chain: vec![cert.der().clone()],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            not_before,
-            not_after,
-            spiffe_id: spec.id.clone(),
-        })
+        Ok(params)
     }
 }
 

@@ -59,6 +59,8 @@ pub enum IdentityError {
     PeerMismatch { expected: String, found: String },
     #[error("peer certificate has SPIFFE ID {found}, outside trust domain {expected:?}")]
     PeerForeignTrustDomain { expected: String, found: String },
+    #[error("certificate issuer: {0}")]
+    Issuer(String),
     #[error("peer presented no certificate")]
     NoPeerCertificate,
     #[error(transparent)]

@@ -1,6 +1,9 @@
-//! Keeps exactly the configured local identities certified: issues the first certificate
-//! synchronously (so the agent is ready with valid certificates) and runs one rotation task per
-//! identity, stopping the tasks of identities that left the config.
+//! Keeps exactly the configured local identities certified and runs one rotation task per
+//! identity, stopping the tasks of identities that left the config. With a local CA the first
+//! certificate is issued synchronously (the agent starts with valid certificates). With a remote
+//! CA (persisted certificates) a still valid persisted certificate is used, else the rotation
+//! task asks the CA in the background, retrying with backoff: until it answers the identity is
+//! [`IdentityManager::missing`] and the agent reports not ready, serving nothing for it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -8,9 +11,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::persisted::{CertDir, Persisting};
 use super::{
-    spawn_rotation, CertIssuer, CertStore, IdentityError, MeshCa, RotationConfig, SpiffeId,
-    WorkloadSpec,
+    spawn_rotation_renewing, CertIssuer, CertStore, IdentityError, MeshCa, RotationConfig,
+    SpiffeId, TrustBundle, WorkloadSpec,
 };
 
 struct Rotation {
@@ -19,24 +23,86 @@ struct Rotation {
 }
 
 pub struct IdentityManager {
-    ca: Arc<MeshCa>,
+    issuer: Arc<dyn CertIssuer>,
+    /// The roots peers' chains must verify against.
+    trust: Arc<TrustBundle>,
     store: Arc<CertStore>,
     rotation: RotationConfig,
+    /// Where a remote CA's certificates are kept; set means first certificates come in the
+    /// background.
+    persisted: Option<CertDir>,
     tasks: Mutex<HashMap<SpiffeId, Rotation>>,
 }
 
 impl IdentityManager {
-    pub fn new(ca: MeshCa, rotation: RotationConfig) -> Self {
-        Self {
-            ca: Arc::new(ca),
-            store: Arc::new(CertStore::new()),
+    /// Issues with a CA held in this process (single-node default).
+    pub fn new(ca: MeshCa, rotation: RotationConfig) -> Result<Self, IdentityError> {
+        let trust = TrustBundle::new(vec![ca.cert_der().clone()])?;
+        Ok(Self::with_issuer(
+            Arc::new(ca),
+            trust,
+            Arc::new(CertStore::new()),
             rotation,
+            None,
+        ))
+    }
+
+    /// Issues through `issuer` (e.g. the remote CA service); `store` may already hold
+    /// certificates (the node's bootstrap certificate). With `persisted`, every issued
+    /// certificate is written there and first certificates are read from there or issued in the
+    /// background.
+    pub fn with_issuer(
+        issuer: Arc<dyn CertIssuer>,
+        trust: Arc<TrustBundle>,
+        store: Arc<CertStore>,
+        rotation: RotationConfig,
+        persisted: Option<CertDir>,
+    ) -> Self {
+        let issuer: Arc<dyn CertIssuer> = match &persisted {
+            Some(dir) => Arc::new(Persisting {
+                inner: issuer,
+                dir: dir.clone(),
+            }),
+            None => issuer,
+        };
+        Self {
+            issuer,
+            trust,
+            store,
+            rotation,
+            persisted,
             tasks: Mutex::new(HashMap::new()),
         }
     }
 
-    pub fn ca(&self) -> &MeshCa {
-        &self.ca
+    /// The wanted identities without a currently valid certificate (not ready while any).
+    pub fn missing(&self) -> Vec<SpiffeId> {
+        let now = std::time::SystemTime::now();
+        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks
+            .keys()
+            .filter(|id| !self.store.get(id).is_some_and(|c| c.is_valid_at(now)))
+            .cloned()
+            .collect()
+    }
+
+    /// The first certificate of `spec`: issued now with a local CA; with a remote one the
+    /// persisted certificate if still valid and from a root still trusted, else none (the
+    /// rotation task issues it).
+    fn first_certificate(
+        &self,
+        spec: &WorkloadSpec,
+    ) -> Result<Option<super::WorkloadCert>, IdentityError> {
+        match &self.persisted {
+            None => self.issuer.issue(spec, self.rotation.ttl).map(Some),
+            Some(dir) => Ok(dir
+                .load_valid(&spec.id)
+                .filter(|c| c.leaf().is_some_and(|leaf| self.trust.verifies(leaf)))),
+        }
+    }
+
+    pub fn trust(&self) -> &Arc<TrustBundle> {
+        &self.trust
     }
 
     pub fn store(&self) -> Arc<CertStore> {
@@ -53,13 +119,24 @@ impl IdentityManager {
             .collect();
         let issued = fresh
             .iter()
-            .map(|spec| self.ca.issue(spec, self.rotation.ttl))
+            .map(|spec| self.first_certificate(spec))
             .collect::<Result<Vec<_>, _>>()?;
         for (spec, cert) in fresh.into_iter().zip(issued) {
-            self.store.insert(cert)?;
+            // Held before without a certificate of ours (the node's bootstrap certificate):
+            // replaced at once, so it follows the CA's current root and `cert_ttl`.
+            let renew_now = cert.is_none() && self.store.get(&spec.id).is_some();
+            if let Some(cert) = cert {
+                self.store.insert(cert)?;
+            }
             let (stop, stopped) = watch::channel(false);
-            let issuer: Arc<dyn CertIssuer> = self.ca.clone();
-            let task = spawn_rotation(issuer, self.store(), spec.clone(), self.rotation, stopped);
+            let task = spawn_rotation_renewing(
+                self.issuer.clone(),
+                self.store(),
+                spec.clone(),
+                self.rotation,
+                stopped,
+                renew_now,
+            );
             tasks.insert(spec.id.clone(), Rotation { stop, task });
         }
         let gone: Vec<SpiffeId> = tasks
@@ -73,6 +150,9 @@ impl IdentityManager {
                 r.task.abort();
             }
             self.store.remove(&id);
+            if let Some(dir) = &self.persisted {
+                dir.remove(&id);
+            }
         }
         Ok(())
     }
@@ -107,7 +187,7 @@ mod tests {
             ttl: Duration::from_secs(3600),
             ..Default::default()
         };
-        let manager = IdentityManager::new(ca, rotation);
+        let manager = IdentityManager::new(ca, rotation).expect("manager");
         manager.reconcile(&[spec("a"), spec("b")]).expect("issued");
         let store = manager.store();
         assert!(store.get(&spec("a").id).is_some() && store.get(&spec("b").id).is_some());
@@ -122,5 +202,81 @@ mod tests {
             "a is not re-issued"
         );
         manager.shutdown();
+    }
+
+    /// Fails until `up` is set, then issues with its CA.
+    struct Flaky {
+        ca: MeshCa,
+        up: std::sync::atomic::AtomicBool,
+    }
+
+    impl CertIssuer for Flaky {
+        fn issue(
+            &self,
+            spec: &WorkloadSpec,
+            ttl: Duration,
+        ) -> Result<super::super::WorkloadCert, IdentityError> {
+            if !self.up.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(IdentityError::Issuer("CA unreachable".into()));
+            }
+            self.ca.issue(spec, ttl)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_remote_ca_down_at_first_start_leaves_the_identity_missing_until_it_answers() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ca = MeshCa::generate("cluster.local").expect("ca");
+        let trust = TrustBundle::new(vec![ca.cert_der().clone()]).expect("trust");
+        let issuer = Arc::new(Flaky {
+            ca,
+            up: false.into(),
+        });
+        let rotation = RotationConfig {
+            ttl: Duration::from_secs(3600),
+            backoff: super::super::Backoff {
+                initial: Duration::from_millis(20),
+                max: Duration::from_millis(50),
+            },
+        };
+        let persisted = CertDir::new(dir.path());
+        let manager = IdentityManager::with_issuer(
+            issuer.clone(),
+            trust.clone(),
+            Arc::new(CertStore::new()),
+            rotation,
+            Some(persisted.clone()),
+        );
+        manager
+            .reconcile(&[spec("a")])
+            .expect("no error while the CA is down");
+        assert_eq!(manager.missing(), vec![spec("a").id]);
+        issuer.up.store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !manager.missing().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("issued once the CA answers");
+        let held = manager.store().get(&spec("a").id).expect("held");
+        manager.shutdown();
+
+        // A restart while the CA is down again starts from the persisted certificate.
+        issuer.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        let restarted = IdentityManager::with_issuer(
+            issuer,
+            trust,
+            Arc::new(CertStore::new()),
+            rotation,
+            Some(persisted),
+        );
+        restarted.reconcile(&[spec("a")]).expect("reconciled");
+        assert!(restarted.missing().is_empty());
+        assert_eq!(
+            restarted.store().get(&spec("a").id).expect("loaded").chain,
+            held.chain
+        );
+        restarted.shutdown();
     }
 }

@@ -7,18 +7,22 @@
 pub mod ca;
 pub mod certs;
 pub mod error;
-mod files;
+pub(crate) mod files;
 pub mod manager;
+pub mod persisted;
 pub mod rotation;
 pub mod spiffe;
 pub mod store;
 pub mod tls;
+pub mod trust;
 
 pub use ca::MeshCa;
 pub use certs::{WorkloadCert, WorkloadSpec};
 pub use error::IdentityError;
 pub use manager::IdentityManager;
-pub use rotation::{spawn_rotation, Backoff, CertIssuer, RotationConfig};
+pub use persisted::CertDir;
+pub use rotation::{spawn_rotation, spawn_rotation_renewing, Backoff, CertIssuer, RotationConfig};
 pub use spiffe::{SpiffeError, SpiffeId};
 pub use store::CertStore;
 pub use tls::{client_config, peer_spiffe_id, server_config};
+pub use trust::TrustBundle;

@@ -71,7 +71,20 @@ pub fn spawn_rotation(
     config: RotationConfig,
     shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
-    tokio::spawn(rotate(issuer, store, spec, config, shutdown))
+    spawn_rotation_renewing(issuer, store, spec, config, shutdown, false)
+}
+
+/// [`spawn_rotation`]; with `renew_now` the first renewal starts at once whatever the store
+/// holds (a node's bootstrap certificate is replaced by one from the CA's current root).
+pub fn spawn_rotation_renewing(
+    issuer: Arc<dyn CertIssuer>,
+    store: Arc<CertStore>,
+    spec: WorkloadSpec,
+    config: RotationConfig,
+    shutdown: watch::Receiver<bool>,
+    renew_now: bool,
+) -> JoinHandle<()> {
+    tokio::spawn(rotate(issuer, store, spec, config, shutdown, renew_now))
 }
 
 async fn rotate(
@@ -80,12 +93,16 @@ async fn rotate(
     spec: WorkloadSpec,
     config: RotationConfig,
     mut shutdown: watch::Receiver<bool>,
+    mut renew_now: bool,
 ) {
     let mut just_renewed = false;
     loop {
-        let mut wait = store
-            .get(&spec.id)
-            .map_or(Duration::ZERO, |c| until(c.renew_at()));
+        let mut wait = match std::mem::take(&mut renew_now) {
+            true => Duration::ZERO,
+            false => store
+                .get(&spec.id)
+                .map_or(Duration::ZERO, |c| until(c.renew_at())),
+        };
         if just_renewed {
             // A TTL shorter than the CA's clock skew puts renew_at in the past; never spin.
             wait = wait.max(config.backoff.initial);
@@ -93,7 +110,7 @@ async fn rotate(
         if !sleep_or_shutdown(wait, &mut shutdown).await {
             break;
         }
-        if !renew(issuer.as_ref(), &store, &spec, &config, &mut shutdown).await {
+        if !renew(&issuer, &store, &spec, &config, &mut shutdown).await {
             break;
         }
         just_renewed = true;
@@ -103,7 +120,7 @@ async fn rotate(
 
 /// Issues until it succeeds; returns false if shut down first.
 async fn renew(
-    issuer: &dyn CertIssuer,
+    issuer: &Arc<dyn CertIssuer>,
     store: &CertStore,
     spec: &WorkloadSpec,
     config: &RotationConfig,
@@ -111,7 +128,12 @@ async fn renew(
 ) -> bool {
     let mut delay = config.backoff.initial;
     loop {
-        match issuer.issue(spec, config.ttl).and_then(|cert| {
+        // Off the async workers: a remote issuer blocks on the network (with timeouts).
+        let (issuing, wanted, ttl) = (issuer.clone(), spec.clone(), config.ttl);
+        let issued = tokio::task::spawn_blocking(move || issuing.issue(&wanted, ttl))
+            .await
+            .unwrap_or_else(|e| Err(IdentityError::Issuer(format!("task failed: {e}"))));
+        match issued.and_then(|cert| {
             let (not_after, renew_at) = (cert.not_after, cert.renew_at());
             store.insert(cert).map(|_| (not_after, renew_at))
         }) {

@@ -8,16 +8,17 @@ use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, ClientConfig, CommonState, DigitallySignedStruct, DistinguishedName,
-    OtherError, RootCertStore, ServerConfig, SignatureScheme,
+    OtherError, ServerConfig, SignatureScheme,
 };
 
 use super::error::IdentityError;
 use super::spiffe::SpiffeId;
 use super::store::CertStore;
+use super::trust::{IntoTrustBundle, TrustBundle};
 
 pub const ALPN_H2: &[u8] = b"h2";
 
@@ -29,19 +30,16 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 
 /// Server side of mesh mTLS. Presents the current certificate of `local` from `store` (read at
 /// each handshake, so renewals apply to new connections) and requires a client certificate that
-/// chains to `ca_cert` and carries a SPIFFE ID in the same trust domain.
+/// chains to a root of `trust` (as it is at each handshake) and carries a SPIFFE ID in the same
+/// trust domain.
 pub fn server_config(
-    ca_cert: &CertificateDer<'_>,
+    trust: impl IntoTrustBundle,
     store: Arc<CertStore>,
     local: SpiffeId,
 ) -> Result<Arc<ServerConfig>, IdentityError> {
     let provider = crypto_provider();
-    let roots = Arc::new(root_store(ca_cert)?);
-    let inner = WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
-        .build()
-        .map_err(|e| IdentityError::TlsConfig(e.to_string()))?;
     let verifier = Arc::new(SpiffeClientVerifier {
-        inner,
+        trust: trust.into_bundle()?,
         trust_domain: local.trust_domain.clone(),
     });
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -59,20 +57,20 @@ pub fn server_config(
 }
 
 /// Client side of mesh mTLS. Presents the current certificate of `local` from `store` and
-/// accepts a server whose chain verifies against `ca_cert` and whose SPIFFE ID equals
+/// accepts a server whose chain verifies against a root of `trust` and whose SPIFFE ID equals
 /// `expected_server` (or, when `None`, any SPIFFE ID in `local`'s trust domain).
 ///
 /// Mesh peers are dialled by IP and certificates carry no IP SANs, so the `ServerName` given to
 /// the connector is not checked; the SPIFFE ID is the name that is authenticated.
 pub fn client_config(
-    ca_cert: &CertificateDer<'_>,
+    trust: impl IntoTrustBundle,
     store: Arc<CertStore>,
     local: SpiffeId,
     expected_server: Option<SpiffeId>,
 ) -> Result<Arc<ClientConfig>, IdentityError> {
     let provider = crypto_provider();
     let verifier = Arc::new(SpiffeServerVerifier {
-        roots: root_store(ca_cert)?,
+        trust: trust.into_bundle()?,
         provider: Arc::clone(&provider),
         trust_domain: local.trust_domain.clone(),
         expected: expected_server,
@@ -96,14 +94,6 @@ pub fn peer_spiffe_id(conn: &CommonState) -> Result<SpiffeId, IdentityError> {
         .and_then(|certs| certs.first())
         .ok_or(IdentityError::NoPeerCertificate)?;
     Ok(SpiffeId::from_cert_der(leaf)?)
-}
-
-fn root_store(ca_cert: &CertificateDer<'_>) -> Result<RootCertStore, IdentityError> {
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(ca_cert.clone().into_owned())
-        .map_err(|e| IdentityError::TrustAnchor(e.to_string()))?;
-    Ok(roots)
 }
 
 fn identity_failure(err: IdentityError) -> rustls::Error {
@@ -175,13 +165,15 @@ impl ResolvesClientCert for StoreResolver {
 /// WebPKI client verification plus a SPIFFE ID in our trust domain.
 #[derive(Debug)]
 struct SpiffeClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    trust: Arc<TrustBundle>,
     trust_domain: String,
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
+    // No hints: the bundle can change under a built config, and clients present their one
+    // certificate whatever the hints say.
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        &[]
     }
 
     fn verify_client_cert(
@@ -190,9 +182,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+        let verified = self.trust.current().client_verifier.verify_client_cert(
+            end_entity,
+            intermediates,
+            now,
+        )?;
         check_peer_id(end_entity, &self.trust_domain, None)?;
         Ok(verified)
     }
@@ -203,7 +197,10 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.trust
+            .current()
+            .client_verifier
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -212,11 +209,17 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.trust
+            .current()
+            .client_verifier
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.trust
+            .current()
+            .client_verifier
+            .supported_verify_schemes()
     }
 }
 
@@ -224,7 +227,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 /// DNS/IP name (see `client_config`).
 #[derive(Debug)]
 struct SpiffeServerVerifier {
-    roots: RootCertStore,
+    trust: Arc<TrustBundle>,
     provider: Arc<CryptoProvider>,
     trust_domain: String,
     expected: Option<SpiffeId>,
@@ -242,7 +245,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         let parsed = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
-            &self.roots,
+            &self.trust.current().store,
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,

@@ -153,10 +153,15 @@ impl AgentMetrics {
 
     /// Prometheus text exposition format of everything registered.
     pub fn render(&self) -> String {
-        TextEncoder::new()
-            .encode_to_string(&self.registry.gather())
-            .unwrap_or_else(|e| format!("# metrics encoding failed: {e}\n"))
+        render(&self.registry)
     }
+}
+
+/// Prometheus text exposition format of everything in `registry`.
+pub fn render(registry: &Registry) -> String {
+    TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap_or_else(|e| format!("# metrics encoding failed: {e}\n"))
 }
 
 /// Creates and registers families; names and help texts are fixed, so failure is a bug.

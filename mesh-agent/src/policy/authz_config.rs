@@ -78,8 +78,11 @@ pub enum DefaultAction {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_namespace: Option<String>,
 }
 

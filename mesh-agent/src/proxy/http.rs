@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use super::outbound::Caller;
 use super::upstream::{BoxError, ProxyBody, UpstreamError};
+use crate::access_log::RequestLine;
 use crate::config::service_policy::RetryOn;
 use crate::metrics::istio::{HttpSeries, PeerLabels, Reporter, Security};
 use crate::policy::authz::Authorize;
@@ -178,29 +179,6 @@ struct Outcome {
     retries: u32,
     /// Authorization: this agent's (same-node endpoint) or the destination agent's.
     allowed: Option<bool>,
-}
-
-/// The parts of a request the access log keeps (taken before the request is sent on).
-struct RequestLine {
-    method: hyper::Method,
-    path: String,
-    trace_id: Option<String>,
-}
-
-impl RequestLine {
-    fn new(req: &Request<Incoming>) -> Self {
-        let trace_id = req
-            .headers()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::access_log::trace_id)
-            .map(str::to_owned);
-        Self {
-            method: req.method().clone(),
-            path: req.uri().path().to_owned(),
-            trace_id,
-        }
-    }
 }
 
 /// An access-log line waiting for the response to end.
@@ -560,7 +538,7 @@ async fn drain(response: Response<Incoming>) {
 }
 
 /// An HTTP/1.1 upgrade request (WebSocket and the like): `Connection: upgrade` plus `Upgrade`.
-fn is_upgrade(req: &Request<Incoming>) -> bool {
+pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.headers().contains_key(hyper::header::UPGRADE)
         && req
             .headers()

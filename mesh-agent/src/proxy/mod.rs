@@ -1,5 +1,6 @@
 //! Data path: outbound capture listener, inbound HBONE, connection pool, upstream connects.
 
+pub mod body_end;
 pub mod connect;
 pub mod hbone;
 pub mod http;

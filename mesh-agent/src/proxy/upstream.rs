@@ -23,7 +23,7 @@ use thiserror::Error;
 use tokio::net::TcpStream;
 
 use super::connect::{connect_from, Source};
-use super::hbone::{HboneError, HboneStream};
+use super::hbone::{HboneError, HboneStream, TunnelProtocol};
 use super::outbound::Caller;
 use crate::identity::SpiffeId;
 use crate::state::AgentState;
@@ -34,7 +34,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// Idle pooled connections are closed after this long.
-const POOL_IDLE: Duration = Duration::from_secs(90);
+pub(crate) const POOL_IDLE: Duration = Duration::from_secs(90);
 
 #[derive(Debug, Error)]
 pub enum UpstreamError {
@@ -62,9 +62,15 @@ struct Clients<C> {
     h2: HttpClient<C>,
 }
 
+/// A connector told which HTTP version its connections will carry (HBONE marks its tunnels
+/// with it, so the destination agent can serve them request by request).
+trait Carrying {
+    fn carrying(self, h2: bool) -> Self;
+}
+
 impl<C> Clients<C>
 where
-    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+    C: hyper_util::client::legacy::connect::Connect + Carrying + Clone + Send + Sync + 'static,
 {
     fn new(connector: C) -> Self {
         let build = |h2: bool| {
@@ -75,7 +81,7 @@ where
                 // The client's own Host header is passed through.
                 .set_host(false)
                 .http2_only(h2)
-                .build(connector.clone())
+                .build(connector.clone().carrying(h2))
         };
         Self {
             h1: build(false),
@@ -192,6 +198,7 @@ impl Upstreams {
                 caller_ip: caller.ip,
                 service: self.service.clone(),
                 timeout: self.connect_timeout,
+                protocol: TunnelProtocol::Http1,
             }
         })
     }
@@ -209,7 +216,7 @@ fn pooled<K, C>(
 ) -> Arc<Clients<C>>
 where
     K: std::hash::Hash + Eq,
-    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+    C: hyper_util::client::legacy::connect::Connect + Carrying + Clone + Send + Sync + 'static,
 {
     let mut map = map.lock().unwrap_or_else(PoisonError::into_inner);
     if map.len() >= MAX_CALLER_POOLS && !map.contains_key(&key) {
@@ -256,6 +263,12 @@ struct DirectConnector {
     timeout: Duration,
 }
 
+impl Carrying for DirectConnector {
+    fn carrying(self, _h2: bool) -> Self {
+        self
+    }
+}
+
 impl tower::Service<Uri> for DirectConnector {
     type Response = TokioIo<TcpStream>;
     type Error = BoxError;
@@ -290,6 +303,17 @@ struct HboneConnector {
     caller_ip: Ipv4Addr,
     service: Arc<str>,
     timeout: Duration,
+    protocol: TunnelProtocol,
+}
+
+impl Carrying for HboneConnector {
+    fn carrying(self, h2: bool) -> Self {
+        let protocol = match h2 {
+            true => TunnelProtocol::Http2,
+            false => TunnelProtocol::Http1,
+        };
+        Self { protocol, ..self }
+    }
 }
 
 impl tower::Service<Uri> for HboneConnector {
@@ -309,13 +333,14 @@ impl tower::Service<Uri> for HboneConnector {
             let (node, node_addr) = hbone_node(&agent, &this.service, endpoint)?;
             let tls = agent.security.client_tls(&this.caller, &node)?;
             let target = SocketAddr::V4(endpoint);
-            let open = agent.security.pool.connect(
+            let open = agent.security.pool.connect_carrying(
                 &this.caller,
                 tls,
                 node_addr,
                 target,
                 &this.service,
                 Some(this.caller_ip),
+                this.protocol,
             );
             let stream = tokio::time::timeout(this.timeout, open)
                 .await

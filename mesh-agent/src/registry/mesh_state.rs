@@ -1,5 +1,7 @@
 //! Mesh state an operator defines once in the registry (not in every node's file): services
-//! (VIP, ports, traffic and allow/deny policy) and the workloads of each node. The reconciler
+//! (VIP, ports, traffic and allow/deny policy), the workloads of each node, authorization
+//! policies and the mesh-wide default (`policy.default` of a node file that sets none; the
+//! file's own value wins, and with neither the built-in deny holds). The reconciler
 //! merges them into the node's YAML view; the node's file wins on a name clash (the registry
 //! object is refused with an error naming it), and a registry object that fails the config's
 //! validators is refused whole, so nothing of it is half-applied.
@@ -10,12 +12,16 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::config::{self, Config, ConfigError, Service, Workload};
+use crate::policy::authz_config::{DefaultAction, PolicyConfig as AuthzPolicy};
 
-/// What the registry holds: services by name, workloads by (node, name).
+/// What the registry holds: services by name, workloads by (node, name), authorization
+/// policies by name, and the mesh-wide default.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MeshObjects {
     pub services: BTreeMap<String, Service>,
     pub workloads: BTreeMap<(String, String), Workload>,
+    pub authorization: BTreeMap<String, AuthzPolicy>,
+    pub default: Option<DefaultAction>,
 }
 
 /// The operator's document (`mesh-agent ctl apply -f mesh.yaml`): services, and workloads under
@@ -28,6 +34,13 @@ pub struct MeshDocument {
     /// node name -> its workloads.
     #[serde(default)]
     pub workloads: BTreeMap<String, Vec<Workload>>,
+    /// Inbound authorization policies, as the config file's `authorization` list.
+    #[serde(default)]
+    pub authorization: Vec<AuthzPolicy>,
+    /// Mesh-wide default for services without a policy, used by nodes whose file does not set
+    /// `policy.default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<DefaultAction>,
 }
 
 #[derive(Debug, Error)]
@@ -50,7 +63,8 @@ pub enum MeshStateError {
 }
 
 impl MeshStateError {
-    /// The kind of object refused (`service`, `workload`), or `document` for a parse error.
+    /// The kind of object refused (`service`, `workload`, `authorization`), or `document` for a
+    /// parse error.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Parse(_) => "document",
@@ -75,6 +89,8 @@ impl MeshDocument {
         Self {
             services: objects.services.values().cloned().collect(),
             workloads,
+            authorization: objects.authorization.values().cloned().collect(),
+            default: objects.default,
         }
     }
 
@@ -93,6 +109,12 @@ impl MeshDocument {
                         .map(move |w| ((node.clone(), w.name.clone()), w.clone()))
                 })
                 .collect(),
+            authorization: self
+                .authorization
+                .iter()
+                .map(|p| (p.name.clone(), p.clone()))
+                .collect(),
+            default: self.default,
         }
     }
 }
@@ -103,51 +125,59 @@ impl MeshDocument {
 pub fn merge(base: &Config, mesh: &MeshObjects) -> (Config, Vec<MeshStateError>) {
     let mut config = base.clone();
     let mut refused = Vec::new();
-    if mesh.services.is_empty() && !mesh.workloads.keys().any(|(n, _)| *n == base.node.name) {
-        return (config, refused);
+    if config.policy.default.is_none() {
+        config.policy.default = mesh.default;
     }
-    for (name, service) in &mesh.services {
-        if base.services.iter().any(|s| &s.name == name) {
-            refused.push(MeshStateError::Clash {
-                kind: "service",
-                name: name.clone(),
-                node: base.node.name.clone(),
-            });
-            continue;
-        }
-        config.services.push(service.clone());
-        if let Err(source) = config::validate(&config) {
-            config.services.pop();
-            refused.push(MeshStateError::Invalid {
-                kind: "service",
-                name: name.clone(),
-                source,
-            });
-        }
-    }
-    for ((node, name), workload) in &mesh.workloads {
-        if *node != base.node.name {
-            continue;
-        }
-        if base.workloads.iter().any(|w| &w.name == name) {
-            refused.push(MeshStateError::Clash {
-                kind: "workload",
-                name: name.clone(),
-                node: node.clone(),
-            });
-            continue;
-        }
-        config.workloads.push(workload.clone());
-        if let Err(source) = config::validate(&config) {
-            config.workloads.pop();
-            refused.push(MeshStateError::Invalid {
-                kind: "workload",
-                name: format!("{node}/{name}"),
-                source,
-            });
-        }
-    }
+    let this_node = |node: &String| *node == base.node.name;
+    let services = mesh.services.iter().map(|(name, s)| {
+        let clash = base.services.iter().any(|b| &b.name == name);
+        (name.clone(), clash, s)
+    });
+    try_each(&mut config, &mut refused, "service", services, |c| {
+        &mut c.services
+    });
+    let workloads = mesh
+        .workloads
+        .iter()
+        .filter(|((node, _), _)| this_node(node))
+        .map(|((node, name), w)| {
+            let clash = base.workloads.iter().any(|b| &b.name == name);
+            (format!("{node}/{name}"), clash, w)
+        });
+    try_each(&mut config, &mut refused, "workload", workloads, |c| {
+        &mut c.workloads
+    });
+    let policies = mesh.authorization.iter().map(|(name, p)| {
+        let clash = base.authorization.iter().any(|b| &b.name == name);
+        (name.clone(), clash, p)
+    });
+    try_each(&mut config, &mut refused, "authorization", policies, |c| {
+        &mut c.authorization
+    });
     (config, refused)
+}
+
+/// Adds each `(name, clashes with the file, object)` to the list `list` picks out of `config`,
+/// keeping it only when it does not clash and the whole config still validates.
+fn try_each<'a, T: Clone + 'a>(
+    config: &mut Config,
+    refused: &mut Vec<MeshStateError>,
+    kind: &'static str,
+    objects: impl Iterator<Item = (String, bool, &'a T)>,
+    list: impl Fn(&mut Config) -> &mut Vec<T>,
+) {
+    for (name, clash, object) in objects {
+        if clash {
+            let node = config.node.name.clone();
+            refused.push(MeshStateError::Clash { kind, name, node });
+            continue;
+        }
+        list(config).push(object.clone());
+        if let Err(source) = config::validate(config) {
+            list(config).pop();
+            refused.push(MeshStateError::Invalid { kind, name, source });
+        }
+    }
 }
 
 /// Checks an operator's document before anything is written: it must merge with `base` and the
@@ -161,11 +191,14 @@ pub fn check_apply(
     let mut next = current.clone();
     next.services.extend(objects.services.clone());
     next.workloads.extend(objects.workloads.clone());
+    next.authorization.extend(objects.authorization.clone());
+    next.default = objects.default.or(current.default);
     let (_, refused) = merge(base, &next);
     let is_new = |e: &MeshStateError| match e {
         MeshStateError::Invalid { kind, name, .. } | MeshStateError::Clash { kind, name, .. } => {
             match *kind {
                 "service" => objects.services.contains_key(name),
+                "authorization" => objects.authorization.contains_key(name),
                 _ => objects
                     .workloads
                     .keys()
@@ -235,6 +268,62 @@ mod tests {
         );
         let e = check_apply(&base(), &MeshObjects::default(), &d).expect_err("refused");
         assert!(e.to_string().contains("registry service"), "{e}");
+    }
+
+    #[test]
+    fn registry_policies_merge_under_the_file_and_the_files_default_wins() {
+        let d = doc("services:\n  - {name: ledger, vip: 10.96.0.6:80}\n\
+                     authorization:\n  \
+                     - {name: ledger-callers, service: ledger, allow: [{from_service: wallet}]}\n  \
+                     - {name: nowhere, service: missing, allow: [{from_service: wallet}]}\n\
+                     default: allow\n");
+        let (config, refused) = merge(&base(), &d.objects());
+        let names: Vec<_> = config
+            .authorization
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(names, ["ledger-callers"]);
+        let errors: Vec<String> = refused.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("registry authorization \"nowhere\"")
+                && errors[0].contains("authorization[1].service"),
+            "{errors:?}"
+        );
+        assert_eq!(refused[0].kind(), "authorization");
+        assert_eq!(config.policy.default_action(), DefaultAction::Allow);
+        let compiled = config.authz().compile().expect("compiles");
+        assert!(
+            compiled.policies.contains_key("ledger"),
+            "compiled into authz"
+        );
+
+        let mut strict = base();
+        strict.policy.default = Some(DefaultAction::Deny);
+        strict.authorization = config.authorization.clone();
+        let (config, refused) = merge(&strict, &d.objects());
+        assert_eq!(
+            config.policy.default_action(),
+            DefaultAction::Deny,
+            "file wins"
+        );
+        assert!(
+            refused
+                .iter()
+                .any(|e| e.to_string().contains("file's definition wins")),
+            "same policy name as the file: {refused:?}"
+        );
+        assert_eq!(
+            merge(&base(), &MeshObjects::default())
+                .0
+                .policy
+                .default_action(),
+            DefaultAction::Deny,
+            "neither: the built-in deny"
+        );
+        let e = check_apply(&base(), &MeshObjects::default(), &d).expect_err("refused");
+        assert!(e.to_string().contains("authorization[1].service"), "{e}");
     }
 
     #[test]

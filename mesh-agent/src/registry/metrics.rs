@@ -119,7 +119,7 @@ impl RegistryCollector {
         }
         set_counter(&self.updates, state.mesh.updates.load(Ordering::Relaxed));
         let model = state.model();
-        for kind in ["service", "workload"] {
+        for kind in ["service", "workload", "authorization"] {
             let n = model.refused_objects.get(kind).copied().unwrap_or(0);
             self.refused
                 .with_label_values(&[kind])

@@ -187,6 +187,7 @@ fn apply_mesh_objects(state: &AgentState, base: &Arc<Config>, catalog: &Catalog)
             tracing::info!(
                 services = catalog.mesh.services.len(),
                 workloads = catalog.mesh.workloads.len(),
+                authorization = catalog.mesh.authorization.len(),
                 "registry mesh objects applied"
             );
         }

@@ -36,8 +36,10 @@
 //!                                                 health=<file> (200, but `/health` answers
 //!                                                 503 while <file> exists: a health switch);
 //!                                                 a request with `Upgrade: echo` gets 101 and
-//!                                                 its raw bytes echoed; a `traceparent` it
-//!                                                 receives comes back as `x-traceparent`
+//!                                                 its raw bytes echoed; a path under
+//!                                                 `/missing` gets 404 whatever the behaviour;
+//!                                                 a `traceparent` it receives comes back as
+//!                                                 `x-traceparent`
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -629,6 +631,7 @@ fn http_connection(
         }
         let n = served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let status = match behaviour {
+            _ if path.starts_with("/missing") => 404,
             Behaviour::Ok => 200,
             Behaviour::Always503 => 503,
             Behaviour::First503(k) if n < *k => 503,
@@ -663,10 +666,10 @@ fn http_connection(
             Behaviour::HealthSwitch(_) => 200,
         };
         let text = format!("{name}\n");
-        let reason = if status == 200 {
-            "OK"
-        } else {
-            "Service Unavailable"
+        let reason = match status {
+            200 => "OK",
+            404 => "Not Found",
+            _ => "Service Unavailable",
         };
         write!(
             writer,

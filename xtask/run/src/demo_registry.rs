@@ -1,14 +1,17 @@
-//! `cargo xtask demo --registry etcd`: two nodes sharing a real etcd. Two instances of `echo` on
-//! node 2 register themselves through the Consul-compatible API from inside their pods; node 1
-//! learns node 2 and the endpoints from etcd alone; one instance's health check fails and
-//! traffic moves to the other, then it recovers.
+//! `cargo xtask demo --registry etcd`: two nodes sharing a real etcd. The node files hold
+//! bootstrap settings only; an operator applies the mesh state (the `echo` service, each node's
+//! workloads and echo's authorization policy) once with `mesh-agent ctl apply`. Two instances of
+//! `echo` on node 2 register themselves through the Consul-compatible API from inside their
+//! pods; node 1 learns node 2 and the endpoints from etcd alone; one instance's health check
+//! fails and traffic moves to the other, then it recovers. The registry's policy admits the
+//! client and the kernel refuses the intruder, until a new policy applied on node 2 admits it.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use mesh_tests::etcd::Etcd;
-use mesh_tests::Topology;
+use mesh_tests::{Node, Topology};
 
 const ECHO_VIP: &str = "10.96.0.10:80";
 
@@ -17,7 +20,7 @@ pub fn run(backend: &str) -> Result<()> {
         bail!("--registry {backend:?}: the registry demo runs with etcd (--registry etcd)");
     }
     let mut topo = Topology::new()?;
-    topo.add_node(&["client"])?;
+    topo.add_node(&["client", "intruder"])?;
     topo.add_node(&["echo-a", "echo-b"])?;
     topo.link_nodes(1, 2)?;
     let (n1, n2) = (topo.node(1), topo.node(2));
@@ -33,29 +36,32 @@ pub fn run(backend: &str) -> Result<()> {
     let health_a = topo.serve_probe(a, 8081, "health")?;
     topo.serve_probe(b, 8081, "health")?;
 
-    let common = format!(
-        "services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n    policy: {{load_balancer: round_robin}}\n\
-         authorization:\n  - name: echo-callers\n    service: echo\n    default: deny\n    allow:\n      - from: spiffe://cluster.local/ns/shop/sa/client\n\
-         registry:\n  backend: etcd\n  etcd:\n    endpoints: [\"{}\"]\n    lease_ttl: 3s\n",
+    let registry = format!(
+        "registry:\n  backend: etcd\n  etcd:\n    endpoints: [\"{}\"]\n    lease_ttl: 3s\n",
         etcd.client_url
     );
-    let config1 = n1.agent_config(&format!(
-        "{common}workloads:\n{}",
-        n1.pod("client").workload_yaml("shop", "client")
-    ));
-    let agent1 = topo.start_agent(n1, &config1, &[])?;
+    let agent1 = topo.start_agent(n1, &n1.agent_config(&registry), &[])?;
     topo.wait_ready(&agent1)?;
-    let ca = topo.state_dir(n1);
     let config2 = n2.agent_config(&format!(
-        "{common}workloads:\n{}    service: echo\n{}    service: echo\nidentity:\n  ca_cert: {}\n  ca_key: {}\n",
-        a.workload_yaml("shop", "echo"),
-        b.workload_yaml("shop", "echo"),
-        ca.join("ca.crt").display(),
-        ca.join("ca.key").display()
+        "{registry}identity:\n{}",
+        topo.shared_ca_fields(n1)
     ));
-    println!("-- node 2 config (no `nodes:`, no endpoints: both come from etcd) --\n{config2}");
+    println!("-- node 2 config (bootstrap only: services, workloads, policy and nodes come from etcd) --\n{config2}");
     let agent2 = topo.start_agent(n2, &config2, &[])?;
     topo.wait_ready(&agent2)?;
+
+    let mesh = format!(
+        "services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n    policy: {{load_balancer: round_robin}}\n\
+         workloads:\n  node-1:\n{}{}  node-2:\n{}    service: echo\n{}    service: echo\n{}",
+        n1.pod("client").workload_yaml("shop", "client"),
+        n1.pod("intruder").workload_yaml("shop", "intruder"),
+        a.workload_yaml("shop", "echo"),
+        b.workload_yaml("shop", "echo"),
+        echo_callers(&["client"]),
+    );
+    println!("-- mesh.yaml, applied once for the whole mesh --\n{mesh}");
+    println!("$ mesh-agent ctl apply -f mesh.yaml   (on node 1)");
+    print!("{}", ctl_apply(&topo, n1, "mesh.yaml", &mesh)?);
 
     let reg2 = format!("http://{}:8500", n2.agent_ip);
     for (pod, id) in [(a, "echo-a"), (b, "echo-b")] {
@@ -74,21 +80,60 @@ pub fn run(backend: &str) -> Result<()> {
     let reg1 = SocketAddr::from((n1.agent_ip, 8500));
     wait_passing(&topo, &n1.netns, reg1, 2)?;
     show_catalog(&topo, &n1.netns, reg1)?;
-    traffic(&topo, "both instances healthy")?;
+    traffic(&topo, "client", "both instances healthy")?;
 
     println!("\n-- stopping echo-a's health port: its TCP check fails --");
     topo.signal(health_a, libc::SIGKILL)?;
     wait_passing(&topo, &n1.netns, reg1, 1)?;
     show_catalog(&topo, &n1.netns, reg1)?;
-    traffic(&topo, "echo-a critical: traffic moved to echo-b")?;
+    traffic(&topo, "client", "echo-a critical: traffic moved to echo-b")?;
 
     println!("\n-- echo-a's health port is back --");
     topo.serve_probe(a, 8081, "health")?;
     wait_passing(&topo, &n1.netns, reg1, 2)?;
-    traffic(&topo, "echo-a passing again")?;
+    traffic(&topo, "client", "echo-a passing again")?;
     let (_, health) = topo.get_in_netns(&n1.netns, agent1.health, "/health")?;
     println!("\nnode 1 /health: {}", health.trim());
+
+    println!("\n-- authorization from the registry: echo-callers admits only the client --");
+    traffic(&topo, "client", "client (allowed)")?;
+    traffic(&topo, "intruder", "intruder (kernel: EPERM at connect)")?;
+    let policy = echo_callers(&["client", "intruder"]);
+    println!("$ mesh-agent ctl apply -f policy.yaml   (on node 2)\n{policy}");
+    ctl_apply(&topo, n2, "policy.yaml", &policy)?;
+    let started = Instant::now();
+    topo.wait_for(
+        "node 1 to admit the intruder",
+        Duration::from_secs(5),
+        || Ok(topo.connect_from(n1.pod("intruder"), ECHO_VIP, "hi", 1)?[0].ok),
+    )?;
+    println!(
+        "node 1 applied the new policy {:?} after the write",
+        started.elapsed()
+    );
+    traffic(&topo, "intruder", "intruder (now on the allow-list)")?;
     Ok(())
+}
+
+/// A mesh document holding echo's authorization policy: exactly `callers` (service accounts
+/// in namespace `shop`) may call it.
+fn echo_callers(callers: &[&str]) -> String {
+    let allow: String = callers
+        .iter()
+        .map(|sa| format!("      - from: spiffe://cluster.local/ns/shop/sa/{sa}\n"))
+        .collect();
+    format!("authorization:\n  - name: echo-callers\n    service: echo\n    allow:\n{allow}")
+}
+
+/// Runs `mesh-agent ctl apply` with `document` against `node`'s agent; returns its tables.
+fn ctl_apply(topo: &Topology, node: &Node, name: &str, document: &str) -> Result<String> {
+    let path = topo.state_dir(node).join(name);
+    std::fs::write(&path, document)?;
+    let binary = mesh_tests::topology::agent_binary()?;
+    let path = path.display().to_string();
+    let (status, out, err) = topo.run_in_node(node, &binary, &["ctl", "apply", "-f", &path])?;
+    ensure!(status.success(), "ctl apply {name}: {out}{err}");
+    Ok(out)
 }
 
 fn wait_passing(topo: &Topology, netns: &str, reg: SocketAddr, want: usize) -> Result<()> {
@@ -122,19 +167,18 @@ fn show_catalog(topo: &Topology, netns: &str, reg: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-fn traffic(topo: &Topology, title: &str) -> Result<()> {
-    let client = topo.node(1).pod("client");
-    let attempts = topo.connect_from(client, ECHO_VIP, "hi", 6)?;
+/// Six connects from node 1's pod `from` to echo's VIP, printed as replies or errors.
+fn traffic(topo: &Topology, from: &str, title: &str) -> Result<()> {
+    let pod = topo.node(1).pod(from);
+    let attempts = topo.connect_from(pod, ECHO_VIP, "hi", 6)?;
     let replies: Vec<String> = attempts
         .iter()
-        .map(|a| {
-            if a.ok {
-                a.reply.clone()
-            } else {
-                format!("FAILED({:?})", a.error)
-            }
+        .map(|a| match (a.ok, a.errno) {
+            (true, _) => a.reply.clone(),
+            (false, Some(1)) => "EPERM".to_owned(),
+            (false, _) => format!("FAILED({:?})", a.error),
         })
         .collect();
-    println!("{title}: client -> {ECHO_VIP} x6: {replies:?}");
+    println!("{title}: {from} -> {ECHO_VIP} x6: {replies:?}");
     Ok(())
 }

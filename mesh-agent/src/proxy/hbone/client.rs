@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::{HboneError, ALPN_H2, SERVICE_HEADER};
+use super::{HboneError, TunnelProtocol, ALPN_H2, PROTOCOL_HEADER, SERVICE_HEADER};
 
 pub(crate) type Sender = SendRequest<Empty<Bytes>>;
 pub(crate) type Driver = Connection<TokioIo<TlsStream<TcpStream>>, Empty<Bytes>, TokioExecutor>;
@@ -59,17 +59,22 @@ pub(crate) async fn dial(
 
 /// Sends one CONNECT for `target` and returns the tunnel once the server answers 200.
 /// `caller` (the calling pod's address) goes in `Forwarded: for=`, so the destination agent
-/// can connect to the target from it (`proxy.transparent`).
+/// can connect to the target from it (`proxy.transparent`). `protocol` marks a tunnel that
+/// carries HTTP, so the destination agent serves it request by request.
 pub(crate) async fn open_stream(
     sender: &mut Sender,
     target: SocketAddr,
     service: &str,
     caller: Option<Ipv4Addr>,
+    protocol: Option<TunnelProtocol>,
 ) -> Result<Upgraded, HboneError> {
     let mut req = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())
         .header(SERVICE_HEADER, service);
+    if let Some(protocol) = protocol {
+        req = req.header(PROTOCOL_HEADER, protocol.header_value());
+    }
     if let Some(ip) = caller {
         req = req.header(hyper::header::FORWARDED, format!("for={ip}"));
     }

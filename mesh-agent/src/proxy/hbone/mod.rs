@@ -6,6 +6,7 @@
 
 mod client;
 mod error;
+mod l7;
 mod peer;
 mod pool;
 pub mod request;
@@ -13,8 +14,10 @@ mod server;
 mod stream;
 
 pub use error::HboneError;
+pub use l7::RequestMetrics;
 pub use peer::PeerIdentity;
 pub use pool::{HbonePool, PoolConfig, PoolStats};
+pub use request::TunnelProtocol;
 pub use server::{HboneServer, InboundStats, InboundTargets, TunnelEnd, TunnelMetrics};
 pub use stream::HboneStream;
 
@@ -23,6 +26,10 @@ pub const HBONE_PORT: u16 = 15008;
 
 /// Request header carrying the destination service name.
 pub const SERVICE_HEADER: &str = "x-nodemesh-service";
+
+/// Request header marking a tunnel that carries HTTP (`http/1.1` or `h2`); the destination
+/// agent then sees each request. Opaque TCP tunnels go without it.
+pub const PROTOCOL_HEADER: &str = "x-nodemesh-protocol";
 
 /// HTTP/2 over TLS is negotiated with ALPN "h2".
 pub(crate) const ALPN_H2: &[u8] = b"h2";

@@ -14,7 +14,7 @@ use tokio::time::timeout;
 
 use super::client::{self, Sender};
 use super::stream::{StreamGuard, Usage};
-use super::{HboneError, HboneStream};
+use super::{HboneError, HboneStream, TunnelProtocol};
 use crate::identity::SpiffeId;
 
 #[derive(Clone, Debug)]
@@ -127,12 +127,47 @@ impl HbonePool {
         service: &str,
         caller: Option<Ipv4Addr>,
     ) -> Result<HboneStream, HboneError> {
+        self.open_tunnel(source, client_tls, node_addr, target, service, caller, None)
+            .await
+    }
+
+    /// Like [`HbonePool::connect`], for a tunnel that carries HTTP in `protocol` (marked, so
+    /// the destination agent sees, counts and logs each request).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn connect_carrying(
+        &self,
+        source: &SpiffeId,
+        client_tls: Arc<ClientConfig>,
+        node_addr: SocketAddr,
+        target: SocketAddr,
+        service: &str,
+        caller: Option<Ipv4Addr>,
+        protocol: TunnelProtocol,
+    ) -> Result<HboneStream, HboneError> {
+        let protocol = Some(protocol);
+        self.open_tunnel(
+            source, client_tls, node_addr, target, service, caller, protocol,
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn open_tunnel(
+        &self,
+        source: &SpiffeId,
+        client_tls: Arc<ClientConfig>,
+        node_addr: SocketAddr,
+        target: SocketAddr,
+        service: &str,
+        caller: Option<Ipv4Addr>,
+        protocol: Option<TunnelProtocol>,
+    ) -> Result<HboneStream, HboneError> {
         self.start_sweeper();
         let (sender, usage, reused) = self
             .checkout(source, client_tls.clone(), node_addr, None)
             .await?;
         match self
-            .open(sender, usage.clone(), target, service, caller)
+            .open(sender, usage.clone(), target, service, caller, protocol)
             .await
         {
             // A pooled connection can die (peer restart, GOAWAY) before we notice; no tunnel
@@ -142,7 +177,8 @@ impl HbonePool {
                 let (sender, usage, _) = self
                     .checkout(source, client_tls, node_addr, Some(&usage))
                     .await?;
-                self.open(sender, usage, target, service, caller).await
+                self.open(sender, usage, target, service, caller, protocol)
+                    .await
             }
             result => result,
         }
@@ -156,12 +192,13 @@ impl HbonePool {
         target: SocketAddr,
         service: &str,
         caller: Option<Ipv4Addr>,
+        protocol: Option<TunnelProtocol>,
     ) -> Result<HboneStream, HboneError> {
         let guard = StreamGuard::new(usage, self.inner.counters.active_streams.clone());
         let after = self.inner.config.connect_timeout;
         let upgraded = timeout(
             after,
-            client::open_stream(&mut sender, target, service, caller),
+            client::open_stream(&mut sender, target, service, caller, protocol),
         )
         .await
         .map_err(|_| HboneError::Timeout {

@@ -6,7 +6,55 @@ use std::net::{Ipv4Addr, SocketAddr};
 use hyper::header::FORWARDED;
 use hyper::{HeaderMap, Method, StatusCode, Uri};
 
-use super::SERVICE_HEADER;
+use super::{PROTOCOL_HEADER, SERVICE_HEADER};
+
+/// What an HBONE tunnel carries when the calling agent marks it with [`PROTOCOL_HEADER`]: the
+/// destination agent then serves it request by request instead of relaying its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TunnelProtocol {
+    /// HTTP/1.1 with keep-alive (and upgrades).
+    Http1,
+    /// HTTP/2 with prior knowledge.
+    Http2,
+}
+
+impl TunnelProtocol {
+    /// The header value naming this protocol.
+    pub fn header_value(self) -> &'static str {
+        match self {
+            TunnelProtocol::Http1 => "http/1.1",
+            TunnelProtocol::Http2 => "h2",
+        }
+    }
+}
+
+/// The protocol a CONNECT's [`PROTOCOL_HEADER`] names; none (an opaque TCP tunnel) when absent.
+/// Any other value, or the header given twice, is refused with 400 naming the header.
+pub fn tunnel_protocol(
+    headers: &HeaderMap,
+) -> Result<Option<TunnelProtocol>, (StatusCode, String)> {
+    let mut values = headers.get_all(PROTOCOL_HEADER).iter();
+    let (value, None) = (values.next(), values.next()) else {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("{PROTOCOL_HEADER} given more than once"),
+        ));
+    };
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    match value.as_bytes() {
+        b"http/1.1" => Ok(Some(TunnelProtocol::Http1)),
+        b"h2" => Ok(Some(TunnelProtocol::Http2)),
+        other => Err((
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{PROTOCOL_HEADER} {:?} is not one of \"http/1.1\", \"h2\"",
+                String::from_utf8_lossy(other)
+            ),
+        )),
+    }
+}
 
 /// The target endpoint and destination service named by a CONNECT request, or the status and
 /// message to answer with.
@@ -124,6 +172,28 @@ mod tests {
                 .0,
             StatusCode::BAD_REQUEST
         );
+    }
+
+    #[test]
+    fn protocol_mark_is_absent_http1_or_h2_and_nothing_else() {
+        let mark = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(PROTOCOL_HEADER, v.parse().expect("header"));
+            }
+            tunnel_protocol(&h)
+        };
+        assert_eq!(mark(&[]), Ok(None));
+        assert_eq!(mark(&["http/1.1"]), Ok(Some(TunnelProtocol::Http1)));
+        assert_eq!(mark(&["h2"]), Ok(Some(TunnelProtocol::Http2)));
+        for p in [TunnelProtocol::Http1, TunnelProtocol::Http2] {
+            assert_eq!(mark(&[p.header_value()]), Ok(Some(p)));
+        }
+        for bad in [&["H2"][..], &["http/1.0"], &[""], &["h2", "h2"]] {
+            let (status, message) = mark(bad).expect_err("refused");
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad:?}");
+            assert!(message.contains(PROTOCOL_HEADER), "{message}");
+        }
     }
 
     fn forwarded(values: &[&str]) -> ForwardedFor {

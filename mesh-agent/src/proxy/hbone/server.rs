@@ -1,5 +1,6 @@
 //! Inbound HBONE: accepts mTLS HTTP/2 connections from other agents, authorizes each CONNECT
-//! stream and splices it to the target endpoint.
+//! stream and splices it to the target endpoint; a stream marked as carrying HTTP is served
+//! request by request instead ([`super::l7`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,6 +22,7 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 
+use super::l7::{self, RequestMetrics};
 use super::{PeerIdentity, ALPN_H2};
 use crate::admission::{self, AcceptErrors, ConnLimiter};
 use crate::flows::FlowTable;
@@ -98,6 +100,7 @@ pub struct TunnelEnd<'a> {
 pub struct HboneServer {
     stats: Arc<InboundStats>,
     tunnel_metrics: Option<Arc<dyn TunnelMetrics>>,
+    request_metrics: Option<Arc<dyn RequestMetrics>>,
     acceptor: TlsAcceptor,
     authorizer: Arc<dyn Authorize>,
     target_connect_timeout: Duration,
@@ -124,6 +127,7 @@ impl HboneServer {
         Self {
             stats: Arc::default(),
             tunnel_metrics: None,
+            request_metrics: None,
             acceptor: TlsAcceptor::from(tls),
             authorizer,
             target_connect_timeout: Duration::from_secs(5),
@@ -159,6 +163,12 @@ impl HboneServer {
     /// Reports each tunnel's TCP metrics to `metrics`.
     pub fn with_tunnel_metrics(mut self, metrics: Arc<dyn TunnelMetrics>) -> Self {
         self.tunnel_metrics = Some(metrics);
+        self
+    }
+
+    /// Records each request of tunnels marked as carrying HTTP in `metrics`.
+    pub fn with_request_metrics(mut self, metrics: Arc<dyn RequestMetrics>) -> Self {
+        self.request_metrics = Some(metrics);
         self
     }
 
@@ -299,6 +309,10 @@ impl HboneServer {
                 Ok(parsed) => parsed,
                 Err((status, message)) => return respond(status, message),
             };
+        let protocol = match super::request::tunnel_protocol(req.headers()) {
+            Ok(protocol) => protocol,
+            Err((status, message)) => return respond(status, message),
+        };
 
         let decision = self
             .authorizer
@@ -367,6 +381,18 @@ impl HboneServer {
                 service.to_owned(),
             )
         });
+        let http = protocol.map(|protocol| {
+            let tunnel = l7::Tunnel {
+                service: service.to_owned(),
+                target,
+                recorder: self
+                    .request_metrics
+                    .as_ref()
+                    .map(|m| l7::Recorder::new(m.clone(), peer, service)),
+                idle: self.idle_timeout,
+            };
+            (protocol, tunnel)
+        });
         let on_upgrade = hyper::upgrade::on(req);
         let source = peer.id.clone();
         let idle = self.idle_timeout;
@@ -381,8 +407,14 @@ impl HboneServer {
                     return;
                 }
             };
-            // copy_bidirectional forwards EOF as a write shutdown on the other side.
-            let copied = admission::relay_with_idle_timeout(&mut tunnel, &mut upstream, idle).await;
+            let copied = match http {
+                // copy_bidirectional forwards EOF as a write shutdown on the other side.
+                None => admission::relay_with_idle_timeout(&mut tunnel, &mut upstream, idle).await,
+                Some((protocol, http)) => {
+                    l7::serve(tunnel, upstream, protocol, http).await;
+                    Ok(flow.bytes())
+                }
+            };
             if let Some((tcp, metrics, peer, service)) = &tcp {
                 let bytes = copied.as_ref().map_or((0, 0), |c| *c);
                 tcp.finished(bytes.0, bytes.1);

@@ -69,6 +69,9 @@ enum Key {
     MeshService(String),
     /// (node, workload)
     MeshWorkload(String, String),
+    MeshAuthorization(String),
+    /// The mesh-wide default authorization decision.
+    MeshDefault,
 }
 
 impl EtcdBackend {
@@ -122,6 +125,8 @@ impl EtcdBackend {
             Key::Node(name) => format!("{prefix}/nodes/{name}"),
             Key::MeshService(name) => format!("{prefix}/mesh/services/{name}"),
             Key::MeshWorkload(node, name) => format!("{prefix}/mesh/workloads/{node}/{name}"),
+            Key::MeshAuthorization(name) => format!("{prefix}/mesh/authorization/{name}"),
+            Key::MeshDefault => format!("{prefix}/mesh/default"),
         }
     }
 
@@ -136,6 +141,10 @@ impl EtcdBackend {
         } else if let Some(rest) = rest.strip_prefix("mesh/workloads/") {
             let (node, name) = rest.split_once('/')?;
             Some(Key::MeshWorkload(node.to_owned(), name.to_owned()))
+        } else if let Some(name) = rest.strip_prefix("mesh/authorization/") {
+            Some(Key::MeshAuthorization(name.to_owned()))
+        } else if rest == "mesh/default" {
+            Some(Key::MeshDefault)
         } else {
             rest.strip_prefix("nodes/").map(|n| Key::Node(n.to_owned()))
         }
@@ -330,6 +339,22 @@ impl EtcdBackend {
             (Some(Key::MeshWorkload(node, name)), None) => {
                 catalog.mesh.workloads.remove(&(node, name));
             }
+            (Some(Key::MeshAuthorization(name)), None) => {
+                catalog.mesh.authorization.remove(&name);
+            }
+            (Some(Key::MeshDefault), None) => catalog.mesh.default = None,
+            (Some(Key::MeshAuthorization(name)), Some(v)) => {
+                match serde_json::from_slice::<crate::policy::authz_config::PolicyConfig>(v) {
+                    Ok(policy) if policy.name == name => {
+                        catalog.mesh.authorization.insert(name, policy);
+                    }
+                    _ => tracing::warn!(key, "ignoring an invalid mesh authorization record"),
+                }
+            }
+            (Some(Key::MeshDefault), Some(v)) => match serde_json::from_slice(v) {
+                Ok(default) => catalog.mesh.default = Some(default),
+                Err(_) => tracing::warn!(key, "ignoring an invalid mesh default record"),
+            },
             (Some(Key::MeshService(name)), Some(v)) => {
                 match serde_json::from_slice::<crate::config::Service>(v) {
                     Ok(service) if service.name == name => {
@@ -394,7 +419,23 @@ impl EtcdBackend {
                 serde_json::to_vec(w).unwrap_or_default(),
             )
         });
-        services.chain(workloads).collect()
+        let policies = objects.authorization.iter().map(|(name, p)| {
+            (
+                self.key(&Key::MeshAuthorization(name.clone())),
+                serde_json::to_vec(p).unwrap_or_default(),
+            )
+        });
+        let default = objects.default.map(|d| {
+            (
+                self.key(&Key::MeshDefault),
+                serde_json::to_vec(&d).unwrap_or_default(),
+            )
+        });
+        services
+            .chain(workloads)
+            .chain(policies)
+            .chain(default)
+            .collect()
     }
 
     /// One etcd transaction (all or nothing); operator writes need etcd up, so they fail

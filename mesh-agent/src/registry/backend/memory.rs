@@ -137,6 +137,8 @@ impl Backend for MemoryBackend {
         self.change_mesh(|mesh| {
             mesh.services.extend(objects.services.clone());
             mesh.workloads.extend(objects.workloads.clone());
+            mesh.authorization.extend(objects.authorization.clone());
+            mesh.default = objects.default.or(mesh.default);
         })
     }
 
@@ -146,6 +148,11 @@ impl Backend for MemoryBackend {
                 .retain(|k, _| !objects.services.contains_key(k));
             mesh.workloads
                 .retain(|k, _| !objects.workloads.contains_key(k));
+            mesh.authorization
+                .retain(|k, _| !objects.authorization.contains_key(k));
+            if objects.default.is_some() {
+                mesh.default = None;
+            }
         })
     }
 }
@@ -160,7 +167,9 @@ mod tests {
         let path = dir.join("mesh.json");
         let objects = MeshDocument::parse(
             "services:\n  - {name: ledger, vip: 10.96.0.6:80}\n\
-             workloads:\n  n1: [{name: ledger, service_account: ledger, cgroup: /x/ledger}]\n",
+             workloads:\n  n1: [{name: ledger, service_account: ledger, cgroup: /x/ledger}]\n\
+             authorization:\n  - {name: ledger-callers, service: ledger, allow: [{from_service: wallet}]}\n\
+             default: allow\n",
         )
         .expect("document")
         .objects();
@@ -178,6 +187,8 @@ mod tests {
         let mesh = again.subscribe().borrow().mesh.clone();
         assert!(mesh.services.is_empty(), "the delete was saved too");
         assert_eq!(mesh.workloads, objects.workloads);
+        assert_eq!(mesh.authorization, objects.authorization);
+        assert_eq!(mesh.default, objects.default);
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }
