@@ -128,4 +128,8 @@ impl RequestMetrics for StateView {
     fn access_log(&self) -> Option<&AccessLog> {
         self.0.access_log.get()
     }
+
+    fn tracer(&self) -> Option<&crate::trace::RequestTracer> {
+        self.0.tracer.get()
+    }
 }

@@ -42,6 +42,10 @@ pub trait RequestMetrics: Send + Sync {
     fn requests(&self, labels: &PeerLabels, code: u16) -> IntCounter;
     /// The access log, when it is on.
     fn access_log(&self) -> Option<&AccessLog>;
+    /// The request tracer, when tracing is on (off unless the implementor has one).
+    fn tracer(&self) -> Option<&crate::trace::RequestTracer> {
+        None
+    }
 }
 
 /// One tunnel's recording: label children taken once, request counters once per code.
@@ -204,10 +208,19 @@ where
 /// The per-request point on the destination agent: `req` is about to go to the pod (its
 /// headers may still be changed here, e.g. to continue a trace), and the status of the
 /// returned response is final. Records the request's Istio metrics and access-log line.
-async fn serve_request(conn: &Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn serve_request(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let start = Instant::now();
     // Declared (Content-Length) or, for a chunked body, what is known before it streams.
     let request_bytes = req.body().size_hint().lower();
+    // Before the access log reads `traceparent`: the pod and the log see this agent's span.
+    let span = conn.tunnel.recorder.as_ref().and_then(|r| {
+        let mut span = r
+            .metrics
+            .tracer()?
+            .server_span(req.headers_mut(), &r.labels.destination_service);
+        span.set_request(req.method(), req.uri().path());
+        Some(span)
+    });
     let line = conn
         .tunnel
         .recorder
@@ -219,6 +232,11 @@ async fn serve_request(conn: &Arc<Conn>, req: Request<Incoming>) -> Response<Pro
         return response;
     };
     let code = response.status().as_u16();
+    if let Some(mut span) = span {
+        span.set_response(code);
+        span.set_endpoint(conn.tunnel.target);
+        span.end();
+    }
     recorder.count(code);
     recorder.series.request_bytes.observe(request_bytes as f64);
     let conn = conn.clone();
