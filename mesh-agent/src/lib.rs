@@ -3,6 +3,7 @@
 pub mod access_log;
 pub mod admission;
 pub mod app;
+pub mod atomic_file;
 pub mod config;
 pub mod ctl;
 pub mod ebpf;

@@ -18,6 +18,8 @@ pub mod workloads;
 pub mod map_names {
     pub const WORKLOADS: &str = "WORKLOADS";
     pub const SERVICES: &str = "SERVICES";
+    /// Registry endpoint addresses (churn writes only this map; see [`crate::services`]).
+    pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const DENY: &str = "DENY";
     pub const ALLOW: &str = "ALLOW";
     pub const PENDING_DST: &str = "PENDING_DST";
@@ -47,6 +49,8 @@ pub mod program_names {
 pub mod limits {
     pub const MAX_WORKLOADS: u32 = 4096;
     pub const MAX_SERVICES: u32 = 8192;
+    /// Registry endpoint addresses (ENDPOINTS) of the services this node routes.
+    pub const MAX_ENDPOINTS: u32 = 65536;
     pub const MAX_DENY_RULES: u32 = 65536;
     /// Allowed (identity, service) pairs of default-deny services.
     pub const MAX_ALLOW_RULES: u32 = 65536;

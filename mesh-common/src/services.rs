@@ -1,6 +1,12 @@
 //! SERVICES map: destination (VIP, port) -> service id; AGENT_ADDR: where connects are redirected.
+//!
+//! ENDPOINTS has the same key and value types: the endpoint addresses that exist only in the
+//! registry. The reconciler rewrites it entry by entry on endpoint churn, so churn never touches
+//! SERVICES (VIPs and the config's endpoint addresses, written only on a config or mesh-state
+//! change). The kernel looks a destination up in SERVICES, then in ENDPOINTS, and takes the same
+//! decision for either.
 
-/// Key of the SERVICES map: the destination a pod connects to.
+/// Key of the SERVICES and ENDPOINTS maps: the destination a pod connects to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[cfg_attr(feature = "user", derive(serde::Serialize))]
@@ -23,7 +29,7 @@ impl ServiceKey {
 /// the agent knows which workload registers, heartbeats or deregisters.
 pub const REGISTRY_SERVICE: u32 = u32::MAX;
 
-/// Value of the SERVICES map.
+/// Value of the SERVICES and ENDPOINTS maps (an endpoint entry carries its service's flags).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(serde::Serialize))]

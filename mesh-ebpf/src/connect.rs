@@ -1,5 +1,6 @@
 //! cgroup/connect4, connect6, sendmsg4, sendmsg6: one decision for every address family and
-//! protocol. A destination that is a mesh service (its VIP or one of its endpoint addresses) is
+//! protocol. A destination that is a mesh service (its VIP or one of its endpoint addresses, from
+//! the config in SERVICES or from the registry in ENDPOINTS) is
 //! checked against the deny/allow-lists for the caller's identity; TCP connects to it are then
 //! redirected to the agent. IPv6 sockets are covered through v4-mapped addresses
 //! (`::ffff:a.b.c.d`, which is what reaches an IPv4 service); UDP is checked on connect() and on
@@ -22,7 +23,9 @@ use mesh_common::{
     services::{ServiceKey, REGISTRY_SERVICE},
 };
 
-use crate::maps::{AGENT_ADDR, ALLOW, CONN_COUNTERS, DENY, EGRESS, PENDING_DST, SERVICES};
+use crate::maps::{
+    AGENT_ADDR, ALLOW, CONN_COUNTERS, DENY, EGRESS, ENDPOINTS, PENDING_DST, SERVICES,
+};
 use crate::workload::current_workload;
 
 /// Verdicts of a cgroup/connect or sendmsg program (0 fails the call with EPERM).
@@ -85,7 +88,10 @@ fn decide(
     dst_port: u16,
     redirect: bool,
 ) -> Result<Verdict, i64> {
-    let (service, flags) = match unsafe { SERVICES.get(ServiceKey::new(dst_ip, dst_port)) } {
+    let key = ServiceKey::new(dst_ip, dst_port);
+    // A registry endpoint address is the same mesh destination as its service's VIP.
+    let found = unsafe { SERVICES.get(key).or_else(|| ENDPOINTS.get(key)) };
+    let (service, flags) = match found {
         Some(s) => (s.service, s.flags),
         None => return Ok(egress(identity, dst_ip, dst_port)),
     };

@@ -24,6 +24,10 @@ pub static WORKLOADS: HashMap<u64, WorkloadIdentity> = HashMap::pinned(limits::M
 #[map]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(limits::MAX_SERVICES, 0);
 
+/// Registry endpoint address:port -> its service (id and flags); looked up after SERVICES.
+#[map]
+pub static ENDPOINTS: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(limits::MAX_ENDPOINTS, 0);
+
 /// (identity, service) pairs refused in the kernel.
 #[map]
 pub static DENY: HashMap<DenyKey, DenyRule> = HashMap::pinned(limits::MAX_DENY_RULES, 0);

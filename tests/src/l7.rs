@@ -37,7 +37,8 @@ pub fn start_http_server(
     name: &str,
     behaviour: &str,
 ) -> Result<HttpServer> {
-    let tag = format!("{}-{port}-{name}-{behaviour}", pod.name);
+    // A behaviour may carry a path (`health=<file>`): keep the tag one file name.
+    let tag = format!("{}-{port}-{name}-{behaviour}", pod.name).replace('/', "_");
     let record = topo.workdir.join(format!("http-record-{tag}"));
     let out = topo.workdir.join(format!("http-{tag}.out"));
     let mut command = Command::new(probe_binary()?);
@@ -92,6 +93,11 @@ pub fn curl(
     args.extend_from_slice(extra);
     args.push(&target);
     let out = topo.run_in_pod(pod, "curl", &args)?;
+    parse_replies(&out)
+}
+
+/// curl's output lines (in [`WRITE_OUT`] form), one [`Reply`] per request.
+fn parse_replies(out: &str) -> Result<Vec<Reply>> {
     out.lines()
         .map(|l| {
             let f: Vec<&str> = l.split('|').collect();
@@ -107,6 +113,43 @@ pub fn curl(
             })
         })
         .collect()
+}
+
+/// A curl running in the background (see [`curl_in_background`]).
+pub struct BackgroundCurl {
+    pid: u32,
+    out: PathBuf,
+}
+
+impl BackgroundCurl {
+    /// Waits for curl to exit and returns one [`Reply`] per request.
+    pub fn finish(self, topo: &Topology, timeout: Duration) -> Result<Vec<Reply>> {
+        topo.wait(self.pid, timeout)?;
+        parse_replies(&std::fs::read_to_string(&self.out)?)
+    }
+}
+
+/// Like [`curl`], but started in the background so the test can change things meanwhile; all
+/// `count` requests go over one keep-alive connection, paced by `--rate` in `extra` if given.
+pub fn curl_in_background(
+    topo: &Topology,
+    pod: &Pod,
+    url: &str,
+    count: u32,
+    extra: &[&str],
+) -> Result<BackgroundCurl> {
+    static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = topo.workdir.join(format!("curl-{}-{n}.out", pod.name));
+    let mut command = Command::new("curl");
+    command
+        .args(["-s", "-o", "/dev/null", "-w", WRITE_OUT])
+        .args(extra)
+        .arg(format!("{url}?n=[1-{count}]"))
+        .stdout(File::create(&out)?)
+        .stderr(Stdio::inherit());
+    let pid = topo.spawn_in_pod(pod, &mut command)?;
+    Ok(BackgroundCurl { pid, out })
 }
 
 /// Counts replies with `code`.

@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use mesh_tests::etcd::Etcd;
-use mesh_tests::{Pod, Topology};
+use mesh_tests::{Node, Pod, Topology};
 
 const ECHO_VIP: &str = "10.96.0.10:80";
 const ECHO_PORT: u16 = 8080;
@@ -29,6 +29,70 @@ fn passing_echo(topo: &Topology, netns: &str, registry: SocketAddr) -> Result<us
     }
     let v: serde_json::Value = serde_json::from_str(&body)?;
     Ok(v.as_array().map_or(0, Vec::len))
+}
+
+/// `pod` registers itself as echo-1 with a TTL check and sends its first heartbeat.
+fn register_passing_echo(topo: &Topology, pod: &Pod, registry: &str, ttl: &str) -> Result<()> {
+    let (status, body) = curl(
+        topo,
+        pod,
+        "PUT",
+        &format!("{registry}/v1/agent/service/register"),
+        &echo_registration(ttl, &pod.ip.to_string()),
+    )?;
+    ensure!(status == 200, "register answered {status}: {body}");
+    let (status, body) = curl(
+        topo,
+        pod,
+        "PUT",
+        &format!("{registry}/v1/agent/check/pass/service:echo-1"),
+        "",
+    )?;
+    ensure!(status == 200, "heartbeat answered {status}: {body}");
+    Ok(())
+}
+
+/// Node config for `echo` served by pods `sa` and `sb` with the service policy `policy`, only
+/// `client` allowed to call it.
+fn echo_pair_config(node: &Node, policy: &str) -> String {
+    node.agent_config(&format!(
+        "services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n    policy: {{{policy}}}\nworkloads:\n{}{}    service: echo\n{}    service: echo\n\
+         authorization:\n  - name: echo-callers\n    service: echo\n    default: deny\n    allow:\n      - from_service: client\n",
+        node.pod("client").workload_yaml("shop", "client"),
+        node.pod("sa").workload_yaml("shop", "server"),
+        node.pod("sb").workload_yaml("shop", "server"),
+    ))
+}
+
+/// Pods `a` and `b` register as echo-a and echo-b (no Address: the caller's own address is
+/// used) with the active check `check(pod ip)`; returns the registry address once both pass.
+fn register_checked_echo_pair(
+    topo: &Topology,
+    node: &Node,
+    pods: [&Pod; 2],
+    service_type: &str,
+    check: impl Fn(std::net::Ipv4Addr) -> String,
+) -> Result<SocketAddr> {
+    let reg = format!("http://{}:8500", node.agent_ip);
+    for (pod, id) in pods.into_iter().zip(["echo-a", "echo-b"]) {
+        let body = format!(
+            r#"{{"Name":"echo","ID":"{id}","Port":{ECHO_PORT},"Meta":{{"service_version":"1","service_type":"{service_type}","environment":"test"}},"Check":{}}}"#,
+            check(pod.ip)
+        );
+        let (status, text) = curl(
+            topo,
+            pod,
+            "PUT",
+            &format!("{reg}/v1/agent/service/register"),
+            &body,
+        )?;
+        ensure!(status == 200, "register {id} answered {status}: {text}");
+    }
+    let registry = SocketAddr::from((node.agent_ip, 8500));
+    topo.wait_for("both instances passing", Duration::from_secs(5), || {
+        Ok(passing_echo(topo, &node.netns, registry)? == 2)
+    })?;
+    Ok(registry)
 }
 
 fn echo_registration(ttl: &str, server_ip: &str) -> String {
@@ -82,6 +146,7 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
     };
     let certs_before = cert_changes(&agent1)?;
     assert!(certs_before.is_some());
+    let services_writes = map_writes(&topo.metrics(&agent1)?, "SERVICES");
     let reg1 = SocketAddr::from((n1.agent_ip, 8500));
     let reg2 = format!("http://{}:8500", n2.agent_ip);
     let client = n1.pod("client");
@@ -127,22 +192,7 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
     assert!(agent2.log_text().contains("registry request refused"));
 
     // The server registers itself with a TTL check and heartbeats: node 1 sees it within 1 s.
-    let (status, body) = curl(
-        &topo,
-        server,
-        "PUT",
-        &format!("{reg2}/v1/agent/service/register"),
-        &echo_registration("3s", &server.ip.to_string()),
-    )?;
-    assert_eq!(status, 200, "{body}");
-    let (status, body) = curl(
-        &topo,
-        server,
-        "PUT",
-        &format!("{reg2}/v1/agent/check/pass/service:echo-1"),
-        "",
-    )?;
-    assert_eq!(status, 200, "{body}");
+    register_passing_echo(&topo, server, &reg2, "3s")?;
     let started = Instant::now();
     while passing_echo(&topo, &n1.netns, reg1)? == 0 {
         if started.elapsed() > Duration::from_secs(1) {
@@ -272,6 +322,15 @@ fn etcd_registry_across_two_nodes() -> Result<()> {
         "no certificate re-issued"
     );
     assert!(mesh_tests::http::metric(&m, "nodemesh_registry_updates_total", &[]).unwrap_or(0) >= 3);
+    assert_eq!(
+        map_writes(&m, "SERVICES"),
+        services_writes,
+        "churn wrote no SERVICES entry"
+    );
+    assert!(
+        map_writes(&m, "ENDPOINTS") >= 3,
+        "churn wrote the endpoint entry (added, removed on expiry, added back)"
+    );
 
     // The owner deregisters: gone everywhere.
     let (status, _) = curl(
@@ -335,35 +394,11 @@ fn failing_active_check_moves_traffic_without_failed_requests() -> Result<()> {
     // A separate health port: failing it takes `a` out of routing while it still serves.
     let health_a = serve(&topo, sa, 8081, "health")?;
     serve(&topo, sb, 8081, "health")?;
-    let config = n1.agent_config(&format!(
-        "services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\n    policy: {{load_balancer: round_robin}}\nworkloads:\n{}{}    service: echo\n{}    service: echo\n\
-         authorization:\n  - name: echo-callers\n    service: echo\n    default: deny\n    allow:\n      - from_service: client\n",
-        client.workload_yaml("shop", "client"),
-        sa.workload_yaml("shop", "server"),
-        sb.workload_yaml("shop", "server"),
-    ));
+    let config = echo_pair_config(n1, "load_balancer: round_robin");
     let agent = topo.start_agent(n1, &config, &[])?;
     topo.wait_ready(&agent)?;
-    let reg = format!("http://{}:8500", n1.agent_ip);
-    let registry = SocketAddr::from((n1.agent_ip, 8500));
-    for (pod, id) in [(sa, "echo-a"), (sb, "echo-b")] {
-        // No Address: the caller's own address is used.
-        let body = format!(
-            r#"{{"Name":"echo","ID":"{id}","Port":{ECHO_PORT},"Meta":{{"service_version":"1","service_type":"tcp","environment":"test"}},
-                "Check":{{"TCP":"{}:8081","Interval":"200ms","Timeout":"1s"}}}}"#,
-            pod.ip
-        );
-        let (status, text) = curl(
-            &topo,
-            pod,
-            "PUT",
-            &format!("{reg}/v1/agent/service/register"),
-            &body,
-        )?;
-        assert_eq!(status, 200, "{text}");
-    }
-    topo.wait_for("both instances passing", Duration::from_secs(5), || {
-        Ok(passing_echo(&topo, &n1.netns, registry)? == 2)
+    let registry = register_checked_echo_pair(&topo, n1, [sa, sb], "tcp", |ip| {
+        format!(r#"{{"TCP":"{ip}:8081","Interval":"200ms","Timeout":"1s"}}"#)
     })?;
     let round = |seen: &mut Vec<String>| -> Result<()> {
         for a in topo.connect_from(client, ECHO_VIP, "x", 4)? {
@@ -555,7 +590,7 @@ fn py_consul_seed_flow_on_embedded_registry() -> Result<()> {
 }
 
 /// Runs `mesh-agent ctl <args>` in a node (its admin port is on the node's loopback).
-fn ctl(topo: &Topology, node: &mesh_tests::Node, args: &[&str]) -> Result<(bool, String)> {
+fn ctl(topo: &Topology, node: &Node, args: &[&str]) -> Result<(bool, String)> {
     let mut full = vec!["ctl"];
     full.extend_from_slice(args);
     let binary = mesh_tests::topology::agent_binary()?;
@@ -635,30 +670,16 @@ fn mesh_state_defined_once_in_etcd_applies_on_every_node() -> Result<()> {
     // Node 2 attaches to the server from the registry: its registration passes the identity
     // check (the caller's cgroup is the registry-declared workload serving echo).
     let reg2 = format!("http://{}:8500", n2.agent_ip);
-    let started = Instant::now();
-    loop {
-        let (status, body) = curl(
-            &topo,
-            server,
-            "PUT",
-            &format!("{reg2}/v1/agent/service/register"),
-            &echo_registration("30s", &server.ip.to_string()),
-        )?;
-        if status == 200 {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(5) {
-            bail!("server never registered as echo: {status} {body}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    curl(
-        &topo,
-        server,
-        "PUT",
-        &format!("{reg2}/v1/agent/check/pass/service:echo-1"),
-        "",
-    )?;
+    let mut refused = None;
+    topo.wait_for(
+        "the server registered as echo on node 2",
+        Duration::from_secs(5),
+        || {
+            refused = register_passing_echo(&topo, server, &reg2, "30s").err();
+            Ok(refused.is_none())
+        },
+    )
+    .with_context(|| format!("last attempt: {refused:?}"))?;
 
     let (client, intruder) = (n1.pod("client"), n1.pod("intruder"));
     let reach = |pod: &Pod| -> Result<mesh_tests::topology::Attempt> {
@@ -707,5 +728,331 @@ fn mesh_state_defined_once_in_etcd_applies_on_every_node() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    Ok(())
+}
+
+/// `nodemesh_kernel_map_writes_total{map}` (entries written or removed since start).
+fn map_writes(metrics: &str, map: &str) -> u64 {
+    mesh_tests::http::metric(metrics, "nodemesh_kernel_map_writes_total", &[("map", map)])
+        .unwrap_or(0)
+}
+
+/// An endpoint that exists only in the registry (registered through the Consul API) is under its
+/// service's allow-list in the kernel like a config endpoint: the allowed caller dialing its pod
+/// address is captured and proxied, a denied caller gets EPERM on every family and protocol.
+/// Registration and deregistration write only the ENDPOINTS entry: no SERVICES write, no
+/// certificate, no new config generation. The pods' egress rule opens the pod network, so
+/// without the entry the denied caller would reach the pod directly (it does after the
+/// deregistration).
+#[test]
+fn registry_only_endpoint_addresses_meet_the_allow_list_in_the_kernel() -> Result<()> {
+    const EPERM: Option<i32> = Some(1);
+    const WAIT: Duration = Duration::from_secs(5);
+    let mut topo = Topology::new()?;
+    topo.add_node(&["client", "intruder", "server"])?;
+    let n1 = topo.node(1);
+    let (client, intruder, server) = (n1.pod("client"), n1.pod("intruder"), n1.pod("server"));
+    topo.start_echo_server(server, ECHO_PORT, "srv")?;
+    topo.start_udp_echo_server(server, ECHO_PORT, "udp")?;
+    let config = n1.agent_config(&format!(
+        "services:\n  - name: echo\n    namespace: shop\n    vip: {ECHO_VIP}\nworkloads:\n{}{}{}    service: echo\n\
+         authorization:\n  - name: echo-callers\n    service: echo\n    default: deny\n    allow:\n      - from: spiffe://cluster.local/ns/shop/sa/client\n\
+         egress:\n  rules:\n    - {{name: pods, cidr: 10.1.0.0/16}}\n",
+        client.workload_yaml("shop", "client"),
+        intruder.workload_yaml("shop", "intruder"),
+        server.workload_yaml("shop", "server"),
+    ));
+    let agent = topo.start_agent(n1, &config, &[])?;
+    topo.wait_ready(&agent)?;
+    let endpoint = format!("{}:{ECHO_PORT}", server.ip);
+    let mapped = format!("[::ffff:{}]:{ECHO_PORT}", server.ip);
+    let dial = |pod: &Pod, target: &str| -> Result<mesh_tests::topology::Attempt> {
+        let mut a = topo.connect_from_with_timeout(pod, target, "hi", 1, Duration::from_secs(3))?;
+        Ok(a.remove(0))
+    };
+    let proxied = || -> Result<u64> {
+        let m = topo.metrics(&agent)?;
+        Ok(mesh_tests::http::metric(
+            &m,
+            "nodemesh_outbound_connections_total",
+            &[("service", "echo")],
+        )
+        .unwrap_or(0))
+    };
+    let entries = || -> Result<Option<u64>> {
+        let m = topo.metrics(&agent)?;
+        Ok(mesh_tests::http::metric(
+            &m,
+            "nodemesh_kernel_endpoint_entries",
+            &[],
+        ))
+    };
+    let before = dial(intruder, &endpoint)?;
+    assert!(
+        before.ok,
+        "not yet an endpoint: the egress rule lets the pod be reached directly: {before:?}"
+    );
+    let m = topo.metrics(&agent)?;
+    let services_writes = map_writes(&m, "SERVICES");
+    assert!(services_writes > 0, "the start-up sync wrote SERVICES");
+    let certs_before = mesh_tests::http::metric(&m, "nodemesh_identity_cert_changes_total", &[]);
+
+    let reg = format!("http://{}:8500", n1.agent_ip);
+    register_passing_echo(&topo, server, &reg, "30s")?;
+    topo.wait_for("the endpoint entry in the kernel", WAIT, || {
+        Ok(entries()? == Some(1))
+    })?;
+
+    let proxied_before = proxied()?;
+    let allowed = dial(client, &endpoint)?;
+    assert!(
+        allowed.ok && allowed.reply == "srv:hi",
+        "allowed caller dialing the pod address: {allowed:?}"
+    );
+    assert_eq!(
+        proxied()?,
+        proxied_before + 1,
+        "captured and proxied as an endpoint of echo"
+    );
+    for (what, attempt) in [
+        ("TCP to the pod address", dial(intruder, &endpoint)?),
+        ("TCP v4-mapped", dial(intruder, &mapped)?),
+        (
+            "UDP connect",
+            topo.udp_from(intruder, &endpoint, "x", true, Duration::from_secs(2))?,
+        ),
+        (
+            "UDP sendto",
+            topo.udp_from(intruder, &endpoint, "x", false, Duration::from_secs(2))?,
+        ),
+        (
+            "UDP sendto v4-mapped",
+            topo.udp_from(intruder, &mapped, "x", false, Duration::from_secs(2))?,
+        ),
+    ] {
+        assert_eq!(attempt.errno, EPERM, "{what}: {attempt:?}");
+    }
+
+    let m = topo.metrics(&agent)?;
+    assert_eq!(
+        map_writes(&m, "SERVICES"),
+        services_writes,
+        "registration wrote no SERVICES entry"
+    );
+    assert_eq!(
+        map_writes(&m, "ENDPOINTS"),
+        1,
+        "one ENDPOINTS entry written"
+    );
+    assert_eq!(
+        mesh_tests::http::metric(&m, "nodemesh_kernel_endpoints_overflow", &[]),
+        Some(0)
+    );
+
+    let (status, _) = curl(
+        &topo,
+        server,
+        "PUT",
+        &format!("{reg}/v1/agent/service/deregister/echo-1"),
+        "",
+    )?;
+    assert_eq!(status, 200);
+    topo.wait_for("the endpoint entry removed", WAIT, || {
+        Ok(entries()? == Some(0))
+    })?;
+    let after = dial(intruder, &endpoint)?;
+    assert!(
+        after.ok && after.reply == "srv:hi",
+        "the kernel no longer treats the address as echo's: {after:?}"
+    );
+    let m = topo.metrics(&agent)?;
+    assert_eq!(map_writes(&m, "SERVICES"), services_writes);
+    assert_eq!(map_writes(&m, "ENDPOINTS"), 2, "written once, removed once");
+    assert_eq!(
+        mesh_tests::http::metric(&m, "nodemesh_config_generation", &[]),
+        Some(1),
+        "no reload, no authz recompile"
+    );
+    assert_eq!(
+        mesh_tests::http::metric(&m, "nodemesh_identity_cert_changes_total", &[]),
+        certs_before,
+        "no certificate re-issued"
+    );
+
+    Ok(())
+}
+
+/// The embedded registry keeps operator-defined mesh objects in the state directory: a service
+/// and its workloads applied with `ctl apply` are routed again after an agent restart, with no
+/// service or workload in the node's file.
+#[test]
+fn embedded_mesh_objects_survive_an_agent_restart() -> Result<()> {
+    const VIP: &str = "10.96.0.12:80";
+    let mut topo = Topology::new()?;
+    topo.add_node(&["client", "server"])?;
+    let n1 = topo.node(1);
+    let (client, server) = (n1.pod("client"), n1.pod("server"));
+    topo.start_echo_server(server, ECHO_PORT, "srv")?;
+    let config = n1.agent_config("");
+    let agent = topo.start_agent(n1, &config, &[])?;
+    topo.wait_ready(&agent)?;
+    let document = format!(
+        "services:\n  - name: echo\n    namespace: shop\n    vip: {VIP}\n    endpoints: [\"{}:{ECHO_PORT}\"]\n    \
+         policy: {{allow: [client]}}\nworkloads:\n  node-1:\n{}{}    service: echo\n",
+        server.ip,
+        client.workload_yaml("shop", "client"),
+        server.workload_yaml("shop", "server"),
+    );
+    let path = topo.state_dir(n1).join("applied-mesh.yaml");
+    std::fs::write(&path, document)?;
+    let (ok, out) = ctl(&topo, n1, &["apply", "-f", &path.display().to_string()])?;
+    assert!(ok, "{out}");
+    let reach = || -> Result<bool> {
+        let a = topo.connect_from_with_timeout(client, VIP, "hi", 1, Duration::from_secs(3))?;
+        Ok(a[0].ok && a[0].reply == "srv:hi")
+    };
+    topo.wait_for(
+        "the applied service routed",
+        Duration::from_secs(10),
+        &reach,
+    )?;
+
+    topo.signal(agent.pid, libc::SIGTERM)?;
+    topo.wait(agent.pid, Duration::from_secs(10))?;
+    let agent = topo.start_agent(n1, &config, &[])?;
+    topo.wait_ready(&agent)?;
+    let (_, listed) = ctl(&topo, n1, &["-o", "json", "mesh"])?;
+    assert!(listed.contains(VIP), "still in the registry: {listed}");
+    topo.wait_for(
+        "the service routed again after the restart",
+        Duration::from_secs(5),
+        &reach,
+    )?;
+    let refused = |agent: &mesh_tests::AgentHandle| -> Result<Option<u64>> {
+        let m = topo.metrics(agent)?;
+        Ok(mesh_tests::http::metric(
+            &m,
+            "nodemesh_registry_objects_refused",
+            &[("kind", "service")],
+        ))
+    };
+    assert_eq!(refused(&agent)?, Some(0), "nothing refused yet");
+
+    // The node's file now defines echo too: the file wins, and the registry's echo is counted
+    // as refused until the clash ends.
+    topo.signal(agent.pid, libc::SIGTERM)?;
+    topo.wait(agent.pid, Duration::from_secs(10))?;
+    let clashing =
+        n1.agent_config("services:\n  - name: echo\n    namespace: shop\n    vip: 10.96.0.13:80\n");
+    let agent = topo.start_agent(n1, &clashing, &[])?;
+    topo.wait_ready(&agent)?;
+    assert_eq!(refused(&agent)?, Some(1), "the clashing registry service");
+    Ok(())
+}
+
+/// Issue 7 item 8, L7: an HTTP service with two registry instances under HTTP health checks and
+/// a client sending keep-alive GETs all along. One instance's health switch fails: once its
+/// check marks it critical it gets no more requests, and none fails; switched back, it is
+/// passing again and receives requests again.
+#[test]
+fn failing_http_check_moves_keep_alive_requests_without_failures() -> Result<()> {
+    use mesh_tests::l7::{curl_in_background, start_http_server};
+    const RATE: u32 = 50;
+    const REQUESTS: u32 = 600;
+    let mut topo = Topology::new()?;
+    topo.add_node(&["client", "sa", "sb"])?;
+    let n1 = topo.node(1);
+    let (client, sa, sb) = (n1.pod("client"), n1.pod("sa"), n1.pod("sb"));
+    let switch_a = topo.workdir.join("a-unhealthy");
+    let server_a = start_http_server(
+        &topo,
+        sa,
+        ECHO_PORT,
+        "a",
+        &format!("health={}", switch_a.display()),
+    )?;
+    let server_b = start_http_server(
+        &topo,
+        sb,
+        ECHO_PORT,
+        "b",
+        &format!("health={}", topo.workdir.join("b-unhealthy").display()),
+    )?;
+    let config = echo_pair_config(n1, "protocol: http, load_balancer: round_robin");
+    let agent = topo.start_agent(n1, &config, &[])?;
+    topo.wait_ready(&agent)?;
+    let registry = register_checked_echo_pair(&topo, n1, [sa, sb], "http", |ip| {
+        format!(r#"{{"HTTP":"http://{ip}:{ECHO_PORT}/health","Interval":"200ms","Timeout":"1s"}}"#)
+    })?;
+    let app_requests = |server: &mesh_tests::l7::HttpServer| {
+        server
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("GET /app"))
+            .count()
+    };
+    let accepted =
+        |m: &str| mesh_tests::http::metric(m, "nodemesh_outbound_accepted_total", &[]).unwrap_or(0);
+    let accepted_before = accepted(&topo.metrics(&agent)?);
+
+    let rate = format!("{RATE}/s");
+    let run = curl_in_background(
+        &topo,
+        client,
+        &format!("http://{ECHO_VIP}/app"),
+        REQUESTS,
+        &["--rate", &rate, "-m", "60"],
+    )?;
+    topo.wait_for(
+        "a serving under the running client",
+        Duration::from_secs(5),
+        || Ok(app_requests(&server_a) >= 5 && app_requests(&server_b) >= 5),
+    )?;
+
+    // a's health switch fails; its check marks it critical within a few intervals.
+    std::fs::write(&switch_a, "")?;
+    topo.wait_for("a critical", Duration::from_secs(5), || {
+        Ok(passing_echo(&topo, &n1.netns, registry)? == 1)
+    })?;
+    // The reconciler publishes the change on the same watch; a request already in flight to a
+    // may still land in the next instant.
+    std::thread::sleep(Duration::from_millis(200));
+    let a_when_critical = app_requests(&server_a);
+    let b_when_critical = app_requests(&server_b);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        app_requests(&server_a),
+        a_when_critical,
+        "a critical instance receives no requests"
+    );
+    assert!(
+        app_requests(&server_b) >= b_when_critical + (RATE as usize),
+        "b served the whole load meanwhile"
+    );
+
+    // Healthy again: passing, and it receives requests again.
+    std::fs::remove_file(&switch_a)?;
+    topo.wait_for("a passing again", Duration::from_secs(5), || {
+        Ok(passing_echo(&topo, &n1.netns, registry)? == 2)
+    })?;
+    topo.wait_for("a receives requests again", Duration::from_secs(5), || {
+        Ok(app_requests(&server_a) >= a_when_critical + 5)
+    })?;
+
+    let replies = run.finish(&topo, Duration::from_secs(60))?;
+    assert_eq!(replies.len(), REQUESTS as usize, "every request answered");
+    let failed: Vec<_> = replies.iter().filter(|r| r.code != 200).collect();
+    assert!(failed.is_empty(), "failed GETs: {failed:?}");
+    assert_eq!(
+        accepted(&topo.metrics(&agent)?),
+        accepted_before + 1,
+        "all requests on one kept-alive connection"
+    );
+    eprintln!(
+        "{} keep-alive GETs, 0 failed; a served {} (none while critical), b served {}",
+        replies.len(),
+        app_requests(&server_a),
+        app_requests(&server_b)
+    );
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! takes effect or the previous state stays in force.
 
 use std::collections::HashMap;
+use std::net::SocketAddrV4;
 
 use mesh_common::addr::ip4_to_raw;
 use mesh_common::deny::{AllowEntry, DenyKey};
@@ -45,35 +46,38 @@ pub fn desired_maps(config: &Config, model: &MeshModel, cgroup_ids: &[u64]) -> D
         .collect();
     let policy = kernel::compile(config, model);
     // Each service's VIP and every endpoint address: a caller dialing a pod IP directly meets
-    // the same allow/deny decision (and capture) as one dialing the VIP. An address two services
-    // share keeps the first service's id (by name); VIPs win over endpoints.
+    // the same allow/deny decision (and capture) as one dialing the VIP. SERVICES holds the VIPs
+    // and the config's endpoints; registry endpoints go to ENDPOINTS (see [`endpoint_entries`]).
+    // An address two services share keeps the first service's id (by name); VIPs win over
+    // endpoints.
     let mut services: HashMap<ServiceKey, ServiceValue> = HashMap::new();
     for s in model.services.values() {
         let value = ServiceValue::new(s.id).with_default_deny(policy.default_deny.contains(&s.id));
-        services.insert(
-            ServiceKey::new(ip4_to_raw(s.vip.ip().octets()), s.vip.port()),
-            value,
-        );
+        services.insert(service_key(s.vip), value);
     }
+    let configured: HashMap<&str, &crate::config::Service> = config
+        .services
+        .iter()
+        .map(|s| (s.name.as_str(), s))
+        .collect();
     for s in model.services.values() {
         let value = ServiceValue::new(s.id).with_default_deny(policy.default_deny.contains(&s.id));
-        for e in &s.endpoints {
-            services
-                .entry(ServiceKey::new(
-                    ip4_to_raw(e.addr.ip().octets()),
-                    e.addr.port(),
-                ))
-                .or_insert(value);
+        for e in configured
+            .get(s.name.as_str())
+            .map_or(&[][..], |c| &c.endpoints)
+        {
+            services.entry(service_key(e.address())).or_insert(value);
         }
     }
     // The registry API port: connect4 records the caller's identity for it (not redirected,
     // open to every workload).
     if let std::net::SocketAddr::V4(registry) = config.registry_addr() {
         services.insert(
-            ServiceKey::new(ip4_to_raw(registry.ip().octets()), registry.port()),
+            service_key(registry),
             ServiceValue::new(mesh_common::services::REGISTRY_SERVICE),
         );
     }
+    let endpoints = endpoint_entries(model, &services);
     let deny: HashMap<_, _> = policy
         .deny
         .iter()
@@ -95,11 +99,41 @@ pub fn desired_maps(config: &Config, model: &MeshModel, cgroup_ids: &[u64]) -> D
     DesiredMaps {
         workloads,
         services,
+        endpoints,
         deny,
         allow,
         egress,
         agent,
     }
+}
+
+fn service_key(addr: SocketAddrV4) -> ServiceKey {
+    ServiceKey::new(ip4_to_raw(addr.ip().octets()), addr.port())
+}
+
+/// The ENDPOINTS entries for `model`: every endpoint address SERVICES does not already hold,
+/// with the value (id, default-deny flag) of its service's VIP entry. Endpoint churn recomputes
+/// only this, from the SERVICES entries last synced: no policy is recompiled.
+pub fn endpoint_entries(
+    model: &MeshModel,
+    services: &HashMap<ServiceKey, ServiceValue>,
+) -> HashMap<ServiceKey, ServiceValue> {
+    let mut entries = HashMap::new();
+    for s in model.services.values() {
+        let Some(value) = services
+            .get(&service_key(s.vip))
+            .filter(|v| v.service == s.id)
+        else {
+            continue;
+        };
+        for e in &s.endpoints {
+            let key = service_key(e.addr);
+            if !services.contains_key(&key) {
+                entries.entry(key).or_insert(*value);
+            }
+        }
+    }
+    entries
 }
 
 /// Resolves every workload cgroup, naming the first one that does not exist.
@@ -133,8 +167,7 @@ pub fn kernel_ids(kernel: &Kernel, config: &Config) -> ModelIds {
         }
     }
     for s in &config.services {
-        let key = ServiceKey::new(ip4_to_raw(s.vip.ip().octets()), s.vip.port());
-        if let Some(id) = kernel.maps.service_id(&key) {
+        if let Some(id) = kernel.maps.service_id(&service_key(s.vip)) {
             ids.services.insert(s.name.clone(), id);
         }
     }
@@ -188,6 +221,37 @@ fn rollback(kernel: &mut Kernel, previous: Option<(&Config, &MeshModel)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Config endpoints go to SERVICES; registry-only endpoints to ENDPOINTS with their
+    /// service's id and default-deny flag, and only they change when the registry does.
+    #[test]
+    fn registry_endpoints_go_to_their_own_map() {
+        let yaml = "node: {name: n1, agent_ip: 10.1.255.1}\n\
+            services:\n  - {name: wallet, vip: 10.96.0.5:80, endpoints: [\"10.1.1.9:80\"]}\n";
+        let config = crate::config::parse(yaml, "test", &|_| None).expect("config");
+        let mut model = MeshModel::build(&config, None);
+        let static_only = desired_maps(&config, &model, &[]);
+        let wallet = model.services.get_mut("wallet").expect("wallet");
+        let id = wallet.id;
+        let mut registered = wallet.endpoints[0].clone();
+        registered.addr = "10.1.1.10:8080".parse().expect("addr");
+        wallet.endpoints.push(registered);
+        let desired = desired_maps(&config, &model, &[]);
+        assert_eq!(desired.services, static_only.services, "SERVICES unchanged");
+        assert!(desired
+            .services
+            .contains_key(&service_key("10.1.1.9:80".parse().expect("addr"))));
+        let key = service_key("10.1.1.10:8080".parse().expect("addr"));
+        let value = desired.endpoints[&key];
+        assert_eq!(desired.endpoints.len(), 1);
+        assert_eq!(value.service, id);
+        assert_eq!(value.flags, ServiceValue::DEFAULT_DENY, "mesh default deny");
+        assert_eq!(
+            endpoint_entries(&model, &desired.services),
+            desired.endpoints,
+            "churn computes the same entries from the synced SERVICES"
+        );
+    }
 
     fn config(strict_default: bool) -> Config {
         let yaml = format!(

@@ -12,7 +12,7 @@ mod reload;
 pub mod security;
 
 pub use admin::ADMIN_ROUTES;
-pub use apply::{apply, desired_maps, ApplyError};
+pub use apply::{apply, desired_maps, endpoint_entries, ApplyError};
 pub use endpoints::{HEALTH_ROUTES, METRICS_ROUTES};
 pub use reload::apply_mesh_state;
 

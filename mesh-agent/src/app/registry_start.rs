@@ -18,7 +18,11 @@ pub async fn start(config: &Config) -> Arc<LocalAgent> {
     let r = &config.registry;
     let backend: Arc<dyn Backend> = match r.backend {
         RegistryBackendKind::File => Arc::new(MemoryBackend::new("file")),
-        RegistryBackendKind::Embedded => Arc::new(MemoryBackend::new("embedded")),
+        // Operator-defined mesh objects outlive the agent, like its registrations.
+        RegistryBackendKind::Embedded => Arc::new(MemoryBackend::with_mesh_file(
+            "embedded",
+            config.identity.state_dir.join("mesh.json"),
+        )),
         RegistryBackendKind::Etcd => {
             let etcd = EtcdBackend::start(
                 EtcdSettings {

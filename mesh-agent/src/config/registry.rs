@@ -15,7 +15,7 @@ use super::{duration_text, ConfigError};
 pub enum RegistryBackendKind {
     /// Only this agent's memory; mesh state comes from the YAML file.
     File,
-    /// Single-node registry; registrations persist in `identity.state_dir`.
+    /// Single-node registry; registrations and mesh objects persist in `identity.state_dir`.
     #[default]
     Embedded,
     /// Shared etcd v3 cluster.

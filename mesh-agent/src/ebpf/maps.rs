@@ -1,6 +1,6 @@
 //! Typed handles to the pinned maps and the diff-based sync from the mesh model.
 
-use std::collections::HashMap as StdHashMap;
+use std::collections::{BTreeMap, HashMap as StdHashMap};
 use std::hash::Hash;
 use std::net::SocketAddrV4;
 use std::sync::Mutex;
@@ -13,7 +13,7 @@ use mesh_common::{
     counters::ConnCounters,
     deny::{AllowEntry, DenyKey, DenyRule},
     egress::{EgressData, EgressPorts},
-    map_names,
+    limits, map_names,
     orig_dst::{ClientKey, OrigDst},
     services::{AgentAddr, ServiceKey, ServiceValue},
     traffic::TrafficCounters,
@@ -27,6 +27,8 @@ use super::EbpfError;
 pub struct DesiredMaps {
     pub workloads: StdHashMap<u64, WorkloadIdentity>,
     pub services: StdHashMap<ServiceKey, ServiceValue>,
+    /// Registry endpoint addresses not in `services` (see [`KernelMaps::sync_endpoints`]).
+    pub endpoints: StdHashMap<ServiceKey, ServiceValue>,
     pub deny: StdHashMap<DenyKey, DenyRule>,
     pub allow: StdHashMap<DenyKey, AllowEntry>,
     /// (prefix length, data) -> ports.
@@ -51,6 +53,15 @@ impl std::ops::AddAssign for SyncStats {
 pub struct KernelMaps {
     workloads: HashMap<MapData, u64, WorkloadIdentity>,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
+    /// SERVICES as last synced: endpoint entries take their service's value from its VIP entry.
+    services_synced: StdHashMap<ServiceKey, ServiceValue>,
+    endpoints: HashMap<MapData, ServiceKey, ServiceValue>,
+    /// What ENDPOINTS holds, so churn diffs in userspace without reading the whole map.
+    endpoints_synced: StdHashMap<ServiceKey, ServiceValue>,
+    /// Registry endpoint addresses left out of ENDPOINTS because it is full.
+    endpoints_overflow: usize,
+    /// Entries written or removed per map since start (churn must only touch ENDPOINTS).
+    writes: BTreeMap<&'static str, u64>,
     deny: HashMap<MapData, DenyKey, DenyRule>,
     allow: HashMap<MapData, DenyKey, AllowEntry>,
     egress: LpmTrie<MapData, EgressData, EgressPorts>,
@@ -71,9 +82,18 @@ where
 
 impl KernelMaps {
     pub fn take_from(bpf: &mut aya::Ebpf) -> Result<(KernelMaps, OrigDstTable), EbpfError> {
+        let endpoints: HashMap<MapData, ServiceKey, ServiceValue> =
+            take(bpf, map_names::ENDPOINTS)?;
+        // Adopted pins: start from what an earlier agent left, so the first sync is a diff too.
+        let endpoints_synced = endpoints.iter().filter_map(Result::ok).collect();
         let maps = KernelMaps {
             workloads: take(bpf, map_names::WORKLOADS)?,
             services: take(bpf, map_names::SERVICES)?,
+            services_synced: StdHashMap::new(),
+            endpoints,
+            endpoints_synced,
+            endpoints_overflow: 0,
+            writes: BTreeMap::new(),
             deny: take(bpf, map_names::DENY)?,
             allow: take(bpf, map_names::ALLOW)?,
             egress: take(bpf, map_names::EGRESS)?,
@@ -93,6 +113,12 @@ impl KernelMaps {
     /// in between, and a policy change never passes through a state that admits more than
     /// either the old or the new policy.
     pub fn sync(&mut self, desired: &DesiredMaps) -> Result<SyncStats, EbpfError> {
+        let stats = self.sync_all(desired)?;
+        self.services_synced = desired.services.clone();
+        Ok(stats)
+    }
+
+    fn sync_all(&mut self, desired: &DesiredMaps) -> Result<SyncStats, EbpfError> {
         let mut stats = SyncStats::default();
         stats.written += write_entries(
             &mut self.workloads,
@@ -102,8 +128,13 @@ impl KernelMaps {
         stats.written += write_entries(&mut self.allow, &desired.allow, map_names::ALLOW)?;
         stats.written += write_entries(&mut self.deny, &desired.deny, map_names::DENY)?;
         stats.written += self.write_egress(&desired.egress)?;
-        stats.written += write_entries(&mut self.services, &desired.services, map_names::SERVICES)?;
-        stats.removed += remove_stale(&mut self.services, &desired.services, map_names::SERVICES)?;
+        let services = write_entries(&mut self.services, &desired.services, map_names::SERVICES)?;
+        self.count(map_names::SERVICES, services);
+        stats.written += services;
+        stats += self.sync_endpoints(&desired.endpoints)?;
+        let services = remove_stale(&mut self.services, &desired.services, map_names::SERVICES)?;
+        self.count(map_names::SERVICES, services);
+        stats.removed += services;
         stats.removed += remove_stale(&mut self.deny, &desired.deny, map_names::DENY)?;
         stats.removed += remove_stale(&mut self.allow, &desired.allow, map_names::ALLOW)?;
         stats.removed += self.remove_stale_egress(&desired.egress)?;
@@ -162,6 +193,70 @@ impl KernelMaps {
             })?;
         }
         Ok(stale.len())
+    }
+
+    /// Brings ENDPOINTS to `desired`, touching only the entries that differ: stale ones are
+    /// removed first (freeing room), then new and changed ones written. Entries beyond the map's
+    /// capacity are left out and counted in [`KernelMaps::endpoints_overflow`]; a direct dial to
+    /// such an address meets the egress rules instead of its service's allow-list.
+    pub fn sync_endpoints(
+        &mut self,
+        desired: &StdHashMap<ServiceKey, ServiceValue>,
+    ) -> Result<SyncStats, EbpfError> {
+        let plan = plan_endpoints(&self.endpoints_synced, desired, limits::MAX_ENDPOINTS);
+        let map_error = |source| EbpfError::Map {
+            name: map_names::ENDPOINTS,
+            source,
+        };
+        for key in &plan.remove {
+            match self.endpoints.remove(key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(map_error(source)),
+            }
+            self.endpoints_synced.remove(key);
+        }
+        for (key, value) in &plan.write {
+            self.endpoints.insert(key, value, 0).map_err(map_error)?;
+            self.endpoints_synced.insert(*key, *value);
+        }
+        if plan.overflow != self.endpoints_overflow && plan.overflow > 0 {
+            tracing::error!(
+                left_out = plan.overflow,
+                capacity = limits::MAX_ENDPOINTS,
+                "kernel endpoint map full: direct dials to the endpoints left out are not checked against their service's allow-list"
+            );
+        }
+        self.endpoints_overflow = plan.overflow;
+        let stats = SyncStats {
+            written: plan.write.len(),
+            removed: plan.remove.len(),
+        };
+        self.count(map_names::ENDPOINTS, stats.written + stats.removed);
+        Ok(stats)
+    }
+
+    /// SERVICES as last synced by this agent.
+    pub fn services(&self) -> &StdHashMap<ServiceKey, ServiceValue> {
+        &self.services_synced
+    }
+
+    /// Entries ENDPOINTS holds.
+    pub fn endpoint_entries(&self) -> usize {
+        self.endpoints_synced.len()
+    }
+
+    /// Registry endpoint addresses that did not fit in ENDPOINTS.
+    pub fn endpoints_overflow(&self) -> usize {
+        self.endpoints_overflow
+    }
+
+    /// Entries written or removed per map since start (SERVICES and ENDPOINTS).
+    pub fn writes(&self) -> &BTreeMap<&'static str, u64> {
+        &self.writes
+    }
+
+    fn count(&mut self, map: &'static str, n: usize) {
+        *self.writes.entry(map).or_default() += n as u64;
     }
 
     /// Identity id the WORKLOADS map holds for a cgroup (written by this or an earlier agent).
@@ -248,6 +343,47 @@ where
     Ok(stale.len())
 }
 
+/// The changes that bring ENDPOINTS from `current` to `desired` within `capacity` entries.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct EndpointPlan {
+    remove: Vec<ServiceKey>,
+    write: Vec<(ServiceKey, ServiceValue)>,
+    /// New entries that do not fit.
+    overflow: usize,
+}
+
+fn plan_endpoints(
+    current: &StdHashMap<ServiceKey, ServiceValue>,
+    desired: &StdHashMap<ServiceKey, ServiceValue>,
+    capacity: u32,
+) -> EndpointPlan {
+    let mut plan = EndpointPlan {
+        remove: current
+            .keys()
+            .filter(|k| !desired.contains_key(k))
+            .copied()
+            .collect(),
+        ..Default::default()
+    };
+    let mut held = current.len() - plan.remove.len();
+    // Sorted, so which entries overflow does not depend on hash order.
+    let mut changes: Vec<_> = desired
+        .iter()
+        .filter(|(k, v)| current.get(k) != Some(v))
+        .collect();
+    changes.sort_unstable_by_key(|(k, _)| (k.ip, k.port));
+    for (key, value) in changes {
+        let new = !current.contains_key(key);
+        if new && held >= capacity as usize {
+            plan.overflow += 1;
+            continue;
+        }
+        held += usize::from(new);
+        plan.write.push((*key, *value));
+    }
+    plan
+}
+
 /// ORIG_DST, shared with the outbound proxy: on accept it takes the entry for the peer address.
 pub struct OrigDstTable {
     map: Mutex<HashMap<MapData, ClientKey, OrigDst>>,
@@ -262,5 +398,49 @@ impl OrigDstTable {
         // Best effort: the map is LRU, so a failed delete only delays eviction.
         let _ = map.remove(&key);
         Some(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(items: &[(u32, u32)]) -> StdHashMap<ServiceKey, ServiceValue> {
+        items
+            .iter()
+            .map(|&(ip, service)| (ServiceKey::new(ip, 80), ServiceValue::new(service)))
+            .collect()
+    }
+
+    #[test]
+    fn churn_plans_only_the_entries_that_differ() {
+        let current = entries(&[(1, 7), (2, 7), (3, 8)]);
+        let desired = entries(&[(1, 7), (3, 9), (4, 7)]);
+        let plan = plan_endpoints(&current, &desired, 16);
+        assert_eq!(plan.remove, vec![ServiceKey::new(2, 80)]);
+        assert_eq!(
+            plan.write,
+            vec![
+                (ServiceKey::new(3, 80), ServiceValue::new(9)),
+                (ServiceKey::new(4, 80), ServiceValue::new(7)),
+            ]
+        );
+        assert_eq!(plan.overflow, 0);
+        assert_eq!(
+            plan_endpoints(&desired, &desired, 16),
+            EndpointPlan::default()
+        );
+    }
+
+    #[test]
+    fn a_full_map_leaves_new_entries_out_and_counts_them() {
+        let current = entries(&[(1, 7), (2, 7)]);
+        let desired = entries(&[(2, 8), (3, 7), (4, 7), (5, 7)]);
+        let plan = plan_endpoints(&current, &desired, 3);
+        // 1 removed, 2 changed in place, 3 and 4 fill the map, 5 does not fit.
+        assert_eq!(plan.remove.len(), 1);
+        let written: Vec<u32> = plan.write.iter().map(|(k, _)| k.ip).collect();
+        assert_eq!(written, vec![2, 3, 4]);
+        assert_eq!(plan.overflow, 1);
     }
 }

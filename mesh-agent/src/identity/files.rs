@@ -1,9 +1,7 @@
 //! Reading PEM material from disk and writing it back atomically. Errors name the file.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rcgen::KeyPair;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -89,38 +87,14 @@ fn der(tag: u8, content: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Writes via a temporary file in the same directory and a rename, so a crash leaves either the
-/// old file, no file, or the complete new one.
+/// [`crate::atomic_file::write_atomically`] with the error naming the file as an identity error.
 pub(crate) fn write_atomically(
     path: &Path,
     contents: &[u8],
     mode: u32,
 ) -> Result<(), IdentityError> {
-    let werr = |path: &Path| {
-        let path = path.to_owned();
-        move |source| IdentityError::Write { path, source }
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp: PathBuf = dir.join(format!(".{file_name}.tmp"));
-    // A previous crash may have left the temporary file behind; create_new below needs it gone.
-    let _ = fs::remove_file(&tmp);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(werr(&tmp))?;
-    file.write_all(contents).map_err(werr(&tmp))?;
-    file.sync_all().map_err(werr(&tmp))?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(werr(path))?;
-    // Persist the rename itself.
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(werr(dir))?;
-    Ok(())
+    crate::atomic_file::write_atomically(path, contents, mode).map_err(|e| IdentityError::Write {
+        path: e.path,
+        source: e.source,
+    })
 }

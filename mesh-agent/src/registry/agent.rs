@@ -472,13 +472,9 @@ impl LocalAgent {
             .map(|l| l.registration.clone())
             .collect();
         let text = serde_json::to_string_pretty(&all).unwrap_or_default();
-        // Write-then-rename: a crash never leaves a half-written file.
-        let tmp = path.with_extension("json.tmp");
-        let result = std::fs::create_dir_all(path.parent().unwrap_or(path))
-            .and_then(|()| std::fs::write(&tmp, text))
-            .and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(e) = result {
-            tracing::error!(path = %path.display(), error = %e, "saving registrations");
+        // A crash never leaves a half-written file.
+        if let Err(e) = crate::atomic_file::write_atomically(path, text.as_bytes(), 0o600) {
+            tracing::error!(error = %e, "saving registrations");
         }
     }
 }

@@ -49,11 +49,33 @@ pub enum MeshStateError {
     },
 }
 
+impl MeshStateError {
+    /// The kind of object refused (`service`, `workload`), or `document` for a parse error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Parse(_) => "document",
+            Self::Invalid { kind, .. } | Self::Clash { kind, .. } => kind,
+        }
+    }
+}
+
 impl MeshDocument {
     /// Parses YAML or JSON; errors name the field (`services[0].vip: ...`).
     pub fn parse(text: &str) -> Result<Self, MeshStateError> {
         serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text))
             .map_err(|e| MeshStateError::Parse(format!("{}: {}", e.path(), e.inner())))
+    }
+
+    /// The document that defines exactly `objects` (what the embedded backend saves).
+    pub fn from_objects(objects: &MeshObjects) -> Self {
+        let mut workloads: BTreeMap<String, Vec<Workload>> = BTreeMap::new();
+        for ((node, _), w) in &objects.workloads {
+            workloads.entry(node.clone()).or_default().push(w.clone());
+        }
+        Self {
+            services: objects.services.values().cloned().collect(),
+            workloads,
+        }
     }
 
     pub fn objects(&self) -> MeshObjects {

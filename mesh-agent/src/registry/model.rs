@@ -49,6 +49,9 @@ pub struct MeshModel {
     pub services: BTreeMap<String, ServiceEntry>,
     /// identity key -> the service its (first) workload serves, for authorization by service.
     pub identity_services: BTreeMap<String, String>,
+    /// Registry mesh objects left out of this model's config (invalid, or clashing with the
+    /// node's file), by kind; set by the reconciler's merge.
+    pub refused_objects: BTreeMap<&'static str, usize>,
 }
 
 impl MeshModel {
@@ -123,6 +126,7 @@ impl MeshModel {
             identities,
             services,
             identity_services,
+            refused_objects: BTreeMap::new(),
         }
     }
 

@@ -1,8 +1,9 @@
 //! The one reconciler: mesh state = the config file's services/workloads/policy (bootstrap +
 //! file backend) merged with the registry's nodes and passing instances. Config changes go
 //! through the reload path (which owns kernel changes); registry changes only re-publish the
-//! model's endpoint sets and peer nodes, so endpoint churn never rewrites the kernel service map,
-//! re-issues certificates or recompiles authorization.
+//! model's endpoint sets and peer nodes and write the changed entries of the kernel's ENDPOINTS
+//! map (registry endpoint address -> service), so endpoint churn never rewrites the kernel
+//! service map, re-issues certificates or recompiles authorization.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,7 +75,7 @@ pub fn effective(
     catalog: &Catalog,
     previous: Option<&MeshModel>,
 ) -> (Config, MeshModel) {
-    let (mut config, _refused) = mesh_state::merge(base, &catalog.mesh);
+    let (mut config, refused) = mesh_state::merge(base, &catalog.mesh);
     let mut known: HashSet<String> = config.nodes.iter().map(|n| n.name.clone()).collect();
     for node in catalog.nodes.values() {
         if node.name != base.node.name && known.insert(node.name.clone()) {
@@ -85,6 +86,9 @@ pub fn effective(
         }
     }
     let mut model = MeshModel::build(&config, previous);
+    for error in &refused {
+        *model.refused_objects.entry(error.kind()).or_default() += 1;
+    }
     for service in model.services.values_mut() {
         for i in catalog.service(&service.name, true) {
             debug_assert_eq!(i.status, HealthStatus::Passing);
@@ -134,9 +138,28 @@ pub async fn run(state: Arc<AgentState>, mut catalog: watch::Receiver<Arc<Catalo
             continue;
         }
         let endpoints: usize = model.services.values().map(|s| s.endpoints.len()).sum();
+        sync_endpoint_map(&state, &model);
         state.publish(config, model);
         state.mesh.updates.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(endpoints, "registry change applied to the endpoint sets");
+    }
+}
+
+/// Writes the ENDPOINTS entries that changed with the registry (a new endpoint is in the kernel
+/// before it is routed); the SERVICES entries last synced give each one its service's value.
+fn sync_endpoint_map(state: &AgentState, model: &MeshModel) {
+    let result = state.with_kernel(|k| {
+        let desired = crate::app::endpoint_entries(model, k.maps.services());
+        k.maps.sync_endpoints(&desired)
+    });
+    match result {
+        Some(Ok(stats)) => tracing::debug!(
+            written = stats.written,
+            removed = stats.removed,
+            "kernel endpoint map updated"
+        ),
+        Some(Err(error)) => tracing::error!(%error, "kernel endpoint map update failed"),
+        None => {}
     }
 }
 

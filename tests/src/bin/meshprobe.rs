@@ -32,7 +32,9 @@
 //!                                                 "<METHOD> <path>" per request to record-file.
 //!                                                 behaviour: ok | 503 (always) | 503x<N> (the
 //!                                                 first N requests) | reset (RST instead of an
-//!                                                 answer) | hang (never answers) | slow<ms>;
+//!                                                 answer) | hang (never answers) | slow<ms> |
+//!                                                 health=<file> (200, but `/health` answers
+//!                                                 503 while <file> exists: a health switch);
 //!                                                 a request with `Upgrade: echo` gets 101 and
 //!                                                 its raw bytes echoed
 
@@ -490,7 +492,7 @@ fn bench(addr: SocketAddr, secs: u64, workers: usize) -> Result<()> {
 }
 
 /// How the HTTP server misbehaves (fault injection for the traffic-policy tests).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum Behaviour {
     Ok,
     Always503,
@@ -499,6 +501,8 @@ enum Behaviour {
     Reset,
     Hang,
     Slow(Duration),
+    /// Serves every request; `/health` fails while the file exists.
+    HealthSwitch(std::path::PathBuf),
 }
 
 impl std::str::FromStr for Behaviour {
@@ -513,6 +517,8 @@ impl std::str::FromStr for Behaviour {
             _ => {
                 if let Some(n) = s.strip_prefix("503x") {
                     Behaviour::First503(n.parse()?)
+                } else if let Some(file) = s.strip_prefix("health=") {
+                    Behaviour::HealthSwitch(file.into())
                 } else if let Some(ms) = s.strip_prefix("slow") {
                     Behaviour::Slow(Duration::from_millis(ms.parse()?))
                 } else {
@@ -542,8 +548,9 @@ fn http_serve(port: u16, name: &str, behaviour: Behaviour, record: Option<&str>)
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let (name, served, record) = (name.to_owned(), served.clone(), record.clone());
+        let behaviour = behaviour.clone();
         std::thread::spawn(move || {
-            let _ = http_connection(stream, &name, behaviour, &served, record.as_deref());
+            let _ = http_connection(stream, &name, &behaviour, &served, record.as_deref());
         });
     }
     Ok(())
@@ -553,7 +560,7 @@ fn http_serve(port: u16, name: &str, behaviour: Behaviour, record: Option<&str>)
 fn http_connection(
     stream: TcpStream,
     name: &str,
-    behaviour: Behaviour,
+    behaviour: &Behaviour,
     served: &std::sync::atomic::AtomicU64,
     record: Option<&std::sync::Mutex<std::fs::File>>,
 ) -> Result<()> {
@@ -619,7 +626,7 @@ fn http_connection(
         let status = match behaviour {
             Behaviour::Ok => 200,
             Behaviour::Always503 => 503,
-            Behaviour::First503(k) if n < k => 503,
+            Behaviour::First503(k) if n < *k => 503,
             Behaviour::First503(_) => 200,
             Behaviour::Reset => {
                 // SO_LINGER 0: close() sends RST instead of FIN.
@@ -644,9 +651,11 @@ fn http_connection(
                 return Ok(());
             }
             Behaviour::Slow(d) => {
-                std::thread::sleep(d);
+                std::thread::sleep(*d);
                 200
             }
+            Behaviour::HealthSwitch(file) if path == "/health" && file.exists() => 503,
+            Behaviour::HealthSwitch(_) => 200,
         };
         let text = format!("{name}\n");
         let reason = if status == 200 {

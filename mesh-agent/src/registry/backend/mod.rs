@@ -26,6 +26,12 @@ pub enum BackendError {
         backend: &'static str,
         message: String,
     },
+    /// A backend that persists locally could not save the change (nothing was changed).
+    #[error("registry backend {backend} could not save the change: {message}")]
+    Persist {
+        backend: &'static str,
+        message: String,
+    },
 }
 
 #[async_trait]
