@@ -215,7 +215,7 @@ fn same_node(http: &mut Vec<HttpRow>) -> Result<()> {
     http.push(http_row(
         &topo,
         client,
-        "same node, L7: pod -> VIP -> agent (HTTP per request, pooled upstream) -> pod",
+        "same node, L7: pod -> VIP -> agent (HTTP per request, upstream connections of the client connection) -> pod",
         WEB_VIP,
         &[agent.pid],
     )?);
@@ -324,7 +324,7 @@ fn cross_node(http: &mut Vec<HttpRow>) -> Result<()> {
     http.push(http_row(
         &mesh.topo,
         client,
-        "cross node, L7: pod -> VIP -> agent (HTTP per request, pooled upstream over HBONE) -> agent -> pod",
+        "cross node, L7: pod -> VIP -> agent (HTTP per request, upstream connections of the client connection, over HBONE) -> agent -> pod",
         WEB_VIP,
         &agents,
     )?);
