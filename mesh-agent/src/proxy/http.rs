@@ -1,7 +1,9 @@
 //! L7 path: a captured connection that speaks HTTP is served request by request (hyper,
 //! HTTP/1.1 keep-alive or HTTP/2), and every request runs the service's traffic policy on its
 //! own: rate limit / concurrency -> retries (budgeted, backoff) -> request timeout -> balancer
-//! -> per-endpoint breaker -> pooled upstream connection (direct or over HBONE).
+//! -> per-endpoint breaker -> upstream connection (direct or over HBONE): HTTP/1 requests on
+//! the client connection's own upstream connections, driven in its task
+//! ([`super::owned_upstream`]); HTTP/2 and upgrades on the service's shared pools.
 
 use std::convert::Infallible;
 use std::net::SocketAddrV4;
@@ -22,6 +24,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 use super::outbound::Caller;
+use super::owned_upstream::OwnedUpstreams;
 use super::upstream::{BoxError, ProxyBody, UpstreamError};
 use crate::access_log::RequestLine;
 use crate::config::service_policy::RetryOn;
@@ -29,7 +32,7 @@ use crate::metrics::istio::{HttpSeries, PeerLabels, Reporter, Security};
 use crate::policy::authz::Authorize;
 use crate::state::AgentState;
 use crate::traffic::endpoint::CallGuard;
-use crate::traffic::{retry, ServiceRoute};
+use crate::traffic::{retry, RouteEndpoint, ServiceRoute};
 
 /// Bodies up to this size are buffered so the request can be retried; larger or unsized
 /// bodies stream through and the request gets one attempt.
@@ -54,6 +57,8 @@ struct Conn {
     peer: PeerLabels,
     /// Istio HTTP series for same-node ([0]) and cross-node ([1]) endpoints, taken on first use.
     series: [OnceLock<HttpSeries>; 2],
+    /// Upstream HTTP/1 connections of this client connection, polled by [`serve`].
+    upstreams: OwnedUpstreams,
 }
 
 /// Serves HTTP on `client` until it closes; on agent shutdown, requests in flight finish and
@@ -74,7 +79,9 @@ pub async fn serve(
         requests: Mutex::default(),
         peer,
         series: Default::default(),
+        upstreams: OwnedUpstreams::default(),
     });
+    let owner = conn.clone();
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(&conn, req).await) }
@@ -88,12 +95,19 @@ pub async fn serve(
         // The guard `wait_for` returns must not live across an await.
         let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
     };
-    let result = tokio::select! {
-        r = connection.as_mut() => r,
-        _ = stopping => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
+    let served = async {
+        tokio::select! {
+            r = connection.as_mut() => r,
+            _ = stopping => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
         }
+    };
+    // The upstream connections run in this task, next to the client side, until it ends.
+    let result = tokio::select! {
+        r = served => r,
+        never = owner.upstreams.drive() => match never {},
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "HTTP client connection ended with error");
@@ -255,6 +269,21 @@ impl Conn {
                 .istio
                 .http(&self.peer, Reporter::Source, security)
         })
+    }
+
+    /// One attempt: HTTP/1 on this connection's own upstream connections, HTTP/2 on the pool.
+    async fn send(
+        &self,
+        route: &ServiceRoute,
+        endpoint: &RouteEndpoint,
+        request: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        if request.version() == hyper::Version::HTTP_2 {
+            return route.upstreams.send(endpoint, &self.caller, request).await;
+        }
+        self.upstreams
+            .send(&route.upstreams, endpoint, &self.caller, request)
+            .await
     }
 
     fn locally_allowed(&self, route: &ServiceRoute) -> bool {
@@ -433,7 +462,7 @@ async fn attempts(
         let Some(request) = out.attempt() else {
             return Err(local(StatusCode::BAD_GATEWAY, "request body already sent"));
         };
-        let send = route.upstreams.send(endpoint, &conn.caller, request);
+        let send = conn.send(route, endpoint, request);
         // Bounded here too (not only by the caller's request timeout), so an attempt that runs
         // out of time still counts against its endpoint's breaker and latency estimate.
         let try_deadline = rules

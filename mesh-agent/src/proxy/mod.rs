@@ -5,6 +5,7 @@ pub mod connect;
 pub mod hbone;
 pub mod http;
 pub mod outbound;
+pub mod owned_upstream;
 pub mod reply_routing;
 pub mod sniff;
 pub mod upstream;

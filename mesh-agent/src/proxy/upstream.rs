@@ -50,8 +50,14 @@ pub enum UpstreamError {
     #[error("{endpoint} failed before answering: {source}")]
     Reset {
         endpoint: SocketAddrV4,
-        source: hyper_util::client::legacy::Error,
+        source: BoxError,
     },
+}
+
+/// A new upstream connection: TCP to a same-node endpoint or a CONNECT stream over HBONE.
+pub enum UpstreamIo {
+    Direct(TcpStream),
+    Hbone(HboneStream),
 }
 
 type HttpClient<C> = Client<C, ProxyBody>;
@@ -133,6 +139,41 @@ impl Upstreams {
     /// Whether these pools were made for this connect timeout and source.
     pub fn fits(&self, connect_timeout: Duration, source: Source) -> bool {
         self.connect_timeout == connect_timeout && self.source == source
+    }
+
+    /// Where direct connects come from.
+    pub fn source(&self) -> Source {
+        self.source
+    }
+
+    /// A new connection to `target` for `caller`, not pooled (the caller owns and drives it).
+    pub async fn open(
+        &self,
+        target: &RouteEndpoint,
+        caller: &Caller,
+    ) -> Result<UpstreamIo, UpstreamError> {
+        let endpoint = target.entry.addr;
+        let opened = match &target.entry.node {
+            None => {
+                let bind_ip = self.source.bind_ip(Some(caller.ip), endpoint);
+                connect_direct(self.source, bind_ip, endpoint, self.connect_timeout)
+                    .await
+                    .map(UpstreamIo::Direct)
+            }
+            Some(_) => connect_hbone(
+                &self.agent,
+                &caller.id,
+                caller.ip,
+                &self.service,
+                endpoint,
+                // Owned upstream connections carry HTTP/1 only (h2 stays on the shared pool).
+                TunnelProtocol::Http1,
+                self.connect_timeout,
+            )
+            .await
+            .map(UpstreamIo::Hbone),
+        };
+        opened.map_err(|e| connect_error(endpoint, &*e))
     }
 
     /// Sends one attempt to `endpoint`; `req` has the client's method, path, headers and body.
@@ -229,21 +270,38 @@ where
 
 fn classify(endpoint: SocketAddrV4, e: hyper_util::client::legacy::Error) -> UpstreamError {
     if e.is_connect() {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
-        while let Some(s) = source {
-            if let Some(HboneError::Denied { reason }) = s.downcast_ref::<HboneError>() {
-                return UpstreamError::Denied {
-                    reason: reason.clone(),
-                };
-            }
-            source = s.source();
-        }
-        let reason = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
-        return UpstreamError::Connect { endpoint, reason };
+        return match std::error::Error::source(&e) {
+            Some(cause) => connect_error(endpoint, cause),
+            None => UpstreamError::Connect {
+                endpoint,
+                reason: e.to_string(),
+            },
+        };
     }
     UpstreamError::Reset {
         endpoint,
-        source: e,
+        source: e.into(),
+    }
+}
+
+/// A failed connect: a refusal by the destination agent (anywhere in the cause chain) or a
+/// connect failure.
+fn connect_error(
+    endpoint: SocketAddrV4,
+    cause: &(dyn std::error::Error + 'static),
+) -> UpstreamError {
+    let mut source = Some(cause);
+    while let Some(s) = source {
+        if let Some(HboneError::Denied { reason }) = s.downcast_ref::<HboneError>() {
+            return UpstreamError::Denied {
+                reason: reason.clone(),
+            };
+        }
+        source = s.source();
+    }
+    UpstreamError::Connect {
+        endpoint,
+        reason: cause.to_string(),
     }
 }
 
@@ -282,14 +340,25 @@ impl tower::Service<Uri> for DirectConnector {
         let (source, bind_ip, timeout) = (self.source, self.bind_ip, self.timeout);
         Box::pin(async move {
             let endpoint = endpoint_of(&uri)?;
-            let connect = connect_from(source, Some(bind_ip), endpoint);
-            let stream = tokio::time::timeout(timeout, connect)
-                .await
-                .map_err(|_| format!("timed out after {timeout:?}"))??;
-            let _ = stream.set_nodelay(true);
+            let stream = connect_direct(source, bind_ip, endpoint, timeout).await?;
             Ok(TokioIo::new(stream))
         })
     }
+}
+
+/// TCP to a same-node endpoint from `bind_ip`, bounded by `timeout`.
+async fn connect_direct(
+    source: Source,
+    bind_ip: Ipv4Addr,
+    endpoint: SocketAddrV4,
+    timeout: Duration,
+) -> Result<TcpStream, BoxError> {
+    let connect = connect_from(source, Some(bind_ip), endpoint);
+    let stream = tokio::time::timeout(timeout, connect)
+        .await
+        .map_err(|_| format!("timed out after {timeout:?}"))??;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }
 
 /// The calling identity and pod address an HBONE pool serves.
@@ -329,25 +398,49 @@ impl tower::Service<Uri> for HboneConnector {
         let this = self.clone();
         Box::pin(async move {
             let endpoint = endpoint_of(&uri)?;
-            let agent = this.agent.upgrade().ok_or("agent is shutting down")?;
-            let (node, node_addr) = hbone_node(&agent, &this.service, endpoint)?;
-            let tls = agent.security.client_tls(&this.caller, &node)?;
-            let target = SocketAddr::V4(endpoint);
-            let open = agent.security.pool.connect_carrying(
+            let stream = connect_hbone(
+                &this.agent,
                 &this.caller,
-                tls,
-                node_addr,
-                target,
+                this.caller_ip,
                 &this.service,
-                Some(this.caller_ip),
+                endpoint,
                 this.protocol,
-            );
-            let stream = tokio::time::timeout(this.timeout, open)
-                .await
-                .map_err(|_| format!("HBONE tunnel timed out after {:?}", this.timeout))??;
+                this.timeout,
+            )
+            .await?;
             Ok(TokioIo::new(stream))
         })
     }
+}
+
+/// A CONNECT stream to `endpoint` through its node's agent, presenting `caller`'s certificate,
+/// bounded by `timeout`.
+async fn connect_hbone(
+    agent: &Weak<AgentState>,
+    caller: &SpiffeId,
+    caller_ip: Ipv4Addr,
+    service: &str,
+    endpoint: SocketAddrV4,
+    protocol: TunnelProtocol,
+    timeout: Duration,
+) -> Result<HboneStream, BoxError> {
+    let agent = agent.upgrade().ok_or("agent is shutting down")?;
+    let (node, node_addr) = hbone_node(&agent, service, endpoint)?;
+    let tls = agent.security.client_tls(caller, &node)?;
+    let target = SocketAddr::V4(endpoint);
+    let open = agent.security.pool.connect_carrying(
+        caller,
+        tls,
+        node_addr,
+        target,
+        service,
+        Some(caller_ip),
+        protocol,
+    );
+    let stream = tokio::time::timeout(timeout, open)
+        .await
+        .map_err(|_| format!("HBONE tunnel timed out after {timeout:?}"))??;
+    Ok(stream)
 }
 
 /// The node running `endpoint` and its agent's HBONE address, from the current snapshot.

@@ -35,7 +35,7 @@ pub fn run() -> Result<()> {
     same_node(&mut http)?;
     let (observability, spans) = observability_cost(&mut http)?;
     cross_node(&mut http)?;
-    println!("\nHTTP over keep-alive connections: wrk -t2 -c16 -d5s against nginx (return 200) in the server pod.");
+    println!("\nHTTP over keep-alive connections (rows \"one request per connection\": wrk -H \"Connection: close\"): wrk -t2 -c16 -d5s against nginx (return 200) in the server pod.");
     println!("Agent CPU is user+system time of the agent(s) on the path during the run (/proc/<pid>/stat), per 1000 requests; RSS is the agents' peak (VmHWM) so far.\n");
     println!("| scenario | req/s | p50 µs | p99 µs | errors | agent CPU s / 1k req | agent peak RSS MiB |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
@@ -46,6 +46,11 @@ pub fn run() -> Result<()> {
     for (scope, l7, l4) in [
         ("same node", "same node, L7", "same node, L4"),
         ("cross node", "cross node, L7", "cross node, L4"),
+        (
+            "same node, one request per connection",
+            "same node, L7, one",
+            "same node, L4, one",
+        ),
     ] {
         let rate = |prefix: &str| {
             http.iter()
@@ -156,11 +161,23 @@ fn http_row(
     target: &str,
     agents: &[u32],
 ) -> Result<HttpRow> {
+    http_row_with(topo, client, name, target, agents, &[])
+}
+
+/// [`http_row`] with extra wrk arguments.
+fn http_row_with(
+    topo: &Topology,
+    client: &Pod,
+    name: &str,
+    target: &str,
+    agents: &[u32],
+    wrk_args: &[&str],
+) -> Result<HttpRow> {
     let cpu_before: f64 = agents
         .iter()
         .map(|p| proc_stats::cpu_seconds(*p))
         .sum::<Result<f64>>()?;
-    let run = http_bench::wrk(topo, client, target)?;
+    let run = http_bench::wrk(topo, client, target, wrk_args)?;
     let cpu = agents
         .iter()
         .map(|p| proc_stats::cpu_seconds(*p))
@@ -267,10 +284,39 @@ fn same_node(http: &mut Vec<HttpRow>) -> Result<()> {
     http.push(http_row(
         &topo,
         client,
-        "same node, L7: pod -> VIP -> agent (HTTP per request, pooled upstream) -> pod",
+        "same node, L7: pod -> VIP -> agent (HTTP per request, upstream connections of the client connection) -> pod",
         WEB_VIP,
         &[agent.pid],
     )?);
+    // One request per client connection: what the L7 path costs a client that does not keep
+    // connections alive (the agent's upstream connections are still reused).
+    let on_path: &[u32] = &[agent.pid];
+    for (name, target, agents) in [
+        (
+            "same node, direct, one request per connection",
+            direct.as_str(),
+            &[][..],
+        ),
+        (
+            "same node, L4, one request per connection",
+            WEB_L4_VIP,
+            on_path,
+        ),
+        (
+            "same node, L7, one request per connection",
+            WEB_VIP,
+            on_path,
+        ),
+    ] {
+        http.push(http_row_with(
+            &topo,
+            client,
+            name,
+            target,
+            agents,
+            &["-H", "Connection: close"],
+        )?);
+    }
     // The same L7 path with the JSON access log on (a restart: the log is a start-up setting).
     // Istio and nodemesh metrics are recorded in both rows; they cannot be turned off.
     topo.signal(agent.pid, libc::SIGTERM)?;
@@ -347,7 +393,7 @@ fn cross_node(http: &mut Vec<HttpRow>) -> Result<()> {
     http.push(http_row(
         &mesh.topo,
         client,
-        "cross node, L7: pod -> VIP -> agent (HTTP per request, pooled upstream over HBONE) -> agent -> pod",
+        "cross node, L7: pod -> VIP -> agent (HTTP per request, upstream connections of the client connection, over HBONE) -> agent -> pod",
         WEB_VIP,
         &agents,
     )?);

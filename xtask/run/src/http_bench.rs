@@ -68,23 +68,21 @@ pub struct WrkRun {
     pub requests: u64,
 }
 
-/// A wrk run from `client` against `target`.
-pub fn wrk(topo: &Topology, client: &Pod, target: &str) -> Result<WrkRun> {
+/// A wrk run from `client` against `target`, with `extra` arguments (e.g. a request header).
+pub fn wrk(topo: &Topology, client: &Pod, target: &str, extra: &[&str]) -> Result<WrkRun> {
     let url = format!("http://{target}/");
-    let out = topo.run_in_pod(
-        client,
-        "wrk",
-        &[
-            "-t",
-            THREADS,
-            "-c",
-            CONNECTIONS,
-            "-d",
-            DURATION,
-            "--latency",
-            &url,
-        ],
-    )?;
+    let mut args = vec![
+        "-t",
+        THREADS,
+        "-c",
+        CONNECTIONS,
+        "-d",
+        DURATION,
+        "--latency",
+    ];
+    args.extend_from_slice(extra);
+    args.push(&url);
+    let out = topo.run_in_pod(client, "wrk", &args)?;
     let (rate, p50, p99, errors) =
         parse_wrk(&out).with_context(|| format!("unexpected wrk output:\n{out}"))?;
     // "  80000 requests in 5.00s, 12.00MB read"
