@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
+use super::body_end::OnEnd;
 use super::outbound::Caller;
 use super::owned_upstream::OwnedUpstreams;
 use super::upstream::{BoxError, ProxyBody, UpstreamError};
@@ -158,29 +159,22 @@ async fn handle(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyB
         outcome,
         request_bytes,
     });
+    let series = series.clone();
+    let finish = move |bytes: u64| {
+        let millis = millis_since(start);
+        series.response_bytes.observe(bytes as f64);
+        series.duration_ms.observe(millis);
+        if let Some(p) = pending {
+            p.log(bytes, millis);
+        }
+    };
     match response.body().size_hint().exact() {
         Some(n) => {
-            let millis = millis_since(start);
-            series.response_bytes.observe(n as f64);
-            series.duration_ms.observe(millis);
-            if let Some(p) = pending {
-                p.log(n, millis);
-            }
+            finish(n);
             response
         }
         // A streamed body: measured when it ends.
-        None => response.map(|body| {
-            Metered {
-                inner: body,
-                meter: Meter {
-                    series: series.clone(),
-                    start,
-                    bytes: 0,
-                    pending,
-                },
-            }
-            .boxed()
-        }),
+        None => response.map(|body| OnEnd::new(body, finish).boxed()),
     }
 }
 
@@ -767,60 +761,6 @@ impl<B: Body> Body for Guarded<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A streamed response body that records its size and the request's duration when done.
-    struct Metered<B> {
-        #[pin]
-        inner: B,
-        meter: Meter,
-    }
-}
-
-struct Meter {
-    series: HttpSeries,
-    start: Instant,
-    bytes: u64,
-    pending: Option<Pending>,
-}
-
-impl Drop for Meter {
-    fn drop(&mut self) {
-        let millis = millis_since(self.start);
-        self.series.response_bytes.observe(self.bytes as f64);
-        self.series.duration_ms.observe(millis);
-        if let Some(p) = self.pending.take() {
-            p.log(self.bytes, millis);
-        }
-    }
-}
-
-impl<B: Body<Data = Bytes>> Body for Metered<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                this.meter.bytes += data.len() as u64;
-            }
-        }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
