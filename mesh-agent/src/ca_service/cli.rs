@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::config::CaServiceConfig;
 use super::server::{CaServer, CaServiceError};
 use crate::config::ConfigError;
-use crate::identity::persisted::pem_block;
+use crate::identity::files::pem_block;
 use crate::identity::{IdentityError, WorkloadSpec};
 
 /// How often `serve` checks its config file for new placements.

@@ -34,13 +34,26 @@ pub(crate) fn parse_cert_pem(
     }
 }
 
+/// The first private key block of a PEM file, as it is (PKCS#8, SEC1 or PKCS#1).
+pub(crate) fn parse_private_key_pem(
+    path: &Path,
+    pem: &str,
+) -> Result<PrivateKeyDer<'static>, IdentityError> {
+    match rustls_pemfile::private_key(&mut pem.as_bytes()) {
+        Ok(Some(key)) => Ok(key),
+        Ok(None) => Err(invalid(path, "no PRIVATE KEY PEM block")),
+        Err(e) => Err(invalid(path, e)),
+    }
+}
+
+/// One PEM block of `der` under `tag` (`CERTIFICATE`, `PRIVATE KEY`).
+pub(crate) fn pem_block(tag: &str, der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new(tag, der))
+}
+
 /// A signing key from a PKCS#8 ("PRIVATE KEY") or SEC1 ("EC PRIVATE KEY") PEM file.
 pub(crate) fn parse_key_pem(path: &Path, pem: &str) -> Result<KeyPair, IdentityError> {
-    let key = match rustls_pemfile::private_key(&mut pem.as_bytes()) {
-        Ok(Some(key)) => key,
-        Ok(None) => return Err(invalid(path, "no PRIVATE KEY PEM block")),
-        Err(e) => return Err(invalid(path, e)),
-    };
+    let key = parse_private_key_pem(path, pem)?;
     match &key {
         // ring only reads PKCS#8, but openssl and cert-manager commonly write SEC1 EC keys.
         PrivateKeyDer::Sec1(sec1) => sec1_to_pkcs8_candidates(sec1.secret_sec1_der())

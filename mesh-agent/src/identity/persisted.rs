@@ -8,7 +8,9 @@ use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::PrivateKeyDer;
 
-use super::files::{invalid, parse_cert_pem, read_to_string, write_atomically};
+use super::files::{
+    invalid, parse_cert_pem, parse_private_key_pem, pem_block, read_to_string, write_atomically,
+};
 use super::{CertIssuer, IdentityError, SpiffeId, WorkloadCert, WorkloadSpec};
 
 /// The directory of persisted certificates.
@@ -84,10 +86,6 @@ impl CertIssuer for Persisting {
     }
 }
 
-pub fn pem_block(tag: &str, der: &[u8]) -> String {
-    pem::encode(&pem::Pem::new(tag, der))
-}
-
 /// A certificate (PEM at `cert`, first block the leaf) and its key (PEM at `key`; may be the
 /// same file), checked to carry `expected`.
 pub fn load_pem_pair(
@@ -101,11 +99,7 @@ pub fn load_pem_pair(
     } else {
         read_to_string(key)?
     };
-    let key = match rustls_pemfile::private_key(&mut key_pem.as_bytes()) {
-        Ok(Some(k)) => k,
-        Ok(None) => return Err(invalid(key, "no PRIVATE KEY PEM block")),
-        Err(e) => return Err(invalid(key, e)),
-    };
+    let key = parse_private_key_pem(key, &key_pem)?;
     certificate_from(cert, &pem, key, expected)
 }
 

@@ -70,7 +70,7 @@ impl TrustBundle {
             .load()
             .certs
             .iter()
-            .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.as_ref())))
+            .map(|c| files::pem_block("CERTIFICATE", c.as_ref()))
             .collect()
     }
 
