@@ -229,7 +229,8 @@ impl Pending {
     }
 }
 
-fn millis_since(start: Instant) -> f64 {
+/// Milliseconds since `start`, as the Istio duration histograms record them.
+pub(crate) fn millis_since(start: Instant) -> f64 {
     start.elapsed().as_secs_f64() * 1000.0
 }
 

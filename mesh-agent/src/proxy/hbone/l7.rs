@@ -24,7 +24,7 @@ use crate::access_log::{AccessLog, Entry, RequestLine};
 use crate::admission::{self, Activity};
 use crate::metrics::istio::{HttpSeries, PeerLabels, Security};
 use crate::proxy::body_end::OnEnd;
-use crate::proxy::http::{is_upgrade, local};
+use crate::proxy::http::{is_upgrade, local, millis_since};
 use crate::proxy::upstream::{BoxError, ProxyBody, POOL_IDLE};
 
 /// Bound on waiting for a request head, also between keep-alive requests: longer than the
@@ -226,7 +226,7 @@ async fn serve_request(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response
         .recorder
         .as_ref()
         .and_then(|r| r.metrics.access_log())
-        .map(|_| Box::new(RequestLine::new(&req)));
+        .map(|_| RequestLine::new(&req));
     let response = forward(conn, req).await;
     let Some(recorder) = &conn.tunnel.recorder else {
         return response;
@@ -242,7 +242,7 @@ async fn serve_request(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response
     let conn = conn.clone();
     response.map(|body| {
         OnEnd::new(body, move |response_bytes| {
-            let millis = start.elapsed().as_secs_f64() * 1000.0;
+            let millis = millis_since(start);
             let Some(recorder) = &conn.tunnel.recorder else {
                 return;
             };
