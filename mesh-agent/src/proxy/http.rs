@@ -131,12 +131,8 @@ async fn handle(conn: &Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyB
         span.set_request(req.method(), req.uri().path());
         span
     });
-    // Only made when the access log is on: the one per-request allocation it costs.
-    let line = conn
-        .state
-        .access_log
-        .get()
-        .map(|_| Box::new(RequestLine::new(&req)));
+    // Only made when the access log is on; it shares the request's buffers.
+    let line = conn.state.access_log.get().map(|_| RequestLine::new(&req));
     let mut outcome = Outcome::default();
     let response = proxy(conn, &route, req, &mut outcome).await;
     let code = response.status().as_u16();
@@ -192,7 +188,7 @@ struct Outcome {
 /// An access-log line waiting for the response to end.
 struct Pending {
     conn: Arc<Conn>,
-    line: Box<RequestLine>,
+    line: RequestLine,
     code: u16,
     outcome: Outcome,
     request_bytes: u64,
@@ -213,7 +209,7 @@ impl Pending {
             destination_service: &peer.destination_service,
             endpoint: self.outcome.endpoint,
             method: Some(self.line.method.as_str()),
-            path: Some(&self.line.path),
+            path: Some(self.line.path()),
             response_code: Some(self.code),
             bytes_sent: self.request_bytes,
             bytes_received: response_bytes,
@@ -224,7 +220,7 @@ impl Pending {
                 .allowed
                 .map(|a| if a { "allow" } else { "deny" }),
             connection_security_policy: Security::of_remote(self.outcome.remote).label(),
-            trace_id: self.line.trace_id.as_deref(),
+            trace_id: self.line.trace_id(),
         });
     }
 }

@@ -287,7 +287,7 @@ fn entry<'a>(
             SocketAddr::V6(_) => None,
         },
         method: Some(line.method.as_str()),
-        path: Some(&line.path),
+        path: Some(line.path()),
         response_code: Some(code),
         bytes_sent: sent,
         bytes_received: received,
@@ -296,7 +296,7 @@ fn entry<'a>(
         // The tunnel was authorized before any request was served on it.
         policy: Some("allow"),
         connection_security_policy: Security::MutualTls.label(),
-        trace_id: line.trace_id.as_deref(),
+        trace_id: line.trace_id(),
     }
 }
 
