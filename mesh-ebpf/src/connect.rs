@@ -9,7 +9,8 @@
 //! loopback stays open. Native IPv6 destinations other than ::1 have no egress rules: refused.
 
 use aya_ebpf::{
-    helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, maps::lpm_trie::Key,
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr, maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
@@ -138,9 +139,12 @@ fn decide(
     PENDING_DST.insert(cookie, orig, 0)?;
     count(identity, Outcome::Redirected);
     debug!(ctx, "redirect identity={} service={}", identity, service);
+    // A random listener port of the agent's range (see AgentAddr): spreads the pod's
+    // connections, and their TIME_WAIT sockets, over several destination ports.
+    let random = unsafe { bpf_get_prandom_u32() };
     Ok(Verdict::Redirect {
         agent_ip: agent.ip,
-        agent_port: agent.port,
+        agent_port: agent.port_for(random),
     })
 }
 

@@ -1,5 +1,6 @@
 //! sock_ops: when a captured connection reaches ESTABLISHED, re-key its original destination by
-//! the client's (ip, port), which is what the agent sees as the peer address on accept.
+//! the client's (ip, port) and the agent port it reached, which is what the agent sees (peer and
+//! local port) on accept.
 
 use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB},
@@ -25,18 +26,24 @@ fn try_agent_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
     if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB || ctx.family() != AF_INET {
         return Ok(());
     }
-    // remote_port is the network-order port shifted into the upper 16 bits on little-endian
-    // kernels (older ones left it in the lower 16); local_port is in host order.
-    let raw = ctx.remote_port();
-    let remote_be = if raw > 0xffff { raw >> 16 } else { raw };
     let key = FlowKey::new(
         ctx.local_ip4(),
         ctx.local_port() as u16,
         ctx.remote_ip4(),
-        u16::from_be(remote_be as u16),
+        remote_port(ctx),
     );
     AGENT_FLOWS.insert(key, 1, 0)?;
     Ok(())
+}
+
+/// The remote port in host order. remote_port is the network-order port shifted into the
+/// upper 16 bits on little-endian kernels (older ones left it in the lower 16); local_port is
+/// already in host order.
+#[inline(always)]
+fn remote_port(ctx: &SockOpsContext) -> u16 {
+    let raw = ctx.remote_port();
+    let remote_be = if raw > 0xffff { raw >> 16 } else { raw };
+    u16::from_be(remote_be as u16)
 }
 
 #[sock_ops]
@@ -55,7 +62,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
         return Ok(());
     };
     // local_port is host byte order in bpf_sock_ops; local_ip4 is in network order like user_ip4.
-    let key = ClientKey::new(ctx.local_ip4(), ctx.local_port() as u16);
+    let key = ClientKey::new(ctx.local_ip4(), ctx.local_port() as u16, remote_port(ctx));
     ORIG_DST.insert(key, orig, 0)?;
     PENDING_DST.remove(cookie)?;
     Ok(())

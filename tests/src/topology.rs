@@ -860,6 +860,10 @@ pub struct Attempt {
     pub reply: String,
     pub errno: Option<i32>,
     pub error: Option<String>,
+    /// TCP: the address the socket connected to, as the kernel left it (the agent's, when
+    /// captured).
+    #[serde(default)]
+    pub peer: Option<String>,
 }
 
 /// The meshprobe binary: NODEMESH_PROBE_BIN, or next to the agent binary.

@@ -32,6 +32,9 @@ fn config(node: &Node, deny: &str) -> String {
 /// still apply on top).
 const ALLOW_DEMO: &str = "  - name: echo-callers\n    service: echo\n    allow: [{from_namespace: demo}]\n  - name: wallet-callers\n    service: wallet\n    allow: [{from_namespace: demo}]\n";
 
+/// An empty kernel deny-list.
+const NO_DENY: &str = "    []\n";
+
 const DENY_CLIENT_WALLET: &str =
     "    - name: client-not-wallet\n      from: demo/client\n      to: wallet\n";
 
@@ -249,6 +252,102 @@ fn processes_in_container_cgroups_below_the_pod_carry_the_pod_identity() -> Resu
             &[("identity", "unknown")]
         ) == Some(0),
         "container connections were not attributed to the pod:\n{m}"
+    );
+    Ok(())
+}
+
+/// A pod's closed connections through the agent leave TIME_WAIT sockets keyed by the address
+/// connect4 rewrote to, the agent's. Connects are spread at random over the agent's 32 outbound
+/// ports, so a pod with few source ports (100 here, set in its netns) still makes 4x as many
+/// back-to-back connections as it has ports. With one agent port (`listen.outbound_ports: 1`,
+/// the old behaviour) the same run runs out of source ports and connect() fails with
+/// EADDRNOTAVAIL: on a real pod with 28,000 ports that is a few hundred closed connections a
+/// second, to any mesh services together.
+#[test]
+fn connects_spread_over_the_agent_ports_so_time_wait_leaves_the_pods_ports_free() -> Result<()> {
+    const EADDRNOTAVAIL: i32 = 99;
+    let topo = setup()?;
+    let node = topo.node(1);
+    let client = node.pod("client");
+    topo.start_echo_server(node.pod("server"), 8080, "srv")?;
+    topo.start_echo_server(node.pod("server"), 9090, "wallet")?;
+    topo.run_in_pod(
+        client,
+        "sh",
+        &[
+            "-c",
+            "echo '40000 40099' > /proc/sys/net/ipv4/ip_local_port_range",
+        ],
+    )?;
+    let agent = topo.start_agent(node, &config(node, NO_DENY), &[])?;
+    topo.wait_ready(&agent)?;
+    let attempts = topo.connect_from(client, ECHO_VIP, "x", 400)?;
+    let failed: Vec<_> = attempts.iter().filter(|a| !a.ok).collect();
+    ensure!(
+        failed.is_empty(),
+        "{} of 400 connects failed, first: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    ensure!(attempts.iter().all(|a| a.reply == "srv:x"), "wrong replies");
+    let agent_ip = node.agent_ip.to_string();
+    let mut ports = std::collections::BTreeSet::new();
+    for a in &attempts {
+        let peer: std::net::SocketAddr = a.peer.as_deref().unwrap_or_default().parse()?;
+        ensure!(
+            peer.ip().to_string() == agent_ip && (15101..=15132).contains(&peer.port()),
+            "captured connect went to {peer}, not to one of the agent's outbound ports"
+        );
+        ports.insert(peer.port());
+    }
+    ensure!(
+        ports.len() >= 28,
+        "400 connects used only {} of the 32 agent ports: {ports:?}",
+        ports.len()
+    );
+    // Concurrent connects to two services from the one pod: with 100 source ports the kernel
+    // gives one port to several connections towards different agent ports, and each must still
+    // reach the service it dialled (the agent finds the original destination by peer and
+    // agent port).
+    let shared = &topo;
+    let runs = std::thread::scope(|s| {
+        let runs: Vec<_> = [ECHO_VIP, WALLET_VIP, ECHO_VIP, WALLET_VIP]
+            .into_iter()
+            .map(|vip| s.spawn(move || (vip, shared.connect_from(client, vip, "y", 150))))
+            .collect();
+        runs.into_iter()
+            .map(|r| r.join().expect("connect thread"))
+            .collect::<Vec<_>>()
+    });
+    for (vip, attempts) in runs {
+        let want = if vip == ECHO_VIP { "srv:y" } else { "wallet:y" };
+        let wrong: Vec<_> = attempts?.into_iter().filter(|a| a.reply != want).collect();
+        ensure!(
+            wrong.is_empty(),
+            "{} of 150 connects to {vip} did not get {want:?}, first: {:?}",
+            wrong.len(),
+            wrong.first()
+        );
+    }
+
+    // The same pod and run against a single agent port: the TIME_WAIT sockets use up the
+    // pod's 100 ports (this is what the test would see if connects were not spread).
+    topo.signal(agent.pid, libc::SIGTERM)?;
+    topo.wait(agent.pid, Duration::from_secs(15))?;
+    let single = format!(
+        "{}listen:\n  outbound_ports: 1\n",
+        config(node, NO_DENY)
+    );
+    let agent = topo.start_agent(node, &single, &[])?;
+    topo.wait_ready(&agent)?;
+    let attempts = topo.connect_from(client, ECHO_VIP, "x", 400)?;
+    let out_of_ports = attempts
+        .iter()
+        .filter(|a| a.errno == Some(EADDRNOTAVAIL))
+        .count();
+    ensure!(
+        out_of_ports >= 250,
+        "with one agent port only {out_of_ports} of 400 connects ran out of source ports; the test no longer shows the limit it guards against"
     );
     Ok(())
 }

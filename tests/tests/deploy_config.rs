@@ -74,11 +74,11 @@ fn check_refuses_the_configs_that_make_no_sense_for_an_agent() -> Result<()> {
     let cases = [
         (
             "listen.hbone",
-            format!("{base}listen:\n  outbound: 0.0.0.0:15001\n  hbone: 0.0.0.0:15001\n"),
+            format!("{base}listen:\n  outbound: 0.0.0.0:15101\n  hbone: 0.0.0.0:15110\n"),
         ),
         (
             "services[0].vip",
-            format!("{base}services:\n  - {{name: s, vip: \"10.0.0.1:15001\"}}\n"),
+            format!("{base}services:\n  - {{name: s, vip: \"10.0.0.1:15101\"}}\n"),
         ),
         (
             "services[0].endpoints[0]",

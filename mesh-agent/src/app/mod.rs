@@ -91,6 +91,19 @@ async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, AppE
     socket.listen(LISTEN_BACKLOG).map_err(err)
 }
 
+/// The outbound listeners' addresses: `listen.outbound_ports` consecutive ports from
+/// `listen.outbound` (one when its port is 0: the kernel picks it).
+pub(crate) fn outbound_ports(listen: &config::ListenConfig) -> Vec<SocketAddr> {
+    let first = listen.outbound;
+    if first.port() == 0 {
+        return vec![first];
+    }
+    (0..listen.outbound_ports.max(1))
+        .filter_map(|i| first.port().checked_add(i))
+        .map(|port| SocketAddr::new(first.ip(), port))
+        .collect()
+}
+
 /// Accept queue length of every listener (the kernel caps it at net.core.somaxconn).
 const LISTEN_BACKLOG: u32 = 4096;
 
@@ -134,7 +147,10 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
 
     // Ports first: nothing is attached if one is taken, and redirected connects always find a listener.
     enable_listener_migration();
-    let outbound = bind("listen.outbound", config.listen.outbound).await?;
+    let mut outbound = Vec::new();
+    for addr in outbound_ports(&config.listen) {
+        outbound.push(bind("listen.outbound", addr).await?);
+    }
     let metrics = bind("listen.metrics", config.listen.metrics).await?;
     let health = bind("listen.health", config.listen.health).await?;
     let hbone = bind("listen.hbone", config.listen.hbone).await?;
@@ -242,11 +258,13 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
         stop_rx.clone(),
     ));
     registry_start::announce(&registry, &config).await;
-    tasks.spawn(proxy::outbound::run(
-        outbound,
-        state.clone(),
-        stop_rx.clone(),
-    ));
+    for listener in outbound {
+        tasks.spawn(proxy::outbound::run(
+            listener,
+            state.clone(),
+            stop_rx.clone(),
+        ));
+    }
     let view = Arc::new(inbound::StateView(state.clone()));
     let inbound_server = HboneServer::new(server_tls, view.clone())
         .with_stats(state.security.inbound.clone())
@@ -289,6 +307,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     tracing::info!(
         node = %config.node.name,
         outbound = %config.listen.outbound,
+        outbound_ports = config.listen.outbound_ports,
         metrics = %config.listen.metrics,
         health = %config.listen.health,
         hbone = %config.listen.hbone,
@@ -326,6 +345,10 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     state.security.shutdown();
     if let Some(tracer) = state.tracer.get() {
         tracer.shutdown().await;
+    }
+    // The drained connections' last lines reach the file before the process exits.
+    if let Some(log) = state.access_log.get() {
+        log.finish();
     }
     tasks.abort_all();
     tracing::info!("stopped; kernel enforcement stays pinned; bye");

@@ -111,6 +111,10 @@ fn check_immutable(old: &Config, new: &Config) -> Result<(), ConfigError> {
             "listen.outbound",
             old.listen.outbound != new.listen.outbound,
         ),
+        (
+            "listen.outbound_ports",
+            old.listen.outbound_ports != new.listen.outbound_ports,
+        ),
         ("listen.metrics", old.listen.metrics != new.listen.metrics),
         ("listen.health", old.listen.health != new.listen.health),
         ("listen.hbone", old.listen.hbone != new.listen.hbone),

@@ -150,8 +150,14 @@ pub struct NodeConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenConfig {
+    /// The first outbound (capture) port; pods are redirected to `outbound_ports` ports from it.
     #[serde(default = "default_outbound")]
     pub outbound: SocketAddr,
+    /// How many consecutive outbound ports the agent listens on; each redirected connect picks
+    /// one at random, so a pod's closed connections (TIME_WAIT) do not use up its source ports
+    /// towards a single agent port. 1 to 1024; a port 0 `outbound` gets one port.
+    #[serde(default = "default_outbound_ports")]
+    pub outbound_ports: u16,
     #[serde(default = "default_metrics")]
     pub metrics: SocketAddr,
     #[serde(default = "default_health")]
@@ -171,6 +177,7 @@ impl Default for ListenConfig {
     fn default() -> Self {
         Self {
             outbound: default_outbound(),
+            outbound_ports: default_outbound_ports(),
             metrics: default_metrics(),
             health: default_health(),
             hbone: default_hbone(),
@@ -324,8 +331,15 @@ fn default_namespace() -> String {
     "default".to_owned()
 }
 fn default_outbound() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 15001))
+    SocketAddr::from(([0, 0, 0, 0], 15101))
 }
+/// 15101-15132: clear of the other listeners (15000, 15008, 15020, 15021).
+pub const DEFAULT_OUTBOUND_PORTS: u16 = 32;
+fn default_outbound_ports() -> u16 {
+    DEFAULT_OUTBOUND_PORTS
+}
+/// The most outbound ports one agent listens on.
+pub const MAX_OUTBOUND_PORTS: u16 = 1024;
 fn default_metrics() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 15020))
 }

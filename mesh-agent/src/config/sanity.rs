@@ -61,13 +61,19 @@ pub fn check_nesting(text: &str) -> Result<(), ConfigError> {
 
 pub fn validate(config: &Config) -> Result<(), ConfigError> {
     check_agent_ip(config.node.agent_ip)?;
+    check_outbound_ports(&config.listen)?;
     let listeners = listeners(config);
-    for (i, (field, addr)) in listeners.iter().enumerate() {
-        for (other_field, other) in &listeners[..i] {
-            if clash(*addr, *other) {
+    for (i, l) in listeners.iter().enumerate() {
+        for other in &listeners[..i] {
+            if l.clashes(other) {
                 return Err(ConfigError::invalid(
-                    *field,
-                    format!("{addr} clashes with {other_field} ({other}): one port per listener"),
+                    l.field,
+                    format!(
+                        "{} clashes with {} ({}): one port per listener",
+                        l.describe(),
+                        other.field,
+                        other.describe()
+                    ),
                 ));
             }
         }
@@ -111,30 +117,87 @@ fn check_agent_ip(ip: Ipv4Addr) -> Result<(), ConfigError> {
     ))
 }
 
-fn listeners(config: &Config) -> Vec<(&'static str, SocketAddr)> {
-    let l = &config.listen;
-    vec![
-        ("listen.outbound", l.outbound),
-        ("listen.metrics", l.metrics),
-        ("listen.health", l.health),
-        ("listen.hbone", l.hbone),
-        ("listen.admin", l.admin),
-    ]
+fn check_outbound_ports(listen: &super::ListenConfig) -> Result<(), ConfigError> {
+    let (first, count) = (listen.outbound.port(), listen.outbound_ports);
+    let max = super::model::MAX_OUTBOUND_PORTS;
+    if count == 0 || count > max {
+        return Err(ConfigError::invalid(
+            "listen.outbound_ports",
+            format!("{count}: must be 1 to {max}"),
+        ));
+    }
+    if first != 0 && u32::from(first) + u32::from(count) - 1 > u32::from(u16::MAX) {
+        return Err(ConfigError::invalid(
+            "listen.outbound_ports",
+            format!("{count} ports from listen.outbound port {first} go past port 65535"),
+        ));
+    }
+    Ok(())
 }
 
-/// Two listeners clash on one port when their addresses overlap (equal, or one is a wildcard).
-/// Port 0 asks the kernel for a free port each time, so it never clashes.
-fn clash(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() != 0
-        && a.port() == b.port()
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+/// A listener: `ports` consecutive ports from `addr`'s (only the outbound one has more than 1).
+struct Listener {
+    field: &'static str,
+    addr: SocketAddr,
+    ports: u16,
+}
+
+impl Listener {
+    fn single(field: &'static str, addr: SocketAddr) -> Self {
+        Self {
+            field,
+            addr,
+            ports: 1,
+        }
+    }
+
+    fn last_port(&self) -> u16 {
+        self.addr.port().saturating_add(self.ports.max(1) - 1)
+    }
+
+    fn covers(&self, port: u16) -> bool {
+        (self.addr.port()..=self.last_port()).contains(&port)
+    }
+
+    /// Two listeners clash when their port ranges and addresses overlap (equal, or one is a
+    /// wildcard). Port 0 asks the kernel for a free port each time, so it never clashes.
+    fn clashes(&self, other: &Listener) -> bool {
+        let (a, b) = (self.addr, other.addr);
+        a.port() != 0
+            && b.port() != 0
+            && a.port() <= other.last_port()
+            && b.port() <= self.last_port()
+            && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    }
+
+    fn describe(&self) -> String {
+        match self.ports {
+            0 | 1 => self.addr.to_string(),
+            _ => format!("{}-{}", self.addr, self.last_port()),
+        }
+    }
+}
+
+fn listeners(config: &Config) -> Vec<Listener> {
+    let l = &config.listen;
+    vec![
+        Listener {
+            field: "listen.outbound",
+            addr: l.outbound,
+            ports: l.outbound_ports,
+        },
+        Listener::single("listen.metrics", l.metrics),
+        Listener::single("listen.health", l.health),
+        Listener::single("listen.hbone", l.hbone),
+        Listener::single("listen.admin", l.admin),
+    ]
 }
 
 /// A VIP or endpoint must not be loopback/multicast, nor one of the agent's own listeners (a
 /// captured connect would loop into the agent, or reach its admin or metrics port).
 fn check_target(
     config: &Config,
-    listeners: &[(&'static str, SocketAddr)],
+    listeners: &[Listener],
     field: &str,
     addr: SocketAddrV4,
 ) -> Result<(), ConfigError> {
@@ -145,15 +208,15 @@ fn check_target(
             format!("{addr} is a loopback, multicast or broadcast address"),
         ));
     }
-    for (listener, l) in listeners {
-        let agent_reachable = match l.ip() {
+    for l in listeners {
+        let agent_reachable = match l.addr.ip() {
             IpAddr::V4(v4) => v4 == ip || (v4.is_unspecified() && ip == config.node.agent_ip),
             IpAddr::V6(v6) => v6.is_unspecified() && ip == config.node.agent_ip,
         };
-        if addr.port() == l.port() && agent_reachable {
+        if l.covers(addr.port()) && agent_reachable {
             return Err(ConfigError::invalid(
                 field,
-                format!("{addr} is the agent's own {listener} ({l})"),
+                format!("{addr} is the agent's own {} ({})", l.field, l.describe()),
             ));
         }
     }

@@ -47,7 +47,8 @@ fn parses_a_full_config_with_defaults() {
     let c = parse_ok(GOOD);
     assert_eq!(c.node.instance, "default");
     assert_eq!(c.node.trust_domain, "cluster.local");
-    assert_eq!(c.listen.outbound.port(), 15001);
+    assert_eq!(c.listen.outbound.port(), 15101);
+    assert_eq!(c.listen.outbound_ports, 32);
     assert_eq!(c.listen.metrics.port(), 15020);
     assert_eq!(c.listen.health.port(), 15021);
     assert_eq!(c.proxy.connect_timeout, Duration::from_millis(500));
@@ -212,7 +213,9 @@ fn good_with(from: &str, to: &str) -> String {
 
 #[test]
 fn listeners_on_one_port_are_refused() {
-    let text = format!("{GOOD}listen:\n  outbound: 0.0.0.0:15001\n  hbone: 0.0.0.0:15001\n");
+    let text = format!(
+        "{GOOD}listen:\n  outbound: 0.0.0.0:15001\n  outbound_ports: 1\n  hbone: 0.0.0.0:15001\n"
+    );
     let e = parse_err(&text);
     assert!(
         e.contains("`listen.hbone`") && e.contains("listen.outbound"),
@@ -225,11 +228,42 @@ fn listeners_on_one_port_are_refused() {
     parse_ok(&format!(
         "{GOOD}listen:\n  outbound: 127.0.0.1:0\n  hbone: 127.0.0.1:0\n"
     ));
+    // The outbound range covers every port from the first: 15001-15032 holds 15008 and 15020.
+    let e = parse_err(&format!("{GOOD}listen:\n  outbound: 0.0.0.0:15001\n"));
+    assert!(
+        e.contains("`listen.metrics`") && e.contains("0.0.0.0:15001-15032"),
+        "{e}"
+    );
+    parse_ok(&format!(
+        "{GOOD}listen:\n  outbound: 0.0.0.0:15001\n  outbound_ports: 7\n"
+    ));
+}
+
+#[test]
+fn outbound_port_counts_out_of_range_are_refused() {
+    for (yaml, says) in [
+        ("outbound_ports: 0", "0: must be 1 to 1024"),
+        ("outbound_ports: 1025", "1025: must be 1 to 1024"),
+        (
+            "outbound: 0.0.0.0:65530\n  outbound_ports: 7",
+            "go past port 65535",
+        ),
+    ] {
+        let e = parse_err(&format!("{GOOD}listen:\n  {yaml}\n"));
+        assert!(
+            e.contains("`listen.outbound_ports`") && e.contains(says),
+            "{yaml}: {e}"
+        );
+    }
+    parse_ok(&format!(
+        "{GOOD}listen:\n  outbound: 0.0.0.0:65530\n  outbound_ports: 6\n"
+    ));
 }
 
 #[test]
 fn vip_or_endpoint_on_the_agents_own_ports_is_refused() {
-    let e = parse_err(&good_with("vip: 10.96.0.10:80", "vip: 10.1.255.1:15001"));
+    // Any port of the outbound range, not only the first.
+    let e = parse_err(&good_with("vip: 10.96.0.10:80", "vip: 10.1.255.1:15120"));
     assert!(
         e.contains("`services[0].vip`") && e.contains("listen.outbound"),
         "{e}"

@@ -391,13 +391,18 @@ pub struct OrigDstTable {
 
 impl OrigDstTable {
     /// Returns and deletes the original destination recorded for a client address.
-    pub fn take(&self, client: SocketAddrV4) -> Option<OrigDst> {
-        let key = ClientKey::new(ip4_to_raw(client.ip().octets()), client.port());
+    /// The entry of the connection from `client` accepted on `local_port`, removed.
+    pub fn take(&self, client: SocketAddrV4, local_port: u16) -> Option<OrigDst> {
+        let ip = ip4_to_raw(client.ip().octets());
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let value = map.get(&key, 0).ok()?;
-        // Best effort: the map is LRU, so a failed delete only delays eviction.
-        let _ = map.remove(&key);
-        Some(value)
+        // Entries of an older sock_ops program (still attached during an upgrade) have no port.
+        [local_port, 0].into_iter().find_map(|agent_port| {
+            let key = ClientKey::new(ip, client.port(), agent_port);
+            let value = map.get(&key, 0).ok()?;
+            // Best effort: the map is LRU, so a failed delete only delays eviction.
+            let _ = map.remove(&key);
+            Some(value)
+        })
     }
 }
 

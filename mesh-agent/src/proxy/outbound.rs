@@ -1,4 +1,4 @@
-//! Outbound listener (15001): connections the kernel redirected from pods. The original
+//! Outbound listeners (15101-15132): connections the kernel redirected from pods. The original
 //! destination and the caller's identity come from ORIG_DST, keyed by the peer address. HTTP
 //! is proxied per request ([`super::http`]); anything else is relayed as opaque TCP with a
 //! connect timeout, breakers and connect retries on other endpoints.
@@ -56,8 +56,8 @@ pub async fn run(
     }
 }
 
-async fn lookup_orig_dst(state: &AgentState, peer: SocketAddrV4) -> Option<OrigDst> {
-    if let Some(orig) = state.orig_dst.take(peer) {
+async fn lookup_orig_dst(state: &AgentState, peer: SocketAddrV4, port: u16) -> Option<OrigDst> {
+    if let Some(orig) = state.orig_dst.take(peer, port) {
         return Some(orig);
     }
     for attempt in 0..ORIG_DST_YIELDS + ORIG_DST_SLEEPS {
@@ -66,7 +66,7 @@ async fn lookup_orig_dst(state: &AgentState, peer: SocketAddrV4) -> Option<OrigD
         } else {
             tokio::time::sleep(Duration::from_millis(1 << (attempt - ORIG_DST_YIELDS))).await;
         }
-        if let Some(orig) = state.orig_dst.take(peer) {
+        if let Some(orig) = state.orig_dst.take(peer, port) {
             tracing::debug!(%peer, retries = attempt + 1, "original destination found late");
             return Some(orig);
         }
@@ -86,7 +86,9 @@ async fn handle(
         metrics.outbound_unknown_destination.inc();
         return;
     };
-    let Some(orig) = lookup_orig_dst(&state, peer).await else {
+    // The agent port the client reached: connects are spread over the outbound ports.
+    let port = client.local_addr().map_or(0, |a| a.port());
+    let Some(orig) = lookup_orig_dst(&state, peer, port).await else {
         metrics.outbound_unknown_destination.inc();
         tracing::warn!(%peer, "no original destination recorded; closing");
         return;

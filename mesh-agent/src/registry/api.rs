@@ -62,9 +62,10 @@ pub async fn serve(
             }
         };
         let (state, agent) = (state.clone(), agent.clone());
+        let local_port = stream.local_addr().map_or(0, |a| a.port());
         tokio::spawn(async move {
             let _permit = permit;
-            let who = Arc::new(caller::resolve(&state, peer).await);
+            let who = Arc::new(caller::resolve(&state, peer, local_port).await);
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let (state, agent, who) = (state.clone(), agent.clone(), who.clone());
                 async move {

@@ -2,7 +2,7 @@
 //! the registry port (without redirecting them) and sock_ops re-keys it by the client address, so
 //! on accept the agent looks the peer up in ORIG_DST, as the outbound proxy does.
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use mesh_common::services::REGISTRY_SERVICE;
@@ -30,12 +30,13 @@ impl Caller {
     }
 }
 
-pub async fn resolve(state: &AgentState, peer: SocketAddr) -> Caller {
+/// The caller of a connection from `peer` accepted on `local_port`.
+pub async fn resolve(state: &AgentState, peer: SocketAddr, local_port: u16) -> Caller {
     let SocketAddr::V4(peer) = peer else {
         return Caller::Unidentified;
     };
     for attempt in 0..ATTEMPTS {
-        if let Some(orig) = take(state, peer) {
+        if let Some(orig) = state.orig_dst.take(peer, local_port) {
             if orig.service != REGISTRY_SERVICE {
                 return Caller::Unidentified;
             }
@@ -55,8 +56,4 @@ pub async fn resolve(state: &AgentState, peer: SocketAddr) -> Caller {
         tokio::time::sleep(Duration::from_millis(1 << attempt)).await;
     }
     Caller::Unidentified
-}
-
-fn take(state: &AgentState, peer: SocketAddrV4) -> Option<mesh_common::orig_dst::OrigDst> {
-    state.orig_dst.take(peer)
 }

@@ -224,20 +224,7 @@ fn udp_attempt(addr: SocketAddr, text: &str, connect: bool, timeout: Duration) -
         let n = s.recv(&mut buf)?;
         Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
     })();
-    match result {
-        Ok(reply) => Attempt {
-            ok: true,
-            reply,
-            errno: None,
-            error: None,
-        },
-        Err(e) => Attempt {
-            ok: false,
-            reply: String::new(),
-            errno: e.raw_os_error(),
-            error: Some(e.to_string()),
-        },
-    }
+    Attempt::of(result.map(|reply| (reply, None)))
 }
 
 #[derive(serde::Serialize)]
@@ -246,32 +233,44 @@ struct Attempt {
     reply: String,
     errno: Option<i32>,
     error: Option<String>,
+    /// The address the TCP socket ended up connected to (after any rewrite by the kernel).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer: Option<String>,
+}
+
+impl Attempt {
+    fn of(result: std::io::Result<(String, Option<SocketAddr>)>) -> Self {
+        match result {
+            Ok((reply, peer)) => Attempt {
+                ok: true,
+                reply,
+                errno: None,
+                error: None,
+                peer: peer.map(|p| p.to_string()),
+            },
+            Err(e) => Attempt {
+                ok: false,
+                reply: String::new(),
+                errno: e.raw_os_error(),
+                error: Some(e.to_string()),
+                peer: None,
+            },
+        }
+    }
 }
 
 fn attempt(addr: SocketAddr, text: &str, timeout: Duration) -> Attempt {
-    let result = (|| -> std::io::Result<String> {
+    let result = (|| -> std::io::Result<(String, Option<SocketAddr>)> {
         let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+        let peer = s.peer_addr().ok();
         s.set_read_timeout(Some(timeout))?;
         s.write_all(text.as_bytes())?;
         s.shutdown(Shutdown::Write)?;
         let mut reply = String::new();
         s.read_to_string(&mut reply)?;
-        Ok(reply)
+        Ok((reply, peer))
     })();
-    match result {
-        Ok(reply) => Attempt {
-            ok: true,
-            reply,
-            errno: None,
-            error: None,
-        },
-        Err(e) => Attempt {
-            ok: false,
-            reply: String::new(),
-            errno: e.raw_os_error(),
-            error: Some(e.to_string()),
-        },
-    }
+    Attempt::of(result)
 }
 
 /// Like [`attempt`] from a chosen source address (e.g. a host process posing as the agent).
@@ -292,20 +291,7 @@ fn attempt_from(src: std::net::IpAddr, addr: SocketAddr, text: &str, timeout: Du
         s.read_to_string(&mut reply)?;
         Ok(reply)
     })();
-    match result {
-        Ok(reply) => Attempt {
-            ok: true,
-            reply,
-            errno: None,
-            error: None,
-        },
-        Err(e) => Attempt {
-            ok: false,
-            reply: String::new(),
-            errno: e.raw_os_error(),
-            error: Some(e.to_string()),
-        },
-    }
+    Attempt::of(result.map(|reply| (reply, None)))
 }
 
 fn connect(addr: SocketAddr, text: &str, count: u32, timeout: Duration) -> Result<()> {
