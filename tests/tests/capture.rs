@@ -334,10 +334,7 @@ fn connects_spread_over_the_agent_ports_so_time_wait_leaves_the_pods_ports_free(
     // pod's 100 ports (this is what the test would see if connects were not spread).
     topo.signal(agent.pid, libc::SIGTERM)?;
     topo.wait(agent.pid, Duration::from_secs(15))?;
-    let single = format!(
-        "{}listen:\n  outbound_ports: 1\n",
-        config(node, NO_DENY)
-    );
+    let single = format!("{}listen:\n  outbound_ports: 1\n", config(node, NO_DENY));
     let agent = topo.start_agent(node, &single, &[])?;
     topo.wait_ready(&agent)?;
     let attempts = topo.connect_from(client, ECHO_VIP, "x", 400)?;
