@@ -212,7 +212,7 @@ fn unprivileged_agent_refuses_with_a_clear_error() -> Result<()> {
     let out = Command::new(topology::agent_binary()?)
         .arg("--config")
         .arg(&config_path)
-        .env("NODEMESH_OUTBOUND_ADDR", "127.0.0.1:25001")
+        .env("NODEMESH_OUTBOUND_ADDR", "127.0.0.1:25101")
         .env("NODEMESH_METRICS_ADDR", "127.0.0.1:25020")
         .env("NODEMESH_HEALTH_ADDR", "127.0.0.1:25021")
         .uid(65534)
