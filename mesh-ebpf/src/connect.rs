@@ -10,7 +10,8 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
-    macros::cgroup_sock_addr, maps::lpm_trie::Key,
+    macros::cgroup_sock_addr,
+    maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
