@@ -932,3 +932,53 @@ fn access_log_has_one_line_per_request_and_connection() -> Result<()> {
     );
     Ok(())
 }
+
+/// TIME_WAIT sockets in `netns` towards `dst` (ip:port).
+fn time_wait_towards(netns: &str, dst: &str) -> Result<usize> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "ss", "-Htan", "state", "time-wait"])
+        .args(["dst", dst])
+        .output()?;
+    ensure!(out.status.success(), "ss in {netns} failed");
+    Ok(String::from_utf8_lossy(&out.stdout).lines().count())
+}
+
+/// A client that closes after each request (`Connection: close`): the agent passes the close
+/// on to the upstream connection it opened for that client connection, so the server closes
+/// first and keeps the TIME_WAIT, as it would talking to the client directly. Were the agent to
+/// close first, every such request would leave a TIME_WAIT socket in the agent's namespace from
+/// the caller's address towards the endpoint, and a busy caller would run out of ports there.
+#[test]
+fn connection_close_is_passed_upstream_so_the_server_closes_first() -> Result<()> {
+    let topo = setup()?;
+    let node = topo.node(1);
+    let a = node.pod("a");
+    let server = start_http_server(&topo, a, 8080, "a", "ok")?;
+    let services = [service(
+        "web",
+        VIP,
+        &format!("[\"{}:8080\"]", a.ip),
+        "{protocol: http}",
+    )];
+    let agent = start(&topo, &config(node, &services, &["web"], ""))?;
+    let replies = curl(
+        &topo,
+        node.pod("client"),
+        URL,
+        40,
+        &["-H", "Connection: close"],
+    )?;
+    ensure!(
+        count_code(&replies, 200) == 40,
+        "{replies:?}\n{}",
+        agent.log_text()
+    );
+    ensure!(server.requests().len() == 40, "{:?}", server.requests());
+    let endpoint = format!("{}:8080", a.ip);
+    let at_agent = time_wait_towards(&node.netns, &endpoint)?;
+    ensure!(
+        at_agent <= 2,
+        "{at_agent} TIME_WAIT sockets towards {endpoint} in the agent's namespace after 40 closed client connections: the agent closed the upstream connections first"
+    );
+    Ok(())
+}

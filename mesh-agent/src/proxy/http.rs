@@ -346,11 +346,19 @@ struct Outgoing {
     /// Whether a second attempt can happen at all; if not, the head is moved, not copied.
     may_retry: bool,
     sent: bool,
+    /// The client's last request on its connection (`Connection: close`, or HTTP/1.0 without
+    /// keep-alive): the upstream HTTP/1 connection it goes on belongs to that client connection
+    /// and will not be used again, so the upstream is asked to close it too. The server then
+    /// closes first and keeps the TIME_WAIT, as it would for the client directly; otherwise the
+    /// agent would close every such connection first, and its TIME_WAIT sockets (from the
+    /// caller's address, towards one endpoint) would use up the ports a busy caller has.
+    last_on_connection: bool,
 }
 
 impl Outgoing {
     async fn new(req: Request<Incoming>) -> Result<Self, Response<ProxyBody>> {
         let (mut head, body) = req.into_parts();
+        let last_on_connection = last_on_connection(&head);
         strip_hop_by_hop(&mut head.headers);
         let sized = body.size_hint().exact().filter(|n| *n <= MAX_REPLAY_BODY);
         if sized.is_none() {
@@ -360,6 +368,7 @@ impl Outgoing {
                 stream: Some(body),
                 may_retry: false,
                 sent: false,
+                last_on_connection,
             });
         }
         match Limited::new(body, MAX_REPLAY_BODY as usize).collect().await {
@@ -369,6 +378,7 @@ impl Outgoing {
                 stream: None,
                 may_retry: true,
                 sent: false,
+                last_on_connection,
             }),
             Err(e) => {
                 tracing::debug!(error = %e, "reading the request body");
@@ -405,7 +415,30 @@ impl Outgoing {
             *req.uri_mut() = std::mem::take(&mut self.head.uri);
             *req.headers_mut() = std::mem::take(&mut self.head.headers);
         }
+        // HTTP/2 goes on the service's shared pool, and has no Connection header.
+        if self.last_on_connection && self.head.version != hyper::Version::HTTP_2 {
+            req.headers_mut()
+                .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         Some(req)
+    }
+}
+
+/// Whether the client closes its connection after this request: HTTP/1.1 `Connection: close`,
+/// or HTTP/1.0 without `Connection: keep-alive`.
+fn last_on_connection(head: &hyper::http::request::Parts) -> bool {
+    let token = |wanted: &str| {
+        head.headers
+            .get_all(hyper::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(wanted))
+    };
+    match head.version {
+        hyper::Version::HTTP_11 => token("close"),
+        hyper::Version::HTTP_10 | hyper::Version::HTTP_09 => !token("keep-alive"),
+        _ => false,
     }
 }
 

@@ -36,8 +36,8 @@ pub fn run() -> Result<()> {
     let (observability, spans) = observability_cost(&mut http)?;
     cross_node(&mut http)?;
     println!("\nHTTP over keep-alive connections (rows \"one request per connection\": wrk -H \"Connection: close\"): wrk -t2 -c16 -d5s against nginx (return 200) in the server pod.");
-    println!("Agent CPU is user+system time of the agent(s) on the path during the run (/proc/<pid>/stat), per 1000 requests; RSS is the agents' peak (VmHWM) so far.\n");
-    println!("| scenario | req/s | p50 µs | p99 µs | errors | agent CPU s / 1k req | agent peak RSS MiB |");
+    println!("Agent CPU is user+system time of the agent(s) on the path during the run (/proc/<pid>/stat), per 1000 requests; RSS is the agents' resident set right after the run (VmRSS) and their peak so far (VmHWM).\n");
+    println!("| scenario | req/s | p50 µs | p99 µs | errors | agent CPU s / 1k req | agent RSS MiB after / peak |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     for row in &http {
         println!("{}", row.line);
@@ -83,7 +83,7 @@ pub fn run() -> Result<()> {
 
 /// Rounds of the observability comparison; off and on alternate so load changes on the
 /// machine hit both alike.
-const OBSERVABILITY_ROUNDS: usize = 2;
+const OBSERVABILITY_ROUNDS: usize = 4;
 
 /// Issue 8's cost budget: the same-node L7 path with metrics only (they cannot be turned off)
 /// against metrics + JSON access log + tracing at sampling 0.01 exporting to a live OTLP/gRPC
@@ -186,13 +186,16 @@ fn http_row_with(
     let (cpu_per_k, rss) = if agents.is_empty() {
         ("-".to_owned(), "-".to_owned())
     } else {
-        let rss: u64 = agents
-            .iter()
-            .map(|p| proc_stats::peak_rss_kib(*p))
-            .sum::<Result<u64>>()?;
+        let sum = |field| -> Result<u64> {
+            agents
+                .iter()
+                .map(|p| proc_stats::status_kib(*p, field))
+                .sum()
+        };
+        let (now, peak) = (sum("VmRSS:")?, sum("VmHWM:")?);
         (
             format!("{:.3}", cpu / (run.requests.max(1) as f64 / 1000.0)),
-            format!("{:.1}", rss as f64 / 1024.0),
+            format!("{:.1} / {:.1}", now as f64 / 1024.0, peak as f64 / 1024.0),
         )
     };
     let line = format!(
@@ -222,14 +225,15 @@ mod proc_stats {
         Ok(ticks as f64 / hz)
     }
 
-    /// Peak resident set (VmHWM) of `pid` in KiB.
-    pub fn peak_rss_kib(pid: u32) -> Result<u64> {
+    /// A memory figure of `pid` from /proc/<pid>/status in KiB: `VmRSS:` (resident now) or
+    /// `VmHWM:` (peak resident).
+    pub fn status_kib(pid: u32, field: &str) -> Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .context("no VmHWM")
+            .with_context(|| format!("no {field} in /proc/{pid}/status"))
     }
 }
 
