@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _};
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{Span as _, SpanContext, SpanKind, Status, TraceFlags, Tracer as _};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -114,9 +114,7 @@ impl RequestTracer {
             span.set_attribute(KeyValue::new(SERVICE, service.to_owned()));
             span.set_attribute(KeyValue::new(REPORTER, reporter));
         }
-        let own = Context::new().with_remote_span_context(context);
-        self.propagator
-            .inject_context(&own, &mut HeaderInjector(headers));
+        set_trace_context(headers, &context);
         RequestSpan { span }
     }
 
@@ -201,25 +199,52 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
-/// Writes trace context headers, replacing the ones the request came with.
-struct HeaderInjector<'a>(&'a mut HeaderMap);
+/// `traceparent` as the W3C format writes it: `00-<trace id>-<span id>-<flags>`.
+const TRACEPARENT_LEN: usize = 55;
 
-impl Injector for HeaderInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        // An empty `tracestate` (none came in) is left out rather than sent empty.
-        if value.is_empty() {
-            self.0.remove(key);
-            return;
+/// Writes `context` as the request's `traceparent` and `tracestate`, replacing the ones it came
+/// with: what opentelemetry's propagator writes, without its String per header (the header is
+/// formatted on the stack; an empty `tracestate`, none came in, is left out rather than sent
+/// empty).
+fn set_trace_context(headers: &mut HeaderMap, context: &SpanContext) {
+    if !context.is_valid() {
+        return;
+    }
+    let mut text = [0u8; TRACEPARENT_LEN];
+    text[..3].copy_from_slice(b"00-");
+    hex(&context.trace_id().to_bytes(), &mut text[3..35]);
+    text[35] = b'-';
+    hex(&context.span_id().to_bytes(), &mut text[36..52]);
+    text[52] = b'-';
+    hex(
+        &[(context.trace_flags() & TraceFlags::SAMPLED).to_u8()],
+        &mut text[53..],
+    );
+    if let Ok(value) = HeaderValue::from_bytes(&text) {
+        headers.insert(TRACEPARENT, value);
+    }
+    let state = context.trace_state().header();
+    match HeaderValue::from_str(&state) {
+        Ok(value) if !state.is_empty() => {
+            headers.insert(TRACESTATE, value);
         }
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(key.as_bytes()),
-            HeaderValue::from_str(&value),
-        ) else {
-            return;
-        };
-        self.0.insert(name, value);
+        _ => {
+            headers.remove(TRACESTATE);
+        }
     }
 }
+
+/// Lower-case hex of `bytes` into `out` (twice as long).
+fn hex(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0x0f)];
+    }
+}
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 #[cfg(test)]
 mod tests {
@@ -260,6 +285,45 @@ mod tests {
             .split('-')
             .map(str::to_owned)
             .collect()
+    }
+
+    #[test]
+    fn trace_context_headers_are_what_the_w3c_propagator_writes() {
+        use opentelemetry::trace::{SpanId, TraceContextExt, TraceId, TraceState};
+        let propagator = TraceContextPropagator::new();
+        for (flags, state) in [
+            (TraceFlags::SAMPLED, "vendor=1,other=x"),
+            (TraceFlags::default(), ""),
+        ] {
+            let context = SpanContext::new(
+                TraceId::from_hex(PARENT_TRACE).expect("hex"),
+                SpanId::from_hex(PARENT_SPAN).expect("hex"),
+                flags,
+                true,
+                state.parse::<TraceState>().expect("trace state"),
+            );
+            let mut ours = headers(Some(
+                "00-11111111111111111111111111111111-2222222222222222-01",
+            ));
+            set_trace_context(&mut ours, &context);
+            let mut theirs = std::collections::HashMap::new();
+            propagator.inject_context(
+                &Context::new().with_remote_span_context(context),
+                &mut theirs,
+            );
+            assert_eq!(ours["traceparent"], theirs["traceparent"]);
+            match state {
+                "" => assert!(
+                    !ours.contains_key("tracestate"),
+                    "an empty state is left out"
+                ),
+                _ => assert_eq!(ours["tracestate"], theirs["tracestate"]),
+            }
+        }
+        // An invalid context writes nothing.
+        let mut untouched = headers(None);
+        set_trace_context(&mut untouched, &SpanContext::empty_context());
+        assert!(untouched.is_empty());
     }
 
     #[test]
