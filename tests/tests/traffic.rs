@@ -29,6 +29,16 @@ fn service(name: &str, vip: &str, endpoints: &str, policy: &str) -> String {
     format!("  - name: {name}\n    namespace: shop\n    vip: {vip}:80\n    endpoints: {endpoints}\n    policy: {policy}\n")
 }
 
+/// A service at [`VIP`] served by pod `a` on 8080.
+fn served_by_a(node: &Node, name: &str, policy: &str) -> String {
+    service(
+        name,
+        VIP,
+        &format!("[\"{}:8080\"]", node.pod("a").ip),
+        policy,
+    )
+}
+
 /// The agent config: `services` entries, the three workloads, and an allow policy letting
 /// `client` call every listed service.
 fn config(node: &Node, services: &[String], names: &[&str], extra: &str) -> String {
@@ -340,12 +350,7 @@ fn rate_limit_holds_within_five_percent() -> Result<()> {
     let node = topo.node(1);
     let a = node.pod("a");
     start_http_server(&topo, a, 8080, "a", "ok")?;
-    let services = [service(
-        "limited",
-        VIP,
-        &format!("[\"{}:8080\"]", a.ip),
-        "{rate_limit: 50/s}",
-    )];
+    let services = [served_by_a(node, "limited", "{rate_limit: 50/s}")];
     let agent = start(&topo, &config(node, &services, &["limited"], ""))?;
 
     let started = Instant::now();
@@ -773,10 +778,9 @@ fn per_caller_rate_limit_keeps_callers_apart() -> Result<()> {
     let node = topo.node(1);
     let a = node.pod("a");
     start_http_server(&topo, a, 8080, "a", "ok")?;
-    let services = [service(
+    let services = [served_by_a(
+        node,
         "metered",
-        VIP,
-        &format!("[\"{}:8080\"]", a.ip),
         "{rate_limit: {rate: 60/min, per_caller: true}}",
     )];
     let yaml = config(node, &services, &["metered"], "").replace(
@@ -819,7 +823,7 @@ fn http_upgrade_is_relayed_after_101() -> Result<()> {
     let node = topo.node(1);
     let a = node.pod("a");
     start_http_server(&topo, a, 8080, "a", "ok")?;
-    let services = [service("ws", VIP, &format!("[\"{}:8080\"]", a.ip), "{}")];
+    let services = [served_by_a(node, "ws", "{}")];
     let agent = start(&topo, &config(node, &services, &["ws"], ""))?;
     let request = "GET /chat HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nraw-bytes-after-upgrade";
     let replies = topo.connect_from(node.pod("client"), &format!("{VIP}:80"), request, 1)?;
@@ -954,12 +958,7 @@ fn connection_close_is_passed_upstream_so_the_server_closes_first() -> Result<()
     let node = topo.node(1);
     let a = node.pod("a");
     let server = start_http_server(&topo, a, 8080, "a", "ok")?;
-    let services = [service(
-        "web",
-        VIP,
-        &format!("[\"{}:8080\"]", a.ip),
-        "{protocol: http}",
-    )];
+    let services = [served_by_a(node, "web", "{protocol: http}")];
     let agent = start(&topo, &config(node, &services, &["web"], ""))?;
     let replies = curl(
         &topo,
