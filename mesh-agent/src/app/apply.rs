@@ -91,7 +91,7 @@ pub fn desired_maps(config: &Config, model: &MeshModel, cgroup_ids: &[u64]) -> D
     let agent = AgentAddr::new(
         ip4_to_raw(config.node.agent_ip.octets()),
         config.listen.outbound.port(),
-        crate::app::outbound_ports(&config.listen).len() as u16,
+        config.listen.outbound_port_count(),
     );
     let egress =
         crate::policy::egress::kernel_entries(&crate::policy::egress::compile(config, model))

@@ -91,19 +91,6 @@ async fn bind(field: &'static str, addr: SocketAddr) -> Result<TcpListener, AppE
     socket.listen(LISTEN_BACKLOG).map_err(err)
 }
 
-/// The outbound listeners' addresses: `listen.outbound_ports` consecutive ports from
-/// `listen.outbound` (one when its port is 0: the kernel picks it).
-pub(crate) fn outbound_ports(listen: &config::ListenConfig) -> Vec<SocketAddr> {
-    let first = listen.outbound;
-    if first.port() == 0 {
-        return vec![first];
-    }
-    (0..listen.outbound_ports.max(1))
-        .filter_map(|i| first.port().checked_add(i))
-        .map(|port| SocketAddr::new(first.ip(), port))
-        .collect()
-}
-
 /// Accept queue length of every listener (the kernel caps it at net.core.somaxconn).
 const LISTEN_BACKLOG: u32 = 4096;
 
@@ -148,7 +135,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), AppError> {
     // Ports first: nothing is attached if one is taken, and redirected connects always find a listener.
     enable_listener_migration();
     let mut outbound = Vec::new();
-    for addr in outbound_ports(&config.listen) {
+    for addr in config.listen.outbound_addrs() {
         outbound.push(bind("listen.outbound", addr).await?);
     }
     let metrics = bind("listen.metrics", config.listen.metrics).await?;

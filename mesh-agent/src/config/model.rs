@@ -173,6 +173,26 @@ pub struct ListenConfig {
     pub registry: Option<SocketAddr>,
 }
 
+impl ListenConfig {
+    /// How many outbound ports the agent listens on: `outbound_ports`, or one when
+    /// `outbound`'s port is 0 (the kernel picks it).
+    pub fn outbound_port_count(&self) -> u16 {
+        match self.outbound.port() {
+            0 => 1,
+            _ => self.outbound_ports.max(1),
+        }
+    }
+
+    /// The outbound listeners' addresses: [`Self::outbound_port_count`] consecutive ports from
+    /// `outbound`'s.
+    pub fn outbound_addrs(&self) -> impl Iterator<Item = SocketAddr> {
+        let first = self.outbound;
+        (0..self.outbound_port_count())
+            .filter_map(move |i| first.port().checked_add(i))
+            .map(move |port| SocketAddr::new(first.ip(), port))
+    }
+}
+
 impl Default for ListenConfig {
     fn default() -> Self {
         Self {

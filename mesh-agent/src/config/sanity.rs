@@ -152,7 +152,7 @@ impl Listener {
     }
 
     fn last_port(&self) -> u16 {
-        self.addr.port().saturating_add(self.ports.max(1) - 1)
+        self.addr.port().saturating_add(self.ports - 1)
     }
 
     fn covers(&self, port: u16) -> bool {
@@ -172,7 +172,7 @@ impl Listener {
 
     fn describe(&self) -> String {
         match self.ports {
-            0 | 1 => self.addr.to_string(),
+            1 => self.addr.to_string(),
             _ => format!("{}-{}", self.addr, self.last_port()),
         }
     }
@@ -184,7 +184,7 @@ fn listeners(config: &Config) -> Vec<Listener> {
         Listener {
             field: "listen.outbound",
             addr: l.outbound,
-            ports: l.outbound_ports,
+            ports: l.outbound_port_count(),
         },
         Listener::single("listen.metrics", l.metrics),
         Listener::single("listen.health", l.health),

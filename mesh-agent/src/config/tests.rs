@@ -268,6 +268,9 @@ fn vip_or_endpoint_on_the_agents_own_ports_is_refused() {
         e.contains("`services[0].vip`") && e.contains("listen.outbound"),
         "{e}"
     );
+    // A port-0 outbound listener is one kernel-chosen port, not a range from 0.
+    let text = good_with("vip: 10.96.0.10:80", "vip: 10.1.255.1:5");
+    parse_ok(&format!("{text}listen:\n  outbound: 0.0.0.0:0\n"));
     let e = parse_err(&good_with("\"10.1.2.2:8080\"", "\"10.1.255.1:15020\""));
     assert!(
         e.contains("`services[0].endpoints[0]`") && e.contains("listen.metrics"),
