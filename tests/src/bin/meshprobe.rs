@@ -260,22 +260,12 @@ impl Attempt {
 }
 
 fn attempt(addr: SocketAddr, text: &str, timeout: Duration) -> Attempt {
-    let result = (|| -> std::io::Result<(String, Option<SocketAddr>)> {
-        let mut s = TcpStream::connect_timeout(&addr, timeout)?;
-        let peer = s.peer_addr().ok();
-        s.set_read_timeout(Some(timeout))?;
-        s.write_all(text.as_bytes())?;
-        s.shutdown(Shutdown::Write)?;
-        let mut reply = String::new();
-        s.read_to_string(&mut reply)?;
-        Ok((reply, peer))
-    })();
-    Attempt::of(result)
+    Attempt::of(TcpStream::connect_timeout(&addr, timeout).and_then(|s| exchange(s, text, timeout)))
 }
 
 /// Like [`attempt`] from a chosen source address (e.g. a host process posing as the agent).
 fn attempt_from(src: std::net::IpAddr, addr: SocketAddr, text: &str, timeout: Duration) -> Attempt {
-    let result = (|| -> std::io::Result<String> {
+    let connected = (|| -> std::io::Result<TcpStream> {
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(addr),
             socket2::Type::STREAM,
@@ -283,15 +273,25 @@ fn attempt_from(src: std::net::IpAddr, addr: SocketAddr, text: &str, timeout: Du
         )?;
         socket.bind(&SocketAddr::new(src, 0).into())?;
         socket.connect_timeout(&addr.into(), timeout)?;
-        let mut s: TcpStream = socket.into();
-        s.set_read_timeout(Some(timeout))?;
-        s.write_all(text.as_bytes())?;
-        s.shutdown(Shutdown::Write)?;
-        let mut reply = String::new();
-        s.read_to_string(&mut reply)?;
-        Ok(reply)
+        Ok(socket.into())
     })();
-    Attempt::of(result.map(|reply| (reply, None)))
+    Attempt::of(connected.and_then(|s| exchange(s, text, timeout)))
+}
+
+/// Sends `text`, half-closes, and reads the reply to its end; with the address the socket is
+/// connected to (after any rewrite by the kernel).
+fn exchange(
+    mut s: TcpStream,
+    text: &str,
+    timeout: Duration,
+) -> std::io::Result<(String, Option<SocketAddr>)> {
+    let peer = s.peer_addr().ok();
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(text.as_bytes())?;
+    s.shutdown(Shutdown::Write)?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    Ok((reply, peer))
 }
 
 fn connect(addr: SocketAddr, text: &str, count: u32, timeout: Duration) -> Result<()> {
