@@ -44,22 +44,66 @@ pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
 
 /// How often [`return_memory`] checks whether connections have drained.
 const TRIM_EVERY: Duration = Duration::from_secs(2);
+/// RSS growth since the last trim that makes a drain worth trimming for.
+const TRIM_AFTER_GROWTH_KIB: u64 = 4 << 10;
 
 /// Hands memory freed by closed connections back to the OS. glibc's malloc keeps freed pages
 /// in its per-thread arenas: after a soak of 10,000 connections the agent stayed at the peak
-/// (27 MB -> 75 MB; mimalloc did worse). So whenever the number of open connections has fallen
-/// to half of the highest count seen since the last trim, the arenas are trimmed once.
+/// (27 MB -> 75 MB; mimalloc did worse). So the arenas are trimmed once connections have
+/// drained and RSS has grown since the last trim.
 pub async fn return_memory(open_connections: impl Fn() -> u64) {
-    let mut high = 0u64;
+    let mut policy = TrimPolicy::new(rss_kib().unwrap_or(0));
     loop {
         tokio::time::sleep(TRIM_EVERY).await;
-        let now = open_connections();
-        high = high.max(now);
-        if high > 0 && now <= high / 2 {
+        let Some(rss) = rss_kib() else { continue };
+        if policy.should_trim(open_connections(), rss) {
             trim();
-            high = now;
+            let after = rss_kib().unwrap_or(rss);
+            tracing::debug!(
+                rss_kib = rss,
+                after_kib = after,
+                "returned freed memory to the OS"
+            );
+            policy.trimmed(open_connections(), after);
         }
     }
+}
+
+/// When to trim: the open connections have fallen to half of the most seen since the last trim,
+/// and RSS has grown by [`TRIM_AFTER_GROWTH_KIB`] since then. The growth test also covers a burst
+/// that opened and closed between two checks (never seen as open); it keeps a steady load or
+/// memory still in use from being trimmed over and over.
+struct TrimPolicy {
+    high: u64,
+    rss_after_trim: u64,
+}
+
+impl TrimPolicy {
+    fn new(rss: u64) -> Self {
+        Self {
+            high: 0,
+            rss_after_trim: rss,
+        }
+    }
+
+    fn should_trim(&mut self, open: u64, rss: u64) -> bool {
+        self.high = self.high.max(open);
+        open <= self.high / 2 && rss >= self.rss_after_trim + TRIM_AFTER_GROWTH_KIB
+    }
+
+    fn trimmed(&mut self, open: u64, rss: u64) {
+        self.high = open;
+        self.rss_after_trim = rss;
+    }
+}
+
+/// This process's resident set in KiB.
+fn rss_kib() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()? / 1024)
 }
 
 #[cfg(target_env = "gnu")]
@@ -333,6 +377,26 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn trims_after_a_drain_only_when_rss_grew() {
+        const MIB: u64 = 1 << 10;
+        let mut policy = TrimPolicy::new(30 * MIB);
+        // A burst that opened and closed between two checks: never seen open, RSS grew.
+        assert!(policy.should_trim(0, 45 * MIB));
+        policy.trimmed(0, 32 * MIB);
+        // Idle at the trimmed size: nothing to do, however often it is asked.
+        assert!(!policy.should_trim(0, 33 * MIB));
+        // A steady load that grows memory is not trimmed while it runs...
+        assert!(!policy.should_trim(1000, 80 * MIB));
+        assert!(!policy.should_trim(900, 82 * MIB));
+        // ...but is once it has halved.
+        assert!(policy.should_trim(400, 82 * MIB));
+        // Memory the trim could not return does not trigger it again.
+        policy.trimmed(400, 70 * MIB);
+        assert!(!policy.should_trim(0, 71 * MIB));
+        assert!(rss_kib().is_some_and(|kib| kib > 0));
+    }
 
     #[test]
     fn per_key_cap_keeps_a_share_of_the_total_for_others() {
