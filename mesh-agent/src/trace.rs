@@ -10,11 +10,15 @@ use std::time::Duration;
 
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
-use opentelemetry::trace::{Span as _, SpanContext, SpanKind, Status, TraceFlags, Tracer as _};
+use opentelemetry::trace::{
+    Span as _, SpanContext, SpanKind, Status, TraceFlags, TraceId, TraceState, Tracer as _,
+};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{
+    IdGenerator, RandomIdGenerator, Sampler, SdkTracer, SdkTracerProvider,
+};
 use opentelemetry_sdk::Resource;
 use thiserror::Error;
 
@@ -46,6 +50,9 @@ pub struct RequestTracer {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
     propagator: TraceContextPropagator,
+    ids: RandomIdGenerator,
+    /// Share of new traces sampled (`observability.tracing.sampling`).
+    sampling: f64,
 }
 
 impl RequestTracer {
@@ -77,6 +84,8 @@ impl RequestTracer {
             provider,
             tracer,
             propagator: TraceContextPropagator::new(),
+            ids: RandomIdGenerator::default(),
+            sampling: config.sampling,
         }))
     }
 
@@ -100,22 +109,65 @@ impl RequestTracer {
         name: &'static str,
         reporter: &'static str,
     ) -> RequestSpan {
-        let parent = self
-            .propagator
-            .extract_with_context(&Context::new(), &HeaderExtractor(headers));
+        let incoming = headers
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_traceparent);
+        let (trace_id, sampled) = match incoming {
+            Some(parent) => parent,
+            None => {
+                let id = self.ids.new_trace_id();
+                (id, self.root_sampled(id))
+            }
+        };
+        if !sampled {
+            // Most requests: the trace id and decision are passed on with a span id of ours,
+            // without the SDK (which would build a span only to drop it).
+            let context = SpanContext::new(
+                trace_id,
+                self.ids.new_span_id(),
+                TraceFlags::default(),
+                false,
+                TraceState::NONE,
+            );
+            write_traceparent(headers, &context);
+            if incoming.is_none() {
+                // A tracestate without a (valid) traceparent belongs to no trace.
+                headers.remove(TRACESTATE);
+            }
+            return RequestSpan { span: None };
+        }
+        let parent = match incoming {
+            Some(_) => self
+                .propagator
+                .extract_with_context(&Context::new(), &HeaderExtractor(headers)),
+            None => Context::new(),
+        };
+        // A new root keeps the trace id sampled above; the SDK's sampler agrees on it.
         let mut span = self
             .tracer
-            .span_builder(name)
+            .span_builder(format!("{name} {service}"))
             .with_kind(kind)
+            .with_trace_id(trace_id)
+            .with_attributes([
+                KeyValue::new(SERVICE, service.to_owned()),
+                KeyValue::new(REPORTER, reporter),
+            ])
             .start_with_context(&self.tracer, &parent);
         let context = span.span_context().clone();
-        if span.is_recording() {
-            span.update_name(format!("{name} {service}"));
-            span.set_attribute(KeyValue::new(SERVICE, service.to_owned()));
-            span.set_attribute(KeyValue::new(REPORTER, reporter));
-        }
         set_trace_context(headers, &context);
-        RequestSpan { span }
+        if !span.is_recording() {
+            span.end();
+            return RequestSpan { span: None };
+        }
+        RequestSpan { span: Some(span) }
+    }
+
+    /// Whether a trace started here is sampled: opentelemetry's TraceIdRatioBased rule (the
+    /// low 63 bits of the trace id below the ratio), so the SDK decides the same for it.
+    fn root_sampled(&self, trace_id: TraceId) -> bool {
+        let low = u64::from_be_bytes(trace_id.to_bytes()[8..].try_into().unwrap_or_default());
+        self.sampling >= 1.0 || (low >> 1) < (self.sampling.max(0.0) * (1u64 << 63) as f64) as u64
     }
 
     /// Sends the spans still queued and stops the exporter, waiting at most a few seconds.
@@ -132,58 +184,81 @@ impl RequestTracer {
     }
 }
 
-/// One request's span; ends (and is queued for export, if sampled) on [`RequestSpan::end`] or
-/// drop. Setters do nothing for a span that is not sampled.
+/// One request's span; ends (and is queued for export) on [`RequestSpan::end`] or drop. A
+/// request that is not sampled has none, and the setters do nothing.
 pub struct RequestSpan {
-    span: opentelemetry_sdk::trace::Span,
+    span: Option<opentelemetry_sdk::trace::Span>,
 }
 
 impl RequestSpan {
     pub fn is_recording(&self) -> bool {
-        self.span.is_recording()
+        self.span.is_some()
+    }
+
+    fn set(&mut self, attribute: impl FnOnce() -> KeyValue) {
+        if let Some(span) = &mut self.span {
+            span.set_attribute(attribute());
+        }
     }
 
     /// The request's method and path.
     pub fn set_request(&mut self, method: &hyper::Method, path: &str) {
-        if self.span.is_recording() {
-            self.span
-                .set_attribute(KeyValue::new(METHOD, method.as_str().to_owned()));
-            self.span
-                .set_attribute(KeyValue::new(PATH, path.to_owned()));
-        }
+        self.set(|| KeyValue::new(METHOD, method.as_str().to_owned()));
+        self.set(|| KeyValue::new(PATH, path.to_owned()));
     }
 
     /// The endpoint the request went to (the last one tried).
     pub fn set_endpoint(&mut self, endpoint: SocketAddr) {
-        if self.span.is_recording() {
-            self.span
-                .set_attribute(KeyValue::new(ENDPOINT, endpoint.ip().to_string()));
-            self.span
-                .set_attribute(KeyValue::new(ENDPOINT_PORT, i64::from(endpoint.port())));
-        }
+        self.set(|| KeyValue::new(ENDPOINT, endpoint.ip().to_string()));
+        self.set(|| KeyValue::new(ENDPOINT_PORT, i64::from(endpoint.port())));
     }
 
     pub fn set_retries(&mut self, retries: u32) {
-        if self.span.is_recording() {
-            self.span
-                .set_attribute(KeyValue::new(RETRIES, i64::from(retries)));
-        }
+        self.set(|| KeyValue::new(RETRIES, i64::from(retries)));
     }
 
     /// The response code; 5xx marks the span as an error (OpenTelemetry's HTTP convention).
     pub fn set_response(&mut self, code: u16) {
-        if self.span.is_recording() {
-            self.span
-                .set_attribute(KeyValue::new(STATUS_CODE, i64::from(code)));
+        self.set(|| KeyValue::new(STATUS_CODE, i64::from(code)));
+        if let Some(span) = &mut self.span {
             if code >= 500 {
-                self.span.set_status(Status::error(""));
+                span.set_status(Status::error(""));
             }
         }
     }
 
     pub fn end(mut self) {
-        self.span.end();
+        if let Some(span) = &mut self.span {
+            span.end();
+        }
     }
+}
+
+/// The trace id and sampled flag of a `traceparent`, by the rules of opentelemetry's W3C
+/// propagator (which the sampled path still uses), without its allocations.
+fn parse_traceparent(header: &str) -> Option<(TraceId, bool)> {
+    let mut parts = header.trim().split_terminator('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let version = u8::from_str_radix(version, 16).ok()?;
+    let extra = parts.next().is_some();
+    if version == u8::MAX || (version == 0 && extra) {
+        return None;
+    }
+    let lower = |part: &str| !part.bytes().any(|b| b.is_ascii_uppercase());
+    if !lower(trace) || !lower(span) {
+        return None;
+    }
+    let trace_id = TraceId::from_hex(trace).ok()?;
+    let span_id = opentelemetry::trace::SpanId::from_hex(span).ok()?;
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    if (version == 0 && flags > 2)
+        || trace_id == TraceId::INVALID
+        || span_id == opentelemetry::trace::SpanId::INVALID
+    {
+        return None;
+    }
+    Some((trace_id, flags & TraceFlags::SAMPLED.to_u8() != 0))
 }
 
 /// Reads trace context headers of a request.
@@ -210,6 +285,20 @@ fn set_trace_context(headers: &mut HeaderMap, context: &SpanContext) {
     if !context.is_valid() {
         return;
     }
+    write_traceparent(headers, context);
+    let state = context.trace_state().header();
+    match HeaderValue::from_str(&state) {
+        Ok(value) if !state.is_empty() => {
+            headers.insert(TRACESTATE, value);
+        }
+        _ => {
+            headers.remove(TRACESTATE);
+        }
+    }
+}
+
+/// Writes `context` as the request's `traceparent`, formatted on the stack.
+fn write_traceparent(headers: &mut HeaderMap, context: &SpanContext) {
     let mut text = [0u8; TRACEPARENT_LEN];
     text[..3].copy_from_slice(b"00-");
     hex(&context.trace_id().to_bytes(), &mut text[3..35]);
@@ -222,15 +311,6 @@ fn set_trace_context(headers: &mut HeaderMap, context: &SpanContext) {
     );
     if let Ok(value) = HeaderValue::from_bytes(&text) {
         headers.insert(TRACEPARENT, value);
-    }
-    let state = context.trace_state().header();
-    match HeaderValue::from_str(&state) {
-        Ok(value) if !state.is_empty() => {
-            headers.insert(TRACESTATE, value);
-        }
-        _ => {
-            headers.remove(TRACESTATE);
-        }
     }
 }
 
@@ -343,7 +423,12 @@ mod tests {
         assert_ne!(p[2], PARENT_SPAN, "its own span id is passed on");
         assert_eq!(p[3], "01", "the caller's sampled flag wins over sampling 0");
         assert_eq!(h["tracestate"], "vendor=1");
-        let data = span.span.exported_data().expect("recording");
+        let data = span
+            .span
+            .as_ref()
+            .expect("sampled")
+            .exported_data()
+            .expect("recording");
         assert_eq!(data.parent_span_id.to_string(), PARENT_SPAN);
         assert_eq!(data.span_context.span_id().to_string(), p[2]);
         assert_eq!(data.span_kind, SpanKind::Server);
@@ -358,10 +443,23 @@ mod tests {
         let span = sampled.client_span(&mut h, "echo");
         let p = parts(&h);
         assert_eq!(p[3], "01");
-        assert_eq!(p[1], span.span.span_context().trace_id().to_string());
+        assert_eq!(
+            p[1],
+            span.span
+                .as_ref()
+                .expect("sampled")
+                .span_context()
+                .trace_id()
+                .to_string()
+        );
         assert!(span.is_recording());
         assert_eq!(
-            span.span.exported_data().expect("recording").span_kind,
+            span.span
+                .as_ref()
+                .expect("sampled")
+                .exported_data()
+                .expect("recording")
+                .span_kind,
             SpanKind::Client
         );
 
@@ -380,7 +478,96 @@ mod tests {
         let mut h = headers(Some(&format!("00-{PARENT_TRACE}-{PARENT_SPAN}-00")));
         let span = t.client_span(&mut h, "echo");
         assert!(!span.is_recording());
-        assert_eq!(parts(&h)[1], PARENT_TRACE);
+        let p = parts(&h);
+        assert_eq!(p[1], PARENT_TRACE, "same trace");
+        assert_ne!(p[2], PARENT_SPAN, "a span id of this hop");
+        assert_eq!(p[3], "00", "still not sampled");
+        assert_eq!(
+            h["tracestate"], "vendor=1",
+            "the caller's state is passed on"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_invalid_traceparent_starts_a_new_trace_without_its_tracestate() {
+        let t = tracer(0.0);
+        let mut h = headers(Some(&format!("00-{}-{PARENT_SPAN}-00", "0".repeat(32))));
+        let span = t.client_span(&mut h, "echo");
+        assert!(!span.is_recording());
+        let p = parts(&h);
+        assert_ne!(p[1], "0".repeat(32));
+        assert!(TraceId::from_hex(&p[1]).is_ok_and(|id| id != TraceId::INVALID));
+        assert!(!h.contains_key("tracestate"));
+    }
+
+    #[tokio::test]
+    async fn new_traces_are_sampled_at_the_ratio_and_every_sampled_one_is_recorded() {
+        let t = tracer(0.25);
+        let n = 4000;
+        let mut sampled = 0;
+        for _ in 0..n {
+            let mut h = headers(None);
+            let span = t.client_span(&mut h, "echo");
+            let flag = parts(&h)[3] == "01";
+            assert_eq!(flag, span.is_recording(), "header and span agree");
+            sampled += usize::from(flag);
+        }
+        let share = sampled as f64 / f64::from(n);
+        assert!((0.2..0.3).contains(&share), "sampled {share}");
+    }
+
+    /// Our traceparent parse accepts and reads exactly what the SDK's propagator does.
+    fn agrees_with_the_propagator(header: &str) {
+        use opentelemetry::trace::TraceContextExt;
+        let mut h = HeaderMap::new();
+        let Ok(value) = HeaderValue::from_str(header) else {
+            return;
+        };
+        h.insert("traceparent", value);
+        let theirs = TraceContextPropagator::new()
+            .extract(&HeaderExtractor(&h))
+            .span()
+            .span_context()
+            .clone();
+        let theirs = theirs
+            .is_valid()
+            .then(|| (theirs.trace_id(), theirs.is_sampled()));
+        assert_eq!(parse_traceparent(header), theirs, "{header:?}");
+    }
+
+    #[test]
+    fn traceparents_are_parsed_as_the_propagator_parses_them() {
+        for header in [
+            format!("00-{PARENT_TRACE}-{PARENT_SPAN}-01"),
+            format!("00-{PARENT_TRACE}-{PARENT_SPAN}-00"),
+            format!("00-{PARENT_TRACE}-{PARENT_SPAN}-02"),
+            format!("00-{PARENT_TRACE}-{PARENT_SPAN}-03"),
+            format!(" 00-{PARENT_TRACE}-{PARENT_SPAN}-01 "),
+            format!("00-{PARENT_TRACE}-{PARENT_SPAN}-01-extra"),
+            format!("01-{PARENT_TRACE}-{PARENT_SPAN}-09-extra"),
+            format!("ff-{PARENT_TRACE}-{PARENT_SPAN}-01"),
+            format!("00-{}-{PARENT_SPAN}-01", PARENT_TRACE.to_uppercase()),
+            format!("00-{PARENT_TRACE}-{}-01", "0".repeat(16)),
+            format!("00-{}-{PARENT_SPAN}-01", "0".repeat(32)),
+            format!("00-{PARENT_TRACE}-{PARENT_SPAN}"),
+            format!("00-{PARENT_TRACE}-{PARENT_SPAN}-"),
+            format!("00-abc-{PARENT_SPAN}-01"),
+            format!("0x-{PARENT_TRACE}-{PARENT_SPAN}-01"),
+            String::new(),
+        ] {
+            agrees_with_the_propagator(&header);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_traceparents_are_parsed_as_the_propagator_parses_them(
+            header in "[ 0-9a-fA-Fx-]{0,64}",
+            shaped in "[0-9a-fA-F]{2}-[0-9a-fA-F]{30,33}-[0-9a-fA-F]{15,17}-[0-9a-fA-F]{1,3}(-[a-z]{0,3})?"
+        ) {
+            agrees_with_the_propagator(&header);
+            agrees_with_the_propagator(&shaped);
+        }
     }
 
     #[tokio::test]
@@ -390,7 +577,12 @@ mod tests {
         span.set_endpoint("10.0.0.2:8080".parse().expect("address"));
         span.set_retries(2);
         span.set_response(503);
-        let data = span.span.exported_data().expect("recording");
+        let data = span
+            .span
+            .as_ref()
+            .expect("sampled")
+            .exported_data()
+            .expect("recording");
         let value = |k: &str| {
             data.attributes
                 .iter()
