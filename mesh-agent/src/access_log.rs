@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hyper::http::{HeaderValue, Method, Uri};
 use prometheus::IntCounter;
+#[cfg(test)]
 use serde::{Serialize, Serializer};
 
 /// Buffers, each used by the threads whose index maps onto it (tokio's workers get one each).
@@ -37,8 +38,11 @@ pub enum AccessLogError {
     Thread(std::io::Error),
 }
 
-/// One access-log line. Borrowed fields: made on the stack, serialized once.
-#[derive(Serialize)]
+mod json_line;
+
+/// One access-log line. Borrowed fields: made on the stack, written once
+/// ([`Entry::write_json`]; serde's derive is the reference it is tested against).
+#[cfg_attr(test, derive(Serialize))]
 pub struct Entry<'a> {
     /// RFC 3339, UTC, microseconds, when the request or connection ended.
     pub time: Timestamp,
@@ -152,6 +156,7 @@ fn seconds_prefix(secs: u64) -> [u8; 19] {
     })
 }
 
+#[cfg(test)]
 impl Serialize for Timestamp {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let text = self.format();
@@ -234,14 +239,8 @@ impl AccessLog {
             self.dropped.inc();
             return;
         }
-        let start = buffer.len();
-        match serde_json::to_writer(&mut *buffer, entry) {
-            Ok(()) => buffer.push(b'\n'),
-            Err(e) => {
-                buffer.truncate(start);
-                tracing::debug!(error = %e, "access log entry not serializable");
-            }
-        }
+        entry.write_json(&mut buffer);
+        buffer.push(b'\n');
     }
 
     /// Writes out every line logged so far and stops the writer (at shutdown; lines logged
