@@ -14,10 +14,13 @@ pub enum RunTask {
         registry: Option<String>,
     },
     /// Setup, build (release), and measure connection rates through the data path, then the
-    /// registry at scale (etcd with 100,000 instances). `--scale`: only the registry rows.
+    /// registry at scale (etcd with 100,000 instances). `--scale`: only the registry rows;
+    /// `--observability`: only the metrics / access log / tracing cost comparison.
     Bench {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "observability")]
         scale: bool,
+        #[arg(long)]
+        observability: bool,
     },
 }
 
@@ -29,8 +32,14 @@ impl RunTask {
             RunTask::Demo {
                 registry: Some(backend),
             } => vec!["demo".into(), "--registry".into(), backend.clone()],
-            RunTask::Bench { scale: false } => vec!["bench".into()],
-            RunTask::Bench { scale: true } => vec!["bench".into(), "--scale".into()],
+            RunTask::Bench {
+                scale,
+                observability,
+            } => std::iter::once("bench")
+                .chain(scale.then_some("--scale"))
+                .chain(observability.then_some("--observability"))
+                .map(String::from)
+                .collect(),
         }
     }
 }
@@ -54,8 +63,18 @@ mod tests {
             RunTask::Demo {
                 registry: Some("etcd".into()),
             },
-            RunTask::Bench { scale: false },
-            RunTask::Bench { scale: true },
+            RunTask::Bench {
+                scale: false,
+                observability: false,
+            },
+            RunTask::Bench {
+                scale: true,
+                observability: false,
+            },
+            RunTask::Bench {
+                scale: false,
+                observability: true,
+            },
         ] {
             let line = std::iter::once("xtask-run".to_string()).chain(task.args());
             let parsed = Cli::try_parse_from(line).expect("args parse").task;

@@ -35,14 +35,7 @@ pub fn run() -> Result<()> {
     same_node(&mut http)?;
     let (observability, spans) = observability_cost(&mut http)?;
     cross_node(&mut http)?;
-    println!("\nHTTP over keep-alive connections (rows \"one request per connection\": wrk -H \"Connection: close\"): wrk -t2 -c16 -d5s against nginx (return 200) in the server pod.");
-    println!("Agent CPU is user+system time of the agent(s) on the path during the run (/proc/<pid>/stat), per 1000 requests; RSS is the agents' resident set right after the run (VmRSS) and their peak so far (VmHWM).\n");
-    println!("| scenario | req/s | p50 µs | p99 µs | errors | agent CPU s / 1k req | agent RSS MiB after / peak |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
-    for row in &http {
-        println!("{}", row.line);
-    }
-    println!();
+    print_http_rows(&http);
     for (scope, l7, l4) in [
         ("same node", "same node, L7", "same node, L4"),
         ("cross node", "cross node, L7", "cross node, L4"),
@@ -75,21 +68,71 @@ pub fn run() -> Result<()> {
             on / off
         );
     }
-    println!(
-        "same node: L7 with metrics + access log + tracing 1% / metrics only requests/s = {observability:.2} (mean of {OBSERVABILITY_ROUNDS} alternating rounds each; {spans} spans received by the OTLP receiver)"
-    );
+    observability.print(spans);
     Ok(())
+}
+
+/// `cargo xtask bench --observability`: only the observability cost comparison.
+pub fn observability_only() -> Result<()> {
+    crate::setup::debian_packages(&["nginx"])?;
+    let mut http = Vec::new();
+    let (observability, spans) = observability_cost(&mut http)?;
+    print_http_rows(&http);
+    observability.print(spans);
+    Ok(())
+}
+
+fn print_http_rows(http: &[HttpRow]) {
+    println!("\nHTTP over keep-alive connections (rows \"one request per connection\": wrk -H \"Connection: close\"): wrk -t2 -c16 -d5s against nginx (return 200) in the server pod.");
+    println!("Agent CPU is user+system time of the agent(s) on the path during the run (/proc/<pid>/stat), per 1000 requests; RSS is the agents' resident set right after the run (VmRSS) and their peak so far (VmHWM).\n");
+    println!("| scenario | req/s | p50 µs | p99 µs | errors | agent CPU s / 1k req | agent RSS MiB after / peak |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for row in http {
+        println!("{}", row.line);
+    }
+    println!();
+}
+
+/// Requests/s with metrics + access log + tracing over metrics only, per round.
+struct ObservabilityCost {
+    ratios: Vec<f64>,
+}
+
+impl ObservabilityCost {
+    fn mean(&self) -> f64 {
+        self.ratios.iter().sum::<f64>() / self.ratios.len().max(1) as f64
+    }
+
+    fn median(&self) -> f64 {
+        let mut sorted = self.ratios.clone();
+        sorted.sort_by(f64::total_cmp);
+        match sorted.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => sorted[n / 2],
+            n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+        }
+    }
+
+    fn print(&self, spans: usize) {
+        let rounds: Vec<String> = self.ratios.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "same node: L7 with metrics + access log + tracing 1% / metrics only requests/s = {:.2} mean, {:.2} median of {OBSERVABILITY_ROUNDS} alternating rounds ({}); {spans} spans received by the OTLP receiver",
+            self.mean(),
+            self.median(),
+            rounds.join(", ")
+        );
+    }
 }
 
 /// Rounds of the observability comparison; off and on alternate so load changes on the
 /// machine hit both alike.
-const OBSERVABILITY_ROUNDS: usize = 4;
+const OBSERVABILITY_ROUNDS: usize = 6;
 
 /// Issue 8's cost budget: the same-node L7 path with metrics only (they cannot be turned off)
 /// against metrics + JSON access log + tracing at sampling 0.01 exporting to a live OTLP/gRPC
-/// receiver, alternating agent restarts (both are start-up settings). Returns on / off and the
-/// spans the receiver got.
-fn observability_cost(http: &mut Vec<HttpRow>) -> Result<(f64, usize)> {
+/// receiver, alternating agent restarts (both are start-up settings). Returns on / off of each
+/// round and the spans the receiver got.
+fn observability_cost(http: &mut Vec<HttpRow>) -> Result<(ObservabilityCost, usize)> {
     use mesh_tests::otlp::OtlpReceiver;
     let mut topo =
         Topology::new().context("the benchmark creates network namespaces: run it as root")?;
@@ -112,16 +155,13 @@ fn observability_cost(http: &mut Vec<HttpRow>) -> Result<(f64, usize)> {
         OtlpReceiver::endpoint(),
     );
     let nginx = http_bench::start_nginx(&topo, server)?;
-    let (mut off, mut on) = (0.0, 0.0);
+    let mut ratios = Vec::new();
     for round in 1..=OBSERVABILITY_ROUNDS {
-        for (yaml, name, sum) in [
-            (&config, "metrics only", &mut off),
-            (
-                &observed,
-                "metrics + access log + tracing 1% (OTLP)",
-                &mut on,
-            ),
-        ] {
+        let mut rates = [0.0; 2];
+        for (rate, (yaml, name)) in rates.iter_mut().zip([
+            (&config, "metrics only"),
+            (&observed, "metrics + access log + tracing 1% (OTLP)"),
+        ]) {
             let agent = topo.start_agent(node, yaml, &[("NODEMESH_LOG", "warn")])?;
             topo.wait_ready(&agent)?;
             let row = http_row(
@@ -131,11 +171,12 @@ fn observability_cost(http: &mut Vec<HttpRow>) -> Result<(f64, usize)> {
                 WEB_VIP,
                 &[agent.pid],
             )?;
-            *sum += row.rate;
+            *rate = row.rate;
             http.push(row);
             topo.signal(agent.pid, libc::SIGTERM)?;
             topo.wait(agent.pid, Duration::from_secs(15))?;
         }
+        ratios.push(rates[1] / rates[0].max(1.0));
     }
     http_bench::stop_nginx(&topo, nginx)?;
     let spans = receiver.spans().len();
@@ -143,7 +184,7 @@ fn observability_cost(http: &mut Vec<HttpRow>) -> Result<(f64, usize)> {
         spans > 0,
         "the traced rows exported no span to the OTLP receiver"
     );
-    Ok((on / off.max(1.0), spans))
+    Ok((ObservabilityCost { ratios }, spans))
 }
 
 /// One HTTP benchmark row and its request rate (for the L7 / L4 ratios).

@@ -29,7 +29,11 @@ fn main() -> Result<()> {
             registry: Some(backend),
         } => demo_registry::run(&backend),
         RunTask::Demo { registry: None } => demo::run(),
-        RunTask::Bench { scale } => {
+        RunTask::Bench {
+            observability: true,
+            ..
+        } => bench::observability_only(),
+        RunTask::Bench { scale, .. } => {
             if !scale {
                 bench::run()?;
             }
