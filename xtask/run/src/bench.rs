@@ -32,27 +32,25 @@ pub fn run() -> Result<()> {
     println!("| scenario | conn/s | p50 µs | p99 µs | errors |");
     println!("| --- | --- | --- | --- | --- |");
     let mut http = Vec::new();
-    same_node(&mut http)?;
+    let same = same_node(&mut http)?;
     let (observability, spans) = observability_cost(&mut http)?;
-    cross_node(&mut http)?;
+    let cross = cross_node(&mut http)?;
     print_http_rows(&http);
-    for (scope, l7, l4) in [
-        ("same node", "same node, L7", "same node, L4"),
-        ("cross node", "cross node, L7", "cross node, L4"),
-        (
-            "same node, one request per connection",
-            "same node, L7, one",
-            "same node, L4, one",
-        ),
-    ] {
-        let rate = |prefix: &str| {
-            http.iter()
-                .find(|r| r.name.starts_with(prefix))
-                .map(|r| r.rate)
-        };
-        if let (Some(l7), Some(l4)) = (rate(l7), rate(l4)) {
-            println!("{scope}: L7 / L4 requests/s = {:.2}", l7 / l4);
-        }
+    same.print("");
+    cross.print("");
+    let rate = |prefix: &str| {
+        http.iter()
+            .find(|r| r.name.starts_with(prefix))
+            .map(|r| r.rate)
+    };
+    if let (Some(l7), Some(l4)) = (
+        rate("same node, L7, one request"),
+        rate("same node, L4, one request"),
+    ) {
+        println!(
+            "same node, one request per connection: L7 / L4 requests/s = {:.2}",
+            l7 / l4
+        );
     }
     let rate = |prefix: &str| {
         http.iter()
@@ -68,7 +66,7 @@ pub fn run() -> Result<()> {
             on / off
         );
     }
-    observability.print(spans);
+    observability.print(&format!("; {spans} spans received by the OTLP receiver"));
     Ok(())
 }
 
@@ -78,7 +76,7 @@ pub fn observability_only() -> Result<()> {
     let mut http = Vec::new();
     let (observability, spans) = observability_cost(&mut http)?;
     print_http_rows(&http);
-    observability.print(spans);
+    observability.print(&format!("; {spans} spans received by the OTLP receiver"));
     Ok(())
 }
 
@@ -93,12 +91,13 @@ fn print_http_rows(http: &[HttpRow]) {
     println!();
 }
 
-/// Requests/s with metrics + access log + tracing over metrics only, per round.
-struct ObservabilityCost {
+/// One ratio of requests/s (e.g. L7 over L4), measured in alternating rounds.
+struct Ratios {
+    what: &'static str,
     ratios: Vec<f64>,
 }
 
-impl ObservabilityCost {
+impl Ratios {
     fn mean(&self) -> f64 {
         self.ratios.iter().sum::<f64>() / self.ratios.len().max(1) as f64
     }
@@ -113,15 +112,39 @@ impl ObservabilityCost {
         }
     }
 
-    fn print(&self, spans: usize) {
+    fn print(&self, note: &str) {
         let rounds: Vec<String> = self.ratios.iter().map(|r| format!("{r:.2}")).collect();
         println!(
-            "same node: L7 with metrics + access log + tracing 1% / metrics only requests/s = {:.2} mean, {:.2} median of {OBSERVABILITY_ROUNDS} alternating rounds ({}); {spans} spans received by the OTLP receiver",
+            "{} requests/s = {:.2} mean, {:.2} median of {} alternating rounds ({}){note}",
+            self.what,
             self.mean(),
             self.median(),
+            self.ratios.len(),
             rounds.join(", ")
         );
     }
+}
+
+/// Rounds of the L7 / L4 keep-alive comparisons; L4 and L7 alternate so load changes on the
+/// machine hit both alike.
+const L7_L4_ROUNDS: usize = 4;
+
+/// Runs `rounds` pairs of rows (L4, then L7), calling `switch(l7)` before each row (a no-op
+/// where both paths are up at once); returns L7 / L4 of each pair.
+fn alternate_l4_l7(
+    http: &mut Vec<HttpRow>,
+    what: &'static str,
+    mut row: impl FnMut(bool, usize) -> Result<HttpRow>,
+) -> Result<Ratios> {
+    let mut ratios = Vec::new();
+    for round in 1..=L7_L4_ROUNDS {
+        let l4 = row(false, round)?;
+        let l7 = row(true, round)?;
+        ratios.push(l7.rate / l4.rate.max(1.0));
+        http.push(l4);
+        http.push(l7);
+    }
+    Ok(Ratios { what, ratios })
 }
 
 /// Rounds of the observability comparison; off and on alternate so load changes on the
@@ -132,7 +155,7 @@ const OBSERVABILITY_ROUNDS: usize = 6;
 /// against metrics + JSON access log + tracing at sampling 0.01 exporting to a live OTLP/gRPC
 /// receiver, alternating agent restarts (both are start-up settings). Returns on / off of each
 /// round and the spans the receiver got.
-fn observability_cost(http: &mut Vec<HttpRow>) -> Result<(ObservabilityCost, usize)> {
+fn observability_cost(http: &mut Vec<HttpRow>) -> Result<(Ratios, usize)> {
     use mesh_tests::otlp::OtlpReceiver;
     let mut topo =
         Topology::new().context("the benchmark creates network namespaces: run it as root")?;
@@ -184,7 +207,13 @@ fn observability_cost(http: &mut Vec<HttpRow>) -> Result<(ObservabilityCost, usi
         spans > 0,
         "the traced rows exported no span to the OTLP receiver"
     );
-    Ok((ObservabilityCost { ratios }, spans))
+    Ok((
+        Ratios {
+            what: "same node: L7 with metrics + access log + tracing 1% / metrics only",
+            ratios,
+        },
+        spans,
+    ))
 }
 
 /// One HTTP benchmark row and its request rate (for the L7 / L4 ratios).
@@ -278,7 +307,7 @@ mod proc_stats {
     }
 }
 
-fn same_node(http: &mut Vec<HttpRow>) -> Result<()> {
+fn same_node(http: &mut Vec<HttpRow>) -> Result<Ratios> {
     let mut topo =
         Topology::new().context("the benchmark creates network namespaces: run it as root")?;
     topo.add_node(&["client", "server"])?;
@@ -319,20 +348,23 @@ fn same_node(http: &mut Vec<HttpRow>) -> Result<()> {
         &direct,
         &[],
     )?);
-    http.push(http_row(
-        &topo,
-        client,
-        "same node, L4: pod -> VIP -> agent (TCP relay) -> pod",
-        WEB_L4_VIP,
-        &[agent.pid],
-    )?);
-    http.push(http_row(
-        &topo,
-        client,
-        "same node, L7: pod -> VIP -> agent (HTTP per request, upstream connections of the client connection) -> pod",
-        WEB_VIP,
-        &[agent.pid],
-    )?);
+    let same = alternate_l4_l7(http, "same node: L7 / L4", |l7, round| {
+        let (name, target) = if l7 {
+            ("same node, L7: pod -> VIP -> agent (HTTP per request, upstream connections of the client connection) -> pod", WEB_VIP)
+        } else {
+            (
+                "same node, L4: pod -> VIP -> agent (TCP relay) -> pod",
+                WEB_L4_VIP,
+            )
+        };
+        http_row(
+            &topo,
+            client,
+            &format!("{name}, round {round}"),
+            target,
+            &[agent.pid],
+        )
+    })?;
     // One request per client connection: what the L7 path costs a client that does not keep
     // connections alive (the agent's upstream connections are still reused).
     let on_path: &[u32] = &[agent.pid];
@@ -381,10 +413,10 @@ fn same_node(http: &mut Vec<HttpRow>) -> Result<()> {
         &[agent.pid],
     )?);
     http_bench::stop_nginx(&topo, nginx)?;
-    Ok(())
+    Ok(same)
 }
 
-fn cross_node(http: &mut Vec<HttpRow>) -> Result<()> {
+fn cross_node(http: &mut Vec<HttpRow>) -> Result<Ratios> {
     let mesh = TwoNodes::start(Options {
         log: Some("warn".into()),
         web_port: Some(HTTP_PORT),
@@ -418,32 +450,38 @@ fn cross_node(http: &mut Vec<HttpRow>) -> Result<()> {
         &direct,
         &[],
     )?);
-    http.push(http_row(
-        &mesh.topo,
-        client,
-        "cross node, L4: pod -> VIP -> agent -> HBONE mTLS tunnel per connection -> agent -> pod",
-        WEB_VIP,
-        &agents,
-    )?);
-    // Same service switched to L7 by a live reload of node 1's config.
+    // One service, switched between L4 and L7 by live reloads of node 1's config.
     let node1 = mesh.topo.node(1);
     let path = mesh.topo.config_path(node1);
-    let before = mesh.topo.reloads(&mesh.agent1, "ok")?;
-    let text = std::fs::read_to_string(&path)?;
-    std::fs::write(&path, text.replace("{protocol: tcp}", "{protocol: http}"))?;
-    mesh.topo
-        .wait_for("reload to L7", Duration::from_secs(10), || {
-            Ok(mesh.topo.reloads(&mesh.agent1, "ok")? > before)
-        })?;
-    http.push(http_row(
-        &mesh.topo,
-        client,
-        "cross node, L7: pod -> VIP -> agent (HTTP per request, upstream connections of the client connection, over HBONE) -> agent -> pod",
-        WEB_VIP,
-        &agents,
-    )?);
+    let mut l7_now = false;
+    let cross = alternate_l4_l7(http, "cross node: L7 / L4", |l7, round| {
+        if l7 != l7_now {
+            let before = mesh.topo.reloads(&mesh.agent1, "ok")?;
+            let (from, to) = match l7 {
+                true => ("{protocol: tcp}", "{protocol: http}"),
+                false => ("{protocol: http}", "{protocol: tcp}"),
+            };
+            let text = std::fs::read_to_string(&path)?;
+            std::fs::write(&path, text.replace(from, to))?;
+            mesh.topo.wait_for("reload", Duration::from_secs(10), || {
+                Ok(mesh.topo.reloads(&mesh.agent1, "ok")? > before)
+            })?;
+            l7_now = l7;
+        }
+        let name = match l7 {
+            true => "cross node, L7: pod -> VIP -> agent (HTTP per request, upstream connections of the client connection, over HBONE) -> agent -> pod",
+            false => "cross node, L4: pod -> VIP -> agent -> HBONE mTLS tunnel per connection -> agent -> pod",
+        };
+        http_row(
+            &mesh.topo,
+            client,
+            &format!("{name}, round {round}"),
+            WEB_VIP,
+            &agents,
+        )
+    })?;
     http_bench::stop_nginx(&mesh.topo, nginx)?;
-    Ok(())
+    Ok(cross)
 }
 
 /// Authorization policies admitting the client pod to each service (default deny).
