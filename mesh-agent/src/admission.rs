@@ -70,30 +70,42 @@ pub async fn return_memory(open_connections: impl Fn() -> u64) {
 }
 
 /// When to trim: the open connections have fallen to half of the most seen since the last trim,
-/// and RSS has grown by [`TRIM_AFTER_GROWTH_KIB`] since then. The growth test also covers a burst
-/// that opened and closed between two checks (never seen as open); it keeps a steady load or
-/// memory still in use from being trimmed over and over.
+/// and RSS has grown by [`TRIM_AFTER_GROWTH_KIB`], either since the last trim or, after a drain
+/// of at least [`TRIM_AFTER_DRAIN`] connections, above the lowest RSS a trim ever reached. The
+/// first test covers a burst that opened and closed between two checks (never seen as open); the
+/// second a drain that follows a trim made while part of a load was still open (that trim's RSS
+/// is no baseline). Both keep memory still in use from being trimmed over and over.
 struct TrimPolicy {
     high: u64,
     rss_after_trim: u64,
+    rss_floor: u64,
 }
+
+/// Connections that must have closed since the last trim for a trim down to the floor.
+const TRIM_AFTER_DRAIN: u64 = 100;
 
 impl TrimPolicy {
     fn new(rss: u64) -> Self {
         Self {
             high: 0,
             rss_after_trim: rss,
+            rss_floor: rss,
         }
     }
 
     fn should_trim(&mut self, open: u64, rss: u64) -> bool {
         self.high = self.high.max(open);
-        open <= self.high / 2 && rss >= self.rss_after_trim + TRIM_AFTER_GROWTH_KIB
+        let halved = open <= self.high / 2;
+        let grew = rss >= self.rss_after_trim + TRIM_AFTER_GROWTH_KIB;
+        let drained = self.high - open >= TRIM_AFTER_DRAIN;
+        let above_floor = rss >= self.rss_floor + TRIM_AFTER_GROWTH_KIB;
+        halved && (grew || (drained && above_floor))
     }
 
     fn trimmed(&mut self, open: u64, rss: u64) {
         self.high = open;
         self.rss_after_trim = rss;
+        self.rss_floor = self.rss_floor.min(rss);
     }
 }
 
@@ -379,7 +391,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
-    fn trims_after_a_drain_only_when_rss_grew() {
+    fn trims_after_a_drain_only_when_rss_grew_or_stayed_above_the_floor() {
         const MIB: u64 = 1 << 10;
         let mut policy = TrimPolicy::new(30 * MIB);
         // A burst that opened and closed between two checks: never seen open, RSS grew.
@@ -392,8 +404,15 @@ mod tests {
         assert!(!policy.should_trim(900, 82 * MIB));
         // ...but is once it has halved.
         assert!(policy.should_trim(400, 82 * MIB));
-        // Memory the trim could not return does not trigger it again.
+        // That trim ran with 400 still open: once they close, it trims again although RSS
+        // has not grown since.
         policy.trimmed(400, 70 * MIB);
+        assert!(!policy.should_trim(350, 71 * MIB));
+        assert!(policy.should_trim(0, 71 * MIB));
+        // Memory the trim could not return does not trigger it again.
+        policy.trimmed(0, 70 * MIB);
+        assert!(!policy.should_trim(0, 71 * MIB));
+        assert!(!policy.should_trim(60, 71 * MIB));
         assert!(!policy.should_trim(0, 71 * MIB));
         assert!(rss_kib().is_some_and(|kib| kib > 0));
     }
