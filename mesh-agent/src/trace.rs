@@ -367,6 +367,15 @@ mod tests {
             .collect()
     }
 
+    /// What a sampled span would export (it must be sampled and recording).
+    fn recorded(span: &RequestSpan) -> opentelemetry_sdk::trace::SpanData {
+        span.span
+            .as_ref()
+            .expect("sampled")
+            .exported_data()
+            .expect("recording")
+    }
+
     #[test]
     fn trace_context_headers_are_what_the_w3c_propagator_writes() {
         use opentelemetry::trace::{SpanId, TraceContextExt, TraceId, TraceState};
@@ -423,12 +432,7 @@ mod tests {
         assert_ne!(p[2], PARENT_SPAN, "its own span id is passed on");
         assert_eq!(p[3], "01", "the caller's sampled flag wins over sampling 0");
         assert_eq!(h["tracestate"], "vendor=1");
-        let data = span
-            .span
-            .as_ref()
-            .expect("sampled")
-            .exported_data()
-            .expect("recording");
+        let data = recorded(&span);
         assert_eq!(data.parent_span_id.to_string(), PARENT_SPAN);
         assert_eq!(data.span_context.span_id().to_string(), p[2]);
         assert_eq!(data.span_kind, SpanKind::Server);
@@ -453,15 +457,7 @@ mod tests {
                 .to_string()
         );
         assert!(span.is_recording());
-        assert_eq!(
-            span.span
-                .as_ref()
-                .expect("sampled")
-                .exported_data()
-                .expect("recording")
-                .span_kind,
-            SpanKind::Client
-        );
+        assert_eq!(recorded(&span).span_kind, SpanKind::Client);
 
         assert!(!h.contains_key("tracestate"), "none came in, none is sent");
 
@@ -577,12 +573,7 @@ mod tests {
         span.set_endpoint("10.0.0.2:8080".parse().expect("address"));
         span.set_retries(2);
         span.set_response(503);
-        let data = span
-            .span
-            .as_ref()
-            .expect("sampled")
-            .exported_data()
-            .expect("recording");
+        let data = recorded(&span);
         let value = |k: &str| {
             data.attributes
                 .iter()

@@ -38,34 +38,18 @@ pub fn run() -> Result<()> {
     print_http_rows(&http);
     same.print("");
     cross.print("");
-    let rate = |prefix: &str| {
-        http.iter()
-            .find(|r| r.name.starts_with(prefix))
-            .map(|r| r.rate)
-    };
-    if let (Some(l7), Some(l4)) = (
-        rate("same node, L7, one request"),
-        rate("same node, L4, one request"),
-    ) {
-        println!(
-            "same node, one request per connection: L7 / L4 requests/s = {:.2}",
-            l7 / l4
-        );
-    }
-    let rate = |prefix: &str| {
-        http.iter()
-            .find(|r| r.name.starts_with(prefix))
-            .map(|r| r.rate)
-    };
-    if let (Some(on), Some(off)) = (
-        rate("same node, L7 + JSON access log"),
-        rate("same node, L7: "),
-    ) {
-        println!(
-            "same node: L7 with access log / without requests/s = {:.2}",
-            on / off
-        );
-    }
+    print_ratio(
+        &http,
+        "same node, one request per connection: L7 / L4",
+        "same node, L7, one request",
+        "same node, L4, one request",
+    );
+    print_ratio(
+        &http,
+        "same node: L7 with access log / without",
+        "same node, L7 + JSON access log",
+        "same node, L7: ",
+    );
     observability.print(&format!("; {spans} spans received by the OTLP receiver"));
     Ok(())
 }
@@ -78,6 +62,18 @@ pub fn observability_only() -> Result<()> {
     print_http_rows(&http);
     observability.print(&format!("; {spans} spans received by the OTLP receiver"));
     Ok(())
+}
+
+/// Prints `label requests/s = a / b` for the first rows whose names start with the prefixes.
+fn print_ratio(http: &[HttpRow], label: &str, numerator: &str, denominator: &str) {
+    let rate = |prefix: &str| {
+        http.iter()
+            .find(|r| r.name.starts_with(prefix))
+            .map(|r| r.rate)
+    };
+    if let (Some(a), Some(b)) = (rate(numerator), rate(denominator)) {
+        println!("{label} requests/s = {:.2}", a / b);
+    }
 }
 
 fn print_http_rows(http: &[HttpRow]) {
