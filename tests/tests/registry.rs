@@ -636,7 +636,7 @@ fn bootstrap_only_pair(
 fn mesh_state_defined_once_in_etcd_applies_on_every_node() -> Result<()> {
     const VIP: &str = "10.96.0.11:80";
     let mut topo = Topology::new()?;
-    let (_etcd, _agent1, agent2) = bootstrap_only_pair(&mut topo, ETCD_PORT + 1)?;
+    let (_etcd, agent1, agent2) = bootstrap_only_pair(&mut topo, ETCD_PORT + 1)?;
     let (n1, n2) = (topo.node(1), topo.node(2));
     let server = n2.pod("server");
 
@@ -725,9 +725,29 @@ fn mesh_state_defined_once_in_etcd_applies_on_every_node() -> Result<()> {
         "node 2 applied the objects it never saw in its file"
     );
 
-    // Deleting the service in the registry takes it out of every node.
-    let (ok, out) = ctl(&topo, n1, &["delete", "service", "echo"])?;
+    // A registry policy protecting echo (its callers move out of the service's own `allow`),
+    // and one protecting another service.
+    let policies = dir.join("policies.yaml");
+    std::fs::write(
+        &policies,
+        "services:\n  - {name: echo, namespace: shop, vip: 10.96.0.11:80}\n  \
+         - {name: other, vip: 10.96.0.12:80}\n\
+         authorization:\n  - name: echo-callers\n    service: echo\n    allow:\n      \
+         - from: spiffe://cluster.local/ns/shop/sa/client\n  - name: other-callers\n    \
+         service: other\n    allow:\n      - from: spiffe://cluster.local/ns/shop/sa/client\n",
+    )?;
+    let (ok, out) = ctl(&topo, n1, &["apply", "-f", &policies.display().to_string()])?;
     assert!(ok, "{out}");
+
+    // Deleting the service in the registry takes it out of every node, with the policies that
+    // protect it (left behind, every node would refuse them as naming no service).
+    let (ok, out) = ctl(&topo, n1, &["-o", "json", "delete", "service", "echo"])?;
+    assert!(ok, "{out}");
+    let removed: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(
+        removed["authorization"][0]["name"], "echo-callers",
+        "the reply lists the policy removed with the service: {out}"
+    );
     let started = Instant::now();
     loop {
         let (_, services) = ctl(&topo, n1, &["-o", "json", "services"])?;
@@ -738,6 +758,33 @@ fn mesh_state_defined_once_in_etcd_applies_on_every_node() -> Result<()> {
             bail!("echo still routed after delete: {services}");
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, listed) = ctl(&topo, n1, &["-o", "json", "mesh"])?;
+    let listed: serde_json::Value = serde_json::from_str(&listed)?;
+    let names: Vec<&str> = listed["authorization"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(names, ["other-callers"], "{listed}");
+    for (agent, node) in [(&agent1, n1), (&agent2, n2)] {
+        topo.wait_for(
+            "every agent applied the delete with nothing refused",
+            Duration::from_secs(5),
+            || {
+                let m = topo.metrics(agent)?;
+                let refused = mesh_tests::http::metric(
+                    &m,
+                    "nodemesh_registry_objects_refused",
+                    &[("kind", "authorization")],
+                );
+                let (_, services) = ctl(&topo, node, &["-o", "json", "services"])?;
+                Ok(refused == Some(0)
+                    && !services.contains("10.96.0.11")
+                    && services.contains("10.96.0.12"))
+            },
+        )?;
     }
     Ok(())
 }

@@ -41,9 +41,7 @@ fn apply(state: &AgentState, current: &MeshObjects, body: &[u8]) -> Reply {
 fn delete(state: &AgentState, current: &MeshObjects, rest: &str) -> Reply {
     let mut objects = MeshObjects::default();
     if let Some(name) = rest.strip_prefix("/services/") {
-        if let Some(s) = current.services.get(name) {
-            objects.services.insert(name.to_owned(), s.clone());
-        }
+        objects = current.service_with_its_policies(name);
     } else if let Some((node, name)) = rest
         .strip_prefix("/workloads/")
         .and_then(|r| r.split_once('/'))

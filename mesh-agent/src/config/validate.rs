@@ -476,8 +476,9 @@ fn validate_authorization(config: &Config) -> Result<(), ConfigError> {
         AuthzConfigError::Invalid { field, message } => ConfigError::invalid(field, message),
         other => ConfigError::invalid("authorization", other.to_string()),
     })?;
+    let services: HashSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
     for (i, p) in config.authorization.iter().enumerate() {
-        if !config.services.iter().any(|s| s.name == p.service) {
+        if !services.contains(p.service.as_str()) {
             return Err(ConfigError::invalid(
                 format!("authorization[{i}].service"),
                 format!("{:?} is not a configured service", p.service),

@@ -76,8 +76,9 @@ pub enum CtlCommand {
         #[arg(short = 'f', long = "file")]
         file: std::path::PathBuf,
     },
-    /// Removes one registry-defined object: `service <name>`, `workload <node>/<name>`,
-    /// `authorization <name>` or `default` (the mesh-wide default).
+    /// Removes one registry-defined object: `service <name>` (with the registry authorization
+    /// policies whose `service` it is), `workload <node>/<name>`, `authorization <name>` or
+    /// `default` (the mesh-wide default).
     Delete {
         #[arg(value_enum)]
         kind: MeshKind,

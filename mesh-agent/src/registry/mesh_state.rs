@@ -73,6 +73,26 @@ impl MeshStateError {
     }
 }
 
+impl MeshObjects {
+    /// The registry service `name` with the registry authorization policies that protect it:
+    /// what deleting the service removes, in one write. Left behind, such a policy would be
+    /// refused on every node (it names no service) and come back unseen if a service of that
+    /// name were defined again; removed, a new service of that name starts under the default.
+    pub fn service_with_its_policies(&self, name: &str) -> MeshObjects {
+        let mut objects = MeshObjects::default();
+        if let Some(s) = self.services.get(name) {
+            objects.services.insert(name.to_owned(), s.clone());
+            objects.authorization = self
+                .authorization
+                .iter()
+                .filter(|(_, p)| p.service == name)
+                .map(|(k, p)| (k.clone(), p.clone()))
+                .collect();
+        }
+        objects
+    }
+}
+
 impl MeshDocument {
     /// Parses YAML or JSON; errors name the field (`services[0].vip: ...`).
     pub fn parse(text: &str) -> Result<Self, MeshStateError> {
@@ -158,7 +178,8 @@ pub fn merge(base: &Config, mesh: &MeshObjects) -> (Config, Vec<MeshStateError>)
 }
 
 /// Adds each `(name, clashes with the file, object)` to the list `list` picks out of `config`,
-/// keeping it only when it does not clash and the whole config still validates.
+/// keeping it only when it does not clash and the whole config still validates. Errors come
+/// out in the objects' order.
 fn try_each<'a, T: Clone + 'a>(
     config: &mut Config,
     refused: &mut Vec<MeshStateError>,
@@ -166,18 +187,64 @@ fn try_each<'a, T: Clone + 'a>(
     objects: impl Iterator<Item = (String, bool, &'a T)>,
     list: impl Fn(&mut Config) -> &mut Vec<T>,
 ) {
-    for (name, clash, object) in objects {
+    let mut errors = Vec::new();
+    let mut candidates = Vec::new();
+    for (index, (name, clash, object)) in objects.enumerate() {
         if clash {
             let node = config.node.name.clone();
-            refused.push(MeshStateError::Clash { kind, name, node });
-            continue;
-        }
-        list(config).push(object.clone());
-        if let Err(source) = config::validate(config) {
-            list(config).pop();
-            refused.push(MeshStateError::Invalid { kind, name, source });
+            errors.push((index, MeshStateError::Clash { kind, name, node }));
+        } else {
+            candidates.push(Candidate {
+                index,
+                name,
+                object,
+            });
         }
     }
+    add_valid(config, &candidates, kind, &list, &mut errors);
+    errors.sort_by_key(|(index, _)| *index);
+    refused.extend(errors.into_iter().map(|(_, e)| e));
+}
+
+/// A registry object waiting to be merged, with its place in key order.
+struct Candidate<'a, T> {
+    index: usize,
+    name: String,
+    object: &'a T,
+}
+
+/// Adds `batch` whole when the config still validates with all of it; otherwise tries its two
+/// halves, first then second, down to single objects, which are refused with the validator's
+/// error. One validation of the whole config when everything fits (the usual case), and about
+/// log2(n) per refused object, instead of one per object: validation is linear in the config,
+/// so object by object a registry of n services cost n^2. The outcome is the one of adding the
+/// objects one by one in order, each checked against those accepted before it, as long as no
+/// rule makes an object valid only through one after it (the validators' rules are about one
+/// object, or a clash between two).
+fn add_valid<T: Clone>(
+    config: &mut Config,
+    batch: &[Candidate<'_, T>],
+    kind: &'static str,
+    list: &impl Fn(&mut Config) -> &mut Vec<T>,
+    errors: &mut Vec<(usize, MeshStateError)>,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let kept = list(config).len();
+    list(config).extend(batch.iter().map(|c| c.object.clone()));
+    let Err(source) = config::validate(config) else {
+        return;
+    };
+    list(config).truncate(kept);
+    if let [one] = batch {
+        let name = one.name.clone();
+        errors.push((one.index, MeshStateError::Invalid { kind, name, source }));
+        return;
+    }
+    let (first, second) = batch.split_at(batch.len() / 2);
+    add_valid(config, first, kind, list, errors);
+    add_valid(config, second, kind, list, errors);
 }
 
 /// Checks an operator's document before anything is written: it must merge with `base` and the
@@ -324,6 +391,75 @@ mod tests {
         );
         let e = check_apply(&base(), &MeshObjects::default(), &d).expect_err("refused");
         assert!(e.to_string().contains("authorization[1].service"), "{e}");
+    }
+
+    #[test]
+    fn merging_in_halves_refuses_what_one_by_one_refuses() {
+        // Every 37th service reuses an earlier one's VIP, every 53rd has a bad namespace.
+        let mut objects = MeshObjects::default();
+        for i in 0..400u32 {
+            let name = format!("svc-{i:03}");
+            let vip_of = if i % 37 == 36 { i - 30 } else { i };
+            let namespace = if i % 53 == 52 { "Bad_NS" } else { "shop" };
+            let yaml = format!(
+                "name: {name}\nnamespace: {namespace}\nvip: 10.97.{}.{}:80\n",
+                vip_of / 200,
+                vip_of % 200 + 1
+            );
+            let service: Service = serde_yaml::from_str(&yaml).expect("service");
+            objects.services.insert(name, service);
+        }
+        let (config, refused) = merge(&base(), &objects);
+
+        // The rule as it reads: each object in key order, checked against those before it.
+        let mut one_by_one = base();
+        let mut expected = Vec::new();
+        for (name, service) in &objects.services {
+            one_by_one.services.push(service.clone());
+            if let Err(e) = config::validate(&one_by_one) {
+                one_by_one.services.pop();
+                expected.push(format!("registry service {name:?}: {e}"));
+            }
+        }
+        let errors: Vec<String> = refused.iter().map(ToString::to_string).collect();
+        assert_eq!(errors, expected);
+        assert_eq!(errors.len(), 10 + 7, "{errors:#?}");
+        assert!(errors[0].contains("\"svc-036\"") && errors[0].contains(".vip`"));
+        assert!(errors[1].contains("\"svc-052\"") && errors[1].contains(".namespace`"));
+        assert_eq!(config.services, one_by_one.services);
+    }
+
+    #[test]
+    fn a_service_goes_with_the_policies_that_protect_it_and_no_others() {
+        let d = doc("services:\n  - {name: ledger, vip: 10.96.0.6:80}\n  \
+                     - {name: audit, vip: 10.96.0.7:80}\n\
+                     authorization:\n  \
+                     - {name: ledger-callers, service: ledger, allow: [{from_service: wallet}]}\n  \
+                     - {name: ledger-admins, service: ledger, allow: [{from_service: audit}]}\n  \
+                     - {name: audit-callers, service: audit, allow: [{from_service: ledger}]}\n");
+        let objects = d.objects();
+        let gone = objects.service_with_its_policies("ledger");
+        assert_eq!(gone.services.keys().collect::<Vec<_>>(), ["ledger"]);
+        assert_eq!(
+            gone.authorization.keys().collect::<Vec<_>>(),
+            ["ledger-admins", "ledger-callers"],
+            "a policy only calling from ledger stays"
+        );
+        assert_eq!(
+            objects.service_with_its_policies("wallet"),
+            MeshObjects::default(),
+            "not a registry service: nothing"
+        );
+
+        let mut left = objects.clone();
+        left.services.retain(|k, _| !gone.services.contains_key(k));
+        left.authorization
+            .retain(|k, _| !gone.authorization.contains_key(k));
+        let (_, refused) = merge(&base(), &left);
+        assert!(
+            refused.is_empty(),
+            "nothing left naming ledger: {refused:?}"
+        );
     }
 
     #[test]
