@@ -321,10 +321,12 @@ async fn proxy(
     };
     let deadline = Instant::now() + route.rules.request_timeout;
     if is_upgrade(&req) {
-        return upgrade(conn, route, req, deadline, outcome).await;
+        // Boxed: rare, and a large future that every request's would otherwise carry.
+        return Box::pin(upgrade(conn, route, req, deadline, outcome)).await;
     }
-    let attempts = attempts(conn, route, req, deadline, outcome);
-    match tokio::time::timeout_at(deadline, attempts).await {
+    // Made inside the timeout, not bound to a local first: a named future would take a second
+    // slot of its size in this one's state (and every request's future is moved into place).
+    match tokio::time::timeout_at(deadline, attempts(conn, route, req, deadline, outcome)).await {
         Ok(Ok((response, _call))) if small(&response) => {
             buffered(response, deadline, &route.counters).await
         }
@@ -486,13 +488,12 @@ async fn attempts(
         let Some(request) = out.attempt() else {
             return Err(local(StatusCode::BAD_GATEWAY, "request body already sent"));
         };
-        let send = conn.send(route, endpoint, request);
         // Bounded here too (not only by the caller's request timeout), so an attempt that runs
         // out of time still counts against its endpoint's breaker and latency estimate.
         let try_deadline = rules
             .per_try_timeout
             .map_or(deadline, |t| (Instant::now() + t).min(deadline));
-        let result = tokio::time::timeout_at(try_deadline, send)
+        let result = tokio::time::timeout_at(try_deadline, conn.send(route, endpoint, request))
             .await
             .unwrap_or(Err(UpstreamError::Timeout));
         let (failure, fallback) = match result {
@@ -690,32 +691,53 @@ pub fn local(status: StatusCode, reason: &'static str) -> Response<ProxyBody> {
     r
 }
 
-/// Connection-specific headers (RFC 9110 §7.6.1) do not cross the proxy.
+/// Hop-by-hop header names with a constant, and the two without one.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    hyper::header::CONNECTION,
+    hyper::header::PROXY_AUTHENTICATE,
+    hyper::header::PROXY_AUTHORIZATION,
+    hyper::header::TE,
+    hyper::header::TRAILER,
+    hyper::header::TRANSFER_ENCODING,
+    hyper::header::UPGRADE,
+];
+const HOP_BY_HOP_OTHERS: [&str; 2] = ["keep-alive", "proxy-connection"];
+
+/// Connection-specific headers (RFC 9110 §7.6.1) do not cross the proxy: the fixed ones, and
+/// those the `Connection` header lists. One pass over the names says which are there (usually
+/// none, or only `Connection`); removing every candidate would hash all nine names on every
+/// request and response. Nothing is allocated unless `Connection` appears more than once.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    use hyper::header::{
-        CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING,
-        UPGRADE,
-    };
-    if let Some(listed) = headers.get(CONNECTION).cloned() {
-        if let Ok(listed) = listed.to_str() {
-            for name in listed.split(',') {
-                headers.remove(name.trim());
+    // Bit i: HOP_BY_HOP[i] is present; bit 7 + j: HOP_BY_HOP_OTHERS[j].
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        } else if let Some(j) = HOP_BY_HOP_OTHERS.iter().position(|h| name == *h) {
+            present |= 1 << (HOP_BY_HOP.len() + j);
+        }
+    }
+    if present & 1 != 0 {
+        // A value clone only counts a reference.
+        let mut values = headers.get_all(hyper::header::CONNECTION).iter();
+        let first = values.next().cloned();
+        let rest: Vec<HeaderValue> = values.cloned().collect();
+        for value in first.iter().chain(&rest) {
+            for listed in value.to_str().unwrap_or_default().split(',') {
+                headers.remove(listed.trim());
             }
         }
     }
-    for h in [
-        CONNECTION,
-        PROXY_AUTHENTICATE,
-        PROXY_AUTHORIZATION,
-        TE,
-        TRAILER,
-        TRANSFER_ENCODING,
-        UPGRADE,
-    ] {
-        headers.remove(h);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    for (j, name) in HOP_BY_HOP_OTHERS.iter().enumerate() {
+        if present & (1 << (HOP_BY_HOP.len() + j)) != 0 {
+            headers.remove(*name);
+        }
+    }
 }
 
 /// A small response (known length up to [`MAX_BUFFERED_RESPONSE`]) is read whole before it is
@@ -799,5 +821,42 @@ impl<B: Body> Body for Guarded<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_lists_are_stripped() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, X-Session"),
+            ("connection", "x-trace-hop"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("proxy-connection", "keep-alive"),
+            ("x-session", "abc"),
+            ("x-trace-hop", "1"),
+            ("content-length", "2"),
+            ("x-kept", "yes"),
+        ] {
+            headers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-length", "x-kept"]);
+
+        let mut plain = HeaderMap::new();
+        plain.insert(hyper::header::HOST, HeaderValue::from_static("web"));
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain.len(), 1, "nothing to strip: untouched");
     }
 }

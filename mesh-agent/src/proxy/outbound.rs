@@ -241,7 +241,9 @@ async fn tcp(
                 }
                 direct(state, route, caller.ip, addr).await
             }
-            Some(node) => via_hbone(state, route, caller, addr, node).await,
+            // Boxed: the tunnel handshake is a large future, and inline every connection's
+            // task (same node and HTTP ones too) would be sized for it.
+            Some(node) => Box::pin(via_hbone(state, route, caller, addr, node)).await,
         };
         match attempt {
             Ok(upstream) => {

@@ -86,7 +86,9 @@ impl OwnedUpstreams {
         *req.version_mut() = Version::HTTP_11;
         let mut sender = match self.free(key).await {
             Some(s) => s,
-            None => self.open(upstreams, target, caller).await?,
+            // Boxed: opening (connect, HBONE, handshake) is a large future, once per
+            // connection; inline it would be moved with every request's future.
+            None => Box::pin(self.open(upstreams, target, caller)).await?,
         };
         // The response future does not borrow the handle: it goes back at once, busy until
         // this response is read.
