@@ -691,30 +691,29 @@ pub fn local(status: StatusCode, reason: &'static str) -> Response<ProxyBody> {
     r
 }
 
-/// Hop-by-hop header names with a constant, and the two without one.
-const HOP_BY_HOP: [HeaderName; 7] = [
-    hyper::header::CONNECTION,
-    hyper::header::PROXY_AUTHENTICATE,
-    hyper::header::PROXY_AUTHORIZATION,
-    hyper::header::TE,
-    hyper::header::TRAILER,
-    hyper::header::TRANSFER_ENCODING,
-    hyper::header::UPGRADE,
+/// Hop-by-hop header names (RFC 9110 §7.6.1), `connection` first: its value lists more.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
 ];
-const HOP_BY_HOP_OTHERS: [&str; 2] = ["keep-alive", "proxy-connection"];
 
-/// Connection-specific headers (RFC 9110 §7.6.1) do not cross the proxy: the fixed ones, and
-/// those the `Connection` header lists. One pass over the names says which are there (usually
-/// none, or only `Connection`); removing every candidate would hash all nine names on every
-/// request and response. Nothing is allocated unless `Connection` appears more than once.
+/// Connection-specific headers do not cross the proxy: the fixed ones, and those the
+/// `Connection` header lists. One pass over the names says which are there (usually none, or
+/// only `Connection`); removing every candidate would hash all nine names on every request and
+/// response. Nothing is allocated unless `Connection` appears more than once.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Bit i: HOP_BY_HOP[i] is present; bit 7 + j: HOP_BY_HOP_OTHERS[j].
+    // Bit i: HOP_BY_HOP[i] is present.
     let mut present = 0u16;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| name == *h) {
             present |= 1 << i;
-        } else if let Some(j) = HOP_BY_HOP_OTHERS.iter().position(|h| name == *h) {
-            present |= 1 << (HOP_BY_HOP.len() + j);
         }
     }
     if present & 1 != 0 {
@@ -730,11 +729,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) != 0 {
-            headers.remove(name);
-        }
-    }
-    for (j, name) in HOP_BY_HOP_OTHERS.iter().enumerate() {
-        if present & (1 << (HOP_BY_HOP.len() + j)) != 0 {
             headers.remove(*name);
         }
     }
