@@ -78,9 +78,9 @@ fn print_ratio(http: &[HttpRow], label: &str, numerator: &str, denominator: &str
 
 fn print_http_rows(http: &[HttpRow]) {
     println!("\nHTTP over keep-alive connections (rows \"one request per connection\": wrk -H \"Connection: close\"): wrk -t2 -c16 -d5s against nginx (return 200) in the server pod.");
-    println!("Agent CPU is user+system time of the agent(s) on the path during the run (/proc/<pid>/stat), per 1000 requests; RSS is the agents' resident set right after the run (VmRSS) and their peak so far (VmHWM).\n");
-    println!("| scenario | req/s | p50 µs | p99 µs | errors | agent CPU s / 1k req | agent RSS MiB after / peak |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("Agent CPU is user+system time of the agent(s) on the path during the run (/proc/<pid>/stat), per 1000 requests; RSS is the agents' resident set right after the run (VmRSS) and their peak so far (VmHWM); switches / req are the context switches of the whole machine during the run (/proc/stat ctxt) per request: how often the client, the agents and the server went to sleep and were woken, or were preempted, instead of running on.\n");
+    println!("| scenario | req/s | p50 µs | p99 µs | errors | agent CPU s / 1k req | agent RSS MiB after / peak | switches / req |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     for row in http {
         println!("{}", row.line);
     }
@@ -123,7 +123,7 @@ impl Ratios {
 
 /// Rounds of the L7 / L4 keep-alive comparisons; L4 and L7 alternate so load changes on the
 /// machine hit both alike.
-const L7_L4_ROUNDS: usize = 4;
+const L7_L4_ROUNDS: usize = 6;
 
 /// Runs `rounds` pairs of rows (L4, then L7), calling `switch(l7)` before each row (a no-op
 /// where both paths are up at once); returns L7 / L4 of each pair.
@@ -145,7 +145,7 @@ fn alternate_l4_l7(
 
 /// Rounds of the observability comparison; off and on alternate so load changes on the
 /// machine hit both alike.
-const OBSERVABILITY_ROUNDS: usize = 6;
+const OBSERVABILITY_ROUNDS: usize = 10;
 
 /// Issue 8's cost budget: the same-node L7 path with metrics only (they cannot be turned off)
 /// against metrics + JSON access log + tracing at sampling 0.01 exporting to a live OTLP/gRPC
@@ -243,7 +243,9 @@ fn http_row_with(
         .iter()
         .map(|p| proc_stats::cpu_seconds(*p))
         .sum::<Result<f64>>()?;
+    let switches_before = proc_stats::context_switches()?;
     let run = http_bench::wrk(topo, client, target, wrk_args)?;
+    let switches = proc_stats::context_switches()? - switches_before;
     let cpu = agents
         .iter()
         .map(|p| proc_stats::cpu_seconds(*p))
@@ -265,8 +267,12 @@ fn http_row_with(
         )
     };
     let line = format!(
-        "| {name} | {:.0} | {} | {} | {} | {cpu_per_k} | {rss} |",
-        run.rate, run.p50, run.p99, run.errors
+        "| {name} | {:.0} | {} | {} | {} | {cpu_per_k} | {rss} | {:.2} |",
+        run.rate,
+        run.p50,
+        run.p99,
+        run.errors,
+        switches as f64 / run.requests.max(1) as f64
     );
     Ok(HttpRow {
         name: name.to_owned(),
@@ -289,6 +295,15 @@ mod proc_stats {
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         Ok(ticks as f64 / hz)
+    }
+
+    /// Context switches of the whole machine since boot (`ctxt` in /proc/stat).
+    pub fn context_switches() -> Result<u64> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        stat.lines()
+            .find_map(|l| l.strip_prefix("ctxt "))
+            .and_then(|v| v.trim().parse().ok())
+            .context("no ctxt in /proc/stat")
     }
 
     /// A memory figure of `pid` from /proc/<pid>/status in KiB: `VmRSS:` (resident now) or
