@@ -114,10 +114,19 @@ fn two_nodes() -> Result<()> {
     let record = mesh.server_record();
     let seen = record.lines().find(|l| l.contains(payload));
     match seen.and_then(|l| l.split_once(' ')) {
-        Some((peer, data)) => println!(
-            "  echo server record: peer {peer} sent {data:?} (peer = agent node-2 {}, not the client {})",
-            n2.agent_ip, client.ip
-        ),
+        Some((peer, data)) => {
+            // node-2's agent connects to the pod from the caller's own address (transparent
+            // source), so the server sees the real client, not the agent.
+            let from_client = peer
+                .split_once(':')
+                .is_some_and(|(ip, _)| ip == client.ip.to_string());
+            let who = if from_client {
+                "the client's own address: agent node-2 connected from it, so the server sees the real caller".to_owned()
+            } else {
+                format!("not the client {}: the agent's address", client.ip)
+            };
+            println!("  echo server record: peer {peer} sent {data:?} ({who})")
+        }
         None => println!("  echo server record has no line with the payload: {record:?}"),
     }
     println!("  mTLS on the link: client cert {SPIFFE}/shop/sa/client (issued to the pod's identity, held by agent node-1),");
