@@ -14,7 +14,7 @@ use mesh_agent::identity::{client_config, CertStore, MeshCa, SpiffeId, WorkloadS
 use mesh_tests::topology::probe_binary;
 use mesh_tests::two_nodes::{Options, TwoNodes, BYPASS_PORT, ECHO_VIP, WEB_VIP};
 
-use crate::http_bench::{self, BASELINE_HTTP_PORT, HTTP_PORT};
+use crate::http_bench::{self, BASELINE_HTTP_PORT, FAILING_HTTP_PORT, HTTP_PORT};
 
 /// Echo server port for the plain same-node baseline (no service endpoint).
 const BASELINE_PORT: u16 = 9090;
@@ -25,6 +25,11 @@ const WORKERS: u64 = 4;
 const VIP: &str = "10.96.0.10:80";
 /// The same nginx behind a service proxied as opaque TCP (L4), for comparison with L7.
 const WEB_L4_VIP: &str = "10.96.0.12:80";
+/// nginx behind a service whose second endpoint answers 503 to everything, retried on the
+/// healthy one (round robin, so every other request's first attempt fails).
+const FLAKY_VIP: &str = "10.96.0.13:80";
+/// The same two endpoints with the default breaker, which ejects the failing one.
+const FLAKY_EJECTED_VIP: &str = "10.96.0.14:80";
 
 pub fn run() -> Result<()> {
     crate::setup::debian_packages(&["nginx"])?;
@@ -46,7 +51,19 @@ pub fn run() -> Result<()> {
     );
     print_ratio(
         &http,
-        "same node: L7 with access log / without",
+        "same node: L7 with every other request retried / L7 healthy (last round)",
+        "same node, L7, one of two endpoints answers 503, every other",
+        "same node, L7: ",
+    );
+    print_ratio(
+        &http,
+        "same node: L7 with the failing endpoint ejected / L7 healthy (last round)",
+        "same node, L7, one of two endpoints answers 503, ejected",
+        "same node, L7: ",
+    );
+    print_ratio(
+        &http,
+        "same node: L7 with access log / without (last round)",
         "same node, L7 + JSON access log",
         "same node, L7: ",
     );
@@ -64,10 +81,12 @@ pub fn observability_only() -> Result<()> {
     Ok(())
 }
 
-/// Prints `label requests/s = a / b` for the first rows whose names start with the prefixes.
+/// Prints `label requests/s = a / b` for the last rows whose names start with the prefixes
+/// (of alternated rounds, the last one: the nearest in time to the rows that follow them).
 fn print_ratio(http: &[HttpRow], label: &str, numerator: &str, denominator: &str) {
     let rate = |prefix: &str| {
         http.iter()
+            .rev()
             .find(|r| r.name.starts_with(prefix))
             .map(|r| r.rate)
     };
@@ -332,13 +351,20 @@ fn same_node(http: &mut Vec<HttpRow>) -> Result<Ratios> {
         "services:\n  - name: echo\n    vip: {VIP}\n    endpoints: [\"{}:8080\"]\n\
          \x20 - name: web\n    vip: {WEB_VIP}\n    endpoints: [\"{}:{HTTP_PORT}\"]\n    policy: {{protocol: http}}\n\
          \x20 - name: web-l4\n    vip: {WEB_L4_VIP}\n    endpoints: [\"{}:{HTTP_PORT}\"]\n    policy: {{protocol: tcp}}\n\
+         \x20 - name: web-flaky\n    vip: {FLAKY_VIP}\n    endpoints: [\"{}:{HTTP_PORT}\", \"{}:{FAILING_HTTP_PORT}\"]\n    policy: {{protocol: http, load_balancer: round_robin, \
+         retries: {{max: 3, backoff: {{base: 1ms, max: 10ms}}, budget: {{ratio: 1.0}}}}, circuit_breaker: {{failures: 1000000000}}}}\n\
+         \x20 - name: web-flaky-ejected\n    vip: {FLAKY_EJECTED_VIP}\n    endpoints: [\"{}:{HTTP_PORT}\", \"{}:{FAILING_HTTP_PORT}\"]\n    policy: {{protocol: http, load_balancer: round_robin}}\n\
          egress:\n  rules:\n    - {{name: bench-baseline, cidr: 10.1.0.0/16}}\nworkloads:\n{}{}{}",
+        server.ip,
+        server.ip,
+        server.ip,
+        server.ip,
         server.ip,
         server.ip,
         server.ip,
         client.workload_yaml("bench", "client"),
         server.workload_yaml("bench", "server"),
-        allow_client(&["echo", "web", "web-l4"]),
+        allow_client(&["echo", "web", "web-l4", "web-flaky", "web-flaky-ejected"]),
     ));
     let agent = topo.start_agent(node, &config, &[("NODEMESH_LOG", "warn")])?;
     topo.wait_ready(&agent)?;
@@ -404,6 +430,21 @@ fn same_node(http: &mut Vec<HttpRow>) -> Result<Ratios> {
             agents,
             &["-H", "Connection: close"],
         )?);
+    }
+    // Under failure: one of two endpoints answers 503. Held in (breaker never opens, budget
+    // unbounded, backoff 0-1 ms), every other request is retried once on the healthy one;
+    // with the default breaker the failing endpoint is ejected after 5 failures.
+    for (name, target) in [
+        (
+            "same node, L7, one of two endpoints answers 503, every other request retried once (breaker held closed)",
+            FLAKY_VIP,
+        ),
+        (
+            "same node, L7, one of two endpoints answers 503, ejected by the default breaker",
+            FLAKY_EJECTED_VIP,
+        ),
+    ] {
+        http.push(http_row(&topo, client, name, target, on_path)?);
     }
     // The same L7 path with the JSON access log on (a restart: the log is a start-up setting).
     // Istio and nodemesh metrics are recorded in both rows; they cannot be turned off.

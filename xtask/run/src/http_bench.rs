@@ -11,11 +11,14 @@ use mesh_tests::{Pod, Topology};
 pub const HTTP_PORT: u16 = 8081;
 /// nginx listens here too: no service endpoint, so the plain baseline is not captured.
 pub const BASELINE_HTTP_PORT: u16 = 8082;
+/// nginx answers every request on this port with 503: a failing endpoint for the retry rows.
+pub const FAILING_HTTP_PORT: u16 = 8083;
 const THREADS: &str = "2";
 const CONNECTIONS: &str = "16";
 const DURATION: &str = "5s";
 
-/// Starts nginx (one worker, `return 200`) in `pod` on [`HTTP_PORT`] and waits until it
+/// Starts nginx (one worker, `return 200`; `return 503` on [`FAILING_HTTP_PORT`]) in `pod` on
+/// [`HTTP_PORT`] and waits until it
 /// answers; returns the master's pid for [`stop_nginx`].
 pub fn start_nginx(topo: &Topology, pod: &Pod) -> Result<u32> {
     let dir = topo.workdir.join(format!("nginx-{}", pod.name));
@@ -26,7 +29,8 @@ pub fn start_nginx(topo: &Topology, pod: &Pod) -> Result<u32> {
          events {{ worker_connections 1024; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
          \x20 fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-         \x20 server {{ listen {HTTP_PORT}; listen {BASELINE_HTTP_PORT}; location / {{ return 200 \"ok\\n\"; }} }}\n}}\n"
+         \x20 server {{ listen {HTTP_PORT}; listen {BASELINE_HTTP_PORT}; location / {{ return 200 \"ok\\n\"; }} }}\n\
+         \x20 server {{ listen {FAILING_HTTP_PORT}; location / {{ return 503 \"down\\n\"; }} }}\n}}\n"
     );
     let conf_path = dir.join("nginx.conf");
     std::fs::write(&conf_path, conf)?;
