@@ -348,23 +348,17 @@ fn same_node(http: &mut Vec<HttpRow>) -> Result<Ratios> {
     // captured like the VIP); the egress rule above lets the client reach them.
     topo.start_echo_server(server, BASELINE_PORT, "s")?;
     let config = node.agent_config(&format!(
-        "services:\n  - name: echo\n    vip: {VIP}\n    endpoints: [\"{}:8080\"]\n\
-         \x20 - name: web\n    vip: {WEB_VIP}\n    endpoints: [\"{}:{HTTP_PORT}\"]\n    policy: {{protocol: http}}\n\
-         \x20 - name: web-l4\n    vip: {WEB_L4_VIP}\n    endpoints: [\"{}:{HTTP_PORT}\"]\n    policy: {{protocol: tcp}}\n\
-         \x20 - name: web-flaky\n    vip: {FLAKY_VIP}\n    endpoints: [\"{}:{HTTP_PORT}\", \"{}:{FAILING_HTTP_PORT}\"]\n    policy: {{protocol: http, load_balancer: round_robin, \
+        "services:\n  - name: echo\n    vip: {VIP}\n    endpoints: [\"{s}:8080\"]\n\
+         \x20 - name: web\n    vip: {WEB_VIP}\n    endpoints: [\"{s}:{HTTP_PORT}\"]\n    policy: {{protocol: http}}\n\
+         \x20 - name: web-l4\n    vip: {WEB_L4_VIP}\n    endpoints: [\"{s}:{HTTP_PORT}\"]\n    policy: {{protocol: tcp}}\n\
+         \x20 - name: web-flaky\n    vip: {FLAKY_VIP}\n    endpoints: [\"{s}:{HTTP_PORT}\", \"{s}:{FAILING_HTTP_PORT}\"]\n    policy: {{protocol: http, load_balancer: round_robin, \
          retries: {{max: 3, backoff: {{base: 1ms, max: 10ms}}, budget: {{ratio: 1.0}}}}, circuit_breaker: {{failures: 1000000000}}}}\n\
-         \x20 - name: web-flaky-ejected\n    vip: {FLAKY_EJECTED_VIP}\n    endpoints: [\"{}:{HTTP_PORT}\", \"{}:{FAILING_HTTP_PORT}\"]\n    policy: {{protocol: http, load_balancer: round_robin}}\n\
+         \x20 - name: web-flaky-ejected\n    vip: {FLAKY_EJECTED_VIP}\n    endpoints: [\"{s}:{HTTP_PORT}\", \"{s}:{FAILING_HTTP_PORT}\"]\n    policy: {{protocol: http, load_balancer: round_robin}}\n\
          egress:\n  rules:\n    - {{name: bench-baseline, cidr: 10.1.0.0/16}}\nworkloads:\n{}{}{}",
-        server.ip,
-        server.ip,
-        server.ip,
-        server.ip,
-        server.ip,
-        server.ip,
-        server.ip,
         client.workload_yaml("bench", "client"),
         server.workload_yaml("bench", "server"),
         allow_client(&["echo", "web", "web-l4", "web-flaky", "web-flaky-ejected"]),
+        s = server.ip,
     ));
     let agent = topo.start_agent(node, &config, &[("NODEMESH_LOG", "warn")])?;
     topo.wait_ready(&agent)?;

@@ -18,8 +18,7 @@ const CONNECTIONS: &str = "16";
 const DURATION: &str = "5s";
 
 /// Starts nginx (one worker, `return 200`; `return 503` on [`FAILING_HTTP_PORT`]) in `pod` on
-/// [`HTTP_PORT`] and waits until it
-/// answers; returns the master's pid for [`stop_nginx`].
+/// [`HTTP_PORT`] and waits until it answers; returns the master's pid for [`stop_nginx`].
 pub fn start_nginx(topo: &Topology, pod: &Pod) -> Result<u32> {
     let dir = topo.workdir.join(format!("nginx-{}", pod.name));
     std::fs::create_dir_all(&dir)?;
