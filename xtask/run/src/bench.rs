@@ -30,6 +30,11 @@ const WEB_L4_VIP: &str = "10.96.0.12:80";
 const FLAKY_VIP: &str = "10.96.0.13:80";
 /// The same two endpoints with the default breaker, which ejects the failing one.
 const FLAKY_EJECTED_VIP: &str = "10.96.0.14:80";
+/// Row names of the two failure rows (their ratios look the rows up by name).
+const FLAKY_RETRIED_ROW: &str =
+    "same node, L7, one of two endpoints answers 503, every other request retried once (breaker held closed)";
+const FLAKY_EJECTED_ROW: &str =
+    "same node, L7, one of two endpoints answers 503, ejected by the default breaker";
 
 pub fn run() -> Result<()> {
     crate::setup::debian_packages(&["nginx"])?;
@@ -52,13 +57,13 @@ pub fn run() -> Result<()> {
     print_ratio(
         &http,
         "same node: L7 with every other request retried / L7 healthy (last round)",
-        "same node, L7, one of two endpoints answers 503, every other",
+        FLAKY_RETRIED_ROW,
         "same node, L7: ",
     );
     print_ratio(
         &http,
         "same node: L7 with the failing endpoint ejected / L7 healthy (last round)",
-        "same node, L7, one of two endpoints answers 503, ejected",
+        FLAKY_EJECTED_ROW,
         "same node, L7: ",
     );
     print_ratio(
@@ -429,14 +434,8 @@ fn same_node(http: &mut Vec<HttpRow>) -> Result<Ratios> {
     // unbounded, backoff 0-1 ms), every other request is retried once on the healthy one;
     // with the default breaker the failing endpoint is ejected after 5 failures.
     for (name, target) in [
-        (
-            "same node, L7, one of two endpoints answers 503, every other request retried once (breaker held closed)",
-            FLAKY_VIP,
-        ),
-        (
-            "same node, L7, one of two endpoints answers 503, ejected by the default breaker",
-            FLAKY_EJECTED_VIP,
-        ),
+        (FLAKY_RETRIED_ROW, FLAKY_VIP),
+        (FLAKY_EJECTED_ROW, FLAKY_EJECTED_VIP),
     ] {
         http.push(http_row(&topo, client, name, target, on_path)?);
     }
